@@ -1,0 +1,56 @@
+"""Writing benchmark results: JSON beside a PNG bar chart (median bars, min-max whiskers)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .machine import machine_info
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def write_result(out_dir: str | Path, name: str, payload: dict) -> Path:
+    """Write ``<out_dir>/<name>.json`` with the machine recorded beside the figures."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine_info(), **payload}
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def bar_chart(path: str | Path, title: str, unit: str, bars: dict[str, dict], log: bool | None = None) -> Path:
+    """Bars of medians with min-max whiskers; log scale where the largest and smallest differ by >20x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(bars)
+    med = [bars[n]["median"] for n in names]
+    lo = [bars[n]["median"] - bars[n]["min"] for n in names]
+    hi = [bars[n]["max"] - bars[n]["median"] for n in names]
+    positive = [m for m in med if m > 0]
+    if log is None:
+        log = bool(positive) and max(positive) / min(positive) > 20
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.6))
+    ax.bar(names, med, yerr=[lo, hi], capsize=4, color="#4c72b0")
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(unit)
+    ax.set_title(title, fontsize=10)
+    for i, m in enumerate(med):
+        ax.annotate(f"{m:.3g}", (i, m), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
+                    textcoords="offset points")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny synthetic cohorts written to temporary folders, once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY = (40, 40, 28)  # 6 x 6 x 5.5 mm voxels over the BraTS field of view
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory):
+    """Six BraTS 2021 cases of 40 x 40 x 28 voxels."""
+    from prep.synth import SynthConfig, synth_cohort
+
+    out = tmp_path_factory.mktemp("cohort2021")
+    synth_cohort(SynthConfig(out=out, cases=6, seed=7, shape=TINY), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort_2023(tmp_path_factory):
+    from prep.synth import SynthConfig, synth_cohort
+
+    out = tmp_path_factory.mktemp("cohort2023")
+    synth_cohort(SynthConfig(out=out, cases=2, seed=3, shape=TINY, layout="brats2023"), progress=False)
+    return out
