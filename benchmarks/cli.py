@@ -7,7 +7,24 @@ from pathlib import Path
 
 BENCHES = {
     "synth": "CPU seconds per synthetic case (goal <= 2 s at full size)",
+    "prep": "store build vs NIfTI decode at 1 and 2 workers, store bytes, worker memory",
+    "store-format": "bytes and read/write times of candidate dtypes, chunks and codecs (FORMAT.md table)",
 }
+
+
+def _store_format(out: Path, quick: bool) -> None:
+    import tempfile
+
+    from prep.discover import discover
+    from prep.synth import FULL_SHAPE, SynthConfig, synth_cohort
+
+    from . import store_format
+
+    with tempfile.TemporaryDirectory() as d:
+        shape = (120, 120, 78) if quick else FULL_SHAPE
+        synth_cohort(SynthConfig(out=Path(d), cases=2 if quick else 3, seed=99, shape=shape, workers=2),
+                     progress=False)
+        store_format.run(out, discover(d).cases, quick=quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,4 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import synth_bench
 
             synth_bench.run(out, quick=args.quick)
+        elif name == "prep":
+            from . import prep_bench
+
+            prep_bench.run(out, quick=args.quick)
+        elif name == "store-format":
+            _store_format(out, args.quick)
     return 0

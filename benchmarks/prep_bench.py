@@ -1,0 +1,127 @@
+"""Preprocessing throughput: building the store vs merely decoding the NIfTI files, at 1 and 2 workers.
+
+Both run as Dask tasks on the same warmed-up LocalCluster, so the comparison is at the same number of
+workers and excludes cluster start-up. Also: store bytes per case vs source .nii.gz bytes, and the peak
+resident memory of each worker process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .report import bar_chart, summarize, write_result
+
+
+def _decode(case) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    n = 0
+    for p in [*case.images.values(), case.seg]:
+        n += np.asanyarray(nib.load(str(p)).dataobj).size
+    return n
+
+
+def _warm() -> bool:
+    """Import what a build task needs once per worker, outside the timings (MONAI's imports take seconds)."""
+    import monai.data  # noqa: F401
+    import monai.transforms  # noqa: F401
+    import nibabel  # noqa: F401
+    import torch  # noqa: F401
+    import zarr  # noqa: F401
+
+    import prep.preprocess  # noqa: F401
+    import store.zarrstore  # noqa: F401
+
+    return True
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(out_dir: Path, quick: bool = False, cases: int | None = None) -> dict:
+    from distributed import Client, LocalCluster
+
+    from prep.build import BuildConfig, build_store
+    from prep.discover import discover
+    from prep.synth import FOV_MM, FULL_SHAPE, SynthConfig, synth_cohort
+    from store import open_store
+
+    # quick: a 2 x 2 x 2.5 mm cohort stored at its own spacing, so both take the no-resampling path as 1 mm does
+    shape = (120, 120, 62) if quick else FULL_SHAPE
+    spacing = tuple(f / s for f, s in zip(FOV_MM, shape))
+    n = cases or (4 if quick else 24)
+    repeats = 1 if quick else 3
+    work = Path(tempfile.mkdtemp(prefix="prep-bench-"))
+    try:
+        synth_cohort(SynthConfig(out=work / "raw", cases=n, seed=123, shape=shape, workers=2), progress=False)
+        cohort = discover(work / "raw")
+        src_image_bytes = sum(p.stat().st_size for c in cohort.cases for p in c.images.values())
+        src_seg_bytes = sum(c.seg.stat().st_size for c in cohort.cases)
+        results = {}
+        for workers in (1, 2):
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                              silence_logs=40) as cluster, Client(cluster) as client:
+                client.run(_warm)
+                dec, build = [], []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    client.gather(client.map(_decode, cohort.cases, pure=False))
+                    dec.append(time.perf_counter() - t0)
+                    store = work / f"s{workers}.zarr"
+                    t0 = time.perf_counter()
+                    rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store),
+                                                  scheduler=cluster.scheduler_address, overwrite=True,
+                                                  spacing=spacing),
+                                      progress=False)
+                    build.append(time.perf_counter() - t0)
+                    assert rep.ok, rep.failed
+                rss = list(client.run(_peak_rss_mb).values())
+            results[workers] = {
+                "decode_s": summarize(dec),
+                "build_s": summarize(build),
+                "decode_cases_per_s": n / statistics.median(dec),
+                "build_cases_per_s": n / statistics.median(build),
+                "build_over_decode": statistics.median(build) / statistics.median(dec),
+                "peak_rss_mb_per_worker": max(rss),
+            }
+        s = open_store(work / "s2.zarr")
+        store_bytes = s.nbytes_on_disk()
+        res = {
+            "shape": list(shape),
+            "cases": n,
+            "repeats": repeats,
+            "workers": {str(k): v for k, v in results.items()},
+            "speedup_1_to_2_workers": results[1]["build_s"]["median"] / results[2]["build_s"]["median"],
+            "store_bytes_per_case": store_bytes / n,
+            "spacing_mm": list(spacing),
+            "source_bytes_per_case": {"images": src_image_bytes / n,
+                                      "images+seg": (src_image_bytes + src_seg_bytes) / n},
+            "store_over_source": store_bytes / (src_image_bytes + src_seg_bytes),
+            "goals": {"build_over_decode": "<= 1.5", "store_over_source": "<= 1", "peak_rss_mb_per_worker": "< 1536"},
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_result(out_dir, "prep", res)
+    bars = {}
+    for w, r in results.items():
+        bars[f"decode, {w}w"] = {k: n / v for k, v in r["decode_s"].items() if k in ("median", "min", "max")}
+        bars[f"build, {w}w"] = {k: n / v for k, v in r["build_s"].items() if k in ("median", "min", "max")}
+    for b in bars.values():  # cases/s: the fastest run is the max
+        b["min"], b["max"] = min(b["min"], b["max"]), max(b["min"], b["max"])
+    bar_chart(out_dir / "prep.png", f"prep: {n} cases of {'x'.join(map(str, shape))}", "cases / s", bars, log=False)
+    for w, r in results.items():
+        print(f"prep {w} worker(s): build {r['build_cases_per_s']:.2f} cases/s, decode-only "
+              f"{r['decode_cases_per_s']:.2f} cases/s, build/decode time {r['build_over_decode']:.2f}x, "
+              f"peak RSS per worker {r['peak_rss_mb_per_worker']:.0f} MB")
+    print(f"prep: 1 -> 2 workers speed-up {res['speedup_1_to_2_workers']:.2f}x; "
+          f"store {res['store_bytes_per_case'] / 1e6:.1f} MB/case vs source "
+          f"{res['source_bytes_per_case']['images+seg'] / 1e6:.1f} MB/case ({res['store_over_source']:.2f}x)")
+    return res

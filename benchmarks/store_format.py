@@ -1,0 +1,88 @@
+"""Store format choices by measurement: dtype x chunk shape x codec on preprocessed full-size cases.
+
+For each candidate: bytes per case, write seconds, whole-case read seconds, and the read of one random
+4 x 128^3 patch, each the median over the cases. The table it prints is the one in store/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .report import write_result
+
+
+def _encode(image: np.ndarray, dtype: str, stds=None) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded array and per-channel scale: float16; int16 in steps of one source intensity unit (1/std);
+    int16 over the full range of each channel."""
+    if dtype == "float16":
+        return image.astype(np.float16), np.ones(image.shape[0], np.float32)
+    if dtype == "int16-source-unit":
+        scale = (1.0 / np.asarray(stds)).astype(np.float32)
+        return np.rint(image / scale[:, None, None, None]).astype(np.int16), scale
+    peak = np.abs(image).reshape(image.shape[0], -1).max(1)
+    scale = np.where(peak > 0, peak / 32000.0, 1.0).astype(np.float32)
+    return np.rint(image / scale[:, None, None, None]).astype(np.int16), scale
+
+
+def run(out_dir: Path, cases: list, quick: bool = False) -> dict:
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    from prep.preprocess import preprocess
+
+    candidates = []
+    for dtype in ("float16", "int16-scaled", "int16-source-unit"):
+        for chunk in (64, 128):
+            for cname, shuffle in (("lz4", "shuffle"), ("zstd", "shuffle"), ("zstd", "bitshuffle")):
+                candidates.append((dtype, chunk, cname, shuffle))
+    if quick:
+        candidates = [c for c in candidates if c[2] == "zstd" and c[3] == "shuffle"]
+    pre = [preprocess(c) for c in cases]
+    src_bytes = [sum(Path(p).stat().st_size for p in c.images.values()) for c in cases]
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for dtype, chunk, cname, shuffle in candidates:
+            sizes, wt, rt, pt = [], [], [], []
+            for i, p in enumerate(pre):
+                path = Path(d) / f"{dtype}-{chunk}-{cname}-{shuffle}-{i}.zarr"
+                enc, _ = _encode(p.image, dtype, [p.normalization[m]["std"] for m in p.modalities])
+                t0 = time.perf_counter()
+                a = zarr.create_array(str(path), shape=enc.shape, dtype=enc.dtype,
+                                      chunks=(1, *(min(chunk, s) for s in enc.shape[1:])),
+                                      compressors=[BloscCodec(cname=cname, clevel=1, shuffle=shuffle)])
+                a[...] = enc
+                wt.append(time.perf_counter() - t0)
+                sizes.append(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
+                t0 = time.perf_counter()
+                np.asarray(a[...], dtype=np.float32)
+                rt.append(time.perf_counter() - t0)
+                shp = np.array(enc.shape[1:])
+                ps = np.minimum(128, shp)
+                lo = [int(rng.integers(0, s - q + 1)) for s, q in zip(shp, ps)]
+                t0 = time.perf_counter()
+                np.asarray(a[(slice(None), *(slice(x, x + q) for x, q in zip(lo, ps)))], dtype=np.float32)
+                pt.append(time.perf_counter() - t0)
+            rows.append({
+                "dtype": dtype, "chunks": f"1x{chunk}^3", "codec": f"blosc {cname} {shuffle}",
+                "mb_per_case": statistics.median(sizes) / 1e6,
+                "ratio_to_nii_gz": statistics.median(s / b for s, b in zip(sizes, src_bytes)),
+                "write_s": statistics.median(wt), "read_case_s": statistics.median(rt),
+                "read_patch_s": statistics.median(pt),
+            })
+    lines = ["| dtype | chunks | codec | MB/case | x .nii.gz | write s | read case s | read 4x128^3 s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['chunks']} | {r['codec']} | {r['mb_per_case']:.1f} | "
+                     f"{r['ratio_to_nii_gz']:.2f} | {r['write_s']:.3f} | {r['read_case_s']:.3f} | "
+                     f"{r['read_patch_s']:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    write_result(out_dir, "store_format", {"cases": len(cases), "source_nii_gz_mb": [b / 1e6 for b in src_bytes],
+                                           "rows": rows, "table_markdown": table})
+    return {"rows": rows, "table": table}

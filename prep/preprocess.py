@@ -1,0 +1,302 @@
+"""Preprocessing of one case, shared by build-store and by ``evaluate predict``.
+
+Data contract of the output: image float32 (C, X, Y, Z), channels in ``MODALITIES`` order (or the subset
+asked for), axes in RAS, 1 x 1 x 1 mm voxels (or the spacing asked for), z-scored per channel over its
+nonzero voxels (zeros stay zero), cropped to the bounding box of voxels nonzero in any modality plus
+``margin`` voxels. Label uint8 (X, Y, Z) in the source label convention, resampled nearest-neighbour.
+``geometry`` holds what maps the stored grid back onto the source grid (``to_source_grid``).
+
+Orientation and resampling are MONAI's own (Orientation, Spacing, SpatialResample). Where the source is
+axis-aligned and already at the target spacing (real BraTS files at 1 mm), orientation is an exact flip and
+Spacing a no-op, so the crop is done first, on the source grid, and the transforms run on the smaller array;
+the result is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from store.conventions import MODALITIES, REGIONS, label_values, region_masks
+
+from .discover import CaseFiles
+
+TARGET_SPACING = (1.0, 1.0, 1.0)
+CROP_MARGIN = 2  # voxels
+FOREGROUND_SAMPLES = 10_000  # foreground voxel coordinates kept per region, as nnU-Net does per class
+
+
+class CaseError(ValueError):
+    """A case that cannot be preprocessed; the message is one line naming the case and the file."""
+
+
+@dataclass
+class Preprocessed:
+    case_id: str
+    image: np.ndarray  # float32 (C, X, Y, Z), RAS, 1 mm, normalized, cropped
+    label: np.ndarray | None  # uint8 (X, Y, Z), source convention
+    modalities: tuple[str, ...]
+    geometry: dict  # source_affine, source_shape, resampled_affine, resampled_shape, crop_box, stored_affine
+    normalization: dict  # modality -> {"mean", "std"} of the nonzero source voxels (after resampling)
+    integer_source: bool = True  # source intensities were integers: one unit is 1 / std in z units
+
+    @property
+    def source_unit(self) -> list[float] | None:
+        """One source intensity unit in z units per channel, for integer sources (None otherwise)."""
+        if not self.integer_source:
+            return None
+        return [1.0 / self.normalization[m]["std"] if self.normalization[m]["std"] else 0.0 for m in self.modalities]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load(case_id: str, path: Path, what: str):
+    """Read one NIfTI fully (so that truncation shows here); returns (array, affine)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many kinds for truncated or corrupt files
+        raise CaseError(f"case {case_id}: corrupt or unreadable file {path.name} ({type(e).__name__}: {e})") from e
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CaseError(f"case {case_id}: {what} file {path.name} is {data.ndim}D {data.shape}, expected 3D")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise CaseError(f"case {case_id}: {what} file {path.name} has {bad} NaN/Inf voxels")
+    return data, img.affine.astype(np.float64)
+
+
+def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True):
+    """Load and validate a case's files: images (C, X, Y, Z) in source dtype, label or None, source affine."""
+    arrays, affines = [], []
+    for m in modalities:
+        if m not in case.images:
+            raise CaseError(f"case {case.case_id}: missing modality {m}")
+        a, aff = _load(case.case_id, case.images[m], m)
+        arrays.append(a)
+        affines.append(aff)
+    ref_shape, ref_aff = arrays[0].shape, affines[0]
+    for m, a, aff in zip(modalities, arrays, affines):
+        if a.shape != ref_shape:
+            raise CaseError(f"case {case.case_id}: {case.images[m].name} has shape {a.shape}, "
+                            f"{case.images[modalities[0]].name} has {ref_shape}")
+        if not np.allclose(aff, ref_aff, atol=1e-3):
+            raise CaseError(f"case {case.case_id}: {case.images[m].name} has another affine than "
+                            f"{case.images[modalities[0]].name}")
+    label = None
+    if with_label:
+        if case.seg is None:
+            raise CaseError(f"case {case.case_id}: missing seg")
+        label, laff = _load(case.case_id, case.seg, "seg")
+        if label.shape != ref_shape or not np.allclose(laff, ref_aff, atol=1e-3):
+            raise CaseError(f"case {case.case_id}: {case.seg.name} does not match the images' grid")
+        if label.dtype.kind == "f" and not np.array_equal(label, np.round(label)):
+            raise CaseError(f"case {case.case_id}: {case.seg.name} holds non-integer labels")
+        values = _values(label)
+        legal = set(label_values(case.label_convention))
+        if not values <= legal:
+            raise CaseError(f"case {case.case_id}: {case.seg.name} has label values {sorted(values - legal)} "
+                            f"outside the {case.label_convention} convention {sorted(legal)}")
+        label = label.astype(np.uint8)
+    return np.stack(arrays), label, ref_aff
+
+
+def _values(label: np.ndarray) -> set[int]:
+    """Distinct values of a label map (bincount for small integer types: ten times faster than unique)."""
+    if label.dtype.kind in "iu" and label.dtype.itemsize <= 2 and label.size:
+        lo = int(label.min())
+        return {int(v) + lo for v in np.flatnonzero(np.bincount((label.ravel() - lo).astype(np.intp)))}
+    return set(np.unique(label).astype(int).tolist())
+
+
+def _is_axis_aligned_at(affine: np.ndarray, spacing) -> bool:
+    """True when every voxel axis lies along a world axis and its RAS spacing is already ``spacing``."""
+    lin = np.abs(affine[:3, :3])
+    if not np.allclose(lin.sum(0), lin.max(0), atol=1e-6):
+        return False
+    ras_axis = lin.argmax(0)  # world axis of each voxel axis
+    return bool(sorted(ras_axis) == [0, 1, 2]
+                and np.allclose(lin.max(0), np.asarray(spacing, float)[ras_axis], atol=1e-5))
+
+
+def _bbox(mask: np.ndarray, margin: int) -> list[list[int]]:
+    """[[start, stop], ...] per axis of the True voxels, widened by ``margin`` and clipped to the array."""
+    box = []
+    for ax in range(mask.ndim):
+        any_ax = np.any(mask, axis=tuple(i for i in range(mask.ndim) if i != ax))
+        nz = np.flatnonzero(any_ax)
+        box.append([max(int(nz[0]) - margin, 0), min(int(nz[-1]) + 1 + margin, mask.shape[ax])])
+    return box
+
+
+def _ras_grid(affine: np.ndarray, shape) -> tuple[np.ndarray, list[int]]:
+    """Affine and shape of an axis-aligned grid once reoriented to RAS (what MONAI's Orientation gives)."""
+    import nibabel.orientations as nio
+
+    tr = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt("RAS"))
+    ras_aff = affine @ nio.inv_ornt_aff(tr, shape)
+    ras_shape = [0, 0, 0]
+    for src_ax, (dst_ax, _) in enumerate(tr):
+        ras_shape[int(dst_ax)] = int(shape[src_ax])
+    return ras_aff, ras_shape
+
+
+def _metatensor(arr, affine):
+    import torch
+    from monai.data import MetaTensor
+
+    return MetaTensor(torch.as_tensor(arr), affine=torch.as_tensor(affine, dtype=torch.float64),
+                      meta={"space": "RAS"})
+
+
+def _orient_resample(img, label, affine, spacing):
+    """MONAI Orientation RAS then Spacing (bilinear image, nearest label): (image, label) MetaTensors."""
+    from monai.transforms import Orientation, Spacing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's deprecation notices about the labels argument
+        orient = Orientation(axcodes="RAS")
+        x = orient(_metatensor(img, affine))
+        y = orient(_metatensor(label[None], affine)) if label is not None else None
+        x = Spacing(pixdim=spacing, mode="bilinear")(x)
+        if y is not None:
+            y = Spacing(pixdim=spacing, mode="nearest")(y)
+    return x, y
+
+
+def normalize_nonzero(arr: np.ndarray, modalities) -> tuple[np.ndarray, dict]:
+    """Z-score each channel over its nonzero voxels, zeros kept: MONAI's NormalizeIntensity(nonzero=True,
+    channel_wise=True) formula (population std, std 0 -> 1) as one np.where per channel, about ten times
+    faster than MONAI's masked indexing on a full case; tests check it equals MONAI's."""
+    out = np.empty_like(arr, dtype=np.float32)
+    norm = {}
+    for c, m in enumerate(modalities):
+        mask = arr[c] != 0
+        v = arr[c][mask]
+        mean = float(v.mean(dtype=np.float64)) if v.size else 0.0
+        std = float(v.std(dtype=np.float64)) if v.size else 1.0
+        norm[m] = {"mean": mean, "std": std}
+        np.divide(arr[c] - np.float32(mean), np.float32(std or 1.0), out=out[c])
+        out[c][~mask] = 0.0
+    return out, norm
+
+
+def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, margin: int = CROP_MARGIN,
+               spacing=TARGET_SPACING) -> Preprocessed:
+    """Load, validate, orient to RAS, resample to ``spacing`` mm (default 1 mm), crop to the brain, z-score
+    per channel over nonzero voxels."""
+    import torch
+
+    src, label, src_aff = load_sources(case, modalities, with_label)
+    nonzero = np.any(src != 0, axis=0)
+    if not nonzero.any():
+        raise CaseError(f"case {case.case_id}: empty brain mask (no nonzero voxel in any modality)")
+    spacing = tuple(float(v) for v in spacing)
+    if _is_axis_aligned_at(src_aff, spacing):
+        # Exact path: crop on the source grid, then orient (a flip/permutation) and Spacing (a no-op).
+        box = _bbox(nonzero, margin)
+        sl = tuple(slice(a, b) for a, b in box)
+        pre_aff = src_aff.copy()
+        pre_aff[:3, 3] = src_aff[:3, :3] @ np.array([b[0] for b in box]) + src_aff[:3, 3]
+        img = src[(slice(None), *sl)].astype(np.float32)
+        lab = label[sl] if label is not None else None
+        x, y = _orient_resample(img, lab, pre_aff, spacing)
+        # The full (uncropped) resampled grid is the source grid, oriented to RAS.
+        resampled_aff, resampled_shape = _ras_grid(src_aff, src.shape[1:])
+        offset = np.rint(np.linalg.solve(resampled_aff, x.affine.numpy())[:3, 3]).astype(int)
+        crop_box = [[int(o), int(o) + int(n)] for o, n in zip(offset, x.shape[1:])]
+    else:
+        x, y = _orient_resample(src.astype(np.float32), label, src_aff, spacing)
+        resampled_aff = x.affine.numpy()
+        resampled_shape = list(x.shape[1:])
+        crop_box = _bbox(np.asarray(torch.any(x != 0, dim=0)), margin)
+        sl = (slice(None), *(slice(a, b) for a, b in crop_box))
+        x = x[sl]
+        y = y[sl] if y is not None else None
+    stored_aff = resampled_aff.copy()
+    stored_aff[:3, 3] = resampled_aff[:3, :3] @ np.array([b[0] for b in crop_box]) + resampled_aff[:3, 3]
+    arr = np.asarray(x.as_tensor() if hasattr(x, "as_tensor") else x, dtype=np.float32)
+    image, norm = normalize_nonzero(arr, modalities)
+    lab_arr = None
+    if y is not None:
+        lab_arr = np.ascontiguousarray(np.asarray(y.as_tensor() if hasattr(y, "as_tensor") else y)[0]
+                                       .round().astype(np.uint8))
+    geometry = {
+        "source_affine": src_aff.tolist(),
+        "source_shape": list(src.shape[1:]),
+        "resampled_affine": resampled_aff.tolist(),
+        "resampled_shape": resampled_shape,
+        "crop_box": crop_box,
+        "stored_affine": stored_aff.tolist(),
+        "spacing_mm": list(spacing),
+        "orientation": "RAS",
+    }
+    return Preprocessed(case.case_id, image, lab_arr, tuple(modalities), geometry, norm,
+                        integer_source=src.dtype.kind in "iu")
+
+
+def to_source_grid(arr: np.ndarray, geometry: dict, mode: str = "nearest") -> np.ndarray:
+    """Map an array on the stored grid ((X, Y, Z) or (C, X, Y, Z)) back onto the source grid.
+
+    Uncrop into the resampled grid (zeros outside), then MONAI SpatialResample from the resampled RAS 1 mm
+    grid onto the source affine and shape: inverse resampling and inverse orientation in one step.
+    """
+    import torch
+    from monai.transforms import SpatialResample
+
+    squeeze = arr.ndim == 3
+    a = arr[None] if squeeze else arr
+    full = np.zeros((a.shape[0], *geometry["resampled_shape"]), dtype=np.float32)
+    box = geometry["crop_box"]
+    full[(slice(None), *(slice(b[0], b[1]) for b in box))] = a
+    img = _metatensor(full, np.asarray(geometry["resampled_affine"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = SpatialResample(mode=mode, padding_mode="zeros")(
+            img, dst_affine=torch.as_tensor(np.asarray(geometry["source_affine"]), dtype=torch.float64),
+            spatial_size=tuple(geometry["source_shape"]),
+        )
+    res = np.asarray(out.as_tensor() if hasattr(out, "as_tensor") else out)
+    if mode == "nearest":
+        res = np.rint(res).astype(arr.dtype)
+    return res[0] if squeeze else res
+
+
+def label_statistics(label: np.ndarray, convention: str, rng: np.random.Generator,
+                     samples: int = FOREGROUND_SAMPLES) -> tuple[dict, dict, np.ndarray]:
+    """Voxel counts per label and per region, and up to ``samples`` foreground coordinates per region.
+
+    Returns (label_counts, region_counts, coords) with coords int32 (N, 4): region index, x, y, z.
+    """
+    counts = np.bincount(label.ravel(), minlength=256)
+    label_counts = {str(int(v)): int(counts[v]) for v in np.flatnonzero(counts)}
+    for v in label_values(convention):
+        label_counts.setdefault(str(v), 0)
+    regions = region_masks(label, convention)
+    region_counts = {}
+    coords = []
+    for r, name in enumerate(REGIONS):
+        idx = np.flatnonzero(regions[r])
+        region_counts[name] = int(idx.size)
+        if idx.size > samples:
+            idx = np.sort(rng.choice(idx, samples, replace=False))
+        xyz = np.stack(np.unravel_index(idx, label.shape), axis=1)
+        coords.append(np.concatenate([np.full((idx.size, 1), r), xyz], axis=1))
+    return label_counts, region_counts, np.concatenate(coords).astype(np.int32)
+
+
+__all__ = ["CaseError", "Preprocessed", "label_statistics", "preprocess", "sha256_file",
+           "to_source_grid"]

@@ -1,0 +1,58 @@
+"""The on-disk format: its name, versions, array layout and codecs. See FORMAT.md for the written contract.
+
+Each format version is a class with ``version`` and ``matches(attrs)``; the reader detects the version from
+the store's own root metadata.
+"""
+
+from __future__ import annotations
+
+FORMAT_NAME = "brats-zarr"
+CASES_GROUP = "cases"
+
+
+class FormatError(ValueError):
+    """A store that does not follow the contract, or one this code cannot read."""
+
+
+class FormatV1:
+    version = 1
+    # Chunking and codec chosen by measurement (FORMAT.md, "Why these choices").
+    # int16 in steps of one source intensity unit (value * scale[c] = z-score); 0 is background.
+    image_dtype = "int16"
+    image_chunks = (1, 128, 128, 128)  # one modality per chunk: a subset of modalities reads only its channels
+    label_chunks = (128, 128, 128)
+    codec = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}
+    # Root attributes every v1 store has.
+    root_keys = ("format", "format_version", "modalities", "label_convention", "params", "index", "failures",
+                 "splits")
+    # Case attributes every v1 case has.
+    case_keys = ("case_id", "modalities", "label_convention", "source_files", "source_sha256", "source_affine",
+                 "source_shape", "resampled_affine", "resampled_shape", "crop_box", "stored_affine", "spacing_mm",
+                 "orientation", "shape", "image_scale", "normalization", "label_counts", "region_counts",
+                 "foreground_counts", "params_hash", "content_crc32")
+
+    @classmethod
+    def matches(cls, attrs: dict) -> bool:
+        return attrs.get("format") == FORMAT_NAME and attrs.get("format_version") == cls.version
+
+
+FORMATS = (FormatV1,)
+CURRENT = FormatV1
+
+
+def detect(attrs: dict):
+    """The format class of a store's root attributes; a clear error for anything else."""
+    for f in FORMATS:
+        if f.matches(attrs):
+            return f
+    if attrs.get("format") != FORMAT_NAME:
+        raise FormatError("not a brats-zarr store (root attribute 'format' missing or different)")
+    raise FormatError(f"brats-zarr format version {attrs.get('format_version')!r} is not supported by this code "
+                      f"(supported: {[f.version for f in FORMATS]})")
+
+
+def blosc(codec: dict | None = None):
+    from zarr.codecs import BloscCodec
+
+    c = codec or CURRENT.codec
+    return BloscCodec(cname=c["cname"], clevel=c["clevel"], shuffle=c["shuffle"])

@@ -1,0 +1,362 @@
+"""Reading and writing the Zarr v3 store: the only code that knows the on-disk layout (FORMAT.md).
+
+Layout::
+
+    <store>/zarr.json                      root group; attributes: format, version, params, index, splits, ...
+    <store>/cases/<case_id>.<token>/       one group per published case version
+        image       (C, X, Y, Z) int16, RAS, 1 mm, z-score = value * scale[c], cropped
+        label       (X, Y, Z)    uint8, source label convention
+        foreground  (N, 4)       int32: region index (0 TC, 1 WT, 2 ET), x, y, z
+
+A case is visible only once the root ``index`` names its group: a build writes each case aside under a fresh
+group, then publishes it in the index (one atomic write of the root metadata), then removes what it replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .conventions import MODALITIES
+from .format import CASES_GROUP, CURRENT, FORMAT_NAME, FormatError, blosc, detect
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path) and not str(path).endswith(".zip")
+
+
+def _zarr_store(path: str | Path, mode: str):
+    import zarr.storage
+
+    p = str(path)
+    if p.endswith(".zip"):
+        return zarr.storage.ZipStore(p, mode="r" if mode == "r" else "a")
+    if _is_local(p):
+        return zarr.storage.LocalStore(p, read_only=(mode == "r"))
+    return p  # an fsspec URL; zarr makes the store
+
+
+def _open_group(path: str | Path, mode: str):
+    import zarr
+
+    return zarr.open_group(_zarr_store(path, mode), mode=mode, zarr_format=3)
+
+
+def encode_image(image: np.ndarray, source_unit=None) -> tuple[np.ndarray, list[float]]:
+    """float32 z-scores (C, X, Y, Z) -> int16 and the per-channel scale (z = value * scale).
+
+    ``source_unit[c]`` is one source intensity unit in z units (1 / std for integer sources): storing in those
+    steps keeps exactly the information an integer source holds, at its entropy (FORMAT.md). Without it, or
+    where the range would overflow int16, the channel's full range is spread over +-32000 steps.
+    """
+    scales = []
+    for c in range(image.shape[0]):
+        peak = float(np.abs(image[c]).max()) if image[c].size else 0.0
+        unit = float(source_unit[c]) if source_unit is not None and source_unit[c] else 0.0
+        if unit <= 0 or peak / unit > 32000:
+            unit = peak / 32000.0 if peak > 0 else 1.0
+        scales.append(unit)
+    s = np.asarray(scales, np.float32)[:, None, None, None]
+    return np.rint(image / s).astype(np.int16), scales
+
+
+def decode_image(stored: np.ndarray, scale) -> np.ndarray:
+    """int16 (C, X, Y, Z) and per-channel scale -> float32 z-scores."""
+    out = np.asarray(stored, dtype=np.float32)
+    out *= np.asarray(scale, np.float32).reshape(-1, *([1] * (out.ndim - 1)))
+    return out
+
+
+def content_checksum(*arrays: np.ndarray) -> str:
+    """CRC-32 of the stored arrays' bytes: catches a damaged or missing chunk (a missing chunk reads as fill)."""
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+    return f"{crc:08x}"
+
+
+class Case:
+    """One stored case. Arrays are read lazily; ``region`` is a tuple of 3 slices on the stored grid."""
+
+    def __init__(self, group, store: Store):
+        self._group = group
+        self._store = store
+        self.meta: dict = dict(group.attrs)
+        self.case_id: str = self.meta["case_id"]
+        self.shape: tuple[int, int, int] = tuple(self.meta["shape"])
+        self.scale = np.asarray(self.meta["image_scale"], dtype=np.float32)
+
+    def _channels(self, modalities) -> list[int]:
+        mods = list(self.meta["modalities"])
+        if modalities is None:
+            return list(range(len(mods)))
+        bad = [m for m in modalities if m not in mods]
+        if bad:
+            raise KeyError(f"case {self.case_id} has no modality {', '.join(bad)} (stored: {', '.join(mods)})")
+        return [mods.index(m) for m in modalities]
+
+    def image(self, modalities=None, region=None) -> np.ndarray:
+        """float32 (C, X, Y, Z) for ``modalities`` (default all stored), only the chunks ``region`` touches."""
+        idx = self._channels(modalities)
+        sl = tuple(region) if region is not None else (slice(None),) * 3
+        arr = self._group["image"]
+        if idx == list(range(arr.shape[0])):
+            out = arr[(slice(None), *sl)]
+        elif len(idx) == 1:
+            out = arr[(slice(idx[0], idx[0] + 1), *sl)]
+        else:
+            out = arr.oindex[(np.asarray(idx), *sl)]
+        return decode_image(out, self.scale[idx])
+
+    def label(self, region=None) -> np.ndarray:
+        """uint8 (X, Y, Z) in the store's label convention."""
+        if "label" not in self._group:
+            raise KeyError(f"case {self.case_id} has no label")
+        sl = tuple(region) if region is not None else (slice(None),) * 3
+        return np.asarray(self._group["label"][sl], dtype=np.uint8)
+
+    @property
+    def has_label(self) -> bool:
+        return "label" in self._group
+
+    def foreground(self) -> np.ndarray:
+        """int32 (N, 4): region index (0 TC, 1 WT, 2 ET), x, y, z of sampled foreground voxels."""
+        return np.asarray(self._group["foreground"][:], dtype=np.int32)
+
+    @property
+    def arrays(self):
+        """The raw zarr arrays (for verification and fast readers)."""
+        return {k: self._group[k] for k in ("image", "label", "foreground") if k in self._group}
+
+    def __repr__(self) -> str:
+        return f"Case({self.case_id!r}, shape={self.shape})"
+
+
+class Store:
+    """A brats-zarr store opened for reading (``open_store``)."""
+
+    def __init__(self, path: str | Path, group):
+        self.path = str(path)
+        self._group = group
+        attrs = dict(group.attrs)
+        self.format = detect(attrs)
+        self.attrs = attrs
+        self.format_version: int = attrs["format_version"]
+        self.modalities: tuple[str, ...] = tuple(attrs["modalities"])
+        self.label_convention: str | None = attrs["label_convention"]
+        self.params: dict = attrs["params"]
+        self.index: dict = attrs["index"]
+        self.failures: dict = attrs.get("failures", {})
+
+    @property
+    def case_ids(self) -> list[str]:
+        return sorted(self.index)
+
+    @property
+    def splits(self) -> dict:
+        s = self.attrs.get("splits") or {}
+        return {k: s.get(k, []) for k in ("train", "val", "test", "folds")} | {
+            k: v for k, v in s.items() if k not in ("train", "val", "test", "folds")
+        }
+
+    def case(self, case_id: str) -> Case:
+        rec = self.index.get(case_id)
+        if rec is None:
+            raise KeyError(f"no case {case_id!r} in store {self.path}")
+        return Case(self._group[rec["group"]], self)
+
+    def __iter__(self):
+        return (self.case(c) for c in self.case_ids)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def nbytes_on_disk(self) -> int | None:
+        if not _is_local(self.path):
+            return os.path.getsize(self.path) if self.path.endswith(".zip") else None
+        return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+
+
+def open_store(path: str | Path, mode: str = "r") -> Store:
+    """Open a store; read-only unless ``mode`` is "r+"."""
+    import zarr.errors
+
+    if mode not in ("r", "r+"):
+        raise ValueError("mode must be 'r' or 'r+'")
+    if _is_local(str(path)) and not Path(path).exists():
+        raise FileNotFoundError(f"no store at {path}")
+    try:
+        group = _open_group(path, mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise FileNotFoundError(f"no zarr group at {path}") from e
+    return Store(path, group)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+class StoreWriter:
+    """The build's side of the store: create it, publish cases, record splits and failures.
+
+    Only the process driving a build writes the root metadata; workers write case groups (``write_case``).
+    """
+
+    def __init__(self, path: str | Path, modalities, label_convention: str | None, params: dict,
+                 overwrite: bool = False):
+        import zarr
+
+        self.path = str(path)
+        exists = _exists(self.path)
+        if exists and overwrite:
+            _remove(self.path)
+            exists = False
+        if exists:
+            group = _open_group(self.path, "r+")
+            attrs = dict(group.attrs)
+            try:
+                detect(attrs)
+            except FormatError as e:
+                raise FormatError(f"{self.path}: {e}; pass --overwrite to replace it") from e
+            if attrs["params"] != params:
+                diff = {k: (attrs["params"].get(k), params.get(k)) for k in set(attrs["params"]) | set(params)
+                        if attrs["params"].get(k) != params.get(k)}
+                raise FormatError(
+                    f"store {self.path} was built with other parameters "
+                    + ", ".join(f"{k}: {a!r} here, {b!r} now" for k, (a, b) in sorted(diff.items()))
+                    + "; pass --overwrite to rebuild it"
+                )
+            if label_convention and attrs["label_convention"] not in (None, label_convention):
+                raise FormatError(f"store {self.path} holds {attrs['label_convention']} labels, the source is "
+                                  f"{label_convention}; pass --overwrite to rebuild it")
+            self.group = group
+            if label_convention and attrs["label_convention"] is None:
+                self.group.attrs["label_convention"] = label_convention
+        else:
+            self.group = zarr.open_group(_zarr_store(self.path, "w"), mode="w", zarr_format=3)
+            self.group.attrs.put({
+                "format": FORMAT_NAME,
+                "format_version": CURRENT.version,
+                "modalities": list(modalities),
+                "label_convention": label_convention,
+                "params": params,
+                "index": {},
+                "failures": {},
+                "splits": {},
+            })
+            self.group.require_group(CASES_GROUP)
+
+    @property
+    def index(self) -> dict:
+        return dict(self.group.attrs["index"])
+
+    def publish(self, case_id: str, record: dict) -> None:
+        """Make a written case visible (one atomic root-metadata write), then drop the version it replaced."""
+        index = self.index
+        old = index.get(case_id)
+        index[case_id] = record
+        self.group.attrs["index"] = index
+        if old and old["group"] != record["group"]:
+            _delete_group(self.group, old["group"])
+
+    def unpublish(self, case_id: str) -> None:
+        index = self.index
+        old = index.pop(case_id, None)
+        if old is not None:
+            self.group.attrs["index"] = index
+            _delete_group(self.group, old["group"])
+
+    def set_failures(self, failures: dict) -> None:
+        self.group.attrs["failures"] = failures
+
+    def set_splits(self, splits: dict) -> None:
+        self.group.attrs["splits"] = splits
+
+    def collect_garbage(self) -> list[str]:
+        """Remove case groups no index entry names (left by a build killed mid-case)."""
+        published = {rec["group"] for rec in self.index.values()}
+        cases = self.group.require_group(CASES_GROUP)
+        removed = []
+        for name in list(cases.group_keys()):
+            path = f"{CASES_GROUP}/{name}"
+            if path not in published:
+                _delete_group(self.group, path)
+                removed.append(name)
+        return removed
+
+
+def _exists(path: str) -> bool:
+    if _is_local(path):
+        return (Path(path) / "zarr.json").exists()
+    try:
+        _open_group(path, "r")
+        return True
+    except Exception:
+        return False
+
+
+def _remove(path: str) -> None:
+    if _is_local(path):
+        shutil.rmtree(path)
+    elif path.endswith(".zip"):
+        os.remove(path)
+    else:
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        fs.rm(p, recursive=True)
+
+
+def _delete_group(root, path: str) -> None:
+    with contextlib.suppress(KeyError):
+        del root[path]
+
+
+def case_group_name(case_id: str, token: str) -> str:
+    return f"{CASES_GROUP}/{case_id}.{token}"
+
+
+def write_case(store_path: str, group_name: str, image: np.ndarray, label: np.ndarray | None,
+               foreground: np.ndarray, attrs: dict, source_unit=None) -> dict:
+    """Write one case's arrays and attributes under ``group_name`` (not yet visible: see ``publish``).
+
+    ``image`` float32 (C, X, Y, Z) is stored as int16 (``encode_image``); the returned attributes carry the
+    scale and the content hash that ``verify`` checks.
+    """
+    import zarr
+
+    fmt = CURRENT
+    root = zarr.open_group(_zarr_store(store_path, "r+"), mode="r+", zarr_format=3)
+    if group_name in root:
+        _delete_group(root, group_name)  # a leftover of a killed build
+    g = root.create_group(group_name)
+    img16, scale = encode_image(image, source_unit)
+    codec = blosc()
+    chunks = tuple(min(c, s) for c, s in zip(fmt.image_chunks, img16.shape))
+    a = g.create_array("image", shape=img16.shape, dtype=img16.dtype, chunks=chunks, compressors=[codec],
+                       fill_value=0, dimension_names=["c", "x", "y", "z"])
+    a[...] = img16
+    arrays = [img16]
+    if label is not None:
+        lchunks = tuple(min(c, s) for c, s in zip(fmt.label_chunks, label.shape))
+        b = g.create_array("label", shape=label.shape, dtype=np.uint8, chunks=lchunks, compressors=[codec],
+                           fill_value=0, dimension_names=["x", "y", "z"])
+        b[...] = label
+        arrays.append(label)
+    fg = np.ascontiguousarray(foreground, dtype=np.int32).reshape(-1, 4)
+    f = g.create_array("foreground", shape=fg.shape, dtype=np.int32, chunks=(max(len(fg), 1), 4),
+                       compressors=[codec], fill_value=0)
+    if len(fg):
+        f[...] = fg
+    attrs = dict(attrs, content_crc32=content_checksum(*arrays), shape=list(image.shape[1:]), image_scale=scale)
+    g.attrs.put(json.loads(json.dumps(attrs)))
+    return attrs
+
+
+__all__ = ["MODALITIES", "Case", "Store", "StoreWriter", "case_group_name", "content_checksum", "open_store",
+           "write_case"]

@@ -1,0 +1,75 @@
+"""Tiny NIfTI cases written by the tests themselves (no real data is needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+SUFFIXES = {
+    "brats2021": ("_", {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}, 4),
+    "brats2023": ("-", {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}, 3),
+}
+
+
+def lps_affine(spacing=(1.0, 1.0, 1.0), origin=(10.0, 20.0, -5.0)) -> np.ndarray:
+    aff = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    aff[:3, 3] = origin
+    return aff
+
+
+def oblique_affine() -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    aff = np.eye(4)
+    aff[:3, :3] = Rotation.from_euler("xyz", [10, -7, 15], degrees=True).as_matrix() @ np.diag([1.1, 0.95, 2.0])
+    aff[:3, 3] = [3.0, -4.0, 8.0]
+    return aff
+
+
+def make_arrays(shape=(30, 34, 22), seed=0, layout="brats2021"):
+    """Four int16 'modalities' with a brain box and a nested tumour label (ED around ET around NCR)."""
+    rng = np.random.default_rng(seed)
+    centre = np.asarray(shape) * 0.5
+    brain = np.zeros(shape, bool)
+    brain[3:-3, 4:-4, 2:-2] = True
+    g = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
+    r = np.linalg.norm((g - centre) / np.maximum(np.asarray(shape) / 5.0, 1.0), axis=-1)
+    et = SUFFIXES[layout][2]
+    label = np.zeros(shape, np.uint8)
+    label[(r < 1.7) & brain] = 2
+    label[(r < 1.1) & brain] = et
+    label[(r < 0.5) & brain] = 1
+    images = {}
+    for i, m in enumerate(("t1", "t1ce", "t2", "flair")):
+        # scanner-like range (a few thousand, std of a few hundred), as real BraTS intensities
+        base = 4 * (rng.normal(400 + 120 * i, 40, shape) + 150 * (label > 0) * (i - 1))
+        images[m] = (np.clip(base, 1, None) * brain).astype(np.int16)
+    return images, label
+
+
+def write_case(root, cid, affine=None, shape=(30, 34, 22), seed=0, layout="brats2021", images=None, label=None,
+               skip=()):
+    """Write one case folder in the given BraTS layout; returns its folder."""
+    sep, names, _ = SUFFIXES[layout]
+    affine = lps_affine() if affine is None else affine
+    if images is None:
+        images, label2 = make_arrays(shape, seed, layout)
+        label = label2 if label is None else label
+    d = Path(root) / cid
+    d.mkdir(parents=True, exist_ok=True)
+    for m, arr in images.items():
+        if m in skip:
+            continue
+        nib.save(nib.Nifti1Image(arr, affine), d / f"{cid}{sep}{names[m]}.nii.gz")
+    if "seg" not in skip:
+        nib.save(nib.Nifti1Image(label, affine), d / f"{cid}{sep}seg.nii.gz")
+    return d
+
+
+def synth_spacing(shape) -> tuple[float, float, float]:
+    """The voxel size of a synthetic cohort made with --shape (240 x 240 x 155 mm field of view)."""
+    from prep.synth import FOV_MM
+
+    return tuple(float(f / s) for f, s in zip(FOV_MM, shape))

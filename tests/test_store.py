@@ -1,0 +1,303 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from prep.build import BuildConfig, build_store
+from prep.cli import main as prep_main
+from prep.discover import discover
+from prep.preprocess import to_source_grid
+from store import FormatError, open_store
+from store.cli import main as store_main
+
+from .helpers import lps_affine, oblique_affine, write_case
+
+
+def _monai_reference(case):
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        Spacingd,
+    )
+
+    keys = ["image", "label"]
+    t = Compose([
+        LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=(1, 1, 1), mode=("bilinear", "nearest")),
+        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x != 0, margin=2, allow_smaller=True),
+    ])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return t({"image": [str(case.images[m]) for m in ("t1", "t1ce", "t2", "flair")], "label": str(case.seg)})
+
+
+GEOMETRIES = {
+    "lps-1mm": lps_affine(),
+    "anisotropic-0.9x0.9x3": lps_affine((0.9, 0.9, 3.0)),
+    "oblique": oblique_affine(),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_values_equal_monai_chain(tmp_path, name):
+    src = tmp_path / "raw"
+    write_case(src, "BraTS2021_00000", GEOMETRIES[name])
+    assert build_store(BuildConfig(source=str(src), store=str(tmp_path / "s.zarr"), workers=0),
+                       progress=False).ok
+    ref = _monai_reference(discover(src).cases[0])
+    s = open_store(tmp_path / "s.zarr")
+    c = s.case("BraTS2021_00000")
+    img = c.image()
+    ri = ref["image"].numpy()
+    assert img.shape == ri.shape
+    # the store keeps one source intensity unit per step (scale = 1 / std): error at most half a unit
+    tol = 0.5 * c.scale + 1e-5
+    assert (np.abs(img - ri).reshape(4, -1).max(1) <= tol).all()
+    np.testing.assert_allclose(c.scale, [1 / c.meta["normalization"][m]["std"] for m in s.modalities], rtol=1e-6)
+    np.testing.assert_array_equal(c.label(), ref["label"].numpy()[0].astype(np.uint8))
+    np.testing.assert_allclose(c.meta["stored_affine"], ref["image"].affine.numpy(), atol=1e-5)
+    # a subset of modalities reads just those channels
+    np.testing.assert_array_equal(c.image(modalities=("t2",)), img[2:3])
+    np.testing.assert_array_equal(c.image(modalities=("flair", "t1")), img[[3, 0]])
+
+
+def test_label_maps_back_onto_source_grid(tmp_path):
+    src = tmp_path / "raw"
+    write_case(src, "BraTS2021_00000", lps_affine())
+    build_store(BuildConfig(source=str(src), store=str(tmp_path / "s.zarr"), workers=0), progress=False)
+    c = open_store(tmp_path / "s.zarr").case("BraTS2021_00000")
+    back = to_source_grid(c.label(), c.meta)
+    seg = nib.load(discover(src).cases[0].seg)
+    assert back.shape == seg.shape
+    np.testing.assert_array_equal(back, np.asanyarray(seg.dataobj))
+
+
+def test_metadata_contract(tmp_path):
+    src = tmp_path / "raw"
+    for i in range(3):
+        write_case(src, f"BraTS2021_0000{i}", seed=i)
+    build_store(BuildConfig(source=str(src), store=str(tmp_path / "s.zarr"), workers=0), progress=False)
+    s = open_store(tmp_path / "s.zarr")
+    assert s.format_version == 1 and s.modalities == ("t1", "t1ce", "t2", "flair")
+    assert s.label_convention == "brats2021" and s.case_ids == [f"BraTS2021_0000{i}" for i in range(3)]
+    c = s.case("BraTS2021_00001")
+    m = c.meta
+    assert set(m["source_files"]) == {"t1", "t1ce", "t2", "flair", "seg"}
+    assert all(len(h) == 64 for h in m["source_sha256"].values())
+    assert m["source_shape"] == [30, 34, 22] and np.allclose(m["source_affine"], lps_affine())
+    lab = c.label()
+    assert m["label_counts"]["4"] == int((lab == 4).sum()) and m["region_counts"]["WT"] == int((lab > 0).sum())
+    fg = c.foreground()
+    for r, labels in enumerate(([1, 4], [1, 2, 4], [4])):
+        pts = fg[fg[:, 0] == r][:, 1:]
+        assert len(pts) == m["foreground_counts"][("TC", "WT", "ET")[r]] > 0
+        assert np.isin(lab[tuple(pts.T)], labels).all()
+    assert set(m["normalization"]) == set(s.modalities)
+    img = c.image()
+    for ch in range(4):
+        v = img[ch][img[ch] != 0]
+        assert abs(v.mean()) < 0.01 and abs(v.std() - 1) < 0.01
+
+
+def test_partial_read_touches_only_its_chunks(tmp_path):
+    src = tmp_path / "raw"
+    write_case(src, "BraTS2021_00000", shape=(140, 20, 16))  # long in x: two 128-voxel chunks
+    build_store(BuildConfig(source=str(src), store=str(tmp_path / "s.zarr"), workers=0), progress=False)
+    s = open_store(tmp_path / "s.zarr")
+    c = s.case("BraTS2021_00000")
+    assert c.shape[0] > 128  # more than one chunk along x
+    full = c.image(modalities=("t1",))
+    # damage the last x-chunk of channel 0: a read of the first 128 voxels must not touch it
+    chunk = tmp_path / "s.zarr" / s.index["BraTS2021_00000"]["group"] / "image" / "c" / "0" / "1" / "0" / "0"
+    chunk.write_bytes(b"garbage")
+    part = c.image(modalities=("t1",), region=(slice(0, 100), slice(None), slice(None)))
+    np.testing.assert_array_equal(part, full[:, :100])
+    with pytest.raises(Exception):  # noqa: B017 - zarr raises its codec's own error type
+        c.image(modalities=("t1",))
+
+
+def test_verify_catches_damaged_and_missing_chunk(tmp_path, capsys):
+    src = tmp_path / "raw"
+    write_case(src, "BraTS2021_00000")
+    write_case(src, "BraTS2021_00001", seed=1)
+    store = tmp_path / "s.zarr"
+    build_store(BuildConfig(source=str(src), store=str(store), workers=0), progress=False)
+    assert store_main(["verify", str(store)]) == 0
+    s = open_store(store)
+    img_dir = store / s.index["BraTS2021_00001"]["group"] / "image" / "c"
+    chunks = sorted(p for p in img_dir.rglob("*") if p.is_file())
+    data = bytearray(chunks[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunks[0].write_bytes(bytes(data))
+    assert store_main(["verify", str(store)]) == 1
+    assert "BraTS2021_00001" in capsys.readouterr().err
+    chunks[0].unlink()  # a missing chunk reads as fill value: only the checksum can tell
+    assert store_main(["verify", str(store)]) == 1
+
+
+def test_info_summary(tmp_path, capsys):
+    src = tmp_path / "raw"
+    for i in range(4):
+        write_case(src, f"BraTS2021_0000{i}", seed=i)
+    build_store(BuildConfig(source=str(src), store=str(tmp_path / "s.zarr"), workers=0), progress=False)
+    assert store_main(["info", str(tmp_path / "s.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "cases      4" in out and "brats-zarr v1" in out and "t1, t1ce, t2, flair" in out and "on disk" in out
+
+
+def test_rebuild_skips_unchanged_and_refuses_other_params(tmp_path, capsys):
+    src = tmp_path / "raw"
+    write_case(src, "BraTS2021_00000")
+    write_case(src, "BraTS2021_00001", seed=1)
+    store = str(tmp_path / "s.zarr")
+    r1 = build_store(BuildConfig(source=str(src), store=store, workers=0), progress=False)
+    assert sorted(r1.built) == ["BraTS2021_00000", "BraTS2021_00001"]
+    r2 = build_store(BuildConfig(source=str(src), store=store, workers=0), progress=False)
+    assert r2.built == [] and sorted(r2.skipped) == ["BraTS2021_00000", "BraTS2021_00001"]
+    # a changed source is rebuilt, the other skipped
+    write_case(src, "BraTS2021_00001", seed=5)
+    r3 = build_store(BuildConfig(source=str(src), store=store, workers=0), progress=False)
+    assert r3.built == ["BraTS2021_00001"] and r3.skipped == ["BraTS2021_00000"]
+    assert store_main(["verify", store]) == 0
+    with pytest.raises(FormatError, match="other parameters.*crop_margin.*--overwrite"):
+        build_store(BuildConfig(source=str(src), store=store, workers=0, crop_margin=5), progress=False)
+    rc = prep_main(["build-store", "--source", str(src), "--store", store, "--workers", "0", "--crop-margin", "5"])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    r4 = build_store(BuildConfig(source=str(src), store=store, workers=0, crop_margin=5, overwrite=True),
+                     progress=False)
+    assert len(r4.built) == 2 and open_store(store).params["crop_margin"] == 5
+
+
+def _bad_cohort(root):
+    good = ["BraTS2021_00000", "BraTS2021_00001"]
+    for i, cid in enumerate(good):
+        write_case(root, cid, seed=i)
+    write_case(root, "BraTS2021_00010", skip=("t2",))  # missing modality
+    d = write_case(root, "BraTS2021_00011")  # truncated .nii.gz
+    f = d / "BraTS2021_00011_flair.nii.gz"
+    f.write_bytes(f.read_bytes()[:200])
+    d = write_case(root, "BraTS2021_00012")  # modalities of different shapes
+    nib.save(nib.Nifti1Image(np.ones((30, 34, 21), np.int16), lps_affine()), d / "BraTS2021_00012_t2.nii.gz")
+    d = write_case(root, "BraTS2021_00013")  # modalities of different affines
+    img = nib.load(d / "BraTS2021_00013_t1ce.nii.gz")
+    moved = nib.Nifti1Image(np.asanyarray(img.dataobj), lps_affine((1.0, 1.0, 2.0)))
+    nib.save(moved, d / "BraTS2021_00013_t1ce.nii.gz")
+    d = write_case(root, "BraTS2021_00014")  # a 4D image
+    nib.save(nib.Nifti1Image(np.ones((30, 34, 22, 3), np.int16), lps_affine()), d / "BraTS2021_00014_t1.nii.gz")
+    d = write_case(root, "BraTS2021_00015")  # NaN voxels
+    a = np.ones((30, 34, 22), np.float32)
+    a[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(a, lps_affine()), d / "BraTS2021_00015_t2.nii.gz")
+    d = write_case(root, "BraTS2021_00016")  # labels outside the convention (3 is 2023's ET)
+    lab = np.asanyarray(nib.load(d / "BraTS2021_00016_seg.nii.gz").dataobj).copy()
+    lab[lab == 4] = 3
+    nib.save(nib.Nifti1Image(lab, lps_affine()), d / "BraTS2021_00016_seg.nii.gz")
+    zeros = {m: np.zeros((30, 34, 22), np.int16) for m in ("t1", "t1ce", "t2", "flair")}
+    write_case(root, "BraTS2021_00017", images=zeros, label=np.zeros((30, 34, 22), np.uint8))  # empty brain
+    expected = {
+        "BraTS2021_00010": "missing modality t2",
+        "BraTS2021_00011": "corrupt or unreadable file BraTS2021_00011_flair.nii.gz",
+        "BraTS2021_00012": "has shape",
+        "BraTS2021_00013": "another affine",
+        "BraTS2021_00014": "is 4D",
+        "BraTS2021_00015": "NaN/Inf",
+        "BraTS2021_00016": "label values [3] outside the brats2021",
+        "BraTS2021_00017": "empty brain mask",
+    }
+    return good, expected
+
+
+def test_bad_inputs_skipped_with_reasons(tmp_path, capsys):
+    src = tmp_path / "raw"
+    good, expected = _bad_cohort(src)
+    store = str(tmp_path / "s.zarr")
+    rc = prep_main(["build-store", "--source", str(src), "--store", store, "--workers", "0"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    s = open_store(store)
+    assert s.case_ids == good
+    assert set(s.failures) == set(expected)
+    for cid, words in expected.items():
+        assert words in s.failures[cid], (cid, s.failures[cid])
+        assert cid in err and "\n" not in s.failures[cid]
+
+
+def test_scheduler_address(tmp_path):
+    from distributed import LocalCluster
+
+    src = tmp_path / "raw"
+    for i in range(3):
+        write_case(src, f"BraTS2021_0000{i}", seed=i)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        rc = prep_main(["build-store", "--source", str(src), "--store", str(tmp_path / "s.zarr"),
+                        "--scheduler", cluster.scheduler_address])
+        assert rc == 0
+        assert cluster.scheduler.tasks == {} or len(cluster.scheduler.task_groups) >= 1
+    assert len(open_store(tmp_path / "s.zarr")) == 3
+
+
+def test_kill_and_resume(tmp_path):
+    src = tmp_path / "raw"
+    n = 8
+    for i in range(n):
+        write_case(src, f"BraTS2021_{i:05d}", seed=i, shape=(40, 44, 30))
+    store = tmp_path / "s.zarr"
+    cmd = [sys.executable, "-m", "prep", "build-store", "--source", str(src), "--store", str(store), "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        published = 0
+        while time.time() < deadline and proc.poll() is None:
+            zj = store / "zarr.json"
+            if zj.exists():
+                try:
+                    published = len(json.loads(zj.read_text())["attributes"]["index"])
+                except (ValueError, KeyError):
+                    published = 0
+                if published >= 2:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the build finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    partial = open_store(store)
+    assert 2 <= len(partial) < n
+    from store.verify import verify_case, verify_store
+
+    for cid in partial.case_ids:  # whatever is visible is complete (splits come at the end of a build)
+        assert verify_case(partial, cid) == []
+    r = build_store(BuildConfig(source=str(src), store=str(store), workers=0), progress=False)
+    assert r.ok and len(r.skipped) == len(partial) and len(r.built) == n - len(partial)
+    s = open_store(store)
+    assert len(s) == n and verify_store(s) == []
+    groups = {p.name for p in (store / "cases").iterdir() if p.is_dir()}
+    assert groups == {rec["group"].split("/")[1] for rec in s.index.values()}  # no leftovers
+
+
+def test_brats2023_layout(tmp_path):
+    src = tmp_path / "raw"
+    write_case(src, "BraTS-GLI-00000-000", layout="brats2023")
+    write_case(src, "BraTS-GLI-00000-001", layout="brats2023", seed=1)
+    build_store(BuildConfig(source=str(src), store=str(tmp_path / "s.zarr"), workers=0), progress=False)
+    s = open_store(tmp_path / "s.zarr")
+    assert s.label_convention == "brats2023"
+    c = s.case("BraTS-GLI-00000-000")
+    assert set(np.unique(c.label()).tolist()) <= {0, 1, 2, 3} and c.meta["region_counts"]["ET"] > 0
+    assert c.meta["source_files"]["t1ce"] == "BraTS-GLI-00000-000-t1c.nii.gz"
+    # two timepoints of one patient share a split
+    sp = s.splits
+    where = {cid: k for k in ("train", "val", "test") for cid in sp[k]}
+    assert where["BraTS-GLI-00000-000"] == where["BraTS-GLI-00000-001"]
