@@ -84,9 +84,11 @@ def content_checksum(*arrays: np.ndarray) -> str:
 class Case:
     """One stored case. Arrays are read lazily; ``region`` is a tuple of 3 slices on the stored grid."""
 
-    def __init__(self, group, store: Store):
+    def __init__(self, group, store: Store, group_path: str):
         self._group = group
         self._store = store
+        self._group_path = group_path
+        self._readers: dict = {}
         self.meta: dict = dict(group.attrs)
         self.case_id: str = self.meta["case_id"]
         self.shape: tuple[int, int, int] = tuple(self.meta["shape"])
@@ -101,25 +103,40 @@ class Case:
             raise KeyError(f"case {self.case_id} has no modality {', '.join(bad)} (stored: {', '.join(mods)})")
         return [mods.index(m) for m in modalities]
 
+    def _reader(self, name: str):
+        from .fastread import ChunkReader
+
+        if name not in self._readers:
+            local = _is_local(self._store.path)
+            path = Path(self._store.path, self._group_path, name) if local else None
+            self._readers[name] = ChunkReader(self._group[name], path)
+        return self._readers[name]
+
+    def _region(self, region) -> tuple[slice, ...]:
+        if region is None:
+            return tuple(slice(0, n) for n in self.shape)
+        out = []
+        for s, n in zip(region, self.shape):
+            a, b, _ = s.indices(n)
+            out.append(slice(a, max(a, b)))
+        return tuple(out)
+
+    def stored_image(self, channels: list[int], region=None) -> np.ndarray:
+        """The stored int16 values (C, X, Y, Z) of ``channels`` in ``region``."""
+        sl = self._region(region)
+        r = self._reader("image")
+        return np.stack([r.read((slice(c, c + 1), *sl))[0] for c in channels])
+
     def image(self, modalities=None, region=None) -> np.ndarray:
         """float32 (C, X, Y, Z) for ``modalities`` (default all stored), only the chunks ``region`` touches."""
         idx = self._channels(modalities)
-        sl = tuple(region) if region is not None else (slice(None),) * 3
-        arr = self._group["image"]
-        if idx == list(range(arr.shape[0])):
-            out = arr[(slice(None), *sl)]
-        elif len(idx) == 1:
-            out = arr[(slice(idx[0], idx[0] + 1), *sl)]
-        else:
-            out = arr.oindex[(np.asarray(idx), *sl)]
-        return decode_image(out, self.scale[idx])
+        return decode_image(self.stored_image(idx, region), self.scale[idx])
 
     def label(self, region=None) -> np.ndarray:
         """uint8 (X, Y, Z) in the store's label convention."""
         if "label" not in self._group:
             raise KeyError(f"case {self.case_id} has no label")
-        sl = tuple(region) if region is not None else (slice(None),) * 3
-        return np.asarray(self._group["label"][sl], dtype=np.uint8)
+        return self._reader("label").read(self._region(region)).astype(np.uint8, copy=False)
 
     @property
     def has_label(self) -> bool:
@@ -169,7 +186,7 @@ class Store:
         rec = self.index.get(case_id)
         if rec is None:
             raise KeyError(f"no case {case_id!r} in store {self.path}")
-        return Case(self._group[rec["group"]], self)
+        return Case(self._group[rec["group"]], self, rec["group"])
 
     def __iter__(self):
         return (self.case(c) for c in self.case_ids)

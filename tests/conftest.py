@@ -28,3 +28,17 @@ def tiny_cohort_2023(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort2023")
     synth_cohort(SynthConfig(out=out, cases=2, seed=3, shape=TINY, layout="brats2023"), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_cohort, tmp_path_factory):
+    """The six tiny cases built into a store at their own voxel size (no resampling, ~30^3 voxels a case)."""
+    from prep.build import BuildConfig, build_store
+
+    from .helpers import synth_spacing
+
+    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
+    rep = build_store(BuildConfig(source=str(tiny_cohort), store=str(path), workers=0, spacing=synth_spacing(TINY)),
+                      progress=False)
+    assert rep.ok, rep.failed
+    return str(path)

@@ -1,0 +1,136 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from store import open_store
+from store.conventions import region_masks
+from train.loader import PatchSampler, RamSource, TrainLoader, crop_pad
+
+
+def _epochs(loader, n=2):
+    return [(a.clone(), b.clone()) for e in range(n) for a, b in loader.epoch(e)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ram_and_none_give_identical_batches(tiny_store, workers):
+    ids = open_store(tiny_store).case_ids
+    kw = dict(modalities=("t1", "t2", "flair"), patch=(16, 16, 16), batch_size=3, workers=workers, seed=5)
+    ram = _epochs(TrainLoader(tiny_store, ids, cache="ram", **kw))
+    none = _epochs(TrainLoader(tiny_store, ids, cache="none", **kw))
+    assert len(ram) == len(none) == 4
+    for (a, b), (c, d) in zip(ram, none):
+        assert a.dtype == torch.float16 and a.shape == (3, 3, 16, 16, 16) and b.shape == (3, 1, 16, 16, 16)
+        assert torch.equal(a, c) and torch.equal(b, d)
+    other_seed = _epochs(TrainLoader(tiny_store, ids, cache="ram", **{**kw, "seed": 6}))
+    assert not all(torch.equal(a, c) for (a, _), (c, _) in zip(ram, other_seed))
+
+
+def test_patch_holds_the_chosen_channels_of_the_case(tiny_store):
+    s = open_store(tiny_store)
+    ids = s.case_ids
+    loader = TrainLoader(tiny_store, ids, modalities=("flair", "t1"), patch=(16, 16, 16), batch_size=2,
+                         cache="none", workers=0, seed=0)
+    specs = loader.sampler.epoch(0)[0]
+    img, lab = next(iter(loader.epoch(0)))
+    for i, spec in enumerate(specs):
+        case = s.case(ids[spec.case])
+        ref = crop_pad(case.image(("flair", "t1")).astype(np.float16), spec.start, (16, 16, 16))
+        np.testing.assert_array_equal(img[i].numpy(), ref)
+        np.testing.assert_array_equal(lab[i, 0].numpy(), crop_pad(case.label(), spec.start, (16, 16, 16)))
+
+
+def test_patch_larger_than_case_is_zero_padded(tiny_store):
+    s = open_store(tiny_store)
+    ids = s.case_ids[:2]
+    loader = TrainLoader(tiny_store, ids, patch=(48, 48, 48), batch_size=2, cache="none", workers=0, seed=0)
+    img, lab = next(iter(loader.epoch(0)))
+    assert img.shape == (2, 4, 48, 48, 48)
+    for i, spec in enumerate(loader.sampler.epoch(0)[0]):
+        shape = s.case(ids[spec.case]).shape
+        inside = np.zeros((48, 48, 48), bool)
+        inside[tuple(slice(-a, -a + n) for a, n in zip(spec.start, shape))] = True
+        assert (img[i][:, torch.from_numpy(~inside)] == 0).all()
+        assert float(img[i].float().abs().sum()) > 0
+
+
+def test_foreground_oversampling_rate(tiny_store):
+    s = open_store(tiny_store)
+    ids = s.case_ids
+    cases = [s.case(c) for c in ids]
+    patch = (8, 8, 8)
+    sampler = PatchSampler([c.shape for c in cases], [c.foreground() for c in cases], patch, batch_size=3,
+                           fg_fraction=1 / 3, seed=0)
+    assert sampler.n_foreground() == 1
+    labels = [c.label() for c in cases]
+    hits_forced, hits_random, n = 0, 0, 0
+    for e in range(60):
+        for batch in sampler.epoch(e):
+            for i, spec in enumerate(batch):
+                lab = labels[spec.case]
+                centre = tuple(int(np.clip(a + p // 2, 0, n_ - 1)) for a, p, n_ in zip(spec.start, patch, lab.shape))
+                if i == 2:
+                    n += 1
+                    hits_forced += bool(lab[centre] > 0)
+                else:
+                    hits_random += bool(lab[centre] > 0)
+    assert hits_forced == n  # every forced sample is centred on tumour
+    assert hits_random < 0.5 * 2 * n  # random ones mostly are not: oversampling is what finds tumour
+    regions = region_masks(labels[0], s.label_convention)
+    assert regions[1].any()
+
+
+def test_unknown_modality_and_cache_mode(tiny_store):
+    ids = open_store(tiny_store).case_ids
+    with pytest.raises(ValueError, match="unknown modality dwi"):
+        TrainLoader(tiny_store, ids, modalities=("t1", "dwi"), patch=(8, 8, 8), workers=0)
+    with pytest.raises(ValueError, match="cache must be"):
+        TrainLoader(tiny_store, ids, patch=(8, 8, 8), workers=0, cache="disk")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            TrainLoader(tiny_store, ids, patch=(8, 8, 8), workers=0, cache="gpu")
+
+
+def _worker_view(_):
+    info = torch.utils.data.get_worker_info()
+    src = info.dataset.source
+    import psutil
+
+    return {"shared": all(v["image"].is_shared() for v in src.cached if v is not None),
+            "uss": psutil.Process().memory_full_info().uss}
+
+
+class _Probe(torch.utils.data.Dataset):
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return _worker_view(i)
+
+
+def test_ram_cache_shared_with_workers_not_copied(tmp_path):
+    """Under spawn, a plain cache would be pickled into every worker; the shared-memory one is not."""
+    from prep.build import BuildConfig, build_store
+
+    from .helpers import write_case
+
+    for i in range(3):
+        write_case(tmp_path / "raw", f"BraTS2021_0000{i}", shape=(100, 100, 80), seed=i)
+    store = str(tmp_path / "s.zarr")
+    build_store(BuildConfig(source=str(tmp_path / "raw"), store=store, workers=0), progress=False)
+    src = RamSource(store, open_store(store).case_ids, ("t1", "t1ce", "t2", "flair"))
+    assert src.nbytes() > 20e6
+    def run(source, workers):
+        dl = torch.utils.data.DataLoader(_Probe(source), batch_size=None, num_workers=workers,
+                                         multiprocessing_context="spawn")
+        return list(dl)
+
+    empty = run(SimpleNamespace(cached=[]), 1)  # a worker that holds no cache at all
+    views = run(src, 2)
+    assert all(x["shared"] for x in views)
+    # each worker's own (unshared) memory is that of a worker without the cache, not one more copy of it
+    assert max(x["uss"] for x in views) - empty[0]["uss"] < 0.5 * src.nbytes()

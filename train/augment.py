@@ -1,0 +1,213 @@
+"""Random augmentation of a whole batch on the device, with per-sample parameters.
+
+The seed's set and probabilities, MONAI's definitions: RandRotate90 (p 0.5, k in 1..3, spatial axes 0, 1),
+RandFlip on spatial axes 0 and 1 (p 0.5 each), RandScaleIntensity (factor U(-0.1, 0.1), p 0.25),
+RandShiftIntensity (offset U(-0.1, 0.1), p 0.25), RandGaussianNoise (std U(0, 0.1), p 0.25),
+RandBiasField (degree 2, coefficients U(0, 0.1), p 0.5). MONAI applies these to one sample at a time on the CPU;
+here each transform draws its parameters for the whole batch from a seeded generator (``draw``), then applies
+a deterministic function of them (``apply``) to the batch tensor where it lives, so every augmentation can be
+repeated, logged and tested. Spatial transforms move image and label together; intensity transforms never
+touch the label.
+
+Tensors: image (B, C, X, Y, Z) float, label (B, L, X, Y, Z) any dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+def _coin(g: torch.Generator, n: int, p: float) -> torch.Tensor:
+    return torch.rand(n, generator=g, dtype=torch.float64) < p
+
+
+@dataclass
+class RandRotate90:
+    prob: float = 0.5
+    max_k: int = 3
+    spatial_axes: tuple[int, int] = (0, 1)
+    spatial = True
+
+    def draw(self, n: int, g: torch.Generator) -> dict:
+        k = torch.randint(1, self.max_k + 1, (n,), generator=g)
+        return {"k": torch.where(_coin(g, n, self.prob), k, torch.zeros_like(k))}
+
+    def apply(self, image, label, params):
+        dims = (2 + self.spatial_axes[0], 2 + self.spatial_axes[1])
+        if image.shape[dims[0]] != image.shape[dims[1]] and bool((params["k"] % 2 == 1).any()):
+            raise ValueError(f"RandRotate90 on a batch needs square patches in the rotation plane, got "
+                             f"{tuple(image.shape[2:])}")
+        image, label = image.clone(), label.clone()
+        for k in (1, 2, 3):
+            idx = (params["k"] == k).nonzero().flatten().to(image.device)
+            if idx.numel():
+                image[idx] = torch.rot90(image[idx], k, dims)
+                label[idx] = torch.rot90(label[idx], k, dims)
+        return image, label
+
+
+@dataclass
+class RandFlip:
+    spatial_axis: int
+    prob: float = 0.5
+    spatial = True
+
+    def draw(self, n: int, g: torch.Generator) -> dict:
+        return {"flip": _coin(g, n, self.prob)}
+
+    def apply(self, image, label, params):
+        idx = params["flip"].nonzero().flatten().to(image.device)
+        if not idx.numel():
+            return image, label
+        image, label = image.clone(), label.clone()
+        d = 2 + self.spatial_axis
+        image[idx] = image[idx].flip(d)
+        label[idx] = label[idx].flip(d)
+        return image, label
+
+
+def _per_sample(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return v.to(device=ref.device, dtype=ref.dtype).view(-1, *([1] * (ref.ndim - 1)))
+
+
+@dataclass
+class RandScaleIntensity:
+    factors: float = 0.1
+    prob: float = 0.25
+    spatial = False
+
+    def draw(self, n: int, g: torch.Generator) -> dict:
+        f = _uniform(g, n, -self.factors, self.factors)
+        return {"factor": torch.where(_coin(g, n, self.prob), f, torch.zeros_like(f))}
+
+    def apply(self, image, label, params):
+        return image * (1 + _per_sample(params["factor"], image)), label
+
+
+@dataclass
+class RandShiftIntensity:
+    offsets: float = 0.1
+    prob: float = 0.25
+    spatial = False
+
+    def draw(self, n: int, g: torch.Generator) -> dict:
+        o = _uniform(g, n, -self.offsets, self.offsets)
+        return {"offset": torch.where(_coin(g, n, self.prob), o, torch.zeros_like(o))}
+
+    def apply(self, image, label, params):
+        return image + _per_sample(params["offset"], image), label
+
+
+@dataclass
+class RandGaussianNoise:
+    """Noise N(0, s) with s drawn U(0, std) per sample (MONAI's sample_std); the noise itself comes from a
+    device generator seeded by the drawn ``seed``, so it is generated where the batch lives."""
+
+    std: float = 0.1
+    prob: float = 0.25
+    spatial = False
+
+    def draw(self, n: int, g: torch.Generator) -> dict:
+        s = _uniform(g, n, 0.0, self.std)
+        return {"std": torch.where(_coin(g, n, self.prob), s, torch.zeros_like(s)),
+                "seed": int(torch.randint(0, 2**62, (1,), generator=g))}
+
+    def apply(self, image, label, params):
+        if not bool((params["std"] > 0).any()):
+            return image, label
+        dg = torch.Generator(device=image.device).manual_seed(params["seed"])
+        noise = torch.randn(image.shape, generator=dg, device=image.device, dtype=image.dtype)
+        return image + noise * _per_sample(params["std"], image), label
+
+
+def _legendre(n: int, degree: int, device, dtype) -> torch.Tensor:
+    """Legendre polynomials P_0..P_degree on linspace(-1, 1, n): (degree + 1, n)."""
+    x = torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
+    p = [torch.ones_like(x), x]
+    for k in range(1, degree):
+        p.append(((2 * k + 1) * x * p[k] - k * p[k - 1]) / (k + 1))
+    return torch.stack(p[: degree + 1])
+
+
+def bias_terms(degree: int) -> list[tuple[int, int, int]]:
+    """The (i, j, k) Legendre orders of a 3D bias field, in MONAI's coefficient order (i + j + k <= degree)."""
+    return [(i, j, k) for i in range(degree + 1) for j in range(degree + 1 - i) for k in range(degree + 1 - i - j)]
+
+
+def bias_field(coeffs: torch.Tensor, shape, degree: int = 2) -> torch.Tensor:
+    """log bias fields (B, X, Y, Z) for coefficients (B, n_terms): sum_c coeff * P_i(x) P_j(y) P_k(z)."""
+    px, py, pz = (_legendre(s, degree, coeffs.device, coeffs.dtype) for s in shape)
+    terms = torch.tensor(bias_terms(degree), device=coeffs.device)
+    # separable: contract z, then y, then x; the coefficient tensor is tiny
+    cm = torch.zeros((coeffs.shape[0], degree + 1, degree + 1, degree + 1), device=coeffs.device, dtype=coeffs.dtype)
+    cm[:, terms[:, 0], terms[:, 1], terms[:, 2]] = coeffs
+    f = torch.einsum("bijk,kz->bijz", cm, pz)
+    f = torch.einsum("bijz,jy->biyz", f, py)
+    return torch.einsum("biyz,ix->bxyz", f, px)
+
+
+@dataclass
+class RandBiasField:
+    degree: int = 2
+    coeff_range: tuple[float, float] = (0.0, 0.1)
+    prob: float = 0.5
+    spatial = False
+
+    def draw(self, n: int, g: torch.Generator) -> dict:
+        n_terms = len(bias_terms(self.degree))
+        c = self.coeff_range[0] + (self.coeff_range[1] - self.coeff_range[0]) * torch.rand(
+            (n, n_terms), generator=g, dtype=torch.float64)
+        on = _coin(g, n, self.prob)
+        return {"coeffs": torch.where(on[:, None], c, torch.zeros_like(c)), "on": on}
+
+    def apply(self, image, label, params):
+        if not bool(params["on"].any()):
+            return image, label
+        coeffs = params["coeffs"].to(device=image.device, dtype=torch.float32)
+        field = torch.exp(bias_field(coeffs, image.shape[2:], self.degree)).to(image.dtype)
+        return image * field[:, None], label
+
+
+def seed_transforms() -> list:
+    """The seed's augmentation, in its order."""
+    return [RandRotate90(prob=0.5), RandFlip(spatial_axis=0, prob=0.5), RandFlip(spatial_axis=1, prob=0.5),
+            RandScaleIntensity(0.1, prob=0.25), RandShiftIntensity(0.1, prob=0.25),
+            RandGaussianNoise(0.1, prob=0.25), RandBiasField(degree=2, prob=0.5)]
+
+
+@dataclass
+class BatchAugment:
+    """Applies ``transforms`` to a batch with parameters from a seeded CPU generator; ``last_params`` logs them."""
+
+    transforms: list = field(default_factory=seed_transforms)
+    seed: int = 0
+
+    def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.last_params: list[dict] = []
+
+    def draw(self, n: int) -> list[dict]:
+        return [t.draw(n, self.generator) for t in self.transforms]
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor, params: list[dict]):
+        for t, p in zip(self.transforms, params):
+            image, label = t.apply(image, label, p)
+        return image, label
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor):
+        params = self.draw(image.shape[0])
+        self.last_params = params
+        with torch.no_grad():
+            return self.apply(image, label, params)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
