@@ -147,7 +147,8 @@ def load_case_arrays(store_path: str, case_id: str, modalities) -> dict:
 
 
 class _LoadCase(Transform):
-    """MONAI transform (deterministic, so CacheDataset caches its output): {'case_id'} -> the decoded case as shared-memory-ready tensors."""
+    """{'case_id'} -> the decoded case as tensors. A MONAI Transform and deterministic, so CacheDataset caches
+    its output."""
 
     def __init__(self, store_path: str, modalities):
         self.store_path = store_path
