@@ -89,8 +89,11 @@ def _layout_of(sep: str, suffixes: set[str]) -> str | None:
     return None
 
 
-def discover_case(folder: str | Path, require_seg: bool = True) -> CaseFiles:
-    """Discover one case folder; raise DiscoveryError naming the case and the file on bad input."""
+def discover_case(folder: str | Path, require_seg: bool = True, required=MODALITIES) -> CaseFiles:
+    """Discover one case folder; raise DiscoveryError naming the case and the file on bad input.
+
+    ``required``: the modalities that must be present (all four by default; inference asks only for the ones
+    its model reads). ``CaseFiles.images`` holds those found."""
     folder = Path(folder)
     case_id = folder.name
     if not _CASE_ID.match(case_id):
@@ -122,15 +125,16 @@ def discover_case(folder: str | Path, require_seg: bool = True) -> CaseFiles:
     lay = LAYOUTS[layout]
     images: dict[str, Path] = {}
     for suffix, name in lay["suffixes"].items():
-        if suffix not in found:
+        if suffix in found:
+            images[name] = found[suffix][0]
+        elif name in required:
             raise DiscoveryError(
                 f"case {case_id}: missing modality {name} (expected {case_id}{lay['sep']}{suffix}.nii.gz)"
             )
-        images[name] = found[suffix][0]
     seg = found.get(SEG_SUFFIX, [None])[0]
     if seg is None and require_seg:
         raise DiscoveryError(f"case {case_id}: missing seg (expected {case_id}{lay['sep']}seg.nii.gz)")
-    return CaseFiles(case_id, layout, {m: images[m] for m in MODALITIES}, seg)
+    return CaseFiles(case_id, layout, {m: images[m] for m in MODALITIES if m in images}, seg)
 
 
 def discover(root: str | Path, require_seg: bool = True) -> Cohort:

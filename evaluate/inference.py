@@ -1,0 +1,106 @@
+"""Models from a run folder, sliding-window probabilities, and the way back to the source grid."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from store.conventions import regions_to_label
+
+
+class RunError(ValueError):
+    """A run folder that cannot be evaluated; the message says what is missing."""
+
+
+@dataclass
+class LoadedRun:
+    models: list[torch.nn.Module]
+    config: object  # TrainConfig
+    checkpoints: list[Path]
+    preprocessing: dict  # {"params": store params, "label_convention": ...}
+    kind: str  # "single", "best fold K", "ensemble of N folds"
+
+
+def load_run(run_dir: str | Path, ensemble: bool = False, device: str | torch.device = "cpu") -> LoadedRun:
+    """The model(s) of a run: its best.pt; for a k-fold run the best fold, or every fold with ``ensemble``."""
+    from train.config import TrainConfig
+    from train.engine import build_model, load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run folder {run_dir} does not exist")
+    kfold = run_dir / "kfold.json"
+    if kfold.exists():
+        report = json.loads(kfold.read_text())
+        folds = [Path(f["run_dir"]) if Path(f["run_dir"]).is_absolute() else run_dir / f"fold-{f['fold']}"
+                 for f in report["folds"]]
+        if ensemble:
+            paths, kind = [f / "best.pt" for f in folds], f"ensemble of {len(folds)} folds"
+        else:
+            paths, kind = [run_dir / f"fold-{report['best_fold']}" / "best.pt"], f"best fold {report['best_fold']}"
+    else:
+        if ensemble:
+            raise RunError(f"--ensemble needs a k-fold run (kfold.json) in {run_dir}")
+        paths, kind = [run_dir / "best.pt"], "single model"
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise RunError(f"no checkpoint {missing[0]} in run folder {run_dir} (train it first)")
+    models, config = [], None
+    for p in paths:
+        ck = load_checkpoint(p)
+        cfg = TrainConfig.from_dict(ck["config"])
+        if config is not None and tuple(cfg.modalities) != tuple(config.modalities):
+            raise RunError(f"fold models of {run_dir} read different modalities")
+        config = config or cfg
+        m = build_model(cfg)
+        m.load_state_dict(ck["model"])
+        models.append(m.to(device).eval())
+    prep_file = paths[0].parent / "preprocessing.json"
+    if not prep_file.exists():
+        prep_file = run_dir / "preprocessing.json"
+    preprocessing = json.loads(prep_file.read_text()) if prep_file.exists() else {}
+    return LoadedRun(models, config, paths, preprocessing, kind)
+
+
+def predict_probabilities(run: LoadedRun, image: np.ndarray, device) -> np.ndarray:
+    """Sigmoid probabilities (3, X, Y, Z) of TC, WT, ET for a preprocessed image (C, X, Y, Z), averaged over the
+    run's models (MONAI sliding window, roi = patch size, overlap 0.5)."""
+    from train.engine import amp_context, sliding_window_logits
+
+    autocast, _, _ = amp_context(run.config, torch.device(device))
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    acc = None
+    for m in run.models:
+        p = torch.sigmoid(sliding_window_logits(m, x, run.config, autocast))[0]
+        acc = p if acc is None else acc + p
+    return (acc / len(run.models)).cpu().numpy()
+
+
+def regions_on_source(prob: np.ndarray, geometry: dict) -> np.ndarray:
+    """Probabilities (3, X, Y, Z) on the stored grid -> boolean regions on the source grid.
+
+    Resampled linearly, then thresholded at 0.5: smoother than nearest-neighbour labels on anisotropic or
+    oblique sources, and exact on 1 mm axis-aligned ones (prep.preprocess.to_source_grid).
+    """
+    from prep.preprocess import to_source_grid
+
+    return to_source_grid(prob.astype(np.float32), geometry, mode="bilinear") > 0.5
+
+
+def regions_from_probabilities(prob: np.ndarray) -> np.ndarray:
+    return prob > 0.5
+
+
+def label_map(regions: np.ndarray, convention: str) -> np.ndarray:
+    """Boolean regions (3, ...) -> uint8 labels in the convention (0/1/2/4 or 0/1/2/3)."""
+    return regions_to_label(regions, convention)
+
+
+def spacing_of(affine) -> tuple[float, float, float]:
+    """Voxel size in mm of each voxel axis (column norms of the affine)."""
+    a = np.asarray(affine, float)[:3, :3]
+    return tuple(float(v) for v in np.linalg.norm(a, axis=0))

@@ -1,0 +1,66 @@
+"""Dice and HD95 per region with the BraTS conventions.
+
+- Dice = 2 |P & G| / (|P| + |G|). Both empty: 1. Exactly one empty: 0.
+- HD95: the 95th percentile of the pooled symmetric surface distances in mm (medpy.metric.binary.hd95's
+  definition: surface = mask minus its erosion (connectivity 1), distances by the Euclidean distance transform
+  with the voxel spacing). Both empty: 0. Exactly one empty: 373.13 mm (the BraTS penalty).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HD95_EMPTY_PENALTY_MM = 373.13
+CONVENTIONS = {
+    "dice": "2|P&G|/(|P|+|G|); both empty -> 1, one empty -> 0",
+    "hd95": "95th percentile of pooled symmetric surface distances in mm (medpy.metric.binary.hd95); "
+            "both empty -> 0, one empty -> 373.13 mm",
+    "regions": "TC = NCR/NETC + ET, WT = all tumour labels, ET = enhancing; prediction = sigmoid > 0.5",
+}
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    p, g = np.asarray(pred, bool), np.asarray(gt, bool)
+    sp, sg = int(p.sum()), int(g.sum())
+    if sp == 0 and sg == 0:
+        return 1.0
+    return 2.0 * int((p & g).sum()) / (sp + sg)
+
+
+def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
+    """Distances (mm) from the surface voxels of ``a`` to the nearest surface voxel of ``b``."""
+    from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+    fp = generate_binary_structure(a.ndim, 1)
+    a_border = a ^ binary_erosion(a, structure=fp, iterations=1)
+    b_border = b ^ binary_erosion(b, structure=fp, iterations=1)
+    dt = distance_transform_edt(~b_border, sampling=spacing)
+    return dt[a_border]
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float:
+    p, g = np.asarray(pred, bool), np.asarray(gt, bool)
+    ep, eg = not p.any(), not g.any()
+    if ep and eg:
+        return 0.0
+    if ep or eg:
+        return HD95_EMPTY_PENALTY_MM
+    # Work in the bounding box of both masks plus one voxel: the same distances, a fraction of the volume.
+    idx = np.argwhere(p | g)
+    lo = np.maximum(idx.min(0) - 1, 0)
+    hi = np.minimum(idx.max(0) + 2, p.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    pad = [(1, 1)] * p.ndim  # keep erosion at the box edge what it is in the whole volume
+    pb, gb = np.pad(p[box], pad), np.pad(g[box], pad)
+    spacing = np.broadcast_to(np.asarray(spacing, float), (p.ndim,))
+    d = np.concatenate([_surface_distances(pb, gb, spacing), _surface_distances(gb, pb, spacing)])
+    return float(np.percentile(d, 95))
+
+
+def region_metrics(pred_regions: np.ndarray, gt_regions: np.ndarray, spacing, names=("TC", "WT", "ET")) -> dict:
+    """Per region Dice and HD95: {"dice_tc": ..., "hd95_tc": ..., ...} for boolean (3, X, Y, Z) inputs."""
+    out = {}
+    for i, n in enumerate(names):
+        out[f"dice_{n.lower()}"] = dice(pred_regions[i], gt_regions[i])
+        out[f"hd95_{n.lower()}"] = hd95(pred_regions[i], gt_regions[i], spacing)
+    return out

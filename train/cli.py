@@ -1,0 +1,134 @@
+"""``python -m train``: mixed-precision 3D UNet training from the store (single run, one fold, or k folds).
+
+Launch with ``torchrun --nproc-per-node N -m train ...`` for DistributedDataParallel (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a MONAI 3D UNet (TC, WT, ET) on a brats-zarr store: DiceLoss (sigmoid), AdamW, "
+        "cosine annealing with warm restarts stepped per epoch, early stopping on validation loss, sliding-window "
+        "validation, checkpoints best.pt and last.pt, TensorBoard logs and metrics.jsonl in --run-dir.",
+    )
+    p.add_argument("--store", default="data/brats.zarr", help="store path (default: %(default)s)")
+    p.add_argument("--modalities", nargs="+", default=["t1", "t2", "flair"], metavar="M",
+                   help="input channels among t1 t1ce t2 flair (default: t1 t2 flair)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16 "
+                   "with a GradScaler on CUDA; bf16 autocast on the CPU")
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=10,
+                   help="validations without a better loss before stopping (default: %(default)s)")
+    p.add_argument("--min-delta", type=float, default=0.0,
+                   help="a validation loss must beat the best by more than this to count (default: 0)")
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default: %(default)s)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=[128, 128, 128], metavar=("X", "Y", "Z"),
+                   help="training patch and sliding-window size in voxels (default: 128 128 128)")
+    p.add_argument("--batch-size", type=int, default=2, help="patches per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--cache", choices=["ram", "none", "gpu"], default="ram",
+                   help="ram: decoded cases in shared memory; none: patches read from the Zarr chunks; gpu: cases "
+                   "resident on the device (default: %(default)s)")
+    p.add_argument("--cache-rate", type=float, default=1.0, help="share of cases the ram cache holds (default: 1)")
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes (default: %(default)s)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fold", type=int, help="train fold K of the store's k folds (into the run folder)")
+    g.add_argument("--folds", type=int, help="train every fold 0..N-1 into RUN_DIR/fold-K and write kfold.json")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when present (default: %(default)s)")
+    p.add_argument("--run-dir", default="runs/default", help="output folder (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and augmentation (default: 0)")
+    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128, 256],
+                   help="UNet feature channels per level (default: the seed's 16 32 64 128 256)")
+    p.add_argument("--max-val-cases", type=int, help="validate on at most this many cases (quick runs)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import TrainConfig
+
+    return TrainConfig(
+        store=args.store, modalities=tuple(args.modalities), run_dir=args.run_dir, epochs=args.epochs,
+        patience=args.patience, min_delta=args.min_delta, val_every=args.val_every, patch_size=tuple(args.patch_size),
+        batch_size=args.batch_size, lr=args.lr, amp=args.amp, cache=args.cache, cache_rate=args.cache_rate,
+        workers=args.workers, fold=args.fold, folds=args.folds, device=args.device, resume=args.resume,
+        seed=args.seed, channels=tuple(args.channels), max_val_cases=args.max_val_cases,
+    )
+
+
+def _splits(store, fold: int | None) -> tuple[list[str], list[str]]:
+    from .engine import ConfigError
+
+    sp = store.splits
+    if fold is None:
+        return sp["train"], sp["val"]
+    if not 0 <= fold < len(sp["folds"]):
+        raise ConfigError(f"--fold {fold}: the store has {len(sp['folds'])} folds")
+    return sp["folds"][fold]["train"], sp["folds"][fold]["val"]
+
+
+def run(cfg) -> dict:
+    """Train as configured; returns the summary (one run) or the k-fold report."""
+    from dataclasses import replace
+
+    from store import open_store
+
+    from .engine import ConfigError, train_run
+
+    store = open_store(cfg.store)
+    run_dir = Path(cfg.run_dir)
+    if cfg.folds is None:
+        train_ids, val_ids = _splits(store, cfg.fold)
+        return train_run(cfg, train_ids, val_ids, run_dir)
+    if cfg.folds > len(store.splits["folds"]):
+        raise ConfigError(f"--folds {cfg.folds}: the store has {len(store.splits['folds'])} folds")
+    report = {"folds": []}
+    for k in range(cfg.folds):
+        train_ids, val_ids = _splits(store, k)
+        fold_cfg = replace(cfg, fold=k, folds=None, run_dir=str(run_dir / f"fold-{k}"))
+        s = train_run(fold_cfg, train_ids, val_ids, run_dir / f"fold-{k}")
+        report["folds"].append({"fold": k, "run_dir": str(run_dir / f"fold-{k}"), **s})
+    best = min(report["folds"], key=lambda f: f["best_val_loss"])
+    report["best_fold"] = best["fold"]
+    report["selection"] = "lowest best validation loss (the seed's choice)"
+    cfg.save(run_dir / "config.json")
+    tmp = run_dir / "kfold.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(run_dir / "kfold.json")
+    print(f"k-fold: best fold {best['fold']} (validation loss {best['best_val_loss']:.4f}); {run_dir / 'kfold.json'}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    from store import FormatError
+
+    from .engine import ConfigError
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    try:
+        run(cfg)
+    except (ConfigError, FormatError, FileNotFoundError, KeyError) as e:
+        print(f"python -m train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed:
+            import torch
+
+            torch.distributed.destroy_process_group()
+    return 0

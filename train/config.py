@@ -1,0 +1,66 @@
+"""The training configuration: one frozen dataclass, filled by the CLI, saved as ``config.json`` in the run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+# Fields that may differ when a run is resumed (they do not change what is computed per epoch).
+RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: str = "data/brats.zarr"
+    modalities: tuple[str, ...] = ("t1", "t2", "flair")
+    run_dir: str = "runs/default"
+    epochs: int = 100
+    patience: int = 10
+    min_delta: float = 0.0
+    val_every: int = 1
+    patch_size: tuple[int, int, int] = (128, 128, 128)
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    amp: bool = False
+    cache: str = "ram"
+    cache_rate: float = 1.0
+    workers: int = 2
+    fold: int | None = None
+    folds: int | None = None
+    device: str = "auto"
+    resume: bool = False
+    seed: int = 0
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    num_res_units: int = 2
+    dropout: float = 0.2
+    fg_fraction: float = 1 / 3
+    sw_batch_size: int = 2
+    t0: int = 10
+    eta_min: float = 1e-6
+    max_val_cases: int | None = None
+
+    def to_dict(self) -> dict:
+        """JSON types only (tuples become lists), as saved in config.json and in checkpoints."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def differences(self, other: TrainConfig) -> dict:
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES}
