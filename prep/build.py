@@ -141,6 +141,7 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     params = build_params(cfg)
     writer = StoreWriter(store_path, MODALITIES, cohort.label_convention, params, overwrite=cfg.overwrite)
     writer.collect_garbage()
+    writer.group.attrs["source"] = str(Path(cfg.source).resolve())
     index = writer.index
     failed: dict[str, str] = dict(cohort.problems)
     built, skipped = [], []

@@ -153,3 +153,10 @@ def test_two_process_ddp_on_cpu(tiny_store, tmp_path):
     assert [x["epoch"] for x in m] == [0, 1]  # one rank writes the logs
     assert "2 process(es)" in r.stdout
     assert (tmp_path / "ddp" / "best.pt").exists() and (tmp_path / "ddp" / "last.pt").exists()
+
+
+def test_fresh_run_into_used_folder_starts_over(tiny_store, tmp_path, capsys):
+    assert _train(tiny_store, tmp_path / "run", "--epochs", "2") == 0
+    assert _train(tiny_store, tmp_path / "run", "--epochs", "1") == 0
+    assert len(_metrics(tmp_path / "run")) == 1
+    assert "starting over" in capsys.readouterr().out

@@ -231,6 +231,18 @@ def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_di
         if diff:
             raise ConfigError("--resume into a run made with another config: " + ", ".join(
                 f"{k} was {b!r}, now {a!r}" for k, (a, b) in sorted(diff.items())))
+    if rank == 0 and state is None and (last_path.exists() or (run_dir / "metrics.jsonl").exists()):
+        # a fresh run into a used folder starts over; --resume continues instead
+        import shutil
+
+        for old in ("last.pt", "best.pt", "metrics.jsonl", "tb"):
+            p = run_dir / old
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        if progress:
+            print(f"{run_dir} held an earlier run: starting over (pass --resume to continue it)")
     if rank == 0:
         cfg.save(run_dir / "config.json")
         # how the inputs were made, so `evaluate predict` preprocesses a new case the same way

@@ -1,0 +1,43 @@
+"""Per-case PNG: axial, coronal and sagittal slices through the tumour centre, contours over FLAIR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+REGION_COLOURS = {"WT": "#2ca02c", "TC": "#d62728", "ET": "#ffdd00"}
+
+
+def save_overlay(flair: np.ndarray, gt: np.ndarray, pred: np.ndarray, out: str | Path, title: str) -> Path:
+    """``flair`` (X, Y, Z) and boolean regions ``gt``/``pred`` (3, X, Y, Z), all RAS; ground truth solid,
+    prediction dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fg = np.argwhere(gt[1] | pred[1])
+    centre = fg.mean(0).astype(int) if len(fg) else np.array(flair.shape) // 2
+    vmax = np.percentile(flair[flair > 0], 99.5) if (flair > 0).any() else 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
+    for ax, (name, axis) in zip(axes, (("axial", 2), ("coronal", 1), ("sagittal", 0))):
+        def cut(a, axis=axis):
+            return np.rot90(np.take(a, centre[axis], axis=axis))
+
+        ax.imshow(cut(flair), cmap="gray", vmin=0, vmax=vmax)
+        for i, r in enumerate(("TC", "WT", "ET")):
+            for regions, style in ((gt, "solid"), (pred, "dashed")):
+                sl = cut(regions[i].astype(float))
+                if sl.any():
+                    ax.contour(sl, levels=[0.5], colors=REGION_COLOURS[r], linestyles=style, linewidths=1.2)
+        ax.set_title(name, color="white", fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(f"{title}: ground truth solid, prediction dashed (WT green, TC red, ET yellow)", color="white",
+                 fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80, facecolor="black")
+    plt.close(fig)
+    return out
