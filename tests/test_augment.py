@@ -173,3 +173,15 @@ def test_same_result_on_every_device(device):
     torch.testing.assert_close(dev[0].cpu(), cpu[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(dev[1].cpu(), cpu[1])
     assert not torch.equal(cpu[0], img)
+
+
+def test_fused_spatial_run_equals_transforms_one_by_one():
+    img, lab = _batch("cpu", b=16, shape=(10, 10, 8))
+    aug = BatchAugment(seed=7)
+    params = aug.draw(img.shape[0])
+    fused = aug.apply(img, lab, params)
+    x, y = img, lab
+    for t, p in zip(aug.transforms, params):
+        x, y = t.apply(x, y, p)
+    assert torch.equal(fused[0], x) and torch.equal(fused[1], y)
+    assert torch.equal(img, _batch("cpu", b=16, shape=(10, 10, 8))[0])  # not in place unless asked

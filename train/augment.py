@@ -27,8 +27,21 @@ def _coin(g: torch.Generator, n: int, p: float) -> torch.Tensor:
     return torch.rand(n, generator=g, dtype=torch.float64) < p
 
 
+class _Transform:
+    """draw(n, generator) -> params; apply_(image, label, params) in place; apply(...) on copies."""
+
+    spatial = False
+
+    def apply(self, image, label, params):
+        return self.apply_(image.clone(), label.clone(), params)
+
+
+def _selected(mask: torch.Tensor) -> list[int]:
+    return mask.nonzero().flatten().tolist()
+
+
 @dataclass
-class RandRotate90:
+class RandRotate90(_Transform):
     prob: float = 0.5
     max_k: int = 3
     spatial_axes: tuple[int, int] = (0, 1)
@@ -38,22 +51,15 @@ class RandRotate90:
         k = torch.randint(1, self.max_k + 1, (n,), generator=g)
         return {"k": torch.where(_coin(g, n, self.prob), k, torch.zeros_like(k))}
 
-    def apply(self, image, label, params):
-        dims = (2 + self.spatial_axes[0], 2 + self.spatial_axes[1])
-        if image.shape[dims[0]] != image.shape[dims[1]] and bool((params["k"] % 2 == 1).any()):
-            raise ValueError(f"RandRotate90 on a batch needs square patches in the rotation plane, got "
-                             f"{tuple(image.shape[2:])}")
-        image, label = image.clone(), label.clone()
-        for k in (1, 2, 3):
-            idx = (params["k"] == k).nonzero().flatten().to(image.device)
-            if idx.numel():
-                image[idx] = torch.rot90(image[idx], k, dims)
-                label[idx] = torch.rot90(label[idx], k, dims)
-        return image, label
+    def compose(self, state: _Spatial, params: dict, i: int) -> None:
+        state.rot90(int(params["k"][i]), self.spatial_axes)
+
+    def apply_(self, image, label, params):
+        return _apply_spatial([self], [params], image, label)
 
 
 @dataclass
-class RandFlip:
+class RandFlip(_Transform):
     spatial_axis: int
     prob: float = 0.5
     spatial = True
@@ -61,15 +67,12 @@ class RandFlip:
     def draw(self, n: int, g: torch.Generator) -> dict:
         return {"flip": _coin(g, n, self.prob)}
 
-    def apply(self, image, label, params):
-        idx = params["flip"].nonzero().flatten().to(image.device)
-        if not idx.numel():
-            return image, label
-        image, label = image.clone(), label.clone()
-        d = 2 + self.spatial_axis
-        image[idx] = image[idx].flip(d)
-        label[idx] = label[idx].flip(d)
-        return image, label
+    def compose(self, state: _Spatial, params: dict, i: int) -> None:
+        if bool(params["flip"][i]):
+            state.flip(self.spatial_axis)
+
+    def apply_(self, image, label, params):
+        return _apply_spatial([self], [params], image, label)
 
 
 def _per_sample(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -77,53 +80,58 @@ def _per_sample(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class RandScaleIntensity:
+class RandScaleIntensity(_Transform):
     factors: float = 0.1
     prob: float = 0.25
-    spatial = False
 
     def draw(self, n: int, g: torch.Generator) -> dict:
         f = _uniform(g, n, -self.factors, self.factors)
         return {"factor": torch.where(_coin(g, n, self.prob), f, torch.zeros_like(f))}
 
-    def apply(self, image, label, params):
-        return image * (1 + _per_sample(params["factor"], image)), label
+    def apply_(self, image, label, params):
+        for i in _selected(params["factor"] != 0):
+            image[i].mul_(1 + float(params["factor"][i]))
+        return image, label
 
 
 @dataclass
-class RandShiftIntensity:
+class RandShiftIntensity(_Transform):
     offsets: float = 0.1
     prob: float = 0.25
-    spatial = False
 
     def draw(self, n: int, g: torch.Generator) -> dict:
         o = _uniform(g, n, -self.offsets, self.offsets)
         return {"offset": torch.where(_coin(g, n, self.prob), o, torch.zeros_like(o))}
 
-    def apply(self, image, label, params):
-        return image + _per_sample(params["offset"], image), label
+    def apply_(self, image, label, params):
+        for i in _selected(params["offset"] != 0):
+            image[i].add_(float(params["offset"][i]))
+        return image, label
 
 
 @dataclass
-class RandGaussianNoise:
+class RandGaussianNoise(_Transform):
     """Noise N(0, s) with s drawn U(0, std) per sample (MONAI's sample_std); the noise itself comes from a
-    device generator seeded by the drawn ``seed``, so it is generated where the batch lives."""
+    device generator seeded by the drawn ``seed``, so it is generated where the batch lives, and only for the
+    samples it applies to (the costliest draw of the set)."""
 
     std: float = 0.1
     prob: float = 0.25
-    spatial = False
 
     def draw(self, n: int, g: torch.Generator) -> dict:
         s = _uniform(g, n, 0.0, self.std)
         return {"std": torch.where(_coin(g, n, self.prob), s, torch.zeros_like(s)),
                 "seed": int(torch.randint(0, 2**62, (1,), generator=g))}
 
-    def apply(self, image, label, params):
-        if not bool((params["std"] > 0).any()):
+    def apply_(self, image, label, params):
+        sel = _selected(params["std"] > 0)
+        if not sel:
             return image, label
         dg = torch.Generator(device=image.device).manual_seed(params["seed"])
-        noise = torch.randn(image.shape, generator=dg, device=image.device, dtype=image.dtype)
-        return image + noise * _per_sample(params["std"], image), label
+        for i in sel:
+            noise = torch.randn(image.shape[1:], generator=dg, device=image.device, dtype=image.dtype)
+            image[i].add_(noise, alpha=float(params["std"][i]))
+        return image, label
 
 
 def _legendre(n: int, degree: int, device, dtype) -> torch.Tensor:
@@ -153,11 +161,10 @@ def bias_field(coeffs: torch.Tensor, shape, degree: int = 2) -> torch.Tensor:
 
 
 @dataclass
-class RandBiasField:
+class RandBiasField(_Transform):
     degree: int = 2
     coeff_range: tuple[float, float] = (0.0, 0.1)
     prob: float = 0.5
-    spatial = False
 
     def draw(self, n: int, g: torch.Generator) -> dict:
         n_terms = len(bias_terms(self.degree))
@@ -166,12 +173,71 @@ class RandBiasField:
         on = _coin(g, n, self.prob)
         return {"coeffs": torch.where(on[:, None], c, torch.zeros_like(c)), "on": on}
 
-    def apply(self, image, label, params):
-        if not bool(params["on"].any()):
+    def apply_(self, image, label, params):
+        sel = _selected(params["on"])
+        if not sel:
             return image, label
-        coeffs = params["coeffs"].to(device=image.device, dtype=torch.float32)
-        field = torch.exp(bias_field(coeffs, image.shape[2:], self.degree)).to(image.dtype)
-        return image * field[:, None], label
+        coeffs = params["coeffs"][sel].to(device=image.device, dtype=torch.float32)
+        fields = torch.exp(bias_field(coeffs, image.shape[2:], self.degree)).to(image.dtype)
+        for j, i in enumerate(sel):
+            image[i].mul_(fields[j])
+        return image, label
+
+
+class _Spatial:
+    """A composition of flips and 90-degree rotations of the spatial axes, kept as one axis permutation plus
+    flips, so a run of spatial transforms moves each voxel once: out = x.permute(perm).flip(flipped)."""
+
+    def __init__(self):
+        self.perm = [0, 1, 2]
+        self.flips = [False, False, False]
+
+    def flip(self, d: int) -> None:
+        self.flips[d] = not self.flips[d]
+
+    def _swap(self, a: int, b: int) -> None:
+        self.perm[a], self.perm[b] = self.perm[b], self.perm[a]
+        self.flips[a], self.flips[b] = self.flips[b], self.flips[a]
+
+    def rot90(self, k: int, axes: tuple[int, int]) -> None:
+        a, b = axes
+        k %= 4
+        if k == 1:  # torch.rot90(x, 1, (a, b)) == x.flip(b).transpose(a, b)
+            self.flip(b)
+            self._swap(a, b)
+        elif k == 2:
+            self.flip(a)
+            self.flip(b)
+        elif k == 3:  # == x.transpose(a, b).flip(b)
+            self._swap(a, b)
+            self.flip(b)
+
+    @property
+    def identity(self) -> bool:
+        return self.perm == [0, 1, 2] and not any(self.flips)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply to one sample (C, X, Y, Z): a view permutation, then one flip (a copy)."""
+        y = x.permute(0, *(1 + p for p in self.perm))
+        dims = [1 + d for d, f in enumerate(self.flips) if f]
+        return y.flip(dims) if dims else y.contiguous()  # a copy: the caller writes it back into x
+
+
+def _apply_spatial(transforms, params, image, label):
+    """A run of spatial transforms, composed per sample and applied with one copy per moved sample."""
+    for i in range(image.shape[0]):
+        state = _Spatial()
+        for t, p in zip(transforms, params):
+            t.compose(state, p, i)
+        if state.identity:
+            continue
+        img_i, lab_i = state(image[i]), state(label[i])
+        if img_i.shape != image.shape[1:]:
+            raise ValueError(f"RandRotate90 on a batch needs square patches in the rotation plane, got "
+                             f"{tuple(image.shape[2:])}")
+        image[i] = img_i
+        label[i] = lab_i
+    return image, label
 
 
 def seed_transforms() -> list:
@@ -195,16 +261,29 @@ class BatchAugment:
     def draw(self, n: int) -> list[dict]:
         return [t.draw(n, self.generator) for t in self.transforms]
 
-    def apply(self, image: torch.Tensor, label: torch.Tensor, params: list[dict]):
-        for t, p in zip(self.transforms, params):
-            image, label = t.apply(image, label, p)
+    def apply(self, image: torch.Tensor, label: torch.Tensor, params: list[dict], inplace: bool = False):
+        """Apply drawn ``params``; consecutive spatial transforms are fused (one copy per moved sample)."""
+        if not inplace:
+            image, label = image.clone(), label.clone()
+        i = 0
+        while i < len(self.transforms):
+            j = i
+            while j < len(self.transforms) and self.transforms[j].spatial:
+                j += 1
+            if j > i:
+                image, label = _apply_spatial(self.transforms[i:j], params[i:j], image, label)
+                i = j
+            else:
+                image, label = self.transforms[i].apply_(image, label, params[i])
+                i += 1
         return image, label
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor):
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, inplace: bool = False):
+        """Augment a batch; with ``inplace`` the caller's tensors are modified instead of copied."""
         params = self.draw(image.shape[0])
         self.last_params = params
         with torch.no_grad():
-            return self.apply(image, label, params)
+            return self.apply(image, label, params, inplace)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

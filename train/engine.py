@@ -301,7 +301,7 @@ def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_di
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            img, lab = augment(img.float(), lab)
+            img, lab = augment(img.float(), lab, inplace=True)  # fresh tensors: no copy needed
             target = label_to_regions(lab, store.label_convention)
             opt.zero_grad(set_to_none=True)
             with autocast():
