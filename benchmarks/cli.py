@@ -3,18 +3,92 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 BENCHES = {
     "synth": "CPU seconds per synthetic case (goal <= 2 s at full size)",
     "prep": "store build vs NIfTI decode at 1 and 2 workers, store bytes, worker memory",
+    "loader": "augmented samples/s: seed chain, MONAI CacheDataset/PersistentDataset, ram/none/gpu",
+    "train": "steps/s and data-wait share, real loader vs a fixed batch on the device",
+    "infer": "seconds per case: whole predict path vs bare sliding window",
     "store-format": "bytes and read/write times of candidate dtypes, chunks and codecs (FORMAT.md table)",
+    "modalities": "the seed's experiment: T1 vs T1+T2+FLAIR, test Dice per region (tens of minutes)",
+    "table": "regenerate the README's performance table from the JSON results",
 }
+ALL = ("synth", "prep", "loader", "train", "infer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure each stage's throughput (median of repeats after a warm-up) and write "
+        "<out>/<name>.json and <out>/<name>.png, with the machine recorded beside the figures. 'all' runs "
+        f"{', '.join(ALL)}.",
+    )
+    p.add_argument("name", choices=[*BENCHES, "all"], help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
+    p.add_argument("--quick", action="store_true", help="small cases and few repeats (all: under 3 minutes on 2 "
+                   "cores)")
+    p.add_argument("--size", choices=["full", "quick", "tiny"], help="input size (default: full, or quick with "
+                   "--quick; tiny is for the tests)")
+    p.add_argument("--amp", action="store_true", help="train/infer: mixed precision")
+    p.add_argument("--full", action="store_true", help="modalities: 1 mm cases and 128^3 patches (for a GPU)")
+    p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
+    p.add_argument("--work", help="folder for the benchmark cohorts (default: a temporary folder)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = args.size or ("quick" if args.quick else "full")
+    names = list(ALL) if args.name == "all" else [args.name]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="brats-bench-"))
+    try:
+        for name in names:
+            if name == "synth":
+                from . import synth_bench
+
+                synth_bench.run(out, size)
+            elif name == "prep":
+                from . import prep_bench
+
+                prep_bench.run(out, size)
+            elif name == "loader":
+                from . import loader_bench
+
+                loader_bench.run(out, work, size)
+            elif name == "train":
+                from . import train_bench
+
+                train_bench.run(out, work, size, amp=args.amp)
+            elif name == "infer":
+                from . import infer_bench
+
+                infer_bench.run(out, work, size, amp=args.amp)
+            elif name == "store-format":
+                _store_format(out, size != "full")
+            elif name == "modalities":
+                from . import modalities
+
+                modalities.run(out, work / "modalities", quick=size != "full" and not args.full, full=args.full)
+            elif name == "table":
+                from .table import update_readme
+
+                update_readme(out)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.name == "all":
+        from .table import render
+
+        print(render(out))
+    return 0
 
 
 def _store_format(out: Path, quick: bool) -> None:
-    import tempfile
-
     from prep.discover import discover
     from prep.synth import FULL_SHAPE, SynthConfig, synth_cohort
 
@@ -25,33 +99,3 @@ def _store_format(out: Path, quick: bool) -> None:
         synth_cohort(SynthConfig(out=Path(d), cases=2 if quick else 3, seed=99, shape=shape, workers=2),
                      progress=False)
         store_format.run(out, discover(d).cases, quick=quick)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="Measure each stage's throughput (median of repeats after a warm-up) and write "
-        "<out>/<name>.json and <out>/<name>.png, with the machine recorded beside the figures.",
-    )
-    p.add_argument("name", choices=[*BENCHES, "all"], help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
-    p.add_argument("--quick", action="store_true", help="small inputs and few repeats, for a quick look")
-    p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    names = list(BENCHES) if args.name == "all" else [args.name]
-    for name in names:
-        if name == "synth":
-            from . import synth_bench
-
-            synth_bench.run(out, quick=args.quick)
-        elif name == "prep":
-            from . import prep_bench
-
-            prep_bench.run(out, quick=args.quick)
-        elif name == "store-format":
-            _store_format(out, args.quick)
-    return 0

@@ -34,8 +34,9 @@ def bar_chart(path: str | Path, title: str, unit: str, bars: dict[str, dict], lo
 
     names = list(bars)
     med = [bars[n]["median"] for n in names]
-    lo = [bars[n]["median"] - bars[n]["min"] for n in names]
-    hi = [bars[n]["max"] - bars[n]["median"] for n in names]
+    # whiskers from the smallest to the largest repeat (a rate made from times arrives with min/max swapped)
+    lo = [max(0.0, bars[n]["median"] - min(bars[n]["min"], bars[n]["max"])) for n in names]
+    hi = [max(0.0, max(bars[n]["min"], bars[n]["max"]) - bars[n]["median"]) for n in names]
     positive = [m for m in med if m > 0]
     if log is None:
         log = bool(positive) and max(positive) / min(positive) > 20

@@ -9,7 +9,7 @@ from pathlib import Path
 from .report import bar_chart, summarize, write_result
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
+def run(out_dir: Path, size: str = "full") -> dict:
     import torch
 
     from prep.synth import FULL_SHAPE, _anatomy, write_case
@@ -21,8 +21,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         threadpool_limits(1)
     except ImportError:
         pass
-    shape = (120, 120, 78) if quick else FULL_SHAPE
-    n = 3 if quick else 8
+    shape = {"full": FULL_SHAPE, "quick": (120, 120, 78), "tiny": (40, 40, 28)}[size]
+    n = {"full": 8, "quick": 3, "tiny": 2}[size]
     _anatomy()  # loading the templates is a once-per-process cost, not a per-case one
     cpu, wall = [], []
     with tempfile.TemporaryDirectory() as d:

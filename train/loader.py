@@ -194,19 +194,40 @@ class RamSource:
 
 
 class _BatchDataset(torch.utils.data.Dataset):
-    """One item = one whole batch (its specs fixed by the sampler), assembled in a worker."""
+    """Item ``g`` = batch ``g % n`` of epoch ``g // n``, its specs recomputed from the seeded sampler inside
+    the worker, so one set of persistent workers serves every epoch."""
 
-    def __init__(self, source, batches: list[list[PatchSpec]], patch):
+    def __init__(self, source, sampler: PatchSampler):
         self.source = source
-        self.batches = batches
-        self.patch = patch
+        self.sampler = sampler
+        self._epoch: tuple[int, list] | None = None
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return 2**62
 
-    def __getitem__(self, i: int):
-        imgs, labs = zip(*(self.source.patch(s, self.patch) for s in self.batches[i]))
+    def specs(self, g: int) -> list[PatchSpec]:
+        n = self.sampler.batches_per_epoch()
+        e, b = divmod(g, n)
+        if self._epoch is None or self._epoch[0] != e:
+            self._epoch = (e, self.sampler.epoch(e))
+        return self._epoch[1][b]
+
+    def __getitem__(self, g: int):
+        imgs, labs = zip(*(self.source.patch(s, self.sampler.patch) for s in self.specs(g)))
         return torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labs)[:, None])
+
+
+class _EpochIndices(torch.utils.data.Sampler):
+    """The batch indices of the epoch set last (lives in the main process, so it can change between epochs)."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(list(self.indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class GpuSource:
@@ -253,6 +274,7 @@ class TrainLoader:
                                     batch_size, fg_fraction, seed)
         self.cache = cache
         self.workers = workers
+        self._dl = None
         if cache == "ram":
             self.source = RamSource(store_path, self.case_ids, modalities, cache_rate, workers, progress)
         elif cache == "none":
@@ -263,17 +285,25 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.sampler.batches_per_epoch()
 
+    def _loader(self):
+        if self._dl is None:
+            self._indices = _EpochIndices()
+            cuda = self.device.type == "cuda"
+            self._dl = torch.utils.data.DataLoader(
+                _BatchDataset(self.source, self.sampler), batch_size=None, sampler=self._indices,
+                num_workers=self.workers, pin_memory=cuda, prefetch_factor=2 if self.workers else None,
+                persistent_workers=self.workers > 0)
+        return self._dl
+
     def epoch(self, epoch: int):
         """Yields (image, label) on the device; host-to-device copies overlap the next batch's assembly."""
-        batches = self.sampler.epoch(epoch)
+        n = len(self)
         if self.cache == "gpu":
-            for specs in batches:
+            for specs in self.sampler.epoch(epoch):
                 yield self.source.batch(specs, self.patch)
             return
-        ds = _BatchDataset(self.source, batches, self.patch)
+        dl = self._loader()
+        self._indices.indices = list(range(epoch * n, (epoch + 1) * n))
         cuda = self.device.type == "cuda"
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.workers,
-                                         pin_memory=cuda, prefetch_factor=2 if self.workers else None,
-                                         persistent_workers=False)
         for img, lab in dl:
             yield img.to(self.device, non_blocking=cuda), lab.to(self.device, non_blocking=cuda)

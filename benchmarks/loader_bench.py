@@ -1,0 +1,153 @@
+"""Loader throughput: augmented 4-channel patch + label samples per second, every variant in one run.
+
+- seed: the seed's MONAI chain from NIfTI (Load, Orientation, Spacing, its random transforms, then Normalize),
+  a random crop, DataLoader with 2 workers;
+- monai: CacheDataset of the deterministic part (Load, Orientation, Spacing, Normalize), random crop, the random
+  transforms on the CPU; persistent: the same with PersistentDataset, its cache on local disk;
+- ram, none, gpu: this project's loader, delivery alone (patches on the device) and +aug (device augmentation).
+Each figure is the median of repeats after a warm-up pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from .cohort import bench_inputs
+from .report import bar_chart, summarize, write_result
+
+BATCH = 4
+
+
+def _seed_transforms(spacing, patch, cached: bool):
+    from monai.transforms import (
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        RandBiasFieldd,
+        RandFlipd,
+        RandGaussianNoised,
+        RandRotate90d,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSpatialCropd,
+        Spacingd,
+        SpatialPadd,
+    )
+
+    keys = ["image", "label"]
+    load = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
+            Orientationd(keys=keys, axcodes="RAS"),
+            Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest"))]
+    rand = [RandRotate90d(keys=keys, prob=0.5), RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1), RandScaleIntensityd(keys="image", factors=0.1, prob=0.25),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.25), RandGaussianNoised(keys="image", prob=0.25),
+            RandBiasFieldd(keys="image", degree=2, prob=0.5)]
+    norm = [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
+    crop = [SpatialPadd(keys=keys, spatial_size=patch), RandSpatialCropd(keys=keys, roi_size=patch, random_size=False)]
+    if cached:  # MONAI best practice: deterministic work cached, random work on the crop
+        return load + norm, crop + rand
+    return load + rand + norm + crop, []  # the seed: random transforms first, on whole volumes, then normalize
+
+
+def _monai_loader(kind: str, items, spacing, patch, cache_dir: Path):
+    import torch
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+    from monai.transforms import Compose
+
+    det, rand = _seed_transforms(spacing, patch, cached=kind != "seed")
+    if kind == "seed":
+        ds = Dataset(items, Compose(det))
+    elif kind == "monai":
+        ds = CacheDataset(items, Compose(det + rand), cache_rate=1.0, num_workers=2, progress=False)
+    else:
+        ds = PersistentDataset(items, Compose(det + rand), cache_dir=str(cache_dir))
+    return torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=False,
+                                       persistent_workers=True)
+
+
+def _time_monai(loader, samples: int) -> float:
+    n, t0 = 0, time.perf_counter()
+    while n < samples:
+        for batch in loader:
+            n += batch["image"].shape[0]
+            if n >= samples:
+                break
+    return n / (time.perf_counter() - t0)
+
+
+def _time_ours(loader, augment, samples: int, device) -> float:
+    import torch
+
+    n, t0, epoch = 0, time.perf_counter(), 1000
+    while n < samples:
+        for img, lab in loader.epoch(epoch):
+            if augment is not None:
+                img, lab = augment(img.float(), lab, inplace=True)
+            n += img.shape[0]
+            if n >= samples:
+                break
+        epoch += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = None) -> dict:
+    import torch
+
+    from prep.discover import discover
+    from store import open_store
+    from train.augment import BatchAugment
+    from train.loader import TrainLoader
+
+    b = bench_inputs(work, size)
+    reps = repeats or (3 if size == "full" else 2)
+    spacing, patch = b.spacing, b.patch
+    items = [{"image": [str(c.images[m]) for m in ("t1", "t1ce", "t2", "flair")], "label": str(c.seg)}
+             for c in discover(b.raw).cases]
+    ids = open_store(b.store).case_ids
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    # samples per repeat: enough for a stable rate, few for the slow seed chain
+    per = {"seed": 2 * BATCH, "monai": 4 * BATCH, "persistent": 4 * BATCH}
+    rates: dict[str, list[float]] = {}
+    for kind in ("seed", "monai", "persistent"):
+        loader = _monai_loader(kind, items, spacing, patch, work / f"persistent-{size}")
+        _time_monai(loader, BATCH)  # warm-up: worker start, PersistentDataset fills its cache
+        rates[kind] = [_time_monai(loader, per[kind] if size != "tiny" else BATCH) for _ in range(reps)]
+        del loader
+    modes = ["ram", "none"] + (["gpu"] if cuda else [])
+    for mode in modes:
+        loader = TrainLoader(b.store, ids, patch=patch, batch_size=BATCH, cache=mode, workers=2, device=device,
+                             seed=0)
+        for aug in (False, True):
+            augment = BatchAugment(seed=0) if aug else None
+            samples = 8 * BATCH if size != "tiny" else 2 * BATCH
+            _time_ours(loader, augment, BATCH, device)  # warm-up
+            rates[mode + ("+aug" if aug else "")] = [_time_ours(loader, augment, samples, device)
+                                                     for _ in range(reps)]
+    seed_median = statistics.median(rates["seed"])
+    variants = {}
+    for k, v in rates.items():
+        s = summarize(v)
+        variants[k] = {"samples_per_s": s["median"], "min": s["min"], "max": s["max"], "repeats": s["n"],
+                       "ratio_to_seed": s["median"] / seed_median}
+    res = {"size": size, "cases": b.cases, "grid": list(b.shape), "spacing_mm": list(spacing),
+           "sample": f"4 x {'x'.join(map(str, patch))} float image + label", "batch": BATCH, "workers": 2,
+           "device": str(device), "variants": variants,
+           "ratios": {"ram+aug / seed": variants["ram+aug"]["samples_per_s"] / seed_median,
+                      "ram+aug / monai": variants["ram+aug"]["samples_per_s"] / variants["monai"]["samples_per_s"],
+                      "none+aug / persistent": variants["none+aug"]["samples_per_s"]
+                      / variants["persistent"]["samples_per_s"]},
+           "goals": {"augmented vs seed": ">= 50x", "augmented vs monai": ">= 2x",
+                     "none delivery, 2 workers": ">= 20 patches/s (CPU)"}}
+    write_result(out_dir, "loader", res)
+    bar_chart(out_dir / "loader.png", f"loader: augmented samples/s ({'x'.join(map(str, patch))}, batch {BATCH}, "
+              f"2 workers, {device})", "samples / s",
+              {k: {"median": v["samples_per_s"], "min": v["min"], "max": v["max"]} for k, v in variants.items()})
+    print(f"{'variant':<12} {'samples/s':>10} {'x seed':>8}")
+    for k, v in variants.items():
+        print(f"{k:<12} {v['samples_per_s']:10.2f} {v['ratio_to_seed']:8.1f}")
+    return res

@@ -1,0 +1,69 @@
+"""The README's performance table, generated from the benchmark JSON files (never typed by hand)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+
+
+def _load(out: Path, name: str) -> dict | None:
+    p = Path(out) / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def render(out: str | Path) -> str:
+    out = Path(out)
+    rows = ["| stage | measure | figure | goal | machine |", "|---|---|---|---|---|"]
+
+    def machine(d):
+        m = d["machine"]
+        return f"{m['gpu'] or m['cpu']}, {m['cores']} cores" + ("" if m["gpu"] else " (CPU)")
+
+    if s := _load(out, "synth"):
+        rows.append(f"| synth | CPU s per case, {'x'.join(map(str, s['shape']))} | "
+                    f"{s['cpu_s_per_case']['median']:.2f} | <= 2 | {machine(s)} |")
+    if p := _load(out, "prep"):
+        for w, r in p["workers"].items():
+            rows.append(f"| prep | build / decode-only time, {w} worker(s), {p['cases']} cases "
+                        f"{'x'.join(map(str, p['shape']))} | {r['build_over_decode']:.2f}x "
+                        f"({r['build_cases_per_s']:.2f} vs {r['decode_cases_per_s']:.2f} cases/s) | <= 1.5x | "
+                        f"{machine(p)} |")
+        rows.append(f"| prep | speed-up 1 -> 2 workers | {p['speedup_1_to_2_workers']:.2f}x | ~2x | {machine(p)} |")
+        rows.append(f"| prep | store bytes / source .nii.gz bytes | {p['store_over_source']:.2f} | <= 1 | "
+                    f"{machine(p)} |")
+        peak = max(r["peak_rss_mb_per_worker"] for r in p["workers"].values())
+        rows.append(f"| prep | peak memory per worker | {peak:.0f} MB | < 1536 MB | {machine(p)} |")
+    if lo := _load(out, "loader"):
+        v = lo["variants"]
+        patch = lo["sample"].split(" ")[2]
+        for k, r in v.items():
+            rows.append(f"| loader | {k}: samples/s ({patch}, batch {lo['batch']}) | {r['samples_per_s']:.2f} "
+                        f"({r['ratio_to_seed']:.1f}x seed) | | {machine(lo)} |")
+        rows.append(f"| loader | ram+aug / seed | {lo['ratios']['ram+aug / seed']:.1f}x | >= 50x | {machine(lo)} |")
+        rows.append(f"| loader | ram+aug / monai | {lo['ratios']['ram+aug / monai']:.1f}x | >= 2x | {machine(lo)} |")
+    if t := _load(out, "train"):
+        rows.append(f"| train | step time, real loader / fixed batch ({'x'.join(map(str, t['patch']))}, batch 2, "
+                    f"{t['precision']}) | {t['real_over_fixed_step_time']:.3f} | <= 1.10 (CPU) | {machine(t)} |")
+        rows.append(f"| train | data-wait share of a step | {100 * t['real_loader']['data_wait_share']:.1f}% | "
+                    f"< 5% (GPU) | {machine(t)} |")
+    if i := _load(out, "infer"):
+        s = i["seconds_per_case"]
+        ours = s["ours (NIfTI -> source-grid labels)"]["median"]
+        bare = s["bare sliding window"]["median"]
+        rows.append(f"| infer | s per case {'x'.join(map(str, i['grid']))}: ours / bare sliding window | "
+                    f"{ours:.1f} / {bare:.1f} ({i['ours_over_bare']:.2f}x) | <= 1.2x | {machine(i)} |")
+    return "\n".join(rows)
+
+
+def update_readme(out: str | Path, readme: str | Path = "README.md") -> None:
+    readme = Path(readme)
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme} has no {START} ... {END} section")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    table = render(out)
+    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    print(table)

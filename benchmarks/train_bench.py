@@ -1,0 +1,103 @@
+"""Training step throughput: the real loader (+ device augmentation) vs one fixed batch already on the device
+(nnU-Net's no-data-loading benchmark), so a slowdown can be blamed on the right side."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from .cohort import bench_inputs
+from .report import bar_chart, summarize, write_result
+
+
+def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps: int | None = None) -> dict:
+    import torch
+    from monai.losses import DiceLoss
+
+    from store import open_store
+    from train.augment import BatchAugment
+    from train.config import TrainConfig
+    from train.engine import amp_context, build_model, label_to_regions
+    from train.loader import TrainLoader
+
+    b = bench_inputs(work, size)
+    n_steps = steps or {"full": 6, "quick": 6, "tiny": 2}[size]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(store=b.store, patch_size=b.patch, batch_size=2, channels=b.channels, amp=amp)
+    store = open_store(b.store)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = DiceLoss(sigmoid=True)
+    autocast, scaler, amp_desc = amp_context(cfg, device)
+    augment = BatchAugment(seed=0)
+
+    def step(img, lab):
+        target = label_to_regions(lab, store.label_convention)
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            logits = model(img)
+        loss = loss_fn(logits.float(), target)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        float(loss.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    cache = "gpu" if device.type == "cuda" else "ram"
+    loader = TrainLoader(b.store, store.case_ids, cfg.modalities, patch=b.patch, batch_size=2, cache=cache, workers=2,
+                         device=device, seed=0)
+
+    def batches():
+        e = 0
+        while True:
+            yield from loader.epoch(e)
+            e += 1
+
+    it = batches()
+    real_steps, waits = [], []
+    for i in range(n_steps + 1):
+        t0 = time.perf_counter()
+        img, lab = next(it)
+        img, lab = augment(img.float(), lab, inplace=True)
+        t1 = time.perf_counter()
+        step(img, lab)
+        t2 = time.perf_counter()
+        if i:  # the first step warms up
+            real_steps.append(t2 - t0)
+            waits.append(t1 - t0)
+    fixed_img, fixed_lab = next(it)
+    fixed_img = fixed_img.float()
+    fixed_steps = []
+    for i in range(n_steps + 1):
+        t0 = time.perf_counter()
+        step(fixed_img, fixed_lab)
+        if i:
+            fixed_steps.append(time.perf_counter() - t0)
+    real_med, fixed_med = statistics.median(real_steps), statistics.median(fixed_steps)
+    res = {
+        "size": size, "patch": list(b.patch), "batch_size": 2, "channels": list(b.channels), "device": str(device),
+        "precision": amp_desc, "cache": cache, "workers": 2, "steps": n_steps,
+        "real_loader": {"steps_per_s": 1 / real_med, "step_s": summarize(real_steps),
+                        "data_wait_share": sum(waits) / sum(real_steps),
+                        "wait_includes": "fetching the batch and augmenting it on the device"},
+        "fixed_batch": {"steps_per_s": 1 / fixed_med, "step_s": summarize(fixed_steps)},
+        "real_over_fixed_step_time": real_med / fixed_med,
+        "goals": {"real_over_fixed_step_time (CPU)": "<= 1.10",
+                  "data_wait_share (GPU, --amp, 128^3, batch 2)": "< 0.05"},
+    }
+    write_result(out_dir, "train", res)
+    bar_chart(out_dir / "train.png", f"train step, {'x'.join(map(str, b.patch))} batch 2, {device}, {amp_desc}",
+              "steps / s", {"real loader + aug": {k: 1 / v for k, v in summarize(real_steps).items() if k != "n"},
+                            "fixed batch": {k: 1 / v for k, v in summarize(fixed_steps).items() if k != "n"}},
+              log=False)
+    wait = 100 * res["real_loader"]["data_wait_share"]
+    print(f"train: real loader {1 / real_med:.3f} steps/s (data wait {wait:.1f}%), fixed batch "
+          f"{1 / fixed_med:.3f} steps/s; step time ratio {res['real_over_fixed_step_time']:.3f}")
+    return res
