@@ -12,7 +12,7 @@ import json
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -212,4 +212,4 @@ def run_cli(cfg: BuildConfig) -> int:
     return 1 if report.failed else 0
 
 
-__all__ = ["BuildConfig", "BuildReport", "asdict", "build_params", "build_store", "process_case", "run_cli"]
+__all__ = ["BuildConfig", "BuildReport", "build_params", "build_store", "process_case", "run_cli"]

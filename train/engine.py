@@ -157,6 +157,22 @@ def validate(model, store, case_ids: list[str], cfg: TrainConfig, device, autoca
 # ------------------------------------------------------------------------------------------------ training
 
 
+def train_step(model, opt, loss_fn, autocast, scaler, img: torch.Tensor, target: torch.Tensor) -> float:
+    """One optimizer step; returns the loss (reading it waits for the device, so step timings are honest)."""
+    opt.zero_grad(set_to_none=True)
+    with autocast():
+        logits = model(img)
+    loss = loss_fn(logits.float(), target)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
 def _rng_state(augment) -> dict:
     s = {"torch": torch.get_rng_state(), "augment": augment.generator.get_state()}
     if torch.cuda.is_available():
@@ -302,21 +318,8 @@ def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_di
                 break
             t1 = time.perf_counter()
             img, lab = augment(img.float(), lab, inplace=True)  # fresh tensors: no copy needed
-            target = label_to_regions(lab, store.label_convention)
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                logits = model(img)
-            loss = loss_fn(logits.float(), target)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            lv = float(loss.detach())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            lv = train_step(model, opt, loss_fn, autocast, scaler, img,
+                            label_to_regions(lab, store.label_convention))
             t2 = time.perf_counter()
             wait += t1 - t0
             compute += t2 - t1

@@ -234,6 +234,15 @@ class GpuSource:
     """``gpu``: every case resident on the device in float16, patches cut there."""
 
     def __init__(self, store_path: str, case_ids: list[str], modalities, device):
+        from store import open_store
+
+        store = open_store(store_path)
+        need = sum(2 * len(modalities) * int(np.prod(store.case(c).shape)) + int(np.prod(store.case(c).shape))
+                   for c in case_ids)
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > 0.8 * free:
+            raise ValueError(f"--cache gpu needs {need / 2**30:.1f} GiB for {len(case_ids)} cases, the device has "
+                             f"{free / 2**30:.1f} GiB free; use --cache ram or fewer cases")
         self.cases = []
         for c in case_ids:
             a = load_case_arrays(store_path, c, modalities)
