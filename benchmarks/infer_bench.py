@@ -22,7 +22,7 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     from train.engine import amp_context, build_model
 
     b = bench_inputs(work, size)
-    reps = repeats or {"full": 3, "quick": 3, "tiny": 1}[size]
+    reps = repeats or {"full": 2, "quick": 3, "tiny": 1}[size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mods = ("t1", "t1ce", "t2", "flair")
     cfg = TrainConfig(modalities=mods, patch_size=b.patch, channels=b.channels, amp=amp)

@@ -23,7 +23,7 @@ def _metrics(run_dir):
 
 
 def test_one_epoch_end_to_end(tiny_store, tmp_path, capsys):
-    assert _train(tiny_store, tmp_path / "run", "--epochs", "1", "--modalities", "t1", "t2", "flair") == 0
+    assert _train(tiny_store, tmp_path / "run", "--epochs", "1", "--modalities", "t1", "t2", "flair", "--amp") == 0
     run = tmp_path / "run"
     for f in ("config.json", "best.pt", "last.pt", "metrics.jsonl"):
         assert (run / f).exists(), f
@@ -37,6 +37,7 @@ def test_one_epoch_end_to_end(tiny_store, tmp_path, capsys):
     assert best["config"]["modalities"] == ["t1", "t2", "flair"] and "model" in best
     out = capsys.readouterr().out
     assert "Dice TC" in out and "NC" not in out.replace("NCR", "")
+    assert "bf16 autocast (CPU)" in out  # --amp on the CPU says what it does
 
 
 def test_learning_rate_follows_cosine_with_restarts(tiny_store, tmp_path):
