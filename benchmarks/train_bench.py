@@ -52,7 +52,7 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
         t0 = time.perf_counter()
         img, lab = next(it)
         t1 = time.perf_counter()
-        step(*augment(img.float(), lab, inplace=True))
+        step(*augment(img, lab, inplace=True))
         t2 = time.perf_counter()
         if i:  # the first step warms up
             real_steps.append(t2 - t0)

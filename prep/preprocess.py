@@ -262,7 +262,19 @@ def to_source_grid(arr: np.ndarray, geometry: dict, mode: str = "nearest") -> np
     full = np.zeros((a.shape[0], *geometry["resampled_shape"]), dtype=np.float32)
     box = geometry["crop_box"]
     full[(slice(None), *(slice(b[0], b[1]) for b in box))] = a
-    img = _metatensor(full, np.asarray(geometry["resampled_affine"]))
+    src_aff, res_aff = np.asarray(geometry["source_affine"]), np.asarray(geometry["resampled_affine"])
+    if _is_axis_aligned_at(src_aff, np.abs(np.diag(res_aff)[:3])):
+        # The resampled grid is the source grid reoriented (no resampling happened on the way in), so the
+        # way back is the exact inverse permutation and flips: what SpatialResample would compute, 10x faster.
+        ras_aff, _ = _ras_grid(src_aff, geometry["source_shape"])
+        if np.allclose(ras_aff, res_aff, atol=1e-4):
+            import nibabel.orientations as nio
+
+            back = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.io_orientation(src_aff))
+            res = np.stack([nio.apply_orientation(c, back) for c in full])
+            res = res.astype(arr.dtype) if mode == "nearest" else res
+            return res[0] if squeeze else res
+    img = _metatensor(full, res_aff)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = SpatialResample(mode=mode, padding_mode="zeros")(

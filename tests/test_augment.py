@@ -185,3 +185,15 @@ def test_fused_spatial_run_equals_transforms_one_by_one():
         x, y = t.apply(x, y, p)
     assert torch.equal(fused[0], x) and torch.equal(fused[1], y)
     assert torch.equal(img, _batch("cpu", b=16, shape=(10, 10, 8))[0])  # not in place unless asked
+
+
+def test_float16_batch_comes_back_float32_converted_on_the_way():
+    img, lab = _batch("cpu", b=8, shape=(10, 10, 8))
+    half = img.half()
+    aug = BatchAugment(seed=3)
+    params = aug.draw(8)
+    out, out_lab = aug.apply(half, lab, params)
+    ref, ref_lab = aug.apply(half.float(), lab, params)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, ref) and torch.equal(out_lab, ref_lab)
+    assert half.dtype == torch.float16 and torch.equal(half, img.half())  # input untouched

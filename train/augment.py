@@ -220,24 +220,32 @@ class _Spatial:
         """Apply to one sample (C, X, Y, Z): a view permutation, then one flip (a copy)."""
         y = x.permute(0, *(1 + p for p in self.perm))
         dims = [1 + d for d, f in enumerate(self.flips) if f]
-        return y.flip(dims) if dims else y.contiguous()  # a copy: the caller writes it back into x
+        return y.flip(dims) if dims else y  # a view when only permuted
 
 
-def _apply_spatial(transforms, params, image, label):
-    """A run of spatial transforms, composed per sample and applied with one copy per moved sample."""
+def _apply_spatial(transforms, params, image, label, out=None):
+    """A run of spatial transforms, composed per sample and applied with one copy per moved sample.
+
+    ``out``: a float32 tensor to write every sample into, so the conversion from a float16 batch rides on the
+    same pass; None writes back into ``image``."""
     for i in range(image.shape[0]):
         state = _Spatial()
         for t, p in zip(transforms, params):
             t.compose(state, p, i)
         if state.identity:
+            if out is not None:
+                out[i].copy_(image[i])
             continue
         img_i, lab_i = state(image[i]), state(label[i])
         if img_i.shape != image.shape[1:]:
             raise ValueError(f"RandRotate90 on a batch needs square patches in the rotation plane, got "
                              f"{tuple(image.shape[2:])}")
-        image[i] = img_i
-        label[i] = lab_i
-    return image, label
+        if out is not None:
+            out[i].copy_(img_i)
+        else:
+            image[i] = img_i.clone() if img_i.data_ptr() == image[i].data_ptr() else img_i
+        label[i] = lab_i.clone() if lab_i.data_ptr() == label[i].data_ptr() else lab_i
+    return (out if out is not None else image), label
 
 
 def seed_transforms() -> list:
@@ -262,16 +270,24 @@ class BatchAugment:
         return [t.draw(n, self.generator) for t in self.transforms]
 
     def apply(self, image: torch.Tensor, label: torch.Tensor, params: list[dict], inplace: bool = False):
-        """Apply drawn ``params``; consecutive spatial transforms are fused (one copy per moved sample)."""
+        """Apply drawn ``params``; consecutive spatial transforms are fused (one copy per moved sample).
+
+        A float16 batch (as the loader delivers) comes back float32, converted in the first pass over it."""
+        convert = image.dtype != torch.float32
         if not inplace:
-            image, label = image.clone(), label.clone()
+            label = label.clone()
+            image = image if convert else image.clone()
+        if convert and not (self.transforms and self.transforms[0].spatial):
+            image, convert = image.float(), False
         i = 0
         while i < len(self.transforms):
             j = i
             while j < len(self.transforms) and self.transforms[j].spatial:
                 j += 1
             if j > i:
-                image, label = _apply_spatial(self.transforms[i:j], params[i:j], image, label)
+                out = torch.empty(image.shape, dtype=torch.float32, device=image.device) if convert else None
+                image, label = _apply_spatial(self.transforms[i:j], params[i:j], image, label, out)
+                convert = False
                 i = j
             else:
                 image, label = self.transforms[i].apply_(image, label, params[i])

@@ -317,7 +317,7 @@ def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_di
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            img, lab = augment(img.float(), lab, inplace=True)  # fresh tensors: no copy needed
+            img, lab = augment(img, lab, inplace=True)  # float16 in, float32 out; fresh tensors: no copy
             lv = train_step(model, opt, loss_fn, autocast, scaler, img,
                             label_to_regions(lab, store.label_convention))
             t2 = time.perf_counter()

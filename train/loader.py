@@ -81,16 +81,22 @@ class PatchSampler:
         return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in ranges)
 
 
-def crop_pad(arr, start, patch):
-    """Window ``patch`` at ``start`` of the last three axes of ``arr`` (numpy or torch), zero where it overhangs."""
+def crop_pad(arr, start, patch, out=None):
+    """Window ``patch`` at ``start`` of the last three axes of ``arr`` (numpy or torch), zero where it overhangs.
+
+    With ``out`` (same kind, shape (..., *patch)) the window is written there: one pass over the data."""
     shape = arr.shape[-3:]
     src = tuple(slice(max(s, 0), min(s + p, n)) for s, p, n in zip(start, patch, shape))
     dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
     lead = arr.shape[:-3]
-    if isinstance(arr, torch.Tensor):
-        out = torch.zeros((*lead, *patch), dtype=arr.dtype, device=arr.device)
-    else:
-        out = np.zeros((*lead, *patch), dtype=arr.dtype)
+    inside = all(a.stop - a.start == p for a, p in zip(src, patch))
+    if out is None:
+        if isinstance(arr, torch.Tensor):
+            out = (torch.empty if inside else torch.zeros)((*lead, *patch), dtype=arr.dtype, device=arr.device)
+        else:
+            out = (np.empty if inside else np.zeros)((*lead, *patch), dtype=arr.dtype)
+    elif not inside:
+        out[...] = 0
     out[(..., *dst)] = arr[(..., *src)]
     return out
 
@@ -127,15 +133,13 @@ class StoreSource:
             self._cases[c] = self._store.case(self.case_ids[c])
         return self._cases[c]
 
-    def patch(self, spec: PatchSpec, patch) -> tuple[np.ndarray, np.ndarray]:
+    def patch_into(self, spec: PatchSpec, patch, img_out: np.ndarray, lab_out: np.ndarray) -> None:
         case = self._case(spec.case)
         reg = _region(spec.start, patch, case.shape)
         img = case.image(self.modalities, reg).astype(np.float16)
-        lab = case.label(reg)
-        if img.shape[1:] == tuple(patch):
-            return img, lab
         at = tuple(s - r.start for r, s in zip(reg, spec.start))  # the read block sits at -at in the patch
-        return crop_pad(img, at, patch), crop_pad(lab, at, patch)
+        crop_pad(img, at, patch, img_out)
+        crop_pad(case.label(reg), at, patch, lab_out)
 
 
 def load_case_arrays(store_path: str, case_id: str, modalities) -> dict:
@@ -186,11 +190,13 @@ class RamSource:
         return sum(v["image"].nbytes + (v["label"].nbytes if v["label"] is not None else 0)
                    for v in self.cached if v is not None)
 
-    def patch(self, spec: PatchSpec, patch) -> tuple[np.ndarray, np.ndarray]:
+    def patch_into(self, spec: PatchSpec, patch, img_out: np.ndarray, lab_out: np.ndarray) -> None:
         item = self.cached[spec.case]
         if item is None:
-            return self._fallback.patch(spec, patch)
-        return crop_pad(item["image"], spec.start, patch).numpy(), crop_pad(item["label"], spec.start, patch).numpy()
+            self._fallback.patch_into(spec, patch, img_out, lab_out)
+            return
+        crop_pad(item["image"], spec.start, patch, torch.from_numpy(img_out))
+        crop_pad(item["label"], spec.start, patch, torch.from_numpy(lab_out))
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -213,8 +219,13 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self._epoch[1][b]
 
     def __getitem__(self, g: int):
-        imgs, labs = zip(*(self.source.patch(s, self.sampler.patch) for s in self.specs(g)))
-        return torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labs)[:, None])
+        specs = self.specs(g)
+        patch = self.sampler.patch
+        img = np.empty((len(specs), len(self.source.modalities), *patch), np.float16)
+        lab = np.empty((len(specs), 1, *patch), np.uint8)
+        for i, s in enumerate(specs):  # each patch written once, straight into its slot of the batch
+            self.source.patch_into(s, patch, img[i], lab[i, 0])
+        return torch.from_numpy(img), torch.from_numpy(lab)
 
 
 class _EpochIndices(torch.utils.data.Sampler):
