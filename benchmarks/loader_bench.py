@@ -94,6 +94,16 @@ def _time_ours(loader, augment, samples: int, device) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def loader_chart(out_dir: Path, res: dict) -> Path:
+    """The loader figure from its JSON: delivery alone and +aug (augmented) per variant, log scale."""
+    workers = ", ".join(f"{k} {v['loader_workers']}" for k, v in res["variants"].items() if "+" not in k)
+    return bar_chart(Path(out_dir) / "loader.png",
+                     f"loader: samples/s ({res['sample'].split(' ')[2]}, batch {res['batch']}, {res['device']}; "
+                     f"loader workers: {workers})", "samples / s",
+                     {k: {"median": v["samples_per_s"], "min": v["min"], "max": v["max"]}
+                      for k, v in res["variants"].items()})
+
+
 def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = None) -> dict:
     import torch
 
@@ -148,9 +158,7 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
            "goals": {"augmented vs seed": ">= 50x", "augmented vs monai": ">= 2x",
                      "none delivery, 2 workers": ">= 20 patches/s (CPU)"}}
     write_result(out_dir, "loader", res)
-    bar_chart(out_dir / "loader.png", f"loader: augmented samples/s ({'x'.join(map(str, patch))}, batch {BATCH}, "
-              f"2 workers, {device})", "samples / s",
-              {k: {"median": v["samples_per_s"], "min": v["min"], "max": v["max"]} for k, v in variants.items()})
+    loader_chart(out_dir, res)
     print(f"{'variant':<12} {'samples/s':>10} {'x seed':>8}")
     for k, v in variants.items():
         print(f"{k:<12} {v['samples_per_s']:10.2f} {v['ratio_to_seed']:8.1f}")

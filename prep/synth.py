@@ -125,7 +125,7 @@ def _hat(n: int, k: int) -> np.ndarray:
     return np.clip(1.0 - np.abs(x[:, None] - np.arange(k)[None, :]), 0.0, None).astype(np.float32)
 
 
-def _field_at(ctrl: np.ndarray, shape, flat: np.ndarray) -> np.ndarray:
+def _field_at(ctrl: np.ndarray, shape, flat: np.ndarray, ijk=None) -> np.ndarray:
     """Trilinear upsampling of control points (C, k, k, k) spread over the grid ``shape``, evaluated at the
     flat voxel indices ``flat``; returns (N, C).
 
@@ -136,7 +136,7 @@ def _field_at(ctrl: np.ndarray, shape, flat: np.ndarray) -> np.ndarray:
     hx, hy, hz = (_hat(n, k) for n, k in zip(half, ctrl.shape[1:]))
     g = np.einsum("cabk,zk,yb->ayzc", ctrl, hz, hy, optimize=True).reshape(ctrl.shape[1], -1)
     field = (hx @ g).reshape(-1, ctrl.shape[0])
-    i, j, k = np.unravel_index(flat, shape)
+    i, j, k = np.unravel_index(flat, shape) if ijk is None else ijk  # integer voxel indices
     return field[np.ravel_multi_index((i // 2, j // 2, k // 2), half)]
 
 
@@ -160,9 +160,10 @@ class _Warp:
 
     def __call__(self, flat: np.ndarray) -> np.ndarray:
         """Flat output voxel indices (N,) -> MNI voxel coordinates (N, 3)."""
-        ijk = np.stack(np.unravel_index(flat, self.shape), -1).astype(np.float32)
+        idx = np.unravel_index(flat, self.shape)
+        ijk = np.stack(idx, -1).astype(np.float32)
         affine_part = ijk @ self.lin.T.astype(np.float32) + self.off.astype(np.float32)
-        return affine_part + _field_at(self.disp, self.shape, flat)
+        return affine_part + _field_at(self.disp, self.shape, flat, idx)
 
 
 def _brain_candidates(warp: _Warp, shape) -> np.ndarray:

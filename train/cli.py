@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", nargs="+", default=["t1", "t2", "flair"], metavar="M",
                    help="input channels among t1 t1ce t2 flair (default: t1 t2 flair)")
     p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16 "
-                   "with a GradScaler on CUDA; bf16 autocast on the CPU")
+                   "with a GradScaler on CUDA; on the CPU bf16 autocast where the CPU has native bf16, else it says "
+                   "so and runs in float32")
     p.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: %(default)s)")
     p.add_argument("--patience", type=int, default=10,
                    help="validations without a better loss before stopping (default: %(default)s)")
