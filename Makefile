@@ -5,12 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := data
 RUN := runs/demo
-# The demo cohort: 12 cases on a 96 x 96 x 62 grid (2.5 mm voxels over the BraTS field of view), stored at
+# The demo cohort: 16 cases on a 96 x 96 x 62 grid (2.5 mm voxels over the BraTS field of view), stored at
 # 2.5 mm, so the whole job runs in minutes on 2 CPU cores. Full size: DEMO_SHAPE="240 240 155" DEMO_SPACING=1.
-DEMO_CASES ?= 12
+DEMO_CASES ?= 16
 DEMO_SHAPE ?= 96 96 62
 DEMO_SPACING ?= 2.5
-DEMO_EPOCHS ?= 4
+DEMO_EPOCHS ?= 25
 
 .PHONY: install demo test lint clean
 
@@ -33,7 +33,7 @@ demo: install
 		--preview $(DATA)/preview.png
 	$(PY) -m prep build-store --source $(DATA)/raw --store $(DATA)/brats.zarr --workers 2 --spacing $(DEMO_SPACING)
 	$(PY) -m train --store $(DATA)/brats.zarr --modalities t1 t2 flair --amp --epochs $(DEMO_EPOCHS) \
-		--patch-size 48 48 48 --batch-size 2 --workers 2 --run-dir $(RUN)
+		--patch-size 48 48 48 --batch-size 2 --lr 1e-3 --val-every 5 --workers 2 --run-dir $(RUN)
 	$(PY) -m evaluate --run-dir $(RUN) --split test --save-predictions
 	$(PY) -m benchmarks all --quick --out $(RUN)/benchmarks
 
