@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.preview import save_figure
+
 REGION_COLOURS = {"WT": "#2ca02c", "TC": "#d62728", "ET": "#ffdd00"}
 
 
@@ -17,7 +19,7 @@ def save_overlay(flair: np.ndarray, gt: np.ndarray, pred: np.ndarray, out: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fg = np.argwhere(gt[1] | pred[1])
+    fg = np.argwhere(gt[1] if gt[1].any() else pred[1])  # through the tumour's centre
     centre = fg.mean(0).astype(int) if len(fg) else np.array(flair.shape) // 2
     vmax = np.percentile(flair[flair > 0], 99.5) if (flair > 0).any() else 1.0
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
@@ -35,9 +37,4 @@ def save_overlay(flair: np.ndarray, gt: np.ndarray, pred: np.ndarray, out: str |
         ax.set_axis_off()
     fig.suptitle(f"{title}: ground truth solid, prediction dashed (WT green, TC red, ET yellow)", color="white",
                  fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80, facecolor="black")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

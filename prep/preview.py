@@ -53,6 +53,13 @@ def save_case_preview(case, out: str | Path, title: str | None = None) -> Path:
         axes[r, 0].text(-0.05, 0.5, vname, color="white", rotation=90, va="center", ha="right",
                         transform=axes[r, 0].transAxes)
     fig.suptitle(title or case.case_id, color="white")
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Save a dark-background slice figure as PNG (folders made as needed) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
