@@ -52,8 +52,7 @@ def _seed_transforms(spacing, patch, cached: bool):
 
 
 def _monai_loader(kind: str, items, spacing, patch, cache_dir: Path):
-    import torch
-    from monai.data import CacheDataset, Dataset, PersistentDataset
+    from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
     from monai.transforms import Compose
 
     det, rand = _seed_transforms(spacing, patch, cached=kind != "seed")
@@ -63,8 +62,8 @@ def _monai_loader(kind: str, items, spacing, patch, cache_dir: Path):
         ds = CacheDataset(items, Compose(det + rand), cache_rate=1.0, num_workers=2, progress=False)
     else:
         ds = PersistentDataset(items, Compose(det + rand), cache_dir=str(cache_dir))
-    return torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=False,
-                                       persistent_workers=True)
+    # MONAI's DataLoader (its collate knows MetaTensors; torch's default collate can fail on them in workers)
+    return DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=False, persistent_workers=True)
 
 
 def _time_monai(loader, samples: int) -> float:
