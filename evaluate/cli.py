@@ -110,9 +110,11 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
                          seg)
         # pictures on the stored grid (RAS): FLAIR when the store has it, else the model's first channel
         shown = "flair" if "flair" in store.modalities else run.config.modalities[0]
-        flair = case.image((shown,))[0]
+        every = case.image()
+        flair = every[store.modalities.index(shown)]
+        # the brain: nonzero in any channel (a voxel at its channel's mean is stored as 0, see FORMAT.md)
         save_overlay(flair, region_masks(case.label(), conv), prob > 0.5, out_dir / "png" / f"{cid}.png",
-                     f"{cid} ({shown})")
+                     f"{cid} ({shown})", brain=(every != 0).any(0))
         z = flair.shape[2] // 2
         for name, vol in (("input", flair), ("label_WT", region_masks(case.label(), conv)[1]), ("pred_WT", prob[1])):
             sl = np.asarray(vol[:, :, z], np.float32)
