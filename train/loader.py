@@ -136,9 +136,11 @@ class StoreSource:
     def patch_into(self, spec: PatchSpec, patch, img_out: np.ndarray, lab_out: np.ndarray) -> None:
         case = self._case(spec.case)
         reg = _region(spec.start, patch, case.shape)
-        img = case.image(self.modalities, reg).astype(np.float16)
+        img = torch.from_numpy(case.image(self.modalities, reg))
         at = tuple(s - r.start for r, s in zip(reg, spec.start))  # the read block sits at -at in the patch
-        crop_pad(img, at, patch, img_out)
+        # float32 -> float16 rides on the copy into the batch slot (torch converts several times faster than
+        # numpy; load_case_arrays converts the same way, so every mode yields the same bits)
+        crop_pad(img, at, patch, torch.from_numpy(img_out))
         crop_pad(case.label(reg), at, patch, lab_out)
 
 
@@ -147,7 +149,8 @@ def load_case_arrays(store_path: str, case_id: str, modalities) -> dict:
     from store import open_store
 
     case = open_store(store_path).case(case_id)
-    return {"image": case.image(modalities).astype(np.float16), "label": case.label() if case.has_label else None}
+    image = torch.from_numpy(case.image(modalities)).to(torch.float16).numpy()
+    return {"image": image, "label": case.label() if case.has_label else None}
 
 
 class _LoadCase(Transform):
