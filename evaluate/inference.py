@@ -91,10 +91,6 @@ def regions_on_source(prob: np.ndarray, geometry: dict) -> np.ndarray:
     return to_source_grid(prob.astype(np.float32), geometry, mode="bilinear") > 0.5
 
 
-def regions_from_probabilities(prob: np.ndarray) -> np.ndarray:
-    return prob > 0.5
-
-
 def label_map(regions: np.ndarray, convention: str) -> np.ndarray:
     """Boolean regions (3, ...) -> uint8 labels in the convention (0/1/2/4 or 0/1/2/3)."""
     return regions_to_label(regions, convention)
