@@ -89,15 +89,16 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
     tb = SummaryWriter(str(out_dir / "tb"))
     for step, cid in enumerate(tqdm(ids, desc=f"evaluate {split}", unit="case", disable=not progress)):
         case = store.case(cid)
-        prob = predict_probabilities(run, case.image(run.config.modalities), dev)
+        every = case.image()  # all stored channels, read once: the model's inputs and the pictures
+        prob = predict_probabilities(run, every[[store.modalities.index(m) for m in run.config.modalities]], dev)
+        store_gt = region_masks(case.label(), conv)
         seg = _source_seg(store, case, source_dir)
         if seg is not None:  # as BraTS scores: on the source grid against the source file
             gt = region_masks(np.asanyarray(nib.load(str(seg)).dataobj).astype(np.uint8), conv)
             pred = regions_on_source(prob, case.meta)
             spacing, grid = spacing_of(case.meta["source_affine"]), "source"
         else:
-            gt = region_masks(case.label(), conv)
-            pred = prob > 0.5
+            gt, pred = store_gt, prob > 0.5
             spacing, grid = tuple(case.meta["spacing_mm"]), "store"
         grids.add(grid)
         row = {"case": cid, **region_metrics(pred, gt, spacing), "grid": grid,
@@ -110,13 +111,12 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
                          seg)
         # pictures on the stored grid (RAS): FLAIR when the store has it, else the model's first channel
         shown = "flair" if "flair" in store.modalities else run.config.modalities[0]
-        every = case.image()
         flair = every[store.modalities.index(shown)]
         # the brain: nonzero in any channel (a voxel at its channel's mean is stored as 0, see FORMAT.md)
-        save_overlay(flair, region_masks(case.label(), conv), prob > 0.5, out_dir / "png" / f"{cid}.png",
-                     f"{cid} ({shown})", brain=(every != 0).any(0))
+        save_overlay(flair, store_gt, prob > 0.5, out_dir / "png" / f"{cid}.png", f"{cid} ({shown})",
+                     brain=(every != 0).any(0))
         z = flair.shape[2] // 2
-        for name, vol in (("input", flair), ("label_WT", region_masks(case.label(), conv)[1]), ("pred_WT", prob[1])):
+        for name, vol in (("input", flair), ("label_WT", store_gt[1]), ("pred_WT", prob[1])):
             sl = np.asarray(vol[:, :, z], np.float32)
             rng = float(sl.max() - sl.min()) or 1.0
             tb.add_image(f"{cid}/{name}", (sl - sl.min()) / rng, step, dataformats="HW")
