@@ -209,9 +209,10 @@ def _middle(volume: torch.Tensor) -> np.ndarray:
 
 def check_inputs(cfg: TrainConfig, store, train_ids: list[str], val_ids: list[str]) -> None:
     """Every bad input named by the CLI contract, before any work starts."""
-    bad = [m for m in cfg.modalities if m not in store.modalities]
-    if bad:
-        raise ConfigError(f"unknown modality {', '.join(bad)}; the store has {', '.join(store.modalities)}")
+    from .loader import CACHE_MODES, modality_error
+
+    if err := modality_error(store, cfg.modalities):
+        raise ConfigError(err)
     if not train_ids:
         raise ConfigError("no training cases in this split")
     if not val_ids:
@@ -225,7 +226,7 @@ def check_inputs(cfg: TrainConfig, store, train_ids: list[str], val_ids: list[st
         largest = max(shapes, key=lambda s: np.prod(s))
         raise ConfigError(f"--patch-size {' '.join(map(str, cfg.patch_size))} is larger than every training case "
                           f"(largest {'x'.join(map(str, largest))}); choose a smaller patch")
-    if cfg.cache not in ("ram", "none", "gpu"):
+    if cfg.cache not in CACHE_MODES:
         raise ConfigError(f"--cache must be ram, none or gpu, not {cfg.cache!r}")
     if any(p % (2 ** (len(cfg.channels) - 1)) for p in cfg.patch_size):
         raise ConfigError(f"--patch-size must be divisible by {2 ** (len(cfg.channels) - 1)} for this UNet")

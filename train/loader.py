@@ -25,6 +25,16 @@ from monai.transforms import Transform
 
 from store.conventions import MODALITIES
 
+CACHE_MODES = ("ram", "none", "gpu")
+
+
+def modality_error(store, modalities) -> str | None:
+    """The message for modalities the store lacks, or None; the trainer and the loader both check with it."""
+    bad = [m for m in modalities if m not in store.modalities]
+    if bad:
+        return f"unknown modality {', '.join(bad)}; the store has {', '.join(store.modalities)}"
+    return None
+
 
 @dataclass(frozen=True)
 class PatchSpec:
@@ -247,12 +257,9 @@ class _EpochIndices(torch.utils.data.Sampler):
 class GpuSource:
     """``gpu``: every case resident on the device in float16, patches cut there."""
 
-    def __init__(self, store_path: str, case_ids: list[str], modalities, device):
-        from store import open_store
-
-        store = open_store(store_path)
-        need = sum(2 * len(modalities) * int(np.prod(store.case(c).shape)) + int(np.prod(store.case(c).shape))
-                   for c in case_ids)
+    def __init__(self, store_path: str, case_ids: list[str], modalities, device, shapes):
+        # float16 image channels plus the uint8 label, per voxel of each case (``shapes``: the stored shapes)
+        need = sum((2 * len(modalities) + 1) * int(np.prod(shape)) for shape in shapes)
         free, _ = torch.cuda.mem_get_info(device)
         if need > 0.8 * free:
             raise ValueError(f"--cache gpu needs {need / 2**30:.1f} GiB for {len(case_ids)} cases, the device has "
@@ -280,12 +287,11 @@ class TrainLoader:
                  progress: bool = False):
         from store import open_store
 
-        if cache not in ("ram", "none", "gpu"):
+        if cache not in CACHE_MODES:
             raise ValueError(f"cache must be ram, none or gpu, not {cache!r}")
         store = open_store(store_path)
-        bad = [m for m in modalities if m not in store.modalities]
-        if bad:
-            raise ValueError(f"unknown modality {', '.join(bad)}; the store has {', '.join(store.modalities)}")
+        if err := modality_error(store, modalities):
+            raise ValueError(err)
         self.device = torch.device(device)
         if cache == "gpu" and self.device.type != "cuda":
             raise ValueError("--cache gpu needs a CUDA device")
@@ -303,7 +309,7 @@ class TrainLoader:
         elif cache == "none":
             self.source = StoreSource(store_path, self.case_ids, modalities)
         else:
-            self.source = GpuSource(store_path, self.case_ids, modalities, self.device)
+            self.source = GpuSource(store_path, self.case_ids, modalities, self.device, [c.shape for c in cases])
 
     def __len__(self) -> int:
         return self.sampler.batches_per_epoch()
