@@ -197,3 +197,39 @@ def test_float16_batch_comes_back_float32_converted_on_the_way():
     assert out.dtype == torch.float32
     assert torch.equal(out, ref) and torch.equal(out_lab, ref_lab)
     assert half.dtype == torch.float16 and torch.equal(half, img.half())  # input untouched
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+@pytest.mark.parametrize("flips", [(), (0,), (1,), (2,), (0, 1), (1, 2), (0, 1, 2)])
+def test_spatial_copy_equals_torch_rot90_and_flip(k, flips):
+    """The fused slab-copy path gives exactly torch.rot90 then torch.flip, for every rotation and any flips,
+    writing into a buffer of another dtype (the float16 -> float32 conversion riding on the copy)."""
+    from train.augment import _Spatial
+
+    x = torch.randn(2, 6, 6, 5).half()
+    state = _Spatial()
+    state.rot90(k, (0, 1))
+    for d in flips:
+        state.flip(d)
+    ref = torch.rot90(x, k, (1, 2))
+    if flips:
+        ref = ref.flip([1 + d for d in flips])
+    out = torch.full(x.shape, float("nan"))
+    assert torch.equal(state.copy_into(x, out), ref.float())
+    assert torch.equal(state(x), ref)
+
+
+def test_out_buffer_gives_the_same_result_and_is_reused():
+    img, lab = _batch("cpu", b=8, shape=(10, 10, 8))
+    half = img.half()
+    aug = BatchAugment(seed=5)
+    params = aug.draw(8)
+    ref, ref_lab = aug.apply(half, lab, params)
+    buf = BatchAugment.buffer_for(half, None)
+    out, out_lab = aug.apply(half, lab, params, out=buf)
+    assert out.data_ptr() == buf.data_ptr()
+    assert torch.equal(out, ref) and torch.equal(out_lab, ref_lab)
+    assert BatchAugment.buffer_for(half, buf) is buf
+    assert BatchAugment.buffer_for(half[:4], buf) is not buf
+    with pytest.raises(ValueError, match="float32"):
+        aug.apply(half, lab, params, out=torch.empty(half.shape, dtype=torch.float16))

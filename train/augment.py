@@ -128,9 +128,12 @@ class RandGaussianNoise(_Transform):
         if not sel:
             return image, label
         dg = torch.Generator(device=image.device).manual_seed(params["seed"])
+        # one channel of noise at a time, drawn in place into one buffer: a fresh whole-sample tensor per draw
+        # costs a page fault per 4 KiB on the CPU, about a quarter of the draw itself
+        noise = torch.empty(image.shape[2:], device=image.device, dtype=image.dtype)
         for i in sel:
-            noise = torch.randn(image.shape[1:], generator=dg, device=image.device, dtype=image.dtype)
-            image[i].add_(noise, alpha=float(params["std"][i]))
+            for c in range(image.shape[1]):
+                image[i, c].add_(noise.normal_(generator=dg), alpha=float(params["std"][i]))
         return image, label
 
 
@@ -149,15 +152,18 @@ def bias_terms(degree: int) -> list[tuple[int, int, int]]:
 
 
 def bias_field(coeffs: torch.Tensor, shape, degree: int = 2) -> torch.Tensor:
-    """log bias fields (B, X, Y, Z) for coefficients (B, n_terms): sum_c coeff * P_i(x) P_j(y) P_k(z)."""
+    """log bias fields (B, X, Y, Z) for coefficients (B, n_terms): sum_c coeff * P_i(x) P_j(y) P_k(z).
+
+    Separable: z and y are contracted on the tiny coefficient tensor, x last as one batched matrix product, so
+    the full-size result is written once and comes out contiguous."""
     px, py, pz = (_legendre(s, degree, coeffs.device, coeffs.dtype) for s in shape)
     terms = torch.tensor(bias_terms(degree), device=coeffs.device)
-    # separable: contract z, then y, then x; the coefficient tensor is tiny
-    cm = torch.zeros((coeffs.shape[0], degree + 1, degree + 1, degree + 1), device=coeffs.device, dtype=coeffs.dtype)
+    d = degree + 1
+    cm = torch.zeros((coeffs.shape[0], d, d, d), device=coeffs.device, dtype=coeffs.dtype)
     cm[:, terms[:, 0], terms[:, 1], terms[:, 2]] = coeffs
-    f = torch.einsum("bijk,kz->bijz", cm, pz)
-    f = torch.einsum("bijz,jy->biyz", f, py)
-    return torch.einsum("biyz,ix->bxyz", f, px)
+    g = torch.einsum("bijk,kz->bijz", cm, pz)
+    g = torch.einsum("bijz,jy->biyz", g, py).reshape(coeffs.shape[0], d, -1)  # (B, d, Y * Z)
+    return torch.matmul(px.T, g).view(coeffs.shape[0], *shape)
 
 
 @dataclass
@@ -177,10 +183,10 @@ class RandBiasField(_Transform):
         sel = _selected(params["on"])
         if not sel:
             return image, label
-        coeffs = params["coeffs"][sel].to(device=image.device, dtype=torch.float32)
-        fields = torch.exp(bias_field(coeffs, image.shape[2:], self.degree)).to(image.dtype)
-        for j, i in enumerate(sel):
-            image[i].mul_(fields[j])
+        coeffs = params["coeffs"].to(device=image.device, dtype=torch.float32)
+        for i in sel:  # one field at a time: a sample-sized buffer, not a batch-sized one
+            field = bias_field(coeffs[i: i + 1], image.shape[2:], self.degree)[0].exp_()
+            image[i].mul_(field.to(image.dtype))
         return image, label
 
 
@@ -217,34 +223,50 @@ class _Spatial:
         return self.perm == [0, 1, 2] and not any(self.flips)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply to one sample (C, X, Y, Z): a view permutation, then one flip (a copy)."""
+        """Apply to one sample (C, X, Y, Z): a new tensor."""
         y = x.permute(0, *(1 + p for p in self.perm))
+        return self.copy_into(x, torch.empty(y.shape, dtype=x.dtype, device=x.device))
+
+    def copy_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the moved sample (C, X, Y, Z) into ``out`` (any dtype: a conversion rides on the same pass).
+
+        torch.flip has no ``out=`` and allocates the whole sample, which on the CPU costs more than the copy
+        (a page fault per 4 KiB). A flip of an outer axis is instead a loop of slab copies in reverse order,
+        any further flip done per slab; only a flip of the innermost axis alone uses torch.flip."""
+        y = x.permute(0, *(1 + p for p in self.perm))
+        if tuple(y.shape) != tuple(out.shape):
+            raise ValueError(f"RandRotate90 on a batch needs square patches in the rotation plane, got "
+                             f"{tuple(x.shape[1:])}")
         dims = [1 + d for d, f in enumerate(self.flips) if f]
-        return y.flip(dims) if dims else y  # a view when only permuted
+        if not dims:
+            return out.copy_(y)
+        d0, rest = dims[0], [d - 1 for d in dims[1:]]  # ``rest`` as axes of a slab (axis d0 removed)
+        if d0 == y.ndim - 1:
+            return out.copy_(y.flip(dims))
+        n = y.shape[d0]
+        for k in range(n):
+            src = y.select(d0, n - 1 - k)
+            out.select(d0, k).copy_(src.flip(rest) if rest else src)
+        return out
 
 
 def _apply_spatial(transforms, params, image, label, out=None):
     """A run of spatial transforms, composed per sample and applied with one copy per moved sample.
 
     ``out``: a float32 tensor to write every sample into, so the conversion from a float16 batch rides on the
-    same pass; None writes back into ``image``."""
+    same pass; None writes back into ``image`` (through a one-sample buffer)."""
+    tmp = None
     for i in range(image.shape[0]):
         state = _Spatial()
         for t, p in zip(transforms, params):
             t.compose(state, p, i)
-        if state.identity:
-            if out is not None:
-                out[i].copy_(image[i])
-            continue
-        img_i, lab_i = state(image[i]), state(label[i])
-        if img_i.shape != image.shape[1:]:
-            raise ValueError(f"RandRotate90 on a batch needs square patches in the rotation plane, got "
-                             f"{tuple(image.shape[2:])}")
         if out is not None:
-            out[i].copy_(img_i)
-        else:
-            image[i] = img_i.clone() if img_i.data_ptr() == image[i].data_ptr() else img_i
-        label[i] = lab_i.clone() if lab_i.data_ptr() == label[i].data_ptr() else lab_i
+            state.copy_into(image[i], out[i])
+        elif not state.identity:
+            tmp = torch.empty_like(image[i]) if tmp is None else tmp
+            image[i].copy_(state.copy_into(image[i], tmp))
+        if not state.identity:
+            label[i].copy_(state(label[i]))
     return (out if out is not None else image), label
 
 
@@ -269,24 +291,32 @@ class BatchAugment:
     def draw(self, n: int) -> list[dict]:
         return [t.draw(n, self.generator) for t in self.transforms]
 
-    def apply(self, image: torch.Tensor, label: torch.Tensor, params: list[dict], inplace: bool = False):
+    def apply(self, image: torch.Tensor, label: torch.Tensor, params: list[dict], inplace: bool = False,
+              out: torch.Tensor | None = None):
         """Apply drawn ``params``; consecutive spatial transforms are fused (one copy per moved sample).
 
-        A float16 batch (as the loader delivers) comes back float32, converted in the first pass over it."""
-        convert = image.dtype != torch.float32
+        A float16 batch (as the loader delivers) comes back float32, converted in the first pass over it.
+        ``out``: a float32 tensor of the image's shape to write the result into, reused from batch to batch by
+        a training loop (a fresh batch-sized tensor per step costs the CPU a page fault per 4 KiB)."""
+        convert = image.dtype != torch.float32 or out is not None
+        if out is not None and (out.shape != image.shape or out.dtype != torch.float32):
+            raise ValueError(f"out must be float32 {tuple(image.shape)}, got {out.dtype} {tuple(out.shape)}")
         if not inplace:
             label = label.clone()
             image = image if convert else image.clone()
         if convert and not (self.transforms and self.transforms[0].spatial):
-            image, convert = image.float(), False
+            image = out.copy_(image) if out is not None else image.float()
+            convert = False
         i = 0
         while i < len(self.transforms):
             j = i
             while j < len(self.transforms) and self.transforms[j].spatial:
                 j += 1
             if j > i:
-                out = torch.empty(image.shape, dtype=torch.float32, device=image.device) if convert else None
-                image, label = _apply_spatial(self.transforms[i:j], params[i:j], image, label, out)
+                if convert and out is None:
+                    out = torch.empty(image.shape, dtype=torch.float32, device=image.device)
+                image, label = _apply_spatial(self.transforms[i:j], params[i:j], image, label,
+                                              out if convert else None)
                 convert = False
                 i = j
             else:
@@ -294,12 +324,21 @@ class BatchAugment:
                 i += 1
         return image, label
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor, inplace: bool = False):
-        """Augment a batch; with ``inplace`` the caller's tensors are modified instead of copied."""
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, inplace: bool = False,
+                 out: torch.Tensor | None = None):
+        """Augment a batch; with ``inplace`` the caller's tensors are modified instead of copied; ``out``: see
+        ``apply``."""
         params = self.draw(image.shape[0])
         self.last_params = params
         with torch.no_grad():
-            return self.apply(image, label, params, inplace)
+            return self.apply(image, label, params, inplace, out)
+
+    @staticmethod
+    def buffer_for(image: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """A float32 ``out`` for ``image``: ``previous`` when it fits, else a new one."""
+        if previous is not None and previous.shape == image.shape and previous.device == image.device:
+            return previous
+        return torch.empty(image.shape, dtype=torch.float32, device=image.device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -324,6 +324,7 @@ def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_di
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not progress or rank != 0, leave=False)
         it = loader.epoch(epoch)
+        aug_out = None
         while True:
             t0 = time.perf_counter()
             try:
@@ -331,7 +332,9 @@ def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_di
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            img, lab = augment(img, lab, inplace=True)  # float16 in, float32 out; fresh tensors: no copy
+            # float16 in, float32 out into one buffer reused every step; the loader's tensors are fresh: no copy
+            aug_out = augment.buffer_for(img, aug_out)
+            img, lab = augment(img, lab, inplace=True, out=aug_out)
             lv = train_step(model, opt, loss_fn, autocast, scaler, img,
                             label_to_regions(lab, store.label_convention))
             t2 = time.perf_counter()
