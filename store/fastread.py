@@ -9,6 +9,7 @@ with numcodecs' blosc directly is several times faster; anything else falls back
 from __future__ import annotations
 
 import itertools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ class ChunkReader:
         self.dtype = np.dtype(array.dtype)
         self.path = Path(path) if path is not None else None
         self.fast = self.path is not None and self._is_plain_blosc(array)
+        self._local = threading.local()
 
     @staticmethod
     def _is_plain_blosc(array) -> bool:
@@ -35,27 +37,44 @@ class ChunkReader:
         except Exception:
             return False
 
-    def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        """The array's values in ``region`` (one slice per dimension, steps of 1, inside the array)."""
-        if not self.fast:
-            return np.asarray(self.array[region])
-        from numcodecs import blosc
+    def blocks(self, region: tuple[slice, ...]):
+        """The pieces of ``region`` (one slice per dimension, steps of 1, inside the array), one per chunk it
+        touches: (values, src, dst) with ``values[src]`` the data for ``[dst]`` of the region (dst relative to
+        the region's start), or values None for a chunk never written (all fill value, 0).
 
+        The fast path decompresses every chunk into one buffer of the reader's (per thread): consume each piece
+        before asking for the next."""
         starts = [s.start or 0 for s in region]
         stops = [s.stop if s.stop is not None else n for s, n in zip(region, self.shape)]
-        out = np.zeros([b - a for a, b in zip(starts, stops)], dtype=self.dtype)
+        if not self.fast:
+            yield np.asarray(self.array[region]), tuple(slice(0, b - a) for a, b in zip(starts, stops)), \
+                tuple(slice(0, b - a) for a, b in zip(starts, stops))
+            return
+        from numcodecs import blosc
+
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:  # one per thread: loader threads read the same case at once
+            buffer = self._local.buffer = np.empty(self.chunks, dtype=self.dtype.newbyteorder("<"))
         ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
         for idx in itertools.product(*ranges):
-            f = self.path.joinpath("c", *map(str, idx))
-            try:
-                raw = f.read_bytes()
-            except FileNotFoundError:
-                continue  # a chunk never written holds the fill value, 0
-            chunk = np.frombuffer(blosc.decompress(raw), dtype=self.dtype.newbyteorder("<")).reshape(self.chunks)
             src, dst = [], []
             for i, a, b, c in zip(idx, starts, stops, self.chunks):
                 lo, hi = max(a, i * c), min(b, (i + 1) * c)
                 src.append(slice(lo - i * c, hi - i * c))
                 dst.append(slice(lo - a, hi - a))
-            out[tuple(dst)] = chunk[tuple(src)]
+            try:
+                raw = self.path.joinpath("c", *map(str, idx)).read_bytes()
+            except FileNotFoundError:
+                yield None, tuple(src), tuple(dst)
+                continue
+            blosc.decompress(raw, buffer)
+            yield buffer, tuple(src), tuple(dst)
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        """The array's values in ``region`` (one slice per dimension, steps of 1, inside the array)."""
+        out = np.zeros([(s.stop if s.stop is not None else n) - (s.start or 0) for s, n in zip(region, self.shape)],
+                       dtype=self.dtype)
+        for values, src, dst in self.blocks(region):
+            if values is not None:
+                out[dst] = values[src]
         return out

@@ -19,9 +19,12 @@ class FormatV1:
     # Chunking and codec chosen by measurement (FORMAT.md, "Why these choices").
     # int16 in steps of one source intensity unit (value * scale[c] = z-score); 0 is background.
     image_dtype = "int16"
-    image_chunks = (1, 128, 128, 128)  # one modality per chunk: a subset of modalities reads only its channels
-    label_chunks = (128, 128, 128)
-    codec = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}
+    # one modality per chunk: a subset of modalities reads only its channels. Readers take the chunk shape and
+    # codec from each array's metadata, so stores written with other chunks (earlier 128^3) read the same.
+    image_chunks = (1, 64, 64, 64)
+    label_chunks = (64, 64, 64)
+    # blocksize "chunk": one blosc block per chunk (smaller, and faster both ways, than blosc's default blocks)
+    codec = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": "chunk"}
     # Root attributes every v1 store has.
     root_keys = ("format", "format_version", "modalities", "label_convention", "params", "index", "failures",
                  "splits")
@@ -51,8 +54,12 @@ def detect(attrs: dict):
                       f"(supported: {[f.version for f in FORMATS]})")
 
 
-def blosc(codec: dict | None = None):
+def blosc(codec: dict | None = None, chunk_bytes: int = 0):
+    """The zarr codec for ``codec`` (default the current format's); ``chunk_bytes``: the size of one chunk, for
+    blocksize "chunk"."""
     from zarr.codecs import BloscCodec
 
     c = codec or CURRENT.codec
-    return BloscCodec(cname=c["cname"], clevel=c["clevel"], shuffle=c["shuffle"])
+    bs = c.get("blocksize", 0)
+    return BloscCodec(cname=c["cname"], clevel=c["clevel"], shuffle=c["shuffle"],
+                      blocksize=chunk_bytes if bs == "chunk" else int(bs))

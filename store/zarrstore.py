@@ -66,13 +66,6 @@ def encode_image(image: np.ndarray, source_unit=None) -> tuple[np.ndarray, list[
     return np.rint(image / s).astype(np.int16), scales
 
 
-def decode_image(stored: np.ndarray, scale) -> np.ndarray:
-    """int16 (C, X, Y, Z) and per-channel scale -> float32 z-scores."""
-    out = np.asarray(stored, dtype=np.float32)
-    out *= np.asarray(scale, np.float32).reshape(-1, *([1] * (out.ndim - 1)))
-    return out
-
-
 def content_checksum(*arrays: np.ndarray) -> str:
     """CRC-32 of the stored arrays' bytes: catches a damaged or missing chunk (a missing chunk reads as fill)."""
     crc = 0
@@ -129,14 +122,48 @@ class Case:
 
     def image(self, modalities=None, region=None) -> np.ndarray:
         """float32 (C, X, Y, Z) for ``modalities`` (default all stored), only the chunks ``region`` touches."""
-        idx = self._channels(modalities)
-        return decode_image(self.stored_image(idx, region), self.scale[idx])
+        import torch
+
+        sl = self._region(region)
+        out = torch.empty((len(self._channels(modalities)), *(s.stop - s.start for s in sl)))
+        return self.image_into(out, modalities, sl).numpy()
+
+    def image_into(self, out, modalities=None, region=None, at=(0, 0, 0)):
+        """Decode ``region`` of ``modalities`` into the torch tensor ``out`` (C, ...) of float32 or float16, at
+        offset ``at`` of its spatial axes; the rest of ``out`` is left as it is. Returns ``out``.
+
+        Each chunk is decoded (stored value * scale, in float32, then rounded once to ``out``'s dtype) straight
+        into its place: no region-sized intermediate. Every reader of images uses this one decode."""
+        import torch
+
+        sl = self._region(region)
+        r = self._reader("image")
+        for k, c in enumerate(self._channels(modalities)):
+            scale = float(self.scale[c])
+            dest = out[k]
+            for values, src, dst in r.blocks((slice(c, c + 1), *sl)):
+                target = dest[tuple(slice(a + d.start, a + d.stop) for a, d in zip(at, dst[1:]))]
+                if values is None:
+                    target.zero_()
+                else:  # int16 -> float32 product, rounded once to out's dtype
+                    torch.mul(torch.from_numpy(values[src][0]), scale, out=target)
+        return out
 
     def label(self, region=None) -> np.ndarray:
         """uint8 (X, Y, Z) in the store's label convention."""
         if "label" not in self._group:
             raise KeyError(f"case {self.case_id} has no label")
         return self._reader("label").read(self._region(region)).astype(np.uint8, copy=False)
+
+    def label_into(self, out: np.ndarray, region=None, at=(0, 0, 0)) -> np.ndarray:
+        """Write ``region`` of the label into the uint8 array ``out`` at offset ``at``; the rest is left as it
+        is. Returns ``out``."""
+        if "label" not in self._group:
+            raise KeyError(f"case {self.case_id} has no label")
+        for values, src, dst in self._reader("label").blocks(self._region(region)):
+            target = tuple(slice(a + d.start, a + d.stop) for a, d in zip(at, dst))
+            out[target] = 0 if values is None else values[src]
+        return out
 
     @property
     def has_label(self) -> bool:
@@ -353,21 +380,22 @@ def write_case(store_path: str, group_name: str, image: np.ndarray, label: np.nd
         _delete_group(root, group_name)  # a leftover of a killed build
     g = root.create_group(group_name)
     img16, scale = encode_image(image, source_unit)
-    codec = blosc()
     chunks = tuple(min(c, s) for c, s in zip(fmt.image_chunks, img16.shape))
-    a = g.create_array("image", shape=img16.shape, dtype=img16.dtype, chunks=chunks, compressors=[codec],
+    a = g.create_array("image", shape=img16.shape, dtype=img16.dtype, chunks=chunks,
+                       compressors=[blosc(chunk_bytes=2 * int(np.prod(chunks)))],
                        fill_value=0, dimension_names=["c", "x", "y", "z"])
     a[...] = img16
     arrays = [img16]
     if label is not None:
         lchunks = tuple(min(c, s) for c, s in zip(fmt.label_chunks, label.shape))
-        b = g.create_array("label", shape=label.shape, dtype=np.uint8, chunks=lchunks, compressors=[codec],
+        b = g.create_array("label", shape=label.shape, dtype=np.uint8, chunks=lchunks,
+                           compressors=[blosc(chunk_bytes=int(np.prod(lchunks)))],
                            fill_value=0, dimension_names=["x", "y", "z"])
         b[...] = label
         arrays.append(label)
     fg = np.ascontiguousarray(foreground, dtype=np.int32).reshape(-1, 4)
     f = g.create_array("foreground", shape=fg.shape, dtype=np.int32, chunks=(max(len(fg), 1), 4),
-                       compressors=[codec], fill_value=0)
+                       compressors=[blosc()], fill_value=0)
     if len(fg):
         f[...] = fg
     attrs = dict(attrs, content_crc32=content_checksum(*arrays), shape=list(image.shape[1:]), image_scale=scale)

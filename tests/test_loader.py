@@ -27,6 +27,40 @@ def test_ram_and_none_give_identical_batches(tiny_store, workers):
     assert not all(torch.equal(a, c) for (a, _), (c, _) in zip(ram, other_seed))
 
 
+def test_none_reads_patches_across_chunk_borders_as_ram(tmp_path):
+    """Cases larger than a chunk: patches straddle chunk borders (and the case border) on every axis."""
+    from prep.build import BuildConfig, build_store
+    from store.format import CURRENT
+
+    from .helpers import write_case
+
+    n = CURRENT.image_chunks[1]
+    for i in range(2):
+        write_case(tmp_path / "raw", f"BraTS2021_0000{i}", shape=(n + 30, n + 20, 24), seed=i)
+    store = str(tmp_path / "s.zarr")
+    build_store(BuildConfig(source=str(tmp_path / "raw"), store=store, workers=0), progress=False)
+    ids = open_store(store).case_ids
+    assert all(open_store(store).case(c).shape[0] > n for c in ids)
+    kw = dict(patch=(n // 2 + 8, n // 2 + 8, 16), batch_size=4, workers=2, seed=1)
+    ram = _epochs(TrainLoader(store, ids, cache="ram", **kw), 3)
+    none = _epochs(TrainLoader(store, ids, cache="none", **kw), 3)
+    for (a, b), (c, d) in zip(ram, none):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_stopping_an_epoch_early_leaves_the_next_unchanged(tiny_store):
+    ids = open_store(tiny_store).case_ids
+    kw = dict(patch=(16, 16, 16), batch_size=1, cache="none", workers=2, seed=3)
+    loader = TrainLoader(tiny_store, ids, **kw)
+    first = next(iter(loader.epoch(0)))  # abandoned with batches still queued
+    again = _epochs(loader, 2)
+    fresh = _epochs(TrainLoader(tiny_store, ids, **kw), 2)
+    assert torch.equal(first[0], fresh[0][0])
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(again, fresh))
+    loader.close()
+    assert len(_epochs(loader, 1)) == len(loader)  # closed threads come back on demand
+
+
 def test_patch_holds_the_chosen_channels_of_the_case(tiny_store):
     s = open_store(tiny_store)
     ids = s.case_ids

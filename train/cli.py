@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ram: decoded cases in shared memory; none: patches read from the Zarr chunks; gpu: cases "
                    "resident on the device (default: %(default)s)")
     p.add_argument("--cache-rate", type=float, default=1.0, help="share of cases the ram cache holds (default: 1)")
-    p.add_argument("--workers", type=int, default=2, help="loader worker processes (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="loader threads assembling batches ahead of the step; 0 assembles each batch in the "
+                   "training loop (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fold", type=int, help="train fold K of the store's k folds (into the run folder)")
     g.add_argument("--folds", type=int, help="train every fold 0..N-1 into RUN_DIR/fold-K and write kfold.json")

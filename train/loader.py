@@ -16,6 +16,8 @@ Cache modes:
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -146,12 +148,14 @@ class StoreSource:
     def patch_into(self, spec: PatchSpec, patch, img_out: np.ndarray, lab_out: np.ndarray) -> None:
         case = self._case(spec.case)
         reg = _region(spec.start, patch, case.shape)
-        img = torch.from_numpy(case.image(self.modalities, reg))
-        at = tuple(s - r.start for r, s in zip(reg, spec.start))  # the read block sits at -at in the patch
-        # float32 -> float16 rides on the copy into the batch slot (torch converts several times faster than
-        # numpy; load_case_arrays converts the same way, so every mode yields the same bits)
-        crop_pad(img, at, patch, torch.from_numpy(img_out))
-        crop_pad(case.label(reg), at, patch, lab_out)
+        at = tuple(r.start - s for r, s in zip(reg, spec.start))  # where the read block sits in the patch
+        if any(r.stop - r.start != p for r, p in zip(reg, patch)):  # overhangs the case: zero background
+            img_out[...] = 0
+            lab_out[...] = 0
+        # each chunk decoded straight into the batch slot, rounded to float16 once, as load_case_arrays does,
+        # so every mode yields the same bits
+        case.image_into(torch.from_numpy(img_out), self.modalities, reg, at)
+        case.label_into(lab_out, reg, at)
 
 
 def load_case_arrays(store_path: str, case_id: str, modalities) -> dict:
@@ -159,8 +163,8 @@ def load_case_arrays(store_path: str, case_id: str, modalities) -> dict:
     from store import open_store
 
     case = open_store(store_path).case(case_id)
-    image = torch.from_numpy(case.image(modalities)).to(torch.float16).numpy()
-    return {"image": image, "label": case.label() if case.has_label else None}
+    image = case.image_into(torch.empty((len(modalities), *case.shape), dtype=torch.float16), modalities)
+    return {"image": image.numpy(), "label": case.label() if case.has_label else None}
 
 
 class _LoadCase(Transform):
@@ -213,8 +217,8 @@ class RamSource:
 
 
 class _BatchDataset(torch.utils.data.Dataset):
-    """Item ``g`` = batch ``g % n`` of epoch ``g // n``, its specs recomputed from the seeded sampler inside
-    the worker, so one set of persistent workers serves every epoch."""
+    """Item ``g`` = batch ``g % n`` of epoch ``g // n``, its specs recomputed from the seeded sampler, so any
+    loader thread can assemble any batch of any epoch."""
 
     def __init__(self, source, sampler: PatchSampler):
         self.source = source
@@ -227,31 +231,19 @@ class _BatchDataset(torch.utils.data.Dataset):
     def specs(self, g: int) -> list[PatchSpec]:
         n = self.sampler.batches_per_epoch()
         e, b = divmod(g, n)
-        if self._epoch is None or self._epoch[0] != e:
-            self._epoch = (e, self.sampler.epoch(e))
-        return self._epoch[1][b]
+        cached = self._epoch  # one read: loader threads may replace it meanwhile
+        if cached is None or cached[0] != e:
+            cached = self._epoch = (e, self.sampler.epoch(e))
+        return cached[1][b]
 
-    def __getitem__(self, g: int):
+    def __getitem__(self, g: int, pin: bool = False):
         specs = self.specs(g)
         patch = self.sampler.patch
-        img = np.empty((len(specs), len(self.source.modalities), *patch), np.float16)
-        lab = np.empty((len(specs), 1, *patch), np.uint8)
+        img = torch.empty((len(specs), len(self.source.modalities), *patch), dtype=torch.float16, pin_memory=pin)
+        lab = torch.empty((len(specs), 1, *patch), dtype=torch.uint8, pin_memory=pin)
         for i, s in enumerate(specs):  # each patch written once, straight into its slot of the batch
-            self.source.patch_into(s, patch, img[i], lab[i, 0])
-        return torch.from_numpy(img), torch.from_numpy(lab)
-
-
-class _EpochIndices(torch.utils.data.Sampler):
-    """The batch indices of the epoch set last (lives in the main process, so it can change between epochs)."""
-
-    def __init__(self):
-        self.indices: list[int] = []
-
-    def __iter__(self):
-        return iter(list(self.indices))
-
-    def __len__(self) -> int:
-        return len(self.indices)
+            self.source.patch_into(s, patch, img[i].numpy(), lab[i, 0].numpy())
+        return img, lab
 
 
 class GpuSource:
@@ -303,36 +295,57 @@ class TrainLoader:
                                     batch_size, fg_fraction, seed)
         self.cache = cache
         self.workers = workers
-        self._dl = None
+        self._threads = None
         if cache == "ram":
             self.source = RamSource(store_path, self.case_ids, modalities, cache_rate, workers, progress)
         elif cache == "none":
             self.source = StoreSource(store_path, self.case_ids, modalities)
         else:
             self.source = GpuSource(store_path, self.case_ids, modalities, self.device, [c.shape for c in cases])
+        self._batches = _BatchDataset(self.source, self.sampler)
 
     def __len__(self) -> int:
         return self.sampler.batches_per_epoch()
 
-    def _loader(self):
-        if self._dl is None:
-            self._indices = _EpochIndices()
-            cuda = self.device.type == "cuda"
-            self._dl = torch.utils.data.DataLoader(
-                _BatchDataset(self.source, self.sampler), batch_size=None, sampler=self._indices,
-                num_workers=self.workers, pin_memory=cuda, prefetch_factor=2 if self.workers else None,
-                persistent_workers=self.workers > 0)
-        return self._dl
+    def _pool(self):
+        if self._threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="loader")
+        return self._threads
 
     def epoch(self, epoch: int):
-        """Yields (image, label) on the device; host-to-device copies overlap the next batch's assembly."""
+        """Yields (image, label) on the device; the next batches are assembled while the caller works on this
+        one, and host-to-device copies are asynchronous (pinned batches) on CUDA."""
         n = len(self)
         if self.cache == "gpu":
             for specs in self.sampler.epoch(epoch):
                 yield self.source.batch(specs, self.patch)
             return
-        dl = self._loader()
-        self._indices.indices = list(range(epoch * n, (epoch + 1) * n))
         cuda = self.device.type == "cuda"
-        for img, lab in dl:
-            yield img.to(self.device, non_blocking=cuda), lab.to(self.device, non_blocking=cuda)
+        indices = iter(range(epoch * n, (epoch + 1) * n))
+        if not self.workers:
+            for g in indices:
+                img, lab = self._batches.__getitem__(g, cuda)
+                yield img.to(self.device, non_blocking=cuda), lab.to(self.device, non_blocking=cuda)
+            return
+        # ``workers`` loader threads, each assembling a whole batch; the reading and decoding release the GIL,
+        # so threads run in parallel, and a batch needs no trip through shared memory as with processes
+        pool, pending = self._pool(), collections.deque()
+        try:
+            for g in itertools.islice(indices, 2 * self.workers):
+                pending.append(pool.submit(self._batches.__getitem__, g, cuda))
+            while pending:
+                img, lab = pending.popleft().result()
+                for g in itertools.islice(indices, 1):
+                    pending.append(pool.submit(self._batches.__getitem__, g, cuda))
+                yield img.to(self.device, non_blocking=cuda), lab.to(self.device, non_blocking=cuda)
+        finally:  # the caller stopped early: drop what is queued
+            for f in pending:
+                f.cancel()
+
+    def close(self) -> None:
+        """Stop the loader threads (they also end with the process)."""
+        if self._threads is not None:
+            self._threads.shutdown(cancel_futures=True)
+            self._threads = None
