@@ -4,8 +4,10 @@
   a random crop, DataLoader with 2 workers;
 - monai: CacheDataset of the deterministic part (Load, Orientation, Spacing, Normalize), random crop, the random
   transforms on the CPU; persistent: the same with PersistentDataset, its cache on local disk;
-- ram, none, gpu: this project's loader, delivery alone (patches on the device) and +aug (device augmentation).
-Each figure is the median of repeats after a warm-up pass.
+- ram, none, gpu: this project's loader, delivery alone (patches on the device) and +aug (device augmentation),
+  with its loader threads (``loader_workers``).
+Each figure is the median of repeats after a warm-up pass. The process's peak memory is recorded per mode of
+this loader (``memory``: the peak while the mode ran and what it added over the process at its start).
 """
 
 from __future__ import annotations
@@ -94,12 +96,36 @@ def _time_ours(loader, augment, samples: int, device) -> float:
     return n / (time.perf_counter() - t0)
 
 
+class _PeakRss:
+    """Peak resident memory of this process while the block runs (sampled every 10 ms), and where it started."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self._proc, self._stop = psutil.Process(), threading.Event()
+        self.start_mb = self.peak_mb = self._proc.memory_info().rss / 2**20
+
+        def sample():
+            while not self._stop.wait(0.01):
+                self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def loader_chart(out_dir: Path, res: dict) -> Path:
     """The loader figure from its JSON: delivery alone and +aug (augmented) per variant, log scale."""
     workers = ", ".join(f"{k} {v['loader_workers']}" for k, v in res["variants"].items() if "+" not in k)
     return bar_chart(Path(out_dir) / "loader.png",
                      f"loader: samples/s ({res['sample'].split(' ')[2]}, batch {res['batch']}, {res['device']}; "
-                     f"loader workers: {workers})", "samples / s",
+                     f"loader threads / workers: {workers})", "samples / s",
                      {k: {"median": v["samples_per_s"], "min": v["min"], "max": v["max"]}
                       for k, v in res["variants"].items()})
 
@@ -128,19 +154,26 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
         _time_monai(loader, BATCH)  # warm-up: worker start, PersistentDataset fills its cache
         rates[kind] = [_time_monai(loader, per[kind] if size != "tiny" else BATCH) for _ in range(reps)]
         del loader
-    modes = ["ram", "none"] + (["gpu"] if cuda else [])
-    # ram on the CPU slices patches in-process: worker processes would only add a copy of every batch through
-    # shared memory and compete with the augmentation for the same cores. none decodes chunks in 2 workers.
+    # none first, so its memory is measured before the ram cache has grown the process
+    modes = ["none", "ram"] + (["gpu"] if cuda else [])
+    # loader threads: none decodes chunks in 2 threads. ram on the CPU copies patches in the training loop:
+    # threads would compete with the augmentation for the same 2 cores.
     workers = {"ram": 0 if not cuda else 2, "none": 2, "gpu": 0}
+    memory = {}
     for mode in modes:
-        loader = TrainLoader(b.store, ids, patch=patch, batch_size=BATCH, cache=mode, workers=workers[mode],
-                             device=device, seed=0)
-        for aug in (False, True):
-            augment = BatchAugment(seed=0) if aug else None
-            samples = 8 * BATCH if size != "tiny" else 2 * BATCH
-            _time_ours(loader, augment, BATCH, device)  # warm-up
-            rates[mode + ("+aug" if aug else "")] = [_time_ours(loader, augment, samples, device)
-                                                     for _ in range(reps)]
+        with _PeakRss() as rss:
+            loader = TrainLoader(b.store, ids, patch=patch, batch_size=BATCH, cache=mode, workers=workers[mode],
+                                 device=device, seed=0)
+            for aug in (False, True):
+                augment = BatchAugment(seed=0) if aug else None
+                samples = 8 * BATCH if size != "tiny" else 2 * BATCH
+                _time_ours(loader, augment, BATCH, device)  # warm-up
+                rates[mode + ("+aug" if aug else "")] = [_time_ours(loader, augment, samples, device)
+                                                         for _ in range(reps)]
+            loader.close()
+            del loader
+        memory[mode] = {"process_rss_before_mb": rss.start_mb, "process_rss_peak_mb": rss.peak_mb,
+                        "added_mb": rss.peak_mb - rss.start_mb}
     seed_median = statistics.median(rates["seed"])
     variants = {}
     for k, v in rates.items():
@@ -150,16 +183,18 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
                        "loader_workers": workers.get(k.split("+")[0], 2)}
     res = {"size": size, "cases": b.cases, "grid": list(b.shape), "spacing_mm": list(spacing),
            "sample": f"4 x {'x'.join(map(str, patch))} float image + label", "batch": BATCH,
-           "device": str(device), "variants": variants,
+           "device": str(device), "variants": variants, "memory": memory,
            "ratios": {"ram+aug / seed": variants["ram+aug"]["samples_per_s"] / seed_median,
                       "ram+aug / monai": variants["ram+aug"]["samples_per_s"] / variants["monai"]["samples_per_s"],
                       "none+aug / persistent": variants["none+aug"]["samples_per_s"]
                       / variants["persistent"]["samples_per_s"]},
            "goals": {"augmented vs seed": ">= 50x", "augmented vs monai": ">= 2x",
-                     "none delivery, 2 workers": ">= 20 patches/s (CPU)"}}
+                     "none delivery, 2 workers": ">= 20 patches/s (CPU)", "none memory": "< 2048 MB"}}
     write_result(out_dir, "loader", res)
     loader_chart(out_dir, res)
     print(f"{'variant':<12} {'samples/s':>10} {'x seed':>8}")
     for k, v in variants.items():
         print(f"{k:<12} {v['samples_per_s']:10.2f} {v['ratio_to_seed']:8.1f}")
+    for k, m in memory.items():
+        print(f"{k}: process memory peak {m['process_rss_peak_mb']:.0f} MB, {m['added_mb']:.0f} MB over its start")
     return res

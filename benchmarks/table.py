@@ -43,8 +43,12 @@ def render(out: str | Path) -> str:
                         f"({r['ratio_to_seed']:.1f}x seed) | | {machine(lo)} |")
         rows.append(f"| loader | ram+aug / seed | {lo['ratios']['ram+aug / seed']:.1f}x | >= 50x | {machine(lo)} |")
         rows.append(f"| loader | ram+aug / monai | {lo['ratios']['ram+aug / monai']:.1f}x | >= 2x | {machine(lo)} |")
-        rows.append(f"| loader | none delivery, {v['none'].get('loader_workers', 2)} workers | "
+        rows.append(f"| loader | none delivery, {v['none'].get('loader_workers', 2)} loader threads | "
                     f"{v['none']['samples_per_s']:.1f} patches/s | >= 20 (CPU) | {machine(lo)} |")
+        if m := lo.get("memory", {}).get("none"):
+            rows.append(f"| loader | none: process memory peak ({lo['cases']} cases) | "
+                        f"{m['process_rss_peak_mb']:.0f} MB ({m['added_mb']:.0f} MB added by the mode) | < 2048 MB | "
+                        f"{machine(lo)} |")
     if t := _load(out, "train"):
         rows.append(f"| train | step time, real loader / fixed batch ({'x'.join(map(str, t['patch']))}, batch 2, "
                     f"{t['precision']}) | {t['real_over_fixed_step_time']:.3f} | <= 1.10 (CPU) | {machine(t)} |")

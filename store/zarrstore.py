@@ -66,6 +66,23 @@ def encode_image(image: np.ndarray, source_unit=None) -> tuple[np.ndarray, list[
     return np.rint(image / s).astype(np.int16), scales
 
 
+def decode_into(reader, channels, scales, region: tuple[slice, slice, slice], out, at=(0, 0, 0)):
+    """The one image decode: ``region`` of the stored ``channels`` (a ChunkReader over the int16 image) into the
+    torch tensor ``out`` (len(channels), ...) at offset ``at``, as stored value * scale in float32, rounded once to
+    ``out``'s dtype; a chunk never written gives zeros. Returns ``out``."""
+    import torch
+
+    for k, (c, scale) in enumerate(zip(channels, scales)):
+        dest, scale = out[k], float(scale)
+        for values, src, dst in reader.blocks((slice(c, c + 1), *region)):
+            target = dest[tuple(slice(a + d.start, a + d.stop) for a, d in zip(at, dst[1:]))]
+            if values is None:
+                target.zero_()
+            else:
+                torch.mul(torch.from_numpy(values[src][0]), scale, out=target)
+    return out
+
+
 def content_checksum(*arrays: np.ndarray) -> str:
     """CRC-32 of the stored arrays' bytes: catches a damaged or missing chunk (a missing chunk reads as fill)."""
     crc = 0
@@ -134,20 +151,8 @@ class Case:
 
         Each chunk is decoded (stored value * scale, in float32, then rounded once to ``out``'s dtype) straight
         into its place: no region-sized intermediate. Every reader of images uses this one decode."""
-        import torch
-
-        sl = self._region(region)
-        r = self._reader("image")
-        for k, c in enumerate(self._channels(modalities)):
-            scale = float(self.scale[c])
-            dest = out[k]
-            for values, src, dst in r.blocks((slice(c, c + 1), *sl)):
-                target = dest[tuple(slice(a + d.start, a + d.stop) for a, d in zip(at, dst[1:]))]
-                if values is None:
-                    target.zero_()
-                else:  # int16 -> float32 product, rounded once to out's dtype
-                    torch.mul(torch.from_numpy(values[src][0]), scale, out=target)
-        return out
+        idx = self._channels(modalities)
+        return decode_into(self._reader("image"), idx, self.scale[idx], self._region(region), out, at)
 
     def label(self, region=None) -> np.ndarray:
         """uint8 (X, Y, Z) in the store's label convention."""

@@ -168,3 +168,22 @@ def test_ram_cache_shared_with_workers_not_copied(tmp_path):
     assert all(x["shared"] for x in views)
     # each worker's own (unshared) memory is that of a worker without the cache, not one more copy of it
     assert max(x["uss"] for x in views) - empty[0]["uss"] < 0.5 * src.nbytes()
+
+
+def test_batch_buffers_are_reused_only_once_released():
+    from train.loader import _BufferPool
+
+    pool = _BufferPool(keep=4)
+    shapes, dtypes = ((2, 3), (2, 1)), (torch.float16, torch.uint8)
+    a = pool.get(shapes, dtypes)
+    held = a[0][1:]  # a view the caller keeps
+    a[0].fill_(1)
+    ptr = a[0].data_ptr()
+    del a
+    b = pool.get(shapes, dtypes)
+    assert b[0].data_ptr() != ptr  # still referred to through ``held``: not handed out again
+    del held
+    c = pool.get(shapes, dtypes)
+    assert c[0].data_ptr() == ptr  # released: reused
+    assert pool.get(shapes, dtypes)[0].data_ptr() not in (ptr, b[0].data_ptr())
+    assert pool.get(((4, 3), (4, 1)), dtypes)[0].shape == (4, 3)

@@ -216,6 +216,42 @@ class RamSource:
         crop_pad(item["label"], spec.start, patch, torch.from_numpy(lab_out))
 
 
+def _storage_users(t: torch.Tensor) -> int | None:
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(t.untyped_storage()._cdata)
+
+
+class _BufferPool:
+    """Batch tensors reused once nothing outside the pool refers to them any more.
+
+    A fresh batch-sized tensor costs the CPU a page fault per 4 KiB each time (more than filling it); the pool
+    hands out views of tensors it keeps, and takes a tensor back only when no view of it is alive (its storage's
+    use count is back to the pool's own), so a batch the caller still holds is never overwritten. Where torch does
+    not expose the use count, every batch is new. Pinned (CUDA) batches are not pooled: torch caches those, and
+    an asynchronous copy may still be reading one the caller has dropped."""
+
+    def __init__(self, keep: int):
+        import threading
+
+        self.keep = keep
+        self._items: list[tuple[torch.Tensor, ...]] = []
+        self._lock = threading.Lock()
+        probe = torch.empty(1)
+        self._idle = _storage_users(probe)  # the count of a tensor no one else refers to
+
+    def get(self, shapes, dtypes) -> tuple[torch.Tensor, ...]:
+        with self._lock:
+            if self._idle is not None:
+                for item in self._items:
+                    if all(t.shape == s and t.dtype == d and _storage_users(t) == self._idle
+                           for t, s, d in zip(item, shapes, dtypes)):
+                        return tuple(t.view(t.shape) for t in item)  # a view: the pool sees it in use
+            item = tuple(torch.empty(s, dtype=d) for s, d in zip(shapes, dtypes))
+            if self._idle is not None:
+                self._items = [*self._items[-(self.keep - 1):], item] if self.keep > 1 else [item]
+            return tuple(t.view(t.shape) for t in item)
+
+
 class _BatchDataset(torch.utils.data.Dataset):
     """Item ``g`` = batch ``g % n`` of epoch ``g // n``, its specs recomputed from the seeded sampler, so any
     loader thread can assemble any batch of any epoch."""
@@ -236,11 +272,15 @@ class _BatchDataset(torch.utils.data.Dataset):
             cached = self._epoch = (e, self.sampler.epoch(e))
         return cached[1][b]
 
-    def __getitem__(self, g: int, pin: bool = False):
+    def __getitem__(self, g: int, pin: bool = False, pool: _BufferPool | None = None):
         specs = self.specs(g)
         patch = self.sampler.patch
-        img = torch.empty((len(specs), len(self.source.modalities), *patch), dtype=torch.float16, pin_memory=pin)
-        lab = torch.empty((len(specs), 1, *patch), dtype=torch.uint8, pin_memory=pin)
+        shapes = ((len(specs), len(self.source.modalities), *patch), (len(specs), 1, *patch))
+        if pool is not None and not pin:
+            img, lab = pool.get(shapes, (torch.float16, torch.uint8))
+        else:
+            img = torch.empty(shapes[0], dtype=torch.float16, pin_memory=pin)
+            lab = torch.empty(shapes[1], dtype=torch.uint8, pin_memory=pin)
         for i, s in enumerate(specs):  # each patch written once, straight into its slot of the batch
             self.source.patch_into(s, patch, img[i].numpy(), lab[i, 0].numpy())
         return img, lab
@@ -303,6 +343,8 @@ class TrainLoader:
         else:
             self.source = GpuSource(store_path, self.case_ids, modalities, self.device, [c.shape for c in cases])
         self._batches = _BatchDataset(self.source, self.sampler)
+        # batches in flight (2 per thread, 1 more being filled) + the caller's + one it may keep a step longer
+        self._buffers = _BufferPool(keep=3 * max(workers, 1) + 2)
 
     def __len__(self) -> int:
         return self.sampler.batches_per_epoch()
@@ -326,7 +368,7 @@ class TrainLoader:
         indices = iter(range(epoch * n, (epoch + 1) * n))
         if not self.workers:
             for g in indices:
-                img, lab = self._batches.__getitem__(g, cuda)
+                img, lab = self._batches.__getitem__(g, cuda, self._buffers)
                 yield img.to(self.device, non_blocking=cuda), lab.to(self.device, non_blocking=cuda)
             return
         # ``workers`` loader threads, each assembling a whole batch; the reading and decoding release the GIL,
@@ -334,11 +376,11 @@ class TrainLoader:
         pool, pending = self._pool(), collections.deque()
         try:
             for g in itertools.islice(indices, 2 * self.workers):
-                pending.append(pool.submit(self._batches.__getitem__, g, cuda))
+                pending.append(pool.submit(self._batches.__getitem__, g, cuda, self._buffers))
             while pending:
                 img, lab = pending.popleft().result()
                 for g in itertools.islice(indices, 1):
-                    pending.append(pool.submit(self._batches.__getitem__, g, cuda))
+                    pending.append(pool.submit(self._batches.__getitem__, g, cuda, self._buffers))
                 yield img.to(self.device, non_blocking=cuda), lab.to(self.device, non_blocking=cuda)
         finally:  # the caller stopped early: drop what is queued
             for f in pending:
