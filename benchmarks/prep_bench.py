@@ -47,9 +47,9 @@ def _peak_rss_mb() -> float:
 
 
 def run(out_dir: Path, size: str = "full") -> dict:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from prep.build import BuildConfig, build_store
+    from prep.build import BuildConfig, build_store, local_cluster
     from prep.discover import discover
     from prep.synth import FOV_MM, FULL_SHAPE, SynthConfig, synth_cohort
     from store import open_store
@@ -67,8 +67,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
         src_seg_bytes = sum(c.seg.stat().st_size for c in cohort.cases)
         results = {}
         for workers in (1, 2):
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                              silence_logs=40) as cluster, Client(cluster) as client:
+            with local_cluster(workers) as cluster, Client(cluster) as client:
                 client.run(_warm)
                 dec, build = [], []
                 for _ in range(repeats):

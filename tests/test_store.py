@@ -304,3 +304,19 @@ def test_brats2023_layout(tmp_path):
     sp = s.splits
     where = {cid: k for k in ("train", "val", "test") for cid in sp[k]}
     assert where["BraTS-GLI-00000-000"] == where["BraTS-GLI-00000-001"]
+
+
+def test_build_workers_keep_glibc_memory_defaults():
+    """distributed's MALLOC_TRIM_THRESHOLD_ would pin glibc's mmap threshold (a page fault per 4 KiB of every
+    array a case allocates); the build's own workers start without it."""
+    import os
+
+    from distributed import Client
+
+    from prep.build import local_cluster
+
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        env = list(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values())
+        threads = list(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values())
+    assert env == [None]
+    assert threads == ["1"]  # distributed's other settings stay
