@@ -379,6 +379,8 @@ def write_case(store_path: str, group_name: str, image: np.ndarray, label: np.nd
     """
     import zarr
 
+    from .fastwrite import write_array
+
     fmt = CURRENT
     root = zarr.open_group(_zarr_store(store_path, "r+"), mode="r+", zarr_format=3)
     if group_name in root:
@@ -389,14 +391,15 @@ def write_case(store_path: str, group_name: str, image: np.ndarray, label: np.nd
     a = g.create_array("image", shape=img16.shape, dtype=img16.dtype, chunks=chunks,
                        compressors=[blosc(chunk_bytes=2 * int(np.prod(chunks)))],
                        fill_value=0, dimension_names=["c", "x", "y", "z"])
-    a[...] = img16
+    local = Path(store_path, group_name) if _is_local(store_path) else None
+    write_array(a, local / "image" if local else None, img16)
     arrays = [img16]
     if label is not None:
         lchunks = tuple(min(c, s) for c, s in zip(fmt.label_chunks, label.shape))
         b = g.create_array("label", shape=label.shape, dtype=np.uint8, chunks=lchunks,
                            compressors=[blosc(chunk_bytes=int(np.prod(lchunks)))],
                            fill_value=0, dimension_names=["x", "y", "z"])
-        b[...] = label
+        write_array(b, local / "label" if local else None, label)
         arrays.append(label)
     fg = np.ascontiguousarray(foreground, dtype=np.int32).reshape(-1, 4)
     f = g.create_array("foreground", shape=fg.shape, dtype=np.int32, chunks=(max(len(fg), 1), 4),

@@ -320,3 +320,32 @@ def test_build_workers_keep_glibc_memory_defaults():
         threads = list(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values())
     assert env == [None]
     assert threads == ["1"]  # distributed's other settings stay
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8"])
+def test_direct_chunk_writer_writes_the_files_zarr_writes(tmp_path, dtype):
+    import zarr
+
+    from store.fastwrite import write_array
+    from store.format import blosc
+
+    rng = np.random.default_rng(0)
+    data = (rng.integers(-50, 50, (2, 70, 66, 20)) * (rng.random((2, 70, 66, 20)) > 0.3)).astype(dtype)
+    data[1] = 0  # a channel of fill value only: no chunk written for it
+    chunks = (1, 64, 64, 16)
+
+    def make(name):
+        return zarr.create_array(str(tmp_path / name), shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                 compressors=[blosc(chunk_bytes=data.itemsize * int(np.prod(chunks)))], fill_value=0)
+
+    ref = make("zarr.zarr")
+    ref[...] = data
+    ours = make("ours.zarr")
+    write_array(ours, tmp_path / "ours.zarr", data)
+    files = {p.relative_to(tmp_path / "zarr.zarr"): p.read_bytes() for p in (tmp_path / "zarr.zarr").rglob("c/**/*")
+             if p.is_file()}
+    mine = {p.relative_to(tmp_path / "ours.zarr"): p.read_bytes() for p in (tmp_path / "ours.zarr").rglob("c/**/*")
+            if p.is_file()}
+    assert files.keys() == mine.keys() and len(files) == 8  # 2 x 2 x 2 chunks of channel 0 (edges padded)
+    assert all(files[k] == mine[k] for k in files)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr"))[...], data)
