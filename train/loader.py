@@ -1,15 +1,18 @@
 """Training data path: seeded patch sampling over a store, three cache modes, batches moved to the device.
 
-- The sampler draws every patch position from a seeded generator in the main process, before any data is
-  read, so ``ram``, ``none`` and ``gpu`` deliver the same batches for the same seed.
+- The sampler draws every patch position from a seeded generator, before any data is read, so ``ram``,
+  ``none`` and ``gpu`` deliver the same batches for the same seed.
+- ``workers`` loader threads assemble whole batches ahead of the step (reading, decoding and copying release the
+  GIL); each patch is written once, straight into its slot of a batch tensor reused once the caller drops it.
 - A batch: image float16 (B, C, P, P, P) z-scores of the chosen modalities only, label uint8 (B, 1, P, P, P)
   in the store's label convention; zero outside the case where a patch overhangs (the background value).
 - Foreground oversampling as nnU-Net: in each batch the last ``round(B * fg_fraction)`` samples are centred on a
   voxel drawn from the store's foreground coordinates of a region chosen uniformly among those present.
 
 Cache modes:
-- ``ram``: MONAI CacheDataset decodes the cases once (``cache_rate`` of them); the cache is moved into shared
-  memory tensors, so loader workers read it without a copy each (MONAI issue 5930).
+- ``ram``: MONAI CacheDataset decodes the cases once (``cache_rate`` of them); loader threads share it, and the
+  cache is moved into shared memory tensors, so worker processes reading it (a DataLoader over the source) get
+  no copy each either (MONAI issue 5930).
 - ``none``: each patch is read straight from the Zarr chunks it overlaps (the store is the persistent cache).
 - ``gpu``: the cases live on the device in float16; patches are cut there, no CPU work per step.
 """
