@@ -116,6 +116,10 @@ def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True
 
 def _values(label: np.ndarray) -> set[int]:
     """Distinct values of a label map (bincount for small integer types: ten times faster than unique)."""
+    if label.dtype.kind in "iu" and label.size:
+        lo, hi = int(label.min()), int(label.max())
+        if hi - lo < 32:  # label maps: a few values, one comparison pass each (no index array at all)
+            return {v for v in range(lo, hi + 1) if (label == v).any()}
     if label.dtype.kind in "iu" and label.dtype.itemsize <= 2 and label.size:
         lo = int(label.min())
         return {int(v) + lo for v in np.flatnonzero(np.bincount((label.ravel() - lo).astype(np.intp)))}
@@ -179,15 +183,20 @@ def _orient_resample(img, label, affine, spacing):
 
 def normalize_nonzero(arr: np.ndarray, modalities) -> tuple[np.ndarray, dict]:
     """Z-score each channel over its nonzero voxels, zeros kept: MONAI's NormalizeIntensity(nonzero=True,
-    channel_wise=True) formula (population std, std 0 -> 1) as one np.where per channel, about ten times
-    faster than MONAI's masked indexing on a full case; tests check it equals MONAI's."""
+    channel_wise=True) formula (population std, std 0 -> 1), about ten times faster than MONAI's masked
+    indexing on a full case; tests check it equals MONAI's."""
     out = np.empty_like(arr, dtype=np.float32)
     norm = {}
     for c, m in enumerate(modalities):
         mask = arr[c] != 0
         v = arr[c][mask]
-        mean = float(v.mean(dtype=np.float64)) if v.size else 0.0
-        std = float(v.std(dtype=np.float64)) if v.size else 1.0
+        mean, std = 0.0, 1.0
+        if v.size:  # population mean and std from float64 sums: one pass each, no temporaries
+            mean = float(v.sum(dtype=np.float64)) / v.size
+            var = float(np.einsum("i,i->", v, v, dtype=np.float64)) / v.size - mean * mean
+            # where the spread is tiny next to the mean the difference cancels: the two-pass std (exactly 0 for
+            # a constant channel, as MONAI gives)
+            std = var ** 0.5 if var > 1e-6 * mean * mean else float(v.std(dtype=np.float64))
         norm[m] = {"mean": mean, "std": std}
         np.divide(arr[c] - np.float32(mean), np.float32(std or 1.0), out=out[c])
         out[c][~mask] = 0.0

@@ -349,3 +349,21 @@ def test_direct_chunk_writer_writes_the_files_zarr_writes(tmp_path, dtype):
     assert files.keys() == mine.keys() and len(files) == 8  # 2 x 2 x 2 chunks of channel 0 (edges padded)
     assert all(files[k] == mine[k] for k in files)
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr"))[...], data)
+
+
+def test_normalization_equals_monai_on_constant_and_skewed_channels():
+    """The one-pass statistics agree with MONAI's NormalizeIntensity (nonzero, channel_wise), also where the
+    one-pass variance would cancel: a constant channel (std 0 -> divide by 1) and a large mean with a small spread."""
+    from monai.transforms import NormalizeIntensity
+
+    from prep.preprocess import normalize_nonzero
+
+    rng = np.random.default_rng(0)
+    a = np.zeros((3, 20, 20, 12), np.float32)
+    a[0, 3:9] = 7.0
+    a[1, 2:18] = rng.normal(4000.0, 0.5, (16, 20, 12)).astype(np.float32)
+    a[2] = rng.gamma(2.0, 300.0, (20, 20, 12)).astype(np.float32) * (rng.random((20, 20, 12)) > 0.4)
+    ours, stats = normalize_nonzero(a, ["t1", "t2", "flair"])
+    ref = np.asarray(NormalizeIntensity(nonzero=True, channel_wise=True)(a.copy()))
+    assert stats["t1"]["std"] == 0.0
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
