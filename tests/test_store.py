@@ -306,20 +306,21 @@ def test_brats2023_layout(tmp_path):
     assert where["BraTS-GLI-00000-000"] == where["BraTS-GLI-00000-001"]
 
 
-def test_build_workers_keep_glibc_memory_defaults():
-    """distributed's MALLOC_TRIM_THRESHOLD_ would pin glibc's mmap threshold (a page fault per 4 KiB of every
-    array a case allocates); the build's own workers start without it."""
+def test_build_workers_get_their_glibc_settings():
+    """distributed's MALLOC_TRIM_THRESHOLD_=65536 would pin glibc's mmap threshold (a page fault per 4 KiB of every
+    array a case allocates); the build's own workers start with BUILD_WORKER_MALLOC instead."""
     import os
 
     from distributed import Client
 
-    from prep.build import local_cluster
+    from prep.build import BUILD_WORKER_MALLOC, local_cluster
 
+    names = [*BUILD_WORKER_MALLOC, "OMP_NUM_THREADS"]
+    before = {k: os.environ.get(k) for k in names}
     with local_cluster(1) as cluster, Client(cluster) as client:
-        env = list(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values())
-        threads = list(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values())
-    assert env == [None]
-    assert threads == ["1"]  # distributed's other settings stay
+        env = list(client.run(lambda: {k: os.environ.get(k) for k in names}).values())
+    assert env == [{**BUILD_WORKER_MALLOC, "OMP_NUM_THREADS": "1"}]  # distributed's other settings stay
+    assert {k: os.environ.get(k) for k in names} == before  # this process is left as it was
 
 
 @pytest.mark.parametrize("dtype", ["int16", "uint8"])
