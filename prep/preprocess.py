@@ -188,18 +188,22 @@ def normalize_nonzero(arr: np.ndarray, modalities) -> tuple[np.ndarray, dict]:
     out = np.empty_like(arr, dtype=np.float32)
     norm = {}
     for c, m in enumerate(modalities):
-        mask = arr[c] != 0
-        v = arr[c][mask]
+        a = np.ascontiguousarray(arr[c])
+        zero = a == 0
+        n = a.size - int(np.count_nonzero(zero))
         mean, std = 0.0, 1.0
-        if v.size:  # population mean and std from float64 sums: one pass each, no temporaries
-            mean = float(v.sum(dtype=np.float64)) / v.size
-            var = float(np.einsum("i,i->", v, v, dtype=np.float64)) / v.size - mean * mean
+        if n:  # population mean and std from float64 sums over the whole channel (zeros add nothing): no gather
+            flat = a.reshape(-1)
+            mean = float(flat.sum(dtype=np.float64)) / n
+            var = float(np.einsum("i,i->", flat, flat, dtype=np.float64)) / n - mean * mean
             # where the spread is tiny next to the mean the difference cancels: the two-pass std (exactly 0 for
             # a constant channel, as MONAI gives)
-            std = var ** 0.5 if var > 1e-6 * mean * mean else float(v.std(dtype=np.float64))
+            std = var ** 0.5 if var > 1e-6 * mean * mean else float(a[~zero].std(dtype=np.float64))
         norm[m] = {"mean": mean, "std": std}
-        np.divide(arr[c] - np.float32(mean), np.float32(std or 1.0), out=out[c])
-        out[c][~mask] = 0.0
+        o = out[c]
+        np.subtract(a, np.float32(mean), out=o)
+        np.divide(o, np.float32(std or 1.0), out=o)
+        np.copyto(o, 0.0, where=zero)
     return out, norm
 
 

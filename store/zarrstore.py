@@ -56,14 +56,18 @@ def encode_image(image: np.ndarray, source_unit=None) -> tuple[np.ndarray, list[
     where the range would overflow int16, the channel's full range is spread over +-32000 steps.
     """
     scales = []
+    out = np.empty(image.shape, np.int16)
+    tmp = np.empty(image.shape[1:], np.float32)
     for c in range(image.shape[0]):
-        peak = float(np.abs(image[c]).max()) if image[c].size else 0.0
+        peak = max(float(image[c].max()), -float(image[c].min())) if image[c].size else 0.0
         unit = float(source_unit[c]) if source_unit is not None and source_unit[c] else 0.0
         if unit <= 0 or peak / unit > 32000:
             unit = peak / 32000.0 if peak > 0 else 1.0
         scales.append(unit)
-    s = np.asarray(scales, np.float32)[:, None, None, None]
-    return np.rint(image / s).astype(np.int16), scales
+        np.divide(image[c], np.float32(unit), out=tmp)  # one channel at a time, into one buffer
+        np.rint(tmp, out=tmp)
+        out[c] = tmp
+    return out, scales
 
 
 def decode_into(reader, channels, scales, region: tuple[slice, slice, slice], out, at=(0, 0, 0)):
