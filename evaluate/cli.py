@@ -194,16 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
         "scores. Writes RUN/eval/<split>.csv and .json, PNG overlays under RUN/eval/png/. "
         "'python -m evaluate predict --help' predicts one raw case folder.",
     )
-    p.add_argument("--run-dir", default="runs/default", help="training run folder (default: %(default)s)")
+    _model_options(p)
     p.add_argument("--store", help="store path (default: the one the run was trained on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default: test)")
-    p.add_argument("--ensemble", action="store_true",
-                   help="average the sigmoid outputs of every fold of a k-fold run (default: its best fold)")
     p.add_argument("--save-predictions", action="store_true",
                    help="write each prediction as NIfTI in the source geometry to RUN/eval/pred/<case>.nii.gz")
     p.add_argument("--source", help="the source cohort folder (default: the one the store was built from)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
     return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """The flags both commands share: which run, which of its models, which device."""
+    p.add_argument("--run-dir", default="runs/default", help="training run folder (default: %(default)s)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="average the sigmoid outputs of every fold of a k-fold run (default: its best fold)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
@@ -213,11 +218,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
         "preprocessing as build-store, inference, then back to the source grid (uncrop, inverse resampling, "
         "inverse orientation); labels in the source convention, written with the source affine and shape.",
     )
-    p.add_argument("--run-dir", default="runs/default", help="training run folder (default: %(default)s)")
+    _model_options(p)
     p.add_argument("--case", required=True, help="a case folder, e.g. data/raw/BraTS2021_00000")
     p.add_argument("--out", required=True, help="output .nii.gz")
-    p.add_argument("--ensemble", action="store_true", help="average every fold of a k-fold run")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
     return p
 
 

@@ -37,18 +37,20 @@ class ChunkReader:
         except Exception:
             return False
 
-    def blocks(self, region: tuple[slice, ...]):
+    def blocks(self, region: tuple[slice, ...], at=None):
         """The pieces of ``region`` (one slice per dimension, steps of 1, inside the array), one per chunk it
-        touches: (values, src, dst) with ``values[src]`` the data for ``[dst]`` of the region (dst relative to
-        the region's start), or values None for a chunk never written (all fill value, 0).
+        touches: (values, src, dst) with ``values[src]`` the data for ``[dst]`` of a destination holding the
+        region at offset ``at`` (default 0 on every axis), or values None for a chunk never written (all fill
+        value, 0).
 
         The fast path decompresses every chunk into one buffer of the reader's (per thread): consume each piece
         before asking for the next."""
         starts = [s.start or 0 for s in region]
         stops = [s.stop if s.stop is not None else n for s, n in zip(region, self.shape)]
+        at = tuple(at) if at is not None else (0,) * len(starts)
         if not self.fast:
             yield np.asarray(self.array[region]), tuple(slice(0, b - a) for a, b in zip(starts, stops)), \
-                tuple(slice(0, b - a) for a, b in zip(starts, stops))
+                tuple(slice(o, o + b - a) for a, b, o in zip(starts, stops, at))
             return
         from numcodecs import blosc
 
@@ -58,10 +60,10 @@ class ChunkReader:
         ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
         for idx in itertools.product(*ranges):
             src, dst = [], []
-            for i, a, b, c in zip(idx, starts, stops, self.chunks):
+            for i, a, b, c, o in zip(idx, starts, stops, self.chunks, at):
                 lo, hi = max(a, i * c), min(b, (i + 1) * c)
                 src.append(slice(lo - i * c, hi - i * c))
-                dst.append(slice(lo - a, hi - a))
+                dst.append(slice(lo - a + o, hi - a + o))
             try:
                 raw = self.path.joinpath("c", *map(str, idx)).read_bytes()
             except FileNotFoundError:
@@ -72,9 +74,12 @@ class ChunkReader:
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """The array's values in ``region`` (one slice per dimension, steps of 1, inside the array)."""
-        out = np.zeros([(s.stop if s.stop is not None else n) - (s.start or 0) for s, n in zip(region, self.shape)],
-                       dtype=self.dtype)
-        for values, src, dst in self.blocks(region):
-            if values is not None:
-                out[dst] = values[src]
+        shape = [(s.stop if s.stop is not None else n) - (s.start or 0) for s, n in zip(region, self.shape)]
+        return self.read_into(region, np.empty(shape, dtype=self.dtype))
+
+    def read_into(self, region: tuple[slice, ...], out: np.ndarray, at=None) -> np.ndarray:
+        """Write the values in ``region`` into ``out`` at offset ``at`` (see ``blocks``); the rest of ``out`` is
+        left as it is. Returns ``out``."""
+        for values, src, dst in self.blocks(region, at):
+            out[dst] = 0 if values is None else values[src]
         return out

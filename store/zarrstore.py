@@ -78,8 +78,8 @@ def decode_into(reader, channels, scales, region: tuple[slice, slice, slice], ou
 
     for k, (c, scale) in enumerate(zip(channels, scales)):
         dest, scale = out[k], float(scale)
-        for values, src, dst in reader.blocks((slice(c, c + 1), *region)):
-            target = dest[tuple(slice(a + d.start, a + d.stop) for a, d in zip(at, dst[1:]))]
+        for values, src, dst in reader.blocks((slice(c, c + 1), *region), (0, *at)):
+            target = dest[dst[1:]]
             if values is None:
                 target.zero_()
             else:
@@ -135,12 +135,6 @@ class Case:
             out.append(slice(a, max(a, b)))
         return tuple(out)
 
-    def stored_image(self, channels: list[int], region=None) -> np.ndarray:
-        """The stored int16 values (C, X, Y, Z) of ``channels`` in ``region``."""
-        sl = self._region(region)
-        r = self._reader("image")
-        return np.stack([r.read((slice(c, c + 1), *sl))[0] for c in channels])
-
     def image(self, modalities=None, region=None) -> np.ndarray:
         """float32 (C, X, Y, Z) for ``modalities`` (default all stored), only the chunks ``region`` touches."""
         import torch
@@ -169,10 +163,7 @@ class Case:
         is. Returns ``out``."""
         if "label" not in self._group:
             raise KeyError(f"case {self.case_id} has no label")
-        for values, src, dst in self._reader("label").blocks(self._region(region)):
-            target = tuple(slice(a + d.start, a + d.stop) for a, d in zip(at, dst))
-            out[target] = 0 if values is None else values[src]
-        return out
+        return self._reader("label").read_into(self._region(region), out, at)
 
     @property
     def has_label(self) -> bool:

@@ -255,17 +255,14 @@ class _BufferPool:
             return tuple(t.view(t.shape) for t in item)
 
 
-class _BatchDataset(torch.utils.data.Dataset):
-    """Item ``g`` = batch ``g % n`` of epoch ``g // n``, its specs recomputed from the seeded sampler, so any
+class _Batches:
+    """Batch ``g`` = batch ``g % n`` of epoch ``g // n``, its specs recomputed from the seeded sampler, so any
     loader thread can assemble any batch of any epoch."""
 
     def __init__(self, source, sampler: PatchSampler):
         self.source = source
         self.sampler = sampler
         self._epoch: tuple[int, list] | None = None
-
-    def __len__(self) -> int:
-        return 2**62
 
     def specs(self, g: int) -> list[PatchSpec]:
         n = self.sampler.batches_per_epoch()
@@ -275,7 +272,7 @@ class _BatchDataset(torch.utils.data.Dataset):
             cached = self._epoch = (e, self.sampler.epoch(e))
         return cached[1][b]
 
-    def __getitem__(self, g: int, pin: bool = False, pool: _BufferPool | None = None):
+    def assemble(self, g: int, pin: bool = False, pool: _BufferPool | None = None):
         specs = self.specs(g)
         patch = self.sampler.patch
         shapes = ((len(specs), len(self.source.modalities), *patch), (len(specs), 1, *patch))
@@ -345,7 +342,7 @@ class TrainLoader:
             self.source = StoreSource(store_path, self.case_ids, modalities)
         else:
             self.source = GpuSource(store_path, self.case_ids, modalities, self.device, [c.shape for c in cases])
-        self._batches = _BatchDataset(self.source, self.sampler)
+        self._batches = _Batches(self.source, self.sampler)
         # batches in flight (2 per thread, 1 more being filled) + the caller's + one it may keep a step longer
         self._buffers = _BufferPool(keep=3 * max(workers, 1) + 2)
 
@@ -371,7 +368,7 @@ class TrainLoader:
         indices = iter(range(epoch * n, (epoch + 1) * n))
         if not self.workers:
             for g in indices:
-                img, lab = self._batches.__getitem__(g, cuda, self._buffers)
+                img, lab = self._batches.assemble(g, cuda, self._buffers)
                 yield img.to(self.device, non_blocking=cuda), lab.to(self.device, non_blocking=cuda)
             return
         # ``workers`` loader threads, each assembling a whole batch; the reading and decoding release the GIL,
@@ -379,11 +376,11 @@ class TrainLoader:
         pool, pending = self._pool(), collections.deque()
         try:
             for g in itertools.islice(indices, 2 * self.workers):
-                pending.append(pool.submit(self._batches.__getitem__, g, cuda, self._buffers))
+                pending.append(pool.submit(self._batches.assemble, g, cuda, self._buffers))
             while pending:
                 img, lab = pending.popleft().result()
                 for g in itertools.islice(indices, 1):
-                    pending.append(pool.submit(self._batches.__getitem__, g, cuda, self._buffers))
+                    pending.append(pool.submit(self._batches.assemble, g, cuda, self._buffers))
                 yield img.to(self.device, non_blocking=cuda), lab.to(self.device, non_blocking=cuda)
         finally:  # the caller stopped early: drop what is queued
             for f in pending:
