@@ -199,11 +199,13 @@ def test_float16_batch_comes_back_float32_converted_on_the_way():
     assert half.dtype == torch.float16 and torch.equal(half, img.half())  # input untouched
 
 
+@pytest.mark.parametrize("slabs", [True, False])
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 @pytest.mark.parametrize("flips", [(), (0,), (1,), (2,), (0, 1), (1, 2), (0, 1, 2)])
-def test_spatial_copy_equals_torch_rot90_and_flip(k, flips):
-    """The fused slab-copy path gives exactly torch.rot90 then torch.flip, for every rotation and any flips,
-    writing into a buffer of another dtype (the float16 -> float32 conversion riding on the copy)."""
+def test_spatial_copy_equals_torch_rot90_and_flip(k, flips, slabs):
+    """Both copy paths (slab copies, the CPU's; one flip, a GPU's) give exactly torch.rot90 then torch.flip, for
+    every rotation and any flips, writing into a buffer of another dtype (the float16 -> float32 conversion
+    riding on the copy)."""
     from train.augment import _Spatial
 
     x = torch.randn(2, 6, 6, 5).half()
@@ -215,7 +217,7 @@ def test_spatial_copy_equals_torch_rot90_and_flip(k, flips):
     if flips:
         ref = ref.flip([1 + d for d in flips])
     out = torch.full(x.shape, float("nan"))
-    assert torch.equal(state.copy_into(x, out), ref.float())
+    assert torch.equal(state.copy_into(x, out, slabs=slabs), ref.float())
     assert torch.equal(state(x), ref)
 
 

@@ -227,12 +227,14 @@ class _Spatial:
         y = x.permute(0, *(1 + p for p in self.perm))
         return self.copy_into(x, torch.empty(y.shape, dtype=x.dtype, device=x.device))
 
-    def copy_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def copy_into(self, x: torch.Tensor, out: torch.Tensor, slabs: bool | None = None) -> torch.Tensor:
         """Write the moved sample (C, X, Y, Z) into ``out`` (any dtype: a conversion rides on the same pass).
 
         torch.flip has no ``out=`` and allocates the whole sample, which on the CPU costs more than the copy
-        (a page fault per 4 KiB). A flip of an outer axis is instead a loop of slab copies in reverse order,
-        any further flip done per slab; only a flip of the innermost axis alone uses torch.flip."""
+        (a page fault per 4 KiB). There (``slabs``, the default on the CPU) a flip of an outer axis is instead a
+        loop of slab copies in reverse order, any further flip done per slab; only a flip of the innermost axis
+        alone uses torch.flip. On a GPU the caching allocator makes the allocation free and each slab would be
+        a kernel launch of its own, so one torch.flip does it."""
         y = x.permute(0, *(1 + p for p in self.perm))
         if tuple(y.shape) != tuple(out.shape):
             raise ValueError(f"RandRotate90 on a batch needs square patches in the rotation plane, got "
@@ -241,7 +243,9 @@ class _Spatial:
         if not dims:
             return out.copy_(y)
         d0, rest = dims[0], [d - 1 for d in dims[1:]]  # ``rest`` as axes of a slab (axis d0 removed)
-        if d0 == y.ndim - 1:
+        if slabs is None:
+            slabs = x.device.type == "cpu"
+        if d0 == y.ndim - 1 or not slabs:
             return out.copy_(y.flip(dims))
         n = y.shape[d0]
         for k in range(n):
