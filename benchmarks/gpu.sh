@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one call, for a machine with an NVIDIA GPU and no network: installs what is missing from
-# wheels carried beside the project (benchmarks/gpu_wheels.sh makes them), then runs the loader, train (--amp)
-# and infer benchmarks on full-size synthetic cases, writing the same JSON as on the CPU to
-# benchmarks/results/gpu/ (or $OUT/gpu when $OUT is set). Budget: under 8 minutes.
+# GPU checks and benchmarks in one call, for a machine with an NVIDIA GPU and no network: installs what is missing
+# from wheels carried beside the project (benchmarks/gpu_wheels.sh makes them), runs the tests (the CUDA variants
+# of the augmentation and loader tests run only there), then the loader, train (--amp) and infer (--amp)
+# benchmarks on full-size synthetic cases, writing the same JSON as on the CPU to benchmarks/results/gpu/ (or
+# $OUT/gpu when $OUT is set), and a log beside it. Budget: under 7 minutes on a 16-core H100/H200 machine.
 # Usage: bash benchmarks/gpu.sh [WHEELS_DIR]   (default .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels=${1:-.whl}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || { echo "no NVIDIA GPU here"; exit 1; }
+out=${OUT:-benchmarks/results}/gpu
+mkdir -p "$out"
+exec > >(tee -a "$out/gpu.log") 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU here"; exit 1; }
 missing=$(python3 - <<'PY'
 import importlib.util
-need = ["monai", "nibabel", "zarr", "numcodecs", "dask", "distributed", "matplotlib", "nilearn", "scipy", "psutil"]
+need = ["medpy", "monai", "nibabel", "nilearn", "zarr", "numcodecs", "dask", "distributed", "matplotlib", "scipy", "psutil"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY
 )
@@ -20,14 +24,22 @@ if [ -n "$missing" ]; then
     "$wheels"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-out=${OUT:-benchmarks/results}/gpu
-mkdir -p "$out"
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 work=$(mktemp -d)
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
+python3 -c "import torch, monai, zarr, dask; print('torch', torch.__version__, 'monai', monai.__version__, 'zarr', \
+zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))" || exit 1
 rc=0
-timeout 200 python3 -m benchmarks loader --out "$out" --work "$work" || rc=1
-timeout 120 python3 -m benchmarks train --amp --out "$out" --work "$work" || rc=1
-timeout 120 python3 -m benchmarks infer --amp --out "$out" --work "$work" || rc=1
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, report its time and status
+  local limit=$1 name=$2 t0=$SECONDS; shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@"; local s=$?
+  echo "=== $name: exit $s after $((SECONDS - t0))s"
+  [ $s -eq 0 ] || rc=1
+}
+# the whole suite on 8 processes; the CUDA-only variants are in test_augment.py and test_loader.py
+step 120 tests env OMP_NUM_THREADS=2 python3 -m pytest -q -n 8 -p no:cacheprovider tests
+step 180 loader python3 -m benchmarks loader --out "$out" --work "$work"
+step 80 train python3 -m benchmarks train --amp --out "$out" --work "$work"
+step 80 infer python3 -m benchmarks infer --amp --out "$out" --work "$work"
 python3 -c "from benchmarks.table import render; print(render('$out'))"
 exit $rc

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+GPU_START, GPU_END = "<!-- perf-table-gpu:start -->", "<!-- perf-table-gpu:end -->"
 
 
 def _load(out: Path, name: str) -> dict | None:
@@ -63,13 +64,21 @@ def render(out: str | Path) -> str:
     return "\n".join(rows)
 
 
+def _replace_between(text: str, start: str, end: str, body: str, where: Path) -> str:
+    if start not in text or end not in text:
+        raise ValueError(f"{where} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def update_readme(out: str | Path, readme: str | Path = "README.md") -> None:
-    readme = Path(readme)
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} has no {START} ... {END} section")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
+    """Rewrite the README's table from ``out``, and its GPU table from ``out/gpu`` where that folder holds
+    results (``benchmarks/gpu.sh`` writes them there)."""
+    readme, out = Path(readme), Path(out)
     table = render(out)
-    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    text = _replace_between(readme.read_text(), START, END, table, readme)
+    if list(out.glob("gpu/*.json")):
+        text = _replace_between(text, GPU_START, GPU_END, render(out / "gpu"), readme)
+    readme.write_text(text)
     print(table)

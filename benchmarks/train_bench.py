@@ -22,8 +22,9 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
     from train.loader import TrainLoader
 
     b = bench_inputs(work, size)
-    n_steps = steps or {"full": 6, "quick": 6, "tiny": 2}[size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # a GPU step takes milliseconds: more of them for a stable median
+    n_steps = steps or {"full": 6, "quick": 6, "tiny": 2}[size] * (5 if device.type == "cuda" else 1)
     cfg = TrainConfig(store=b.store, patch_size=b.patch, batch_size=2, channels=b.channels, amp=amp)
     store = open_store(b.store)
     torch.manual_seed(0)
