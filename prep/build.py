@@ -85,7 +85,7 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
         if previous and previous.get("group") == group:
             return {"case_id": cid, "status": "skipped", "record": previous}
         pre = preprocess(case, MODALITIES, with_label=case.seg is not None, margin=params["crop_margin"],
-                         spacing=params["spacing_mm"])
+                         spacing=params["spacing_mm"], encode=True)
         seed = int(token[:8], 16)
         if pre.label is not None:
             label_counts, region_counts, fg = label_statistics(pre.label, case.label_convention,
@@ -106,7 +106,7 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
             "foreground_counts": {r: int((fg[:, 0] == i).sum()) for i, r in enumerate(("TC", "WT", "ET"))},
             "params_hash": params_hash,
         }
-        write_case(store_path, group, pre.image, pre.label, fg, attrs, source_unit=pre.source_unit)
+        write_case(store_path, group, pre.encoded, pre.label, fg, attrs)
         record = {"group": group, "source_sha256": sha, "params_hash": params_hash, "patient_id": case.patient_id}
         return {"case_id": cid, "status": "built", "record": record}
     except CaseError as e:

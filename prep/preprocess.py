@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from store.conventions import MODALITIES, REGIONS, label_values, region_masks
+from store.zarrstore import EncodedImage, encode_image, encode_integer_source
 
 from .discover import CaseFiles
 
@@ -37,12 +38,13 @@ class CaseError(ValueError):
 @dataclass
 class Preprocessed:
     case_id: str
-    image: np.ndarray  # float32 (C, X, Y, Z), RAS, 1 mm, normalized, cropped
+    image: np.ndarray | None  # float32 (C, X, Y, Z), RAS, 1 mm, normalized, cropped (None when ``encoded``)
     label: np.ndarray | None  # uint8 (X, Y, Z), source convention
     modalities: tuple[str, ...]
     geometry: dict  # source_affine, source_shape, resampled_affine, resampled_shape, crop_box, stored_affine
     normalization: dict  # modality -> {"mean", "std"} of the nonzero source voxels (after resampling)
     integer_source: bool = True  # source intensities were integers: one unit is 1 / std in z units
+    encoded: EncodedImage | None = None  # the image in the store's int16 encoding (``preprocess(encode=True)``)
 
     @property
     def source_unit(self) -> list[float] | None:
@@ -80,7 +82,8 @@ def _load(case_id: str, path: Path, what: str):
 
 
 def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True):
-    """Load and validate a case's files: images (C, X, Y, Z) in source dtype, label or None, source affine."""
+    """Load and validate a case's files: images (one (X, Y, Z) array per modality, in its source dtype; not
+    stacked, as the exact path copies only the cropped brain), label or None, source affine."""
     arrays, affines = [], []
     for m in modalities:
         if m not in case.images:
@@ -111,7 +114,7 @@ def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True
             raise CaseError(f"case {case.case_id}: {case.seg.name} has label values {sorted(values - legal)} "
                             f"outside the {case.label_convention} convention {sorted(legal)}")
         label = label.astype(np.uint8)
-    return np.stack(arrays), label, ref_aff
+    return arrays, label, ref_aff
 
 
 def _values(label: np.ndarray) -> set[int]:
@@ -207,14 +210,35 @@ def normalize_nonzero(arr: np.ndarray, modalities) -> tuple[np.ndarray, dict]:
     return out, norm
 
 
+def integer_nonzero_stats(a: np.ndarray) -> tuple[float, float]:
+    """Mean and population std of the nonzero voxels of an integer array, from exact integer sums (the std of
+    a constant channel is exactly 0, as MONAI gives)."""
+    n = int(np.count_nonzero(a))
+    if not n:
+        return 0.0, 1.0
+    s = int(a.sum(dtype=np.int64))
+    flat = a.reshape(-1)
+    ss = int(np.einsum("i,i->", flat, flat, dtype=np.int64))  # exact below 2**63: 2**31 voxels of 2**15 squared
+    return s / n, max(n * ss - s * s, 0) ** 0.5 / n
+
+
 def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, margin: int = CROP_MARGIN,
-               spacing=TARGET_SPACING) -> Preprocessed:
+               spacing=TARGET_SPACING, encode: bool = False) -> Preprocessed:
     """Load, validate, orient to RAS, resample to ``spacing`` mm (default 1 mm), crop to the brain, z-score
-    per channel over nonzero voxels."""
+    per channel over nonzero voxels.
+
+    ``encode``: return the image in the store's int16 encoding (``encoded``; ``image`` is None). Where the
+    sources are integers on an axis-aligned grid at the target spacing (BraTS files at 1 mm), no float image is
+    made at all: the z-score of an integer source in source units is an integer shift per channel
+    (``store.zarrstore.encode_integer_source``), done on the cropped, oriented integers."""
     import torch
 
-    src, label, src_aff = load_sources(case, modalities, with_label)
-    nonzero = np.any(src != 0, axis=0)
+    arrays, label, src_aff = load_sources(case, modalities, with_label)
+    src_shape = arrays[0].shape
+    integer = all(a.dtype.kind in "iu" for a in arrays)
+    nonzero = arrays[0] != 0
+    for a in arrays[1:]:
+        nonzero |= a != 0
     if not nonzero.any():
         raise CaseError(f"case {case.case_id}: empty brain mask (no nonzero voxel in any modality)")
     spacing = tuple(float(v) for v in spacing)
@@ -224,41 +248,93 @@ def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, 
         sl = tuple(slice(a, b) for a, b in box)
         pre_aff = src_aff.copy()
         pre_aff[:3, 3] = src_aff[:3, :3] @ np.array([b[0] for b in box]) + src_aff[:3, 3]
-        img = src[(slice(None), *sl)].astype(np.float32)
         lab = label[sl] if label is not None else None
-        x, y = _orient_resample(img, lab, pre_aff, spacing)
-        # The full (uncropped) resampled grid is the source grid, oriented to RAS.
-        resampled_aff, resampled_shape = _ras_grid(src_aff, src.shape[1:])
-        offset = np.rint(np.linalg.solve(resampled_aff, x.affine.numpy())[:3, 3]).astype(int)
-        crop_box = [[int(o), int(o) + int(n)] for o, n in zip(offset, x.shape[1:])]
+        crops = [a[sl] for a in arrays]  # views: only the brain is ever copied
+        if encode and integer:
+            pre = _encode_integers(case, modalities, crops, lab, pre_aff, src_aff, src_shape, spacing)
+            if pre is not None:
+                return pre
+        x, y = _orient_resample(np.stack(crops).astype(np.float32), lab, pre_aff, spacing)
+        resampled_aff, resampled_shape, crop_box = _exact_grid(src_aff, src_shape, x)
     else:
-        x, y = _orient_resample(src.astype(np.float32), label, src_aff, spacing)
+        x, y = _orient_resample(np.stack(arrays).astype(np.float32), label, src_aff, spacing)
         resampled_aff = x.affine.numpy()
         resampled_shape = list(x.shape[1:])
         crop_box = _bbox(np.asarray(torch.any(x != 0, dim=0)), margin)
         sl = (slice(None), *(slice(a, b) for a, b in crop_box))
         x = x[sl]
         y = y[sl] if y is not None else None
-    stored_aff = resampled_aff.copy()
-    stored_aff[:3, 3] = resampled_aff[:3, :3] @ np.array([b[0] for b in crop_box]) + resampled_aff[:3, 3]
     arr = np.asarray(x.as_tensor() if hasattr(x, "as_tensor") else x, dtype=np.float32)
     image, norm = normalize_nonzero(arr, modalities)
-    lab_arr = None
-    if y is not None:
-        lab_arr = np.ascontiguousarray(np.asarray(y.as_tensor() if hasattr(y, "as_tensor") else y)[0]
-                                       .round().astype(np.uint8))
-    geometry = {
+    lab_arr = _label_array(y)
+    pre = Preprocessed(case.case_id, image, lab_arr, tuple(modalities),
+                       _geometry(src_aff, src_shape, resampled_aff, resampled_shape, crop_box, spacing), norm,
+                       integer_source=integer)
+    if encode:
+        pre.encoded, pre.image = encode_image(image, pre.source_unit), None
+    return pre
+
+
+def _label_array(y) -> np.ndarray | None:
+    if y is None:
+        return None
+    return np.ascontiguousarray(np.asarray(y.as_tensor() if hasattr(y, "as_tensor") else y)[0]
+                                .round().astype(np.uint8))
+
+
+def _exact_grid(src_aff, src_shape, x) -> tuple[np.ndarray, list[int], list[list[int]]]:
+    """On the exact path the full resampled grid is the source grid oriented to RAS; the oriented crop ``x``
+    (a MetaTensor) lies in it at a whole-voxel offset: (resampled affine, resampled shape, crop box)."""
+    resampled_aff, resampled_shape = _ras_grid(src_aff, src_shape)
+    offset = np.rint(np.linalg.solve(resampled_aff, x.affine.numpy())[:3, 3]).astype(int)
+    return resampled_aff, resampled_shape, [[int(o), int(o) + int(n)] for o, n in zip(offset, x.shape[1:])]
+
+
+def _geometry(src_aff, src_shape, resampled_aff, resampled_shape, crop_box, spacing) -> dict:
+    stored_aff = resampled_aff.copy()
+    stored_aff[:3, 3] = resampled_aff[:3, :3] @ np.array([b[0] for b in crop_box]) + resampled_aff[:3, 3]
+    return {
         "source_affine": src_aff.tolist(),
-        "source_shape": list(src.shape[1:]),
+        "source_shape": list(src_shape),
         "resampled_affine": resampled_aff.tolist(),
-        "resampled_shape": resampled_shape,
+        "resampled_shape": list(resampled_shape),
         "crop_box": crop_box,
         "stored_affine": stored_aff.tolist(),
         "spacing_mm": list(spacing),
         "orientation": "RAS",
     }
-    return Preprocessed(case.case_id, image, lab_arr, tuple(modalities), geometry, norm,
-                        integer_source=src.dtype.kind in "iu")
+
+
+def _encode_integers(case, modalities, crops, lab, pre_aff, src_aff, src_shape, spacing) -> Preprocessed | None:
+    """The exact path for integer sources, straight to the store's encoding: MONAI's Orientation on each
+    cropped integer channel (Spacing is a no-op on this grid), copied once into the stored (C, X, Y, Z) layout
+    (NIfTI arrays are Fortran-ordered: this copy is the transpose), per-channel statistics from integer sums,
+    an integer shift per channel. None where a channel does not fit the source-unit encoding (the float path
+    takes it)."""
+    from monai.transforms import Orientation
+
+    # torch (under MONAI) has no flips for unsigned types wider than a byte: those channels go as signed ints
+    crops = [c.astype(np.int32 if c.itemsize == 2 else np.int64) if c.dtype.kind == "u" and c.itemsize > 1 else c
+             for c in crops]
+    values = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's deprecation notices about the labels argument
+        orient = Orientation(axcodes="RAS")
+        for c, crop in enumerate(crops):
+            x = orient(_metatensor(crop[None], pre_aff))
+            if values is None:
+                values = np.empty((len(crops), *x.shape[1:]), np.result_type(*crops))
+            np.copyto(values[c], np.asarray(x.as_tensor())[0])
+        y = orient(_metatensor(lab[None], pre_aff)) if lab is not None else None
+    stats = [integer_nonzero_stats(values[c]) for c in range(len(modalities))]
+    encoded = encode_integer_source(values, [m for m, _ in stats], [s for _, s in stats])
+    if encoded is None:
+        return None
+    resampled_aff, resampled_shape, crop_box = _exact_grid(src_aff, src_shape, x)
+    norm = {m: {"mean": mean, "std": std} for m, (mean, std) in zip(modalities, stats)}
+    return Preprocessed(case.case_id, None, _label_array(y), tuple(modalities),
+                        _geometry(src_aff, src_shape, resampled_aff, resampled_shape, crop_box, spacing), norm,
+                        integer_source=True, encoded=encoded)
 
 
 def to_source_grid(arr: np.ndarray, geometry: dict, mode: str = "nearest") -> np.ndarray:
@@ -323,5 +399,5 @@ def label_statistics(label: np.ndarray, convention: str, rng: np.random.Generato
     return label_counts, region_counts, np.concatenate(coords).astype(np.int32)
 
 
-__all__ = ["CaseError", "Preprocessed", "label_statistics", "preprocess", "sha256_file",
+__all__ = ["CaseError", "Preprocessed", "integer_nonzero_stats", "label_statistics", "preprocess", "sha256_file",
            "to_source_grid"]

@@ -31,7 +31,7 @@ def write_array(array, path: str | Path | None, data: np.ndarray) -> None:
     data = np.asarray(data, dtype=np.dtype(array.dtype).newbyteorder("<"))
     typesize = int(cfg.get("typesize") or data.dtype.itemsize)
     chunks, shape = tuple(array.chunks), data.shape
-    root = Path(path, "c")
+    root, made = Path(path, "c"), set()
     for idx in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks))):
         src = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, chunks, shape))
         piece = data[src]
@@ -43,5 +43,7 @@ def write_array(array, path: str | Path | None, data: np.ndarray) -> None:
         if not block.any():
             continue  # all fill value: not written, as zarr does
         f = root.joinpath(*map(str, idx))
-        f.parent.mkdir(parents=True, exist_ok=True)
+        if f.parent not in made:  # each folder once (a case has ~100 chunk files in a few dozen folders)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            made.add(f.parent)
         f.write_bytes(blosc.compress(block, cname, clevel, shuffle, blocksize, typesize))

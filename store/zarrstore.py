@@ -20,6 +20,7 @@ import os
 import shutil
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,7 +49,14 @@ def _open_group(path: str | Path, mode: str):
     return zarr.open_group(_zarr_store(path, mode), mode=mode, zarr_format=3)
 
 
-def encode_image(image: np.ndarray, source_unit=None) -> tuple[np.ndarray, list[float]]:
+class EncodedImage(NamedTuple):
+    """An image as the store holds it: int16 values (C, X, Y, Z) and per-channel scales (z = value * scale)."""
+
+    values: np.ndarray
+    scale: list[float]
+
+
+def encode_image(image: np.ndarray, source_unit=None) -> EncodedImage:
     """float32 z-scores (C, X, Y, Z) -> int16 and the per-channel scale (z = value * scale).
 
     ``source_unit[c]`` is one source intensity unit in z units (1 / std for integer sources): storing in those
@@ -67,7 +75,28 @@ def encode_image(image: np.ndarray, source_unit=None) -> tuple[np.ndarray, list[
         np.divide(image[c], np.float32(unit), out=tmp)  # one channel at a time, into one buffer
         np.rint(tmp, out=tmp)
         out[c] = tmp
-    return out, scales
+    return EncodedImage(out, scales)
+
+
+def encode_integer_source(values: np.ndarray, means, stds) -> EncodedImage | None:
+    """Integer source intensities (C, X, Y, Z), zero outside the brain, with each channel's mean and std over its
+    nonzero voxels -> the encoding ``encode_image`` gives their z-scores in source units, computed exactly on
+    the integers: value = x - rint(mean) where x != 0, else 0; scale = 1 / std (1 where std is 0, where every
+    value is 0). An int16 ``values`` is encoded in place. None where a channel would not fit in +-32000 steps
+    (then ``encode_image`` spreads its range instead)."""
+    shifts = [int(np.rint(m)) for m in means]
+    for c, shift in enumerate(shifts):
+        lo, hi = int(values[c].min()), int(values[c].max())
+        if max(hi - shift, shift - lo, abs(shift)) > 32000:
+            return None
+    out = values if values.dtype == np.int16 else np.empty(values.shape, np.int16)
+    for c, shift in enumerate(shifts):
+        o = out[c]
+        # in int16 arithmetic, modulo 2**16 (other integer types are cast first): exact, as the result is in range
+        np.subtract(values[c], shift, out=o, dtype=np.int16, casting="unsafe")
+        # x - shift == -shift exactly where x == 0 (no wrap-around in range): zeros stay zero
+        np.copyto(o, 0, where=o == -shift)
+    return EncodedImage(out, [1.0 / float(s) if s else 1.0 for s in stds])
 
 
 def decode_into(reader, channels, scales, region: tuple[slice, slice, slice], out, at=(0, 0, 0)):
@@ -365,12 +394,12 @@ def case_group_name(case_id: str, token: str) -> str:
     return f"{CASES_GROUP}/{case_id}.{token}"
 
 
-def write_case(store_path: str, group_name: str, image: np.ndarray, label: np.ndarray | None,
+def write_case(store_path: str, group_name: str, image: np.ndarray | EncodedImage, label: np.ndarray | None,
                foreground: np.ndarray, attrs: dict, source_unit=None) -> dict:
     """Write one case's arrays and attributes under ``group_name`` (not yet visible: see ``publish``).
 
-    ``image`` float32 (C, X, Y, Z) is stored as int16 (``encode_image``); the returned attributes carry the
-    scale and the content hash that ``verify`` checks.
+    ``image``: float32 z-scores (C, X, Y, Z), stored as int16 (``encode_image``), or an ``EncodedImage`` already
+    in that encoding. The returned attributes carry the scale and the content hash that ``verify`` checks.
     """
     import zarr
 
@@ -381,7 +410,7 @@ def write_case(store_path: str, group_name: str, image: np.ndarray, label: np.nd
     if group_name in root:
         _delete_group(root, group_name)  # a leftover of a killed build
     g = root.create_group(group_name)
-    img16, scale = encode_image(image, source_unit)
+    img16, scale = image if isinstance(image, EncodedImage) else encode_image(image, source_unit)
     chunks = tuple(min(c, s) for c, s in zip(fmt.image_chunks, img16.shape))
     a = g.create_array("image", shape=img16.shape, dtype=img16.dtype, chunks=chunks,
                        compressors=[blosc(chunk_bytes=2 * int(np.prod(chunks)))],
@@ -401,10 +430,10 @@ def write_case(store_path: str, group_name: str, image: np.ndarray, label: np.nd
                        compressors=[blosc()], fill_value=0)
     if len(fg):
         f[...] = fg
-    attrs = dict(attrs, content_crc32=content_checksum(*arrays), shape=list(image.shape[1:]), image_scale=scale)
+    attrs = dict(attrs, content_crc32=content_checksum(*arrays), shape=list(img16.shape[1:]), image_scale=scale)
     g.attrs.put(json.loads(json.dumps(attrs)))
     return attrs
 
 
-__all__ = ["MODALITIES", "Case", "Store", "StoreWriter", "case_group_name", "content_checksum", "open_store",
-           "write_case"]
+__all__ = ["MODALITIES", "Case", "EncodedImage", "Store", "StoreWriter", "case_group_name", "content_checksum",
+           "encode_image", "encode_integer_source", "open_store", "write_case"]

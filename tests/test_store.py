@@ -17,7 +17,7 @@ from prep.preprocess import to_source_grid
 from store import FormatError, open_store
 from store.cli import main as store_main
 
-from .helpers import lps_affine, oblique_affine, write_case
+from .helpers import lps_affine, make_arrays, oblique_affine, write_case
 
 
 def _monai_reference(case):
@@ -370,3 +370,61 @@ def test_normalization_equals_monai_on_constant_and_skewed_channels():
     ref = np.asarray(NormalizeIntensity(nonzero=True, channel_wise=True)(a.copy()))
     assert stats["t1"]["std"] == 0.0
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "uint8", "int32"])
+def test_integer_encoding_equals_encoding_the_zscores(dtype):
+    """The build's integer path (statistics from integer sums, an integer shift per channel) stores what encoding
+    the float z-scores in source units stores, for every integer source type, a constant channel included."""
+    from prep.preprocess import integer_nonzero_stats, normalize_nonzero
+    from store.zarrstore import encode_image, encode_integer_source
+
+    rng = np.random.default_rng(1)
+    hi = 250 if dtype == "uint8" else 3000
+    x = rng.integers(1, hi, (3, 12, 10, 9)).astype(dtype)
+    x[:, :3] = 0
+    x[2, 3:] = 17  # constant inside the brain: std 0
+    z, norm = normalize_nonzero(x.astype(np.float32), ["a", "b", "c"])
+    stats = [integer_nonzero_stats(x[c]) for c in range(3)]
+    for (mean, std), m in zip(stats, "abc"):
+        assert mean == pytest.approx(norm[m]["mean"], rel=1e-12) and std == pytest.approx(norm[m]["std"], rel=1e-9)
+    ref = encode_image(z, [1 / s if s else 0.0 for _, s in stats])
+    got = encode_integer_source(x.copy(), [m for m, _ in stats], [s for _, s in stats])
+    assert got.values.dtype == np.int16 and np.array_equal(got.values, ref.values)
+    np.testing.assert_allclose(got.scale, ref.scale, rtol=1e-12)
+    assert not got.values[2].any() and got.scale[2] == 1.0
+
+
+def test_integer_encoding_refuses_what_does_not_fit():
+    from store.zarrstore import encode_integer_source
+
+    x = np.zeros((1, 4, 4, 4), np.uint16)
+    x[0, 0, 0, :3] = [10, 100, 100]
+    assert encode_integer_source(x.copy(), [70.0], [42.4]) is not None
+    x[0, 0, 0, :3] = [10, 65000, 65000]  # 10 lies 43323 units below the mean
+    assert encode_integer_source(x, [43336.7], [30637.0]) is None
+
+
+def test_build_paths_store_the_same_values(tmp_path):
+    """preprocess(encode=True) on integer 1 mm sources (no float image made) gives what encoding the float
+    preprocessing gives; sources that do not fit the source-unit encoding take the float path."""
+    from prep.preprocess import preprocess
+    from store.zarrstore import encode_image
+
+    write_case(tmp_path / "a", "BraTS2021_00000")
+    case = discover(tmp_path / "a").cases[0]
+    fast, ref = preprocess(case, encode=True), preprocess(case)
+    enc = encode_image(ref.image, ref.source_unit)
+    assert fast.image is None and fast.geometry == ref.geometry and np.array_equal(fast.label, ref.label)
+    assert np.abs(fast.encoded.values.astype(int) - enc.values).max() <= 1  # float32 rounding at a tie, at most
+    assert (fast.encoded.values == enc.values).mean() > 0.999
+    np.testing.assert_allclose(fast.encoded.scale, enc.scale, rtol=1e-9)
+
+    images, label = make_arrays()
+    images["t2"] = images["t2"].astype(np.uint16) * 20  # a range over 32000 source units
+    write_case(tmp_path / "b", "BraTS2021_00001", images=images, label=label)
+    case = discover(tmp_path / "b").cases[0]
+    wide, ref = preprocess(case, encode=True), preprocess(case)
+    enc = encode_image(ref.image, ref.source_unit)
+    assert np.array_equal(wide.encoded.values, enc.values) and wide.encoded.scale == enc.scale
+    assert wide.encoded.scale[2] != pytest.approx(1 / ref.normalization["t2"]["std"])
