@@ -13,15 +13,23 @@ def _epochs(loader, n=2):
     return [(a.clone(), b.clone()) for e in range(n) for a, b in loader.epoch(e)]
 
 
+# the cache modes compared with ram; gpu where a CUDA device is present
+OTHER_MODES = ["none"] + (["gpu"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("mode", OTHER_MODES)
 @pytest.mark.parametrize("workers", [0, 2])
-def test_ram_and_none_give_identical_batches(tiny_store, workers):
+def test_cache_modes_give_identical_batches(tiny_store, workers, mode):
     ids = open_store(tiny_store).case_ids
-    kw = dict(modalities=("t1", "t2", "flair"), patch=(16, 16, 16), batch_size=3, workers=workers, seed=5)
+    device = "cuda" if mode == "gpu" else "cpu"
+    kw = dict(modalities=("t1", "t2", "flair"), patch=(16, 16, 16), batch_size=3, workers=workers, seed=5,
+              device=device)
     ram = _epochs(TrainLoader(tiny_store, ids, cache="ram", **kw))
-    none = _epochs(TrainLoader(tiny_store, ids, cache="none", **kw))
-    assert len(ram) == len(none) == 4
-    for (a, b), (c, d) in zip(ram, none):
+    other = _epochs(TrainLoader(tiny_store, ids, cache=mode, **kw))
+    assert len(ram) == len(other) == 4
+    for (a, b), (c, d) in zip(ram, other):
         assert a.dtype == torch.float16 and a.shape == (3, 3, 16, 16, 16) and b.shape == (3, 1, 16, 16, 16)
+        assert a.device.type == c.device.type == device
         assert torch.equal(a, c) and torch.equal(b, d)
     other_seed = _epochs(TrainLoader(tiny_store, ids, cache="ram", **{**kw, "seed": 6}))
     assert not all(torch.equal(a, c) for (a, _), (c, _) in zip(ram, other_seed))
