@@ -394,12 +394,12 @@ def case_group_name(case_id: str, token: str) -> str:
     return f"{CASES_GROUP}/{case_id}.{token}"
 
 
-def write_case(store_path: str, group_name: str, image: np.ndarray | EncodedImage, label: np.ndarray | None,
-               foreground: np.ndarray, attrs: dict, source_unit=None) -> dict:
+def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.ndarray | None,
+               foreground: np.ndarray, attrs: dict) -> dict:
     """Write one case's arrays and attributes under ``group_name`` (not yet visible: see ``publish``).
 
-    ``image``: float32 z-scores (C, X, Y, Z), stored as int16 (``encode_image``), or an ``EncodedImage`` already
-    in that encoding. The returned attributes carry the scale and the content hash that ``verify`` checks.
+    ``image``: the case's image in the store's encoding (``encode_image``, ``encode_integer_source``). The
+    returned attributes carry the scale and the content hash that ``verify`` checks.
     """
     import zarr
 
@@ -410,7 +410,7 @@ def write_case(store_path: str, group_name: str, image: np.ndarray | EncodedImag
     if group_name in root:
         _delete_group(root, group_name)  # a leftover of a killed build
     g = root.create_group(group_name)
-    img16, scale = image if isinstance(image, EncodedImage) else encode_image(image, source_unit)
+    img16, scale = image
     chunks = tuple(min(c, s) for c, s in zip(fmt.image_chunks, img16.shape))
     a = g.create_array("image", shape=img16.shape, dtype=img16.dtype, chunks=chunks,
                        compressors=[blosc(chunk_bytes=2 * int(np.prod(chunks)))],

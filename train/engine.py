@@ -332,7 +332,8 @@ def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_di
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            # float16 in, float32 out into one buffer reused every step; the loader's tensors are fresh: no copy
+            # float16 in, float32 out into one buffer reused every step; the loader's batch is ours until we
+            # drop it (its pool reuses it only then): augmented in place, no copy
             aug_out = augment.buffer_for(img, aug_out)
             img, lab = augment(img, lab, inplace=True, out=aug_out)
             lv = train_step(model, opt, loss_fn, autocast, scaler, img,
