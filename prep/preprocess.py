@@ -210,15 +210,18 @@ def normalize_nonzero(arr: np.ndarray, modalities) -> tuple[np.ndarray, dict]:
     return out, norm
 
 
-def integer_nonzero_stats(a: np.ndarray) -> tuple[float, float]:
+def integer_nonzero_stats(a: np.ndarray) -> tuple[float, float] | None:
     """Mean and population std of the nonzero voxels of an integer array, from exact integer sums (the std of
-    a constant channel is exactly 0, as MONAI gives)."""
+    a constant channel is exactly 0, as MONAI gives); None where the int64 sum of squares could overflow."""
     n = int(np.count_nonzero(a))
     if not n:
         return 0.0, 1.0
+    peak = max(-int(a.min()), int(a.max()))
+    if peak * peak * a.size >= 2**63:  # int16 sources are far from it: 2**31 voxels of 2**15 squared
+        return None
     s = int(a.sum(dtype=np.int64))
     flat = a.reshape(-1)
-    ss = int(np.einsum("i,i->", flat, flat, dtype=np.int64))  # exact below 2**63: 2**31 voxels of 2**15 squared
+    ss = int(np.einsum("i,i->", flat, flat, dtype=np.int64))
     return s / n, max(n * ss - s * s, 0) ** 0.5 / n
 
 
@@ -309,8 +312,8 @@ def _encode_integers(case, modalities, crops, lab, pre_aff, src_aff, src_shape, 
     """The exact path for integer sources, straight to the store's encoding: MONAI's Orientation on each
     cropped integer channel (Spacing is a no-op on this grid), copied once into the stored (C, X, Y, Z) layout
     (NIfTI arrays are Fortran-ordered: this copy is the transpose), per-channel statistics from integer sums,
-    an integer shift per channel. None where a channel does not fit the source-unit encoding (the float path
-    takes it)."""
+    an integer shift per channel. None where a channel does not fit the source-unit encoding or its exact sums
+    (the float path takes it)."""
     from monai.transforms import Orientation
 
     # torch (under MONAI) has no flips for unsigned types wider than a byte: those channels go as signed ints
@@ -327,6 +330,8 @@ def _encode_integers(case, modalities, crops, lab, pre_aff, src_aff, src_shape, 
             np.copyto(values[c], np.asarray(x.as_tensor())[0])
         y = orient(_metatensor(lab[None], pre_aff)) if lab is not None else None
     stats = [integer_nonzero_stats(values[c]) for c in range(len(modalities))]
+    if None in stats:
+        return None
     encoded = encode_integer_source(values, [m for m, _ in stats], [s for _, s in stats])
     if encoded is None:
         return None

@@ -395,6 +395,14 @@ def test_integer_encoding_equals_encoding_the_zscores(dtype):
     assert not got.values[2].any() and got.scale[2] == 1.0
 
 
+def test_integer_stats_refuse_sums_that_could_overflow():
+    from prep.preprocess import integer_nonzero_stats
+
+    x = np.full((4, 4, 4), 2_000_000_000, np.int64)  # 64 squares of 4e18: past int64
+    assert integer_nonzero_stats(x) is None
+    assert integer_nonzero_stats(x // 1000) == (2_000_000.0, 0.0)
+
+
 def test_integer_encoding_refuses_what_does_not_fit():
     from store.zarrstore import encode_integer_source
 
