@@ -187,11 +187,15 @@ def test_fused_spatial_run_equals_transforms_one_by_one():
     assert torch.equal(img, _batch("cpu", b=16, shape=(10, 10, 8))[0])  # not in place unless asked
 
 
-def test_float16_batch_comes_back_float32_converted_on_the_way():
+def _half_batch(seed: int):
+    """A float16 batch as the loader delivers it, with augmentation parameters drawn for it."""
     img, lab = _batch("cpu", b=8, shape=(10, 10, 8))
-    half = img.half()
-    aug = BatchAugment(seed=3)
-    params = aug.draw(8)
+    aug = BatchAugment(seed=seed)
+    return img, img.half(), lab, aug, aug.draw(8)
+
+
+def test_float16_batch_comes_back_float32_converted_on_the_way():
+    img, half, lab, aug, params = _half_batch(3)
     out, out_lab = aug.apply(half, lab, params)
     ref, ref_lab = aug.apply(half.float(), lab, params)
     assert out.dtype == torch.float32
@@ -222,10 +226,7 @@ def test_spatial_copy_equals_torch_rot90_and_flip(k, flips, slabs):
 
 
 def test_out_buffer_gives_the_same_result_and_is_reused():
-    img, lab = _batch("cpu", b=8, shape=(10, 10, 8))
-    half = img.half()
-    aug = BatchAugment(seed=5)
-    params = aug.draw(8)
+    _, half, lab, aug, params = _half_batch(5)
     ref, ref_lab = aug.apply(half, lab, params)
     buf = BatchAugment.buffer_for(half, None)
     out, out_lab = aug.apply(half, lab, params, out=buf)
