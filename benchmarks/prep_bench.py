@@ -1,8 +1,9 @@
 """Preprocessing throughput: building the store vs merely decoding the NIfTI files, at 1 and 2 workers.
 
 Both run as Dask tasks on the same warmed-up LocalCluster, so the comparison is at the same number of
-workers and excludes cluster start-up. Also: store bytes per case vs source .nii.gz bytes, and the peak
-resident memory of each worker process.
+workers and excludes cluster start-up. Also: store bytes per case vs source .nii.gz bytes, the peak
+resident memory of each worker process, and where one case's build time goes, step by step (``_steps``, on the
+1-worker cluster).
 """
 
 from __future__ import annotations
@@ -40,6 +41,50 @@ def _warm() -> bool:
     return True
 
 
+def _steps(case, store_path: str, params: dict) -> dict:
+    """Where one case's build time goes, step by step, in a build worker: the decode it shares with the baseline,
+    the rest of preprocessing, the label statistics and the write, and within the write, compression alone."""
+    import itertools
+
+    import numpy as np
+    from numcodecs import blosc
+
+    from prep.build import process_case
+    from prep.preprocess import label_statistics, preprocess, sha256_file
+    from store.format import CURRENT
+
+    t = {}
+    t0 = time.perf_counter()
+    _decode(case)
+    t["decode (as the baseline)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for p in [*case.images.values(), case.seg]:
+        sha256_file(p)
+    t["source sha256"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pre = preprocess(case, encode=True, spacing=params["spacing_mm"], margin=params["crop_margin"])
+    t["preprocess beyond decode"] = time.perf_counter() - t0 - t["decode (as the baseline)"]
+    t0 = time.perf_counter()
+    label_statistics(pre.label, case.label_convention, np.random.default_rng(0))
+    t["label statistics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    process_case(case, store_path, params, None)
+    whole = time.perf_counter() - t0
+    # the write is what the whole task spends beyond the steps above
+    t["write (chunks, files, metadata, checksum)"] = whole - sum(t.values())
+    values, chunks = pre.encoded.values, CURRENT.image_chunks
+    c = CURRENT.codec
+    t0 = time.perf_counter()
+    for idx in itertools.product(*(range(-(-n // k)) for n, k in zip(values.shape, chunks))):
+        block = np.zeros(chunks, values.dtype)
+        piece = values[tuple(slice(i * k, (i + 1) * k) for i, k in zip(idx, chunks))]
+        block[tuple(slice(0, n) for n in piece.shape)] = piece
+        blosc.compress(block, c["cname"].encode(), c["clevel"], 1, block.nbytes, 2)
+    t["of the write: image compression alone"] = time.perf_counter() - t0
+    t["whole build task"] = whole
+    return t
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -49,10 +94,12 @@ def _peak_rss_mb() -> float:
 def run(out_dir: Path, size: str = "full") -> dict:
     from distributed import Client
 
-    from prep.build import BuildConfig, build_store, local_cluster
+    from prep.build import BuildConfig, build_params, build_store, local_cluster
     from prep.discover import discover
     from prep.synth import FOV_MM, FULL_SHAPE, SynthConfig, synth_cohort
     from store import open_store
+    from store.conventions import MODALITIES
+    from store.zarrstore import StoreWriter
 
     # quick/tiny: a coarser cohort stored at its own voxel size, so it takes the no-resampling path as 1 mm does
     shape = {"full": FULL_SHAPE, "quick": (120, 120, 62), "tiny": (40, 40, 28)}[size]
@@ -63,6 +110,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
     try:
         synth_cohort(SynthConfig(out=work / "raw", cases=n, seed=123, shape=shape, workers=2), progress=False)
         cohort = discover(work / "raw")
+        params = build_params(BuildConfig(spacing=spacing))
         src_image_bytes = sum(p.stat().st_size for c in cohort.cases for p in c.images.values())
         src_seg_bytes = sum(c.seg.stat().st_size for c in cohort.cases)
         results = {}
@@ -83,6 +131,12 @@ def run(out_dir: Path, size: str = "full") -> dict:
                     build.append(time.perf_counter() - t0)
                     assert rep.ok, rep.failed
                 rss = list(client.run(_peak_rss_mb).values())
+                if workers == 1:  # the per-step breakdown, on the same warm worker, into a store of its own
+                    steps_store = str(work / "steps.zarr")
+                    StoreWriter(steps_store, MODALITIES, cohort.label_convention, params, overwrite=True)
+                    timings = client.gather(client.map(_steps, cohort.cases, store_path=steps_store, params=params,
+                                                       pure=False))
+                    steps = {k: summarize([t[k] for t in timings]) for k in timings[0]}
             results[workers] = {
                 "decode_s": summarize(dec),
                 "build_s": summarize(build),
@@ -104,6 +158,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
             "source_bytes_per_case": {"images": src_image_bytes / n,
                                       "images+seg": (src_image_bytes + src_seg_bytes) / n},
             "store_over_source": store_bytes / (src_image_bytes + src_seg_bytes),
+            "steps_s_per_case (1 worker)": steps,
             "goals": {"build_over_decode": "<= 1.5", "store_over_source": "<= 1", "peak_rss_mb_per_worker": "< 1536"},
         }
     finally:
@@ -121,4 +176,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
     print(f"prep: 1 -> 2 workers speed-up {res['speedup_1_to_2_workers']:.2f}x; "
           f"store {res['store_bytes_per_case'] / 1e6:.1f} MB/case vs source "
           f"{res['source_bytes_per_case']['images+seg'] / 1e6:.1f} MB/case ({res['store_over_source']:.2f}x)")
+    print("prep: seconds per case by step (median, 1 worker):")
+    for k, v in steps.items():
+        print(f"  {k:45s} {v['median']:.3f}")
     return res

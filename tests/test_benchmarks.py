@@ -19,7 +19,7 @@ def tiny_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name, keys", [
     ("synth", {"cpu_s_per_case", "wall_s_per_case"}),
-    ("prep", {"workers", "store_over_source", "speedup_1_to_2_workers"}),
+    ("prep", {"workers", "store_over_source", "speedup_1_to_2_workers", "steps_s_per_case (1 worker)"}),
     ("loader", {"variants", "ratios"}),
     ("train", {"real_loader", "fixed_batch", "real_over_fixed_step_time"}),
     ("infer", {"seconds_per_case", "ours_over_bare"}),
