@@ -9,7 +9,7 @@ from pathlib import Path
 
 BENCHES = {
     "synth": "CPU seconds per synthetic case (goal <= 2 s at full size)",
-    "prep": "store build vs NIfTI decode at 1 and 2 workers, store bytes, worker memory",
+    "prep": "store build vs NIfTI decode at 1 and 2 workers, store bytes, worker memory, time per build step",
     "loader": "augmented samples/s: seed chain, MONAI CacheDataset/PersistentDataset, ram/none/gpu",
     "train": "steps/s and data-wait share, real loader vs a fixed batch on the device",
     "infer": "seconds per case: whole predict path vs bare sliding window",
