@@ -429,6 +429,12 @@ def test_build_paths_store_the_same_values(tmp_path):
     np.testing.assert_allclose(fast.encoded.scale, enc.scale, rtol=1e-9)
 
     images, label = make_arrays()
+    images["t1"] = images["t1"].astype(np.uint16)  # torch cannot flip uint16: goes through as int32
+    write_case(tmp_path / "u", "BraTS2021_00002", images=images, label=label)
+    case = discover(tmp_path / "u").cases[0]
+    fast, ref = preprocess(case, encode=True), preprocess(case)
+    assert fast.image is None and np.array_equal(fast.encoded.values, encode_image(ref.image, ref.source_unit).values)
+
     images["t2"] = images["t2"].astype(np.uint16) * 20  # a range over 32000 source units
     write_case(tmp_path / "b", "BraTS2021_00001", images=images, label=label)
     case = discover(tmp_path / "b").cases[0]
