@@ -123,10 +123,10 @@ def run(out_dir: Path, size: str = "full") -> dict:
                     client.gather(client.map(_decode, cohort.cases, pure=False))
                     dec.append(time.perf_counter() - t0)
                     store = work / f"s{workers}.zarr"
+                    shutil.rmtree(store, ignore_errors=True)  # each repeat builds a new store (no --overwrite)
                     t0 = time.perf_counter()
                     rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store),
-                                                  scheduler=cluster.scheduler_address, overwrite=True,
-                                                  spacing=spacing),
+                                                  scheduler=cluster.scheduler_address, spacing=spacing),
                                       progress=False)
                     build.append(time.perf_counter() - t0)
                     assert rep.ok, rep.failed

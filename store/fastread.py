@@ -1,18 +1,53 @@
-"""Reading regions of a local store's arrays straight from their chunk files.
+"""Reading regions of a local store's arrays straight from their chunk or shard files.
 
 zarr-python's general read path costs tens of milliseconds per call here (an event loop round trip, codec
-pipeline objects, per-chunk tasks). For a local v1 store the layout is fixed (FORMAT.md): one file per chunk,
-``c/<i>/<j>/...``, each a blosc frame of the whole little-endian chunk. Reading those files and decoding them
-with numcodecs' blosc directly is several times faster; anything else falls back to zarr.
+pipeline objects, per-chunk tasks). For a local store the layouts are few and fixed (FORMAT.md): blosc chunks of
+the whole little-endian chunk, either one file per chunk (``c/<i>/<j>/...`` or ``c.<i>.<j>...``) or held in
+shards (Zarr v3 ``sharding_indexed``: the chunks, then an index of (offset, length) pairs with its CRC-32C, at
+the end). Reading those bytes and decoding them with numcodecs' blosc directly is several times faster;
+anything else falls back to zarr.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import struct
 import threading
 from pathlib import Path
 
 import numpy as np
+
+EMPTY = 2**64 - 1  # a shard index entry for a chunk that is not stored
+
+
+def _layout(array) -> dict | None:
+    """How ``array``'s chunks lie on disk, where this module can read them directly: {"chunks", "shard" (chunks
+    per shard, or None), "sep", "crc" (the shard index carries a CRC-32C)}; None for anything else."""
+    try:
+        meta = array.metadata
+        if meta.fill_value != 0 or array.dtype.itemsize not in (1, 2, 4):
+            return None
+        keys = meta.chunk_key_encoding.to_dict()
+        if keys.get("name") != "default":
+            return None
+        sep = (keys.get("configuration") or {}).get("separator", "/")
+        codecs = [c.to_dict() for c in meta.codecs]
+        grid = tuple(meta.chunk_grid.chunk_shape)
+        if [c["name"] for c in codecs] == ["bytes", "blosc"]:
+            return {"chunks": grid, "shard": None, "sep": sep, "crc": False}
+        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+            return None
+        cfg = codecs[0]["configuration"]
+        index = [c["name"] for c in cfg["index_codecs"]]
+        if ([c["name"] for c in cfg["codecs"]] != ["bytes", "blosc"] or index not in (["bytes"], ["bytes", "crc32c"])
+                or cfg.get("index_location", "end") != "end"):
+            return None
+        chunks = tuple(cfg["chunk_shape"])
+        return {"chunks": chunks, "shard": tuple(g // c for g, c in zip(grid, chunks)), "sep": sep,
+                "crc": index[-1] == "crc32c"}
+    except Exception:
+        return None
 
 
 class ChunkReader:
@@ -21,21 +56,39 @@ class ChunkReader:
     def __init__(self, array, path: str | Path | None):
         self.array = array
         self.shape = tuple(array.shape)
-        self.chunks = tuple(array.chunks)
         self.dtype = np.dtype(array.dtype)
         self.path = Path(path) if path is not None else None
-        self.fast = self.path is not None and self._is_plain_blosc(array)
+        self.layout = _layout(array) if self.path is not None else None
+        self.fast = self.layout is not None
+        self.chunks = self.layout["chunks"] if self.fast else tuple(array.chunks)
         self._local = threading.local()
+        self._indexes: dict = {}  # shard -> its index (chunks per shard..., 2), read once
 
-    @staticmethod
-    def _is_plain_blosc(array) -> bool:
-        try:
-            meta = array.metadata
-            names = [c.to_dict()["name"] for c in meta.codecs]
-            sep = meta.chunk_key_encoding.to_dict()
-            return names == ["bytes", "blosc"] and sep.get("name") == "default" and array.dtype.itemsize in (1, 2, 4)
-        except Exception:
-            return False
+    def _file(self, idx) -> Path:
+        return self.path / self.layout["sep"].join(["c", *map(str, idx)])  # c.0.1.. or c/0/1/..
+
+    def _split(self, idx) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Chunk ``idx`` -> (its shard, its place in the shard)."""
+        per_shard = self.layout["shard"]
+        return tuple(i // p for i, p in zip(idx, per_shard)), tuple(i % p for i, p in zip(idx, per_shard))
+
+    def _shard_index(self, sidx, fd: int) -> np.ndarray:
+        index = self._indexes.get(sidx)
+        if index is None:
+            n = int(np.prod(self.layout["shard"]))
+            crc = 4 if self.layout["crc"] else 0
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, 16 * n + crc, size - 16 * n - crc) if size >= 16 * n + crc else b""
+            if len(raw) != 16 * n + crc:
+                raise ValueError(f"{self._file(sidx)}: shard too short for its index")
+            if crc:
+                import google_crc32c
+
+                if google_crc32c.value(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+                    raise ValueError(f"{self._file(sidx)}: shard index fails its CRC-32C check")
+            index = np.frombuffer(raw[: 16 * n], dtype="<u8").reshape(*self.layout["shard"], 2)
+            self._indexes[sidx] = index
+        return index
 
     def blocks(self, region: tuple[slice, ...], at=None):
         """The pieces of ``region`` (one slice per dimension, steps of 1, inside the array), one per chunk it
@@ -57,20 +110,70 @@ class ChunkReader:
         buffer = getattr(self._local, "buffer", None)
         if buffer is None:  # one per thread: loader threads read the same case at once
             buffer = self._local.buffer = np.empty(self.chunks, dtype=self.dtype.newbyteorder("<"))
-        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
-        for idx in itertools.product(*ranges):
-            src, dst = [], []
-            for i, a, b, c, o in zip(idx, starts, stops, self.chunks, at):
-                lo, hi = max(a, i * c), min(b, (i + 1) * c)
-                src.append(slice(lo - i * c, hi - i * c))
-                dst.append(slice(lo - a + o, hi - a + o))
+        per_shard = self.layout["shard"]
+        fds: dict = {}  # shard -> open file (None: not written), for the length of this read
+        try:
+            ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
+            for idx in itertools.product(*ranges):
+                src, dst = [], []
+                for i, a, b, c, o in zip(idx, starts, stops, self.chunks, at):
+                    lo, hi = max(a, i * c), min(b, (i + 1) * c)
+                    src.append(slice(lo - i * c, hi - i * c))
+                    dst.append(slice(lo - a + o, hi - a + o))
+                raw = self._read_chunk(idx, per_shard, fds)
+                if raw is None:
+                    yield None, tuple(src), tuple(dst)
+                    continue
+                blosc.decompress(raw, buffer)
+                yield buffer, tuple(src), tuple(dst)
+        finally:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
+
+    def _read_chunk(self, idx, per_shard, fds: dict) -> bytes | None:
+        """The stored bytes of chunk ``idx``, or None where it was never written."""
+        if per_shard is None:
             try:
-                raw = self.path.joinpath("c", *map(str, idx)).read_bytes()
+                return self._file(idx).read_bytes()
             except FileNotFoundError:
-                yield None, tuple(src), tuple(dst)
-                continue
-            blosc.decompress(raw, buffer)
-            yield buffer, tuple(src), tuple(dst)
+                return None
+        sidx, inner = self._split(idx)
+        if sidx not in fds:
+            try:
+                fds[sidx] = os.open(self._file(sidx), os.O_RDONLY)
+            except FileNotFoundError:
+                fds[sidx] = None
+        fd = fds[sidx]
+        if fd is None:
+            return None
+        offset, length = (int(v) for v in self._shard_index(sidx, fd)[inner])
+        if offset == EMPTY:
+            return None
+        raw = os.pread(fd, length, offset)
+        if len(raw) != length:
+            raise ValueError(f"{self._file(sidx)}: chunk {idx} lies beyond the end of its shard")
+        return raw
+
+    def locate(self, idx) -> tuple[Path, int, int] | None:
+        """Where chunk ``idx`` (chunk coordinates) is stored: (file, byte offset, length), or None where it is
+        not stored (fast layouts only)."""
+        if not self.fast:
+            raise ValueError("locate needs a local array in a layout this module reads directly")
+        idx, per_shard = tuple(int(i) for i in idx), self.layout["shard"]
+        if per_shard is None:
+            f = self._file(idx)
+            return (f, 0, f.stat().st_size) if f.exists() else None
+        sidx, inner = self._split(idx)
+        try:
+            fd = os.open(self._file(sidx), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            offset, length = (int(v) for v in self._shard_index(sidx, fd)[inner])
+        finally:
+            os.close(fd)
+        return None if offset == EMPTY else (self._file(sidx), offset, length)
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """The array's values in ``region`` (one slice per dimension, steps of 1, inside the array)."""

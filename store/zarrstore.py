@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .conventions import MODALITIES
-from .format import CASES_GROUP, CURRENT, FORMAT_NAME, FormatError, blosc, detect
+from .format import CASES_GROUP, CURRENT, FORMAT_NAME, FormatError, detect
 
 
 def _is_local(path: str) -> bool:
@@ -399,39 +399,47 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
     """Write one case's arrays and attributes under ``group_name`` (not yet visible: see ``publish``).
 
     ``image``: the case's image in the store's encoding (``encode_image``, ``encode_integer_source``). The
-    returned attributes carry the scale and the content hash that ``verify`` checks.
+    returned attributes carry the scale and the content hash that ``verify`` checks. In a local store the
+    files are written directly (``fastwrite``): a group of about ten files (one shard per image channel, one for
+    the label); elsewhere through zarr.
     """
-    import zarr
-
-    from .fastwrite import write_array
+    from .fastwrite import array_metadata, shard_shape, write_array, write_array_zarr
 
     fmt = CURRENT
+    img16, scale = image
+    chunks = tuple(min(c, s) for c, s in zip(fmt.image_chunks, img16.shape))
+    arrays = {"image": (img16, array_metadata(img16.shape, img16.dtype, chunks, fmt.codec,
+                                              shards=(1, *shard_shape(img16.shape[1:], chunks[1:])),
+                                              dimension_names=["c", "x", "y", "z"]))}
+    if label is not None:
+        lchunks = tuple(min(c, s) for c, s in zip(fmt.label_chunks, label.shape))
+        arrays["label"] = (label, array_metadata(label.shape, np.uint8, lchunks, fmt.codec,
+                                                 shards=shard_shape(label.shape, lchunks),
+                                                 dimension_names=["x", "y", "z"]))
+    fg = np.ascontiguousarray(foreground, dtype=np.int32).reshape(-1, 4)
+    arrays["foreground"] = (fg, array_metadata(fg.shape, np.int32, (max(len(fg), 1), 4), fmt.codec))
+    checked = [arrays["image"][0]] + ([label] if label is not None else [])
+    attrs = dict(attrs, content_crc32=content_checksum(*checked), shape=list(img16.shape[1:]), image_scale=scale)
+    attrs = json.loads(json.dumps(attrs))
+    if _is_local(store_path):
+        folder = Path(store_path, group_name)
+        if folder.exists():
+            shutil.rmtree(folder)  # a leftover of a killed build
+        folder.mkdir(parents=True)
+        # the group first: a build killed from here on leaves a group the next build's garbage collection finds
+        (folder / "zarr.json").write_text(json.dumps({"attributes": attrs, "zarr_format": 3, "node_type": "group"},
+                                                     indent=2))
+        for name, (data, meta) in arrays.items():
+            write_array(folder / name, meta, data)
+        return attrs
+    import zarr
+
     root = zarr.open_group(_zarr_store(store_path, "r+"), mode="r+", zarr_format=3)
     if group_name in root:
         _delete_group(root, group_name)  # a leftover of a killed build
-    g = root.create_group(group_name)
-    img16, scale = image
-    chunks = tuple(min(c, s) for c, s in zip(fmt.image_chunks, img16.shape))
-    a = g.create_array("image", shape=img16.shape, dtype=img16.dtype, chunks=chunks,
-                       compressors=[blosc(chunk_bytes=2 * int(np.prod(chunks)))],
-                       fill_value=0, dimension_names=["c", "x", "y", "z"])
-    local = Path(store_path, group_name) if _is_local(store_path) else None
-    write_array(a, local / "image" if local else None, img16)
-    arrays = [img16]
-    if label is not None:
-        lchunks = tuple(min(c, s) for c, s in zip(fmt.label_chunks, label.shape))
-        b = g.create_array("label", shape=label.shape, dtype=np.uint8, chunks=lchunks,
-                           compressors=[blosc(chunk_bytes=int(np.prod(lchunks)))],
-                           fill_value=0, dimension_names=["x", "y", "z"])
-        write_array(b, local / "label" if local else None, label)
-        arrays.append(label)
-    fg = np.ascontiguousarray(foreground, dtype=np.int32).reshape(-1, 4)
-    f = g.create_array("foreground", shape=fg.shape, dtype=np.int32, chunks=(max(len(fg), 1), 4),
-                       compressors=[blosc()], fill_value=0)
-    if len(fg):
-        f[...] = fg
-    attrs = dict(attrs, content_crc32=content_checksum(*arrays), shape=list(img16.shape[1:]), image_scale=scale)
-    g.attrs.put(json.loads(json.dumps(attrs)))
+    g = root.create_group(group_name, attributes=attrs)
+    for name, (data, meta) in arrays.items():
+        write_array_zarr(g, name, meta, data)
     return attrs
 
 

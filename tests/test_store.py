@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import signal
@@ -122,9 +123,11 @@ def test_partial_read_touches_only_its_chunks(tmp_path):
     c = s.case("BraTS2021_00000")
     assert c.shape[0] > n  # more than one chunk along x
     full = c.image(modalities=("t1",))
-    # damage the last x-chunk of channel 0: a read of the first n voxels must not touch it
-    chunk = tmp_path / "s.zarr" / s.index["BraTS2021_00000"]["group"] / "image" / "c" / "0" / "1" / "0" / "0"
-    chunk.write_bytes(b"garbage")
+    # damage the last x-chunk of channel 0 (inside its shard): a read of the first n voxels must not touch it
+    f, offset, length = c._reader("image").locate((0, 1, 0, 0))
+    data = bytearray(f.read_bytes())
+    data[offset:offset + length] = b"garbage".ljust(length, b"\0")
+    f.write_bytes(bytes(data))
     part = c.image(modalities=("t1",), region=(slice(0, n - 20), slice(None), slice(None)))
     np.testing.assert_array_equal(part, full[:, : n - 20])
     with pytest.raises(Exception):  # noqa: B017 - zarr raises its codec's own error type
@@ -139,14 +142,17 @@ def test_verify_catches_damaged_and_missing_chunk(tmp_path, capsys):
     build_store(BuildConfig(source=str(src), store=str(store), workers=0), progress=False)
     assert store_main(["verify", str(store)]) == 0
     s = open_store(store)
-    img_dir = store / s.index["BraTS2021_00001"]["group"] / "image" / "c"
-    chunks = sorted(p for p in img_dir.rglob("*") if p.is_file())
-    data = bytearray(chunks[0].read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunks[0].write_bytes(bytes(data))
-    assert store_main(["verify", str(store)]) == 1
-    assert "BraTS2021_00001" in capsys.readouterr().err
-    chunks[0].unlink()  # a missing chunk reads as fill value: only the checksum can tell
+    img_dir = store / s.index["BraTS2021_00001"]["group"] / "image"
+    shards = sorted(img_dir.glob("c.*"))
+    assert len(shards) == 4  # one shard per channel
+    good = shards[0].read_bytes()
+    for where in (len(good) // 2, len(good) - 8):  # inside a chunk; inside the shard's index
+        data = bytearray(good)
+        data[where] ^= 0xFF
+        shards[0].write_bytes(bytes(data))
+        assert store_main(["verify", str(store)]) == 1
+        assert "BraTS2021_00001" in capsys.readouterr().err
+    shards[0].unlink()  # a missing shard reads as fill value: only the checksum can tell
     assert store_main(["verify", str(store)]) == 1
 
 
@@ -326,32 +332,72 @@ def test_build_workers_get_their_glibc_settings():
 
 
 @pytest.mark.parametrize("dtype", ["int16", "uint8"])
-def test_direct_chunk_writer_writes_the_files_zarr_writes(tmp_path, dtype):
+@pytest.mark.parametrize("layout", ["shards", "chunk files", "chunk files, nested keys"])
+def test_direct_writer_writes_what_zarr_writes_and_reads(tmp_path, dtype, layout):
+    """The direct writer's metadata is zarr's own for the same array, every chunk holds the bytes zarr stores for
+    it, chunks of fill value only are not stored, and both zarr and the direct reader read the values back, from
+    either writer's files: in the store's layout (one shard per channel) and one file per chunk, also with the
+    nested keys of stores written before."""
+    import json
+
     import zarr
 
-    from store.fastwrite import write_array
-    from store.format import blosc
+    from store.fastread import ChunkReader
+    from store.fastwrite import array_metadata, shard_shape, write_array, write_array_zarr
+    from store.format import CURRENT
 
     rng = np.random.default_rng(0)
     data = (rng.integers(-50, 50, (2, 70, 66, 20)) * (rng.random((2, 70, 66, 20)) > 0.3)).astype(dtype)
-    data[1] = 0  # a channel of fill value only: no chunk written for it
+    data[1] = 0  # a channel of fill value only: no chunk (and no shard) stored for it
+    data[0, 64:] = 0  # a chunk of fill value only inside a stored shard
     chunks = (1, 64, 64, 16)
+    meta = array_metadata(data.shape, data.dtype, chunks, CURRENT.codec,
+                          shards=(1, *shard_shape(data.shape[1:], chunks[1:])) if layout == "shards" else None,
+                          dimension_names=["c", "x", "y", "z"], separator="/" if "nested" in layout else ".")
+    write_array(tmp_path / "ours", meta, data)
+    write_array_zarr(zarr.open_group(str(tmp_path / "g.zarr"), mode="w"), "theirs", meta, data)
+    theirs = tmp_path / "g.zarr" / "theirs"
+    assert json.loads((tmp_path / "ours" / "zarr.json").read_text()) == json.loads((theirs / "zarr.json").read_text())
 
-    def make(name):
-        return zarr.create_array(str(tmp_path / name), shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                 compressors=[blosc(chunk_bytes=data.itemsize * int(np.prod(chunks)))], fill_value=0)
+    def stored(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json")
 
-    ref = make("zarr.zarr")
-    ref[...] = data
-    ours = make("ours.zarr")
-    write_array(ours, tmp_path / "ours.zarr", data)
-    files = {p.relative_to(tmp_path / "zarr.zarr"): p.read_bytes() for p in (tmp_path / "zarr.zarr").rglob("c/**/*")
-             if p.is_file()}
-    mine = {p.relative_to(tmp_path / "ours.zarr"): p.read_bytes() for p in (tmp_path / "ours.zarr").rglob("c/**/*")
-            if p.is_file()}
-    assert files.keys() == mine.keys() and len(files) == 8  # 2 x 2 x 2 chunks of channel 0 (edges padded)
-    assert all(files[k] == mine[k] for k in files)
-    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr"))[...], data)
+    sep = "/" if "nested" in layout else "."
+    want = [sep.join(["c", "0", "0", str(j), str(k)]) for j in (0, 1) for k in (0, 1)]  # x-chunk 1 is all 0
+    assert stored(tmp_path / "ours") == stored(theirs) == (["c.0.0.0.0"] if layout == "shards" else want)
+    readers = [ChunkReader(zarr.open_array(str(p)), p) for p in (tmp_path / "ours", theirs)]
+    assert all(r.fast for r in readers)
+    for idx in itertools.product(range(2), range(2), range(2), range(2)):
+        where = [r.locate(idx) for r in readers]
+        assert (where[0] is None) == (where[1] is None) == (idx[0] == 1 or idx[1] == 1)
+        if where[0] is not None:
+            a, b = ((f.read_bytes()[o:o + n]) for f, o, n in where)
+            assert a == b
+    region = (slice(0, 2), slice(3, 70), slice(0, 66), slice(5, 19))
+    for p, r in zip((tmp_path / "ours", theirs), readers):
+        np.testing.assert_array_equal(zarr.open_array(str(p))[...], data)
+        np.testing.assert_array_equal(r.read(region), data[region])
+
+
+def test_direct_reader_refuses_a_shard_whose_index_is_damaged(tmp_path):
+    import zarr
+
+    from store.fastread import ChunkReader
+    from store.fastwrite import array_metadata, shard_shape, write_array
+    from store.format import CURRENT
+
+    data = np.arange(2 * 20 * 20 * 20, dtype=np.int16).reshape(2, 20, 20, 20)
+    chunks = (1, 8, 8, 8)
+    write_array(tmp_path / "a", array_metadata(data.shape, data.dtype, chunks, CURRENT.codec,
+                                               shards=(1, *shard_shape(data.shape[1:], chunks[1:]))), data)
+    shard = tmp_path / "a" / "c.0.0.0.0"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0x01  # one bit of the last index entry
+    shard.write_bytes(bytes(raw))
+    reader = ChunkReader(zarr.open_array(str(tmp_path / "a")), tmp_path / "a")
+    np.testing.assert_array_equal(reader.read((slice(1, 2), slice(None), slice(None), slice(None))), data[1:])
+    with pytest.raises(ValueError, match="CRC-32C"):
+        reader.read((slice(0, 1), slice(0, 4), slice(0, 4), slice(0, 4)))
 
 
 def test_normalization_equals_monai_on_constant_and_skewed_channels():
