@@ -351,14 +351,22 @@ class StoreWriter:
         self.group.attrs["splits"] = splits
 
     def collect_garbage(self) -> list[str]:
-        """Remove case groups no index entry names (left by a build killed mid-case)."""
+        """Remove case groups no index entry names (left by a build killed mid-case), also a local group's
+        folder killed before its metadata was written (which zarr does not list)."""
         published = {rec["group"] for rec in self.index.values()}
-        cases = self.group.require_group(CASES_GROUP)
+        local = Path(self.path, CASES_GROUP) if _is_local(self.path) else None
+        if local is not None:
+            names = [p.name for p in local.iterdir() if p.is_dir()] if local.is_dir() else []
+        else:
+            names = list(self.group.require_group(CASES_GROUP).group_keys())
         removed = []
-        for name in list(cases.group_keys()):
+        for name in names:
             path = f"{CASES_GROUP}/{name}"
             if path not in published:
-                _delete_group(self.group, path)
+                if local is not None:
+                    shutil.rmtree(local / name)
+                else:
+                    _delete_group(self.group, path)
                 removed.append(name)
         return removed
 

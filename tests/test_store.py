@@ -1,6 +1,7 @@
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -288,6 +289,11 @@ def test_kill_and_resume(tmp_path):
 
     for cid in partial.case_ids:  # whatever is visible is complete (splits come at the end of a build)
         assert verify_case(partial, cid) == []
+    # what a kill at other moments leaves: a case folder made but no metadata yet, a group with half its arrays
+    (store / "cases" / "BraTS2021_09998.0123456789ab").mkdir()
+    half = store / "cases" / "BraTS2021_09999.0123456789ab"
+    shutil.copytree(store / partial.index[partial.case_ids[0]]["group"], half)
+    shutil.rmtree(half / "label")
     r = build_store(BuildConfig(source=str(src), store=str(store), workers=0), progress=False)
     assert r.ok and len(r.skipped) == len(partial) and len(r.built) == n - len(partial)
     s = open_store(store)
