@@ -13,7 +13,7 @@ BENCHES = {
     "loader": "augmented samples/s: seed chain, MONAI CacheDataset/PersistentDataset, ram/none/gpu",
     "train": "steps/s and data-wait share, real loader vs a fixed batch on the device",
     "infer": "seconds per case: whole predict path vs bare sliding window",
-    "store-format": "bytes and read/write times of candidate dtypes, chunks and codecs (FORMAT.md table)",
+    "store-format": "bytes, read/write times of candidate dtypes, chunks, codecs, file layouts (FORMAT.md tables)",
     "modalities": "the seed's experiment: T1 vs T1+T2+FLAIR, test Dice per region (tens of minutes)",
     "table": "regenerate the README's performance table from the JSON results",
 }
