@@ -21,33 +21,53 @@ import numpy as np
 EMPTY = 2**64 - 1  # a shard index entry for a chunk that is not stored
 
 
-def _layout(array) -> dict | None:
-    """How ``array``'s chunks lie on disk, where this module can read them directly: {"chunks", "shard" (chunks
-    per shard, or None), "sep", "crc" (the shard index carries a CRC-32C)}; None for anything else."""
+def layout(meta: dict) -> dict | None:
+    """How the chunks of the array whose ``zarr.json`` is ``meta`` (a dict) lie on disk, where this module reads
+    them directly and ``fastwrite`` writes them: {"chunks", "grid" (the chunk grid: the shard shape where
+    sharded), "shard" (chunks per shard, or None), "sep" (chunk key separator), "crc" (the shard index carries a
+    CRC-32C), "blosc" (the blosc configuration)}; None for any other layout."""
     try:
-        meta = array.metadata
-        if meta.fill_value != 0 or array.dtype.itemsize not in (1, 2, 4):
-            return None
-        keys = meta.chunk_key_encoding.to_dict()
+        keys = meta["chunk_key_encoding"]
         if keys.get("name") != "default":
             return None
         sep = (keys.get("configuration") or {}).get("separator", "/")
-        codecs = [c.to_dict() for c in meta.codecs]
-        grid = tuple(meta.chunk_grid.chunk_shape)
-        if [c["name"] for c in codecs] == ["bytes", "blosc"]:
-            return {"chunks": grid, "shard": None, "sep": sep, "crc": False}
-        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+        codecs = meta["codecs"]
+        grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        chunks, shard, crc, inner = grid, None, False, codecs
+        if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+            cfg = codecs[0]["configuration"]
+            index = [c["name"] for c in cfg["index_codecs"]]
+            if index not in (["bytes"], ["bytes", "crc32c"]) or cfg.get("index_location", "end") != "end":
+                return None
+            inner, chunks = cfg["codecs"], tuple(cfg["chunk_shape"])
+            shard, crc = tuple(g // c for g, c in zip(grid, chunks)), index[-1] == "crc32c"
+        if [c["name"] for c in inner] != ["bytes", "blosc"]:
             return None
-        cfg = codecs[0]["configuration"]
-        index = [c["name"] for c in cfg["index_codecs"]]
-        if ([c["name"] for c in cfg["codecs"]] != ["bytes", "blosc"] or index not in (["bytes"], ["bytes", "crc32c"])
-                or cfg.get("index_location", "end") != "end"):
+        return {"chunks": chunks, "grid": grid, "shard": shard, "sep": sep, "crc": crc,
+                "blosc": inner[1]["configuration"]}
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def chunk_key(lay: dict, idx) -> str:
+    """The file name of chunk (or shard) ``idx`` within its array's folder: c.0.1... or c/0/1/..."""
+    return lay["sep"].join(["c", *map(str, idx)])
+
+
+def _readable(array) -> dict | None:
+    """``layout`` of a zarr array this module reads directly (fill value 0, items of 1, 2 or 4 bytes)."""
+    try:
+        if array.metadata.fill_value != 0 or array.dtype.itemsize not in (1, 2, 4):
             return None
-        chunks = tuple(cfg["chunk_shape"])
-        return {"chunks": chunks, "shard": tuple(g // c for g, c in zip(grid, chunks)), "sep": sep,
-                "crc": index[-1] == "crc32c"}
+        return layout(array.metadata.to_dict())
     except Exception:
         return None
+
+
+def _close(fds: dict) -> None:
+    for fd in fds.values():
+        if fd is not None:
+            os.close(fd)
 
 
 class ChunkReader:
@@ -58,14 +78,14 @@ class ChunkReader:
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
         self.path = Path(path) if path is not None else None
-        self.layout = _layout(array) if self.path is not None else None
+        self.layout = _readable(array) if self.path is not None else None
         self.fast = self.layout is not None
         self.chunks = self.layout["chunks"] if self.fast else tuple(array.chunks)
         self._local = threading.local()
         self._indexes: dict = {}  # shard -> its index (chunks per shard..., 2), read once
 
     def _file(self, idx) -> Path:
-        return self.path / self.layout["sep"].join(["c", *map(str, idx)])  # c.0.1.. or c/0/1/..
+        return self.path / chunk_key(self.layout, idx)
 
     def _split(self, idx) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Chunk ``idx`` -> (its shard, its place in the shard)."""
@@ -110,7 +130,6 @@ class ChunkReader:
         buffer = getattr(self._local, "buffer", None)
         if buffer is None:  # one per thread: loader threads read the same case at once
             buffer = self._local.buffer = np.empty(self.chunks, dtype=self.dtype.newbyteorder("<"))
-        per_shard = self.layout["shard"]
         fds: dict = {}  # shard -> open file (None: not written), for the length of this read
         try:
             ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
@@ -120,24 +139,19 @@ class ChunkReader:
                     lo, hi = max(a, i * c), min(b, (i + 1) * c)
                     src.append(slice(lo - i * c, hi - i * c))
                     dst.append(slice(lo - a + o, hi - a + o))
-                raw = self._read_chunk(idx, per_shard, fds)
+                raw = self._read_chunk(idx, fds)
                 if raw is None:
                     yield None, tuple(src), tuple(dst)
                     continue
                 blosc.decompress(raw, buffer)
                 yield buffer, tuple(src), tuple(dst)
         finally:
-            for fd in fds.values():
-                if fd is not None:
-                    os.close(fd)
+            _close(fds)
 
-    def _read_chunk(self, idx, per_shard, fds: dict) -> bytes | None:
-        """The stored bytes of chunk ``idx``, or None where it was never written."""
-        if per_shard is None:
-            try:
-                return self._file(idx).read_bytes()
-            except FileNotFoundError:
-                return None
+    def _stored(self, idx, fds: dict) -> tuple[int, int, int] | None:
+        """Where chunk ``idx`` lies in its shard: (open file, byte offset, length), or None where it is not
+        stored. ``fds``: the shard files opened so far (shard -> file, None where not written), the caller's to
+        close."""
         sidx, inner = self._split(idx)
         if sidx not in fds:
             try:
@@ -148,11 +162,22 @@ class ChunkReader:
         if fd is None:
             return None
         offset, length = (int(v) for v in self._shard_index(sidx, fd)[inner])
-        if offset == EMPTY:
+        return None if offset == EMPTY else (fd, offset, length)
+
+    def _read_chunk(self, idx, fds: dict) -> bytes | None:
+        """The stored bytes of chunk ``idx``, or None where it was never written."""
+        if self.layout["shard"] is None:
+            try:
+                return self._file(idx).read_bytes()
+            except FileNotFoundError:
+                return None
+        where = self._stored(idx, fds)
+        if where is None:
             return None
+        fd, offset, length = where
         raw = os.pread(fd, length, offset)
         if len(raw) != length:
-            raise ValueError(f"{self._file(sidx)}: chunk {idx} lies beyond the end of its shard")
+            raise ValueError(f"{self._file(self._split(idx)[0])}: chunk {idx} lies beyond the end of its shard")
         return raw
 
     def locate(self, idx) -> tuple[Path, int, int] | None:
@@ -160,20 +185,16 @@ class ChunkReader:
         not stored (fast layouts only)."""
         if not self.fast:
             raise ValueError("locate needs a local array in a layout this module reads directly")
-        idx, per_shard = tuple(int(i) for i in idx), self.layout["shard"]
-        if per_shard is None:
+        idx = tuple(int(i) for i in idx)
+        if self.layout["shard"] is None:
             f = self._file(idx)
             return (f, 0, f.stat().st_size) if f.exists() else None
-        sidx, inner = self._split(idx)
+        fds: dict = {}
         try:
-            fd = os.open(self._file(sidx), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            offset, length = (int(v) for v in self._shard_index(sidx, fd)[inner])
+            where = self._stored(idx, fds)
         finally:
-            os.close(fd)
-        return None if offset == EMPTY else (self._file(sidx), offset, length)
+            _close(fds)
+        return None if where is None else (self._file(self._split(idx)[0]), where[1], where[2])
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """The array's values in ``region`` (one slice per dimension, steps of 1, inside the array)."""

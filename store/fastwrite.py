@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fastread import EMPTY
+from .fastread import EMPTY, chunk_key, layout
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -61,7 +61,7 @@ def array_metadata(shape, dtype, chunks, codec: dict, shards=None, dimension_nam
     return meta
 
 
-def _chunk_bytes(data: np.ndarray, idx, chunks, compress) -> bytes | None:
+def chunk_bytes(data: np.ndarray, idx, chunks, compress) -> bytes | None:
     """Chunk ``idx`` of ``data`` compressed (edge chunks padded with 0), or None where it is all 0 or lies
     wholly outside the array (the tail of a shard)."""
     src = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, chunks, data.shape))
@@ -76,51 +76,50 @@ def _chunk_bytes(data: np.ndarray, idx, chunks, compress) -> bytes | None:
     return compress(block) if block.any() else None
 
 
+def compressor(lay: dict):
+    """Chunk (a C-contiguous block of the whole chunk shape) -> its stored bytes, with ``lay``'s blosc settings."""
+    from numcodecs import blosc
+
+    cfg = lay["blosc"]
+    cname, clevel = cfg["cname"].encode(), int(cfg["clevel"])
+    shuffle, blocksize, typesize = _SHUFFLE[cfg["shuffle"]], int(cfg["blocksize"]), int(cfg["typesize"])
+    return lambda block: blosc.compress(block, cname, clevel, shuffle, blocksize, typesize)
+
+
 def write_array(folder: str | Path, meta: dict, data: np.ndarray) -> None:
     """Create the array ``meta`` describes (``array_metadata``) in the new folder ``folder`` holding ``data``."""
     import google_crc32c
-    from numcodecs import blosc
 
-    folder = Path(folder)
-    folder.mkdir()
-    (folder / "zarr.json").write_text(json.dumps(meta, indent=2))
-    codec = meta["codecs"][0]
-    sharded = codec["name"] == "sharding_indexed"
-    inner = codec["configuration"] if sharded else {"chunk_shape": meta["chunk_grid"]["configuration"]["chunk_shape"],
-                                                    "codecs": meta["codecs"]}
-    chunks = tuple(inner["chunk_shape"])
-    cfg = inner["codecs"][1]["configuration"]
-    cname, clevel = cfg["cname"].encode(), int(cfg["clevel"])
-    shuffle, blocksize, typesize = _SHUFFLE[cfg["shuffle"]], int(cfg["blocksize"]), int(cfg["typesize"])
+    lay = layout(meta)
+    if lay is None:
+        raise ValueError("write_array writes blosc chunks, one per file or in shards, only")
     data = np.asarray(data, dtype=np.dtype(meta["data_type"]).newbyteorder("<"))
     if data.shape != tuple(meta["shape"]):
         raise ValueError(f"data of shape {data.shape} for an array of shape {tuple(meta['shape'])}")
-
-    def compress(block):
-        return blosc.compress(block, cname, clevel, shuffle, blocksize, typesize)
-
-    sep, made = meta["chunk_key_encoding"]["configuration"]["separator"], set()
+    folder = Path(folder)
+    folder.mkdir()
+    (folder / "zarr.json").write_text(json.dumps(meta, indent=2))
+    chunks, compress, made = lay["chunks"], compressor(lay), set()
 
     def key(idx) -> Path:
-        f = folder / sep.join(["c", *map(str, idx)])
+        f = folder / chunk_key(lay, idx)
         if f.parent not in made:  # nested keys: each folder made once
             f.parent.mkdir(parents=True, exist_ok=True)
             made.add(f.parent)
         return f
 
-    if not sharded:
+    per_shard = lay["shard"]
+    if per_shard is None:
         for idx in itertools.product(*(range(-(-n // c)) for n, c in zip(data.shape, chunks))):
-            b = _chunk_bytes(data, idx, chunks, compress)
+            b = chunk_bytes(data, idx, chunks, compress)
             if b is not None:
                 key(idx).write_bytes(b)
         return
-    shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    per_shard = tuple(s // c for s, c in zip(shard, chunks))
-    for sidx in itertools.product(*(range(-(-n // s)) for n, s in zip(data.shape, shard))):
+    for sidx in itertools.product(*(range(-(-n // s)) for n, s in zip(data.shape, lay["grid"]))):
         index = np.full((*per_shard, 2), EMPTY, dtype="<u8")
         parts, offset = [], 0
         for inner_idx in itertools.product(*map(range, per_shard)):
-            b = _chunk_bytes(data, [s * p + i for s, p, i in zip(sidx, per_shard, inner_idx)], chunks, compress)
+            b = chunk_bytes(data, [s * p + i for s, p, i in zip(sidx, per_shard, inner_idx)], chunks, compress)
             if b is not None:
                 index[inner_idx] = (offset, len(b))
                 parts.append(b)
@@ -134,16 +133,11 @@ def write_array_zarr(group, name: str, meta: dict, data: np.ndarray) -> None:
     """The same array through zarr-python, for stores that are not local folders (fsspec URLs)."""
     from zarr.codecs import BloscCodec
 
-    codec = meta["codecs"][0]
-    sharded = codec["name"] == "sharding_indexed"
-    grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-    inner = codec["configuration"]["codecs"] if sharded else meta["codecs"]
-    a = group.create_array(name, shape=tuple(meta["shape"]), dtype=meta["data_type"],
-                           chunks=tuple(codec["configuration"]["chunk_shape"]) if sharded else grid,
-                           shards=grid if sharded else None,
-                           compressors=[BloscCodec(**inner[1]["configuration"])], fill_value=0,
-                           dimension_names=meta.get("dimension_names"),
-                           chunk_key_encoding={"name": "default",
-                                               "separator": meta["chunk_key_encoding"]["configuration"]["separator"]})
+    lay = layout(meta)
+    sharded = lay["shard"] is not None
+    a = group.create_array(name, shape=tuple(meta["shape"]), dtype=meta["data_type"], chunks=lay["chunks"],
+                           shards=lay["grid"] if sharded else None, compressors=[BloscCodec(**lay["blosc"])],
+                           fill_value=0, dimension_names=meta.get("dimension_names"),
+                           chunk_key_encoding={"name": "default", "separator": lay["sep"]})
     if data.size:
         a[...] = data

@@ -52,14 +52,3 @@ def detect(attrs: dict):
         raise FormatError("not a brats-zarr store (root attribute 'format' missing or different)")
     raise FormatError(f"brats-zarr format version {attrs.get('format_version')!r} is not supported by this code "
                       f"(supported: {[f.version for f in FORMATS]})")
-
-
-def blosc(codec: dict | None = None, chunk_bytes: int = 0):
-    """The zarr codec for ``codec`` (default the current format's); ``chunk_bytes``: the size of one chunk, for
-    blocksize "chunk"."""
-    from zarr.codecs import BloscCodec
-
-    c = codec or CURRENT.codec
-    bs = c.get("blocksize", 0)
-    return BloscCodec(cname=c["cname"], clevel=c["clevel"], shuffle=c["shuffle"],
-                      blocksize=chunk_bytes if bs == "chunk" else int(bs))
