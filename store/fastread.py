@@ -107,6 +107,10 @@ class ChunkReader:
                 if google_crc32c.value(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
                     raise ValueError(f"{self._file(sidx)}: shard index fails its CRC-32C check")
             index = np.frombuffer(raw[: 16 * n], dtype="<u8").reshape(*self.layout["shard"], 2)
+            stored = index[..., 0] != EMPTY
+            # chunks lie before the index: an entry reaching into it (or past the file) reads the wrong bytes
+            if (index[stored, 0] + index[stored, 1] > size - 16 * n - crc).any():
+                raise ValueError(f"{self._file(sidx)}: its index places a chunk beyond the end of the shard's chunks")
             self._indexes[sidx] = index
         return index
 

@@ -385,7 +385,11 @@ def test_direct_writer_writes_what_zarr_writes_and_reads(tmp_path, dtype, layout
         np.testing.assert_array_equal(r.read(region), data[region])
 
 
-def test_direct_reader_refuses_a_shard_whose_index_is_damaged(tmp_path):
+@pytest.mark.parametrize("damage, message", [("index bit", "CRC-32C"), ("cut to its start", "too short"),
+                                             ("chunks cut, index kept", "beyond the end")])
+def test_direct_reader_refuses_a_damaged_shard(tmp_path, damage, message):
+    """A flipped bit in a shard's index, a shard cut shorter than its index, or one whose index points past its
+    end: the direct reader says so instead of decoding wrong bytes; the other channel's shard still reads."""
     import zarr
 
     from store.fastread import ChunkReader
@@ -398,12 +402,19 @@ def test_direct_reader_refuses_a_shard_whose_index_is_damaged(tmp_path):
                                                shards=(1, *shard_shape(data.shape[1:], chunks[1:]))), data)
     shard = tmp_path / "a" / "c.0.0.0.0"
     raw = bytearray(shard.read_bytes())
-    raw[-10] ^= 0x01  # one bit of the last index entry
+    index_bytes = 16 * 27 + 4  # 3 x 3 x 3 chunks per shard, then the CRC-32C
+    if damage == "index bit":
+        raw[-10] ^= 0x01  # one bit of the last index entry
+    elif damage == "cut to its start":
+        raw = raw[:10]
+    else:
+        chunk_bytes = raw[:-index_bytes]
+        raw = chunk_bytes[: len(chunk_bytes) // 2] + raw[-index_bytes:]
     shard.write_bytes(bytes(raw))
     reader = ChunkReader(zarr.open_array(str(tmp_path / "a")), tmp_path / "a")
     np.testing.assert_array_equal(reader.read((slice(1, 2), slice(None), slice(None), slice(None))), data[1:])
-    with pytest.raises(ValueError, match="CRC-32C"):
-        reader.read((slice(0, 1), slice(0, 4), slice(0, 4), slice(0, 4)))
+    with pytest.raises(ValueError, match=message):
+        reader.read((slice(0, 1), slice(None), slice(None), slice(None)))
 
 
 def test_normalization_equals_monai_on_constant_and_skewed_channels():
