@@ -55,6 +55,12 @@ def render(out: str | Path) -> str:
                     f"{t['precision']}) | {t['real_over_fixed_step_time']:.3f} | <= 1.10 (CPU) | {machine(t)} |")
         rows.append(f"| train | data-wait share of a step | {100 * t['real_loader']['data_wait_share']:.1f}% | "
                     f"< 5% (GPU) | {machine(t)} |")
+        if (sc := t.get("scaling")) and "skipped" not in sc:
+            rows.append(f"| train | samples/s, 2 processes / 1 (torchrun, {sc['1']['threads_per_process']} / "
+                        f"{sc['2']['threads_per_process']} threads each) | {sc['samples_per_s_2_over_1']:.2f}x | "
+                        f">= 1.8x (one GPU per process) | {machine(t)} |")
+            rows.append(f"| train | ram cache memory on the node, 2 processes / 1 | "
+                        f"{sc['cache_memory_2_over_1']:.2f}x | <= 1.1x | {machine(t)} |")
     if i := _load(out, "infer"):
         s = i["seconds_per_case"]
         ours = s["ours (NIfTI -> source-grid labels)"]["median"]

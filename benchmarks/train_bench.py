@@ -11,14 +11,56 @@ from .cohort import bench_inputs
 from .report import bar_chart, summarize, write_result
 
 
+def scaling(b, amp: bool, steps: int) -> dict:
+    """Samples/s and the memory the ram cache adds on the node, with 1 and 2 processes under torchrun (the
+    trainer's own figures from metrics.jsonl: the second epoch's throughput, the cache's resident memory summed
+    over the node's ranks). On a GPU machine each process takes one GPU, where there are two."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if 0 < gpus < 2:
+        return {"skipped": f"{gpus} GPU on this machine: 2 processes need 2 GPUs"}
+    out = {}
+    for nproc in (1, 2):
+        with tempfile.TemporaryDirectory() as run_dir, socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+                   str(port), "-m", "train", "--store", b.store, "--run-dir", run_dir, "--epochs", "2",
+                   "--steps-per-epoch", str(steps), "--patch-size", *map(str, b.patch), "--batch-size", "2",
+                   "--channels", *map(str, b.channels), "--cache", "ram", "--workers", "2", "--max-val-cases", "1",
+                   *(["--amp"] if amp else [])]
+            threads = max(1, (os.cpu_count() or 1) // nproc)
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            if r.returncode:
+                raise RuntimeError(f"torchrun with {nproc} process(es) failed: {r.stderr[-2000:]}")
+            last = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()][-1]
+        out[str(nproc)] = {"samples_per_s": last["samples_per_s"], "cache_bytes_per_node": last["cache_bytes_per_node"],
+                           "cache_rss_added_per_node": last["cache_rss_added_per_node"],
+                           "threads_per_process": threads}
+    one, two = out["1"], out["2"]
+    return {**out, "steps_per_epoch": steps,
+            "samples_per_s_2_over_1": two["samples_per_s"] / one["samples_per_s"],
+            "cache_memory_2_over_1": two["cache_rss_added_per_node"] / max(one["cache_rss_added_per_node"], 1),
+            "goals": {"samples_per_s_2_over_1 (one GPU per process)": ">= 1.8",
+                      "cache_memory_2_over_1": "<= 1.1"}}
+
+
 def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps: int | None = None) -> dict:
     import torch
-    from monai.losses import DiceLoss
 
     from store import open_store
     from train.augment import BatchAugment
     from train.config import TrainConfig
-    from train.engine import amp_context, build_model, label_to_regions, train_step
+    from train.engine import amp_context, build_model, label_to_regions, make_loss, train_step
     from train.loader import TrainLoader
 
     b = bench_inputs(work, size)
@@ -30,7 +72,7 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = DiceLoss(sigmoid=True)
+    loss_fn = make_loss()  # the trainer's own loss and step
     autocast, scaler, amp_desc = amp_context(cfg, device)
     augment = BatchAugment(seed=0)
 
@@ -78,6 +120,7 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
                                    "counts as step time"},
         "fixed_batch": {"steps_per_s": 1 / fixed_med, "step_s": summarize(fixed_steps)},
         "real_over_fixed_step_time": real_med / fixed_med,
+        "scaling": scaling(b, amp, steps=4 if device.type == "cpu" else 20),
         "goals": {"real_over_fixed_step_time (CPU)": "<= 1.10",
                   "data_wait_share (GPU, --amp, 128^3, batch 2)": "< 0.05"},
     }
@@ -89,4 +132,8 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
     wait = 100 * res["real_loader"]["data_wait_share"]
     print(f"train: real loader {1 / real_med:.3f} steps/s (data wait {wait:.1f}%), fixed batch "
           f"{1 / fixed_med:.3f} steps/s; step time ratio {res['real_over_fixed_step_time']:.3f}")
+    sc = res["scaling"]
+    if "skipped" not in sc:
+        print(f"train: 2 processes / 1: {sc['samples_per_s_2_over_1']:.2f}x samples/s, ram cache memory on the "
+              f"node {sc['cache_memory_2_over_1']:.2f}x")
     return res

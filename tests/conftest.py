@@ -42,3 +42,20 @@ def tiny_store(tiny_cohort, tmp_path_factory):
                       progress=False)
     assert rep.ok, rep.failed
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def store12(tmp_path_factory):
+    """Twelve tiny BraTS 2021 cases in a store: 9 train, an uneven share for 2 or 4 processes."""
+    from prep.build import BuildConfig, build_store
+    from prep.synth import SynthConfig, synth_cohort
+
+    from .helpers import synth_spacing
+
+    raw = tmp_path_factory.mktemp("cohort12")
+    synth_cohort(SynthConfig(out=raw, cases=12, seed=11, shape=TINY), progress=False)
+    path = tmp_path_factory.mktemp("stores") / "twelve.zarr"
+    rep = build_store(BuildConfig(source=str(raw), store=str(path), workers=0, spacing=synth_spacing(TINY)),
+                      progress=False)
+    assert rep.ok, rep.failed
+    return str(path)

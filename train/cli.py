@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -53,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128, 256],
                    help="UNet feature channels per level (default: the seed's 16 32 64 128 256)")
     p.add_argument("--max-val-cases", type=int, help="validate on at most this many cases (quick runs)")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N",
+                   help="optimizer steps per epoch on every process (default: training cases / (processes x "
+                   "batch size), rounded up, so each case is seen about once per epoch)")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                   help="under torchrun: seconds a collective may wait for the other processes before the job "
+                   "stops with an error naming the rank and the step (default: %(default)s)")
     return p
 
 
@@ -65,6 +70,7 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, lr=args.lr, amp=args.amp, cache=args.cache, cache_rate=args.cache_rate,
         workers=args.workers, fold=args.fold, folds=args.folds, device=args.device, resume=args.resume,
         seed=args.seed, channels=tuple(args.channels), max_val_cases=args.max_val_cases,
+        steps_per_epoch=args.steps_per_epoch, dist_timeout=args.dist_timeout,
     )
 
 
@@ -79,35 +85,60 @@ def _splits(store, fold: int | None) -> tuple[list[str], list[str]]:
     return sp["folds"][fold]["train"], sp["folds"][fold]["val"]
 
 
-def run(cfg) -> dict:
-    """Train as configured; returns the summary (one run) or the k-fold report."""
+def check_flags(cfg) -> None:
+    """Flags that make no sense whatever the store holds, refused before any work."""
+    from .engine import ConfigError
+
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}"),
+        (cfg.lr > 0, f"--lr must be positive, not {cfg.lr:g}"),
+        (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1,
+         f"--steps-per-epoch must be at least 1, not {cfg.steps_per_epoch}"),
+        (cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of seconds, not {cfg.dist_timeout:g}"),
+        (len(set(cfg.modalities)) == len(cfg.modalities),
+         f"--modalities names a modality twice: {' '.join(cfg.modalities)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def run(cfg, dist=None) -> dict:
+    """Train as configured; returns the summary (one run) or the k-fold report (written by rank 0 only)."""
     from dataclasses import replace
 
     from store import open_store
 
+    from .distributed import Dist
     from .engine import ConfigError, train_run
 
+    dist = dist or Dist()
+    check_flags(cfg)
     store = open_store(cfg.store)
     run_dir = Path(cfg.run_dir)
     if cfg.folds is None:
         train_ids, val_ids = _splits(store, cfg.fold)
-        return train_run(cfg, train_ids, val_ids, run_dir)
+        return train_run(cfg, train_ids, val_ids, run_dir, dist=dist)
     if cfg.folds > len(store.splits["folds"]):
         raise ConfigError(f"--folds {cfg.folds}: the store has {len(store.splits['folds'])} folds")
     report = {"folds": []}
     for k in range(cfg.folds):
         train_ids, val_ids = _splits(store, k)
         fold_cfg = replace(cfg, fold=k, folds=None, run_dir=str(run_dir / f"fold-{k}"))
-        s = train_run(fold_cfg, train_ids, val_ids, run_dir / f"fold-{k}")
-        report["folds"].append({"fold": k, "run_dir": str(run_dir / f"fold-{k}"), **s})
+        s = train_run(fold_cfg, train_ids, val_ids, run_dir / f"fold-{k}", dist=dist)
+        # relative to the run folder, so a moved or copied run folder keeps working
+        report["folds"].append({"fold": k, "run_dir": f"fold-{k}", **s})
     best = min(report["folds"], key=lambda f: f["best_val_loss"])
     report["best_fold"] = best["fold"]
     report["selection"] = "lowest best validation loss (the seed's choice)"
-    cfg.save(run_dir / "config.json")
-    tmp = run_dir / "kfold.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(run_dir / "kfold.json")
-    print(f"k-fold: best fold {best['fold']} (validation loss {best['best_val_loss']:.4f}); {run_dir / 'kfold.json'}")
+    if dist.is_writer:
+        cfg.save(run_dir / "config.json")
+        tmp = run_dir / "kfold.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(run_dir / "kfold.json")
+        print(f"k-fold: best fold {best['fold']} (validation loss {best['best_val_loss']:.4f}); "
+              f"{run_dir / 'kfold.json'}")
     return report
 
 
@@ -116,22 +147,29 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     from store import FormatError
 
+    from .distributed import CollectiveError, Dist
     from .engine import ConfigError
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        import torch
-
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+    dist = Dist.from_env(timeout_s=cfg.dist_timeout if cfg.dist_timeout > 0 else 300.0)
     try:
-        run(cfg)
+        check_flags(cfg)
+        if dist.enabled:
+            import torch
+
+            dist.init(use_cuda=torch.cuda.is_available() and cfg.device != "cpu")
+        run(cfg, dist)
     except (ConfigError, FormatError, FileNotFoundError, KeyError) as e:
         print(f"python -m train: error: {e}", file=sys.stderr)
         return 2
+    except CollectiveError as e:
+        print(f"python -m train: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not dist.enabled:
+            raise
+        # a collective inside DDP's backward pass failed or timed out
+        print(f"python -m train: error: {dist.describe_failure('a gradient all-reduce', e)}", file=sys.stderr)
+        return 1
     finally:
-        if distributed:
-            import torch
-
-            torch.distributed.destroy_process_group()
+        dist.close()
     return 0

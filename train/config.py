@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 # Fields that may differ when a run is resumed (they do not change what is computed per epoch).
-RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir"}
+RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir", "dist_timeout"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class TrainConfig:
     t0: int = 10
     eta_min: float = 1e-6
     max_val_cases: int | None = None
+    steps_per_epoch: int | None = None  # None: ceil(training cases / (processes * batch size))
+    dist_timeout: float = 300.0  # seconds a collective may wait for the other ranks
 
     def to_dict(self) -> dict:
         """JSON types only (tuples become lists), as saved in config.json and in checkpoints."""

@@ -17,6 +17,7 @@ import torch
 from store.conventions import LABEL_CONVENTIONS, REGIONS
 
 from .config import TrainConfig
+from .distributed import Dist
 
 
 class ConfigError(ValueError):
@@ -120,10 +121,18 @@ class EarlyStopping:
         self.best, self.bad = float(s["best"]), int(s["bad"])
 
 
-def _dist():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+
+def make_loss():
+    """The seed's loss: MONAI DiceLoss on sigmoid outputs, background channel included, smoothing 1e-5."""
+    from monai.losses import DiceLoss
+
+    return DiceLoss(sigmoid=True, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)
+
+
+def steps_per_epoch(cfg: TrainConfig, n_train: int, world: int) -> int:
+    """Optimizer steps per epoch, the same on every rank: ``--steps-per-epoch``, else enough for each training
+    case to be seen about once per epoch over all ranks."""
+    return cfg.steps_per_epoch or max(1, math.ceil(n_train / (world * cfg.batch_size)))
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -139,31 +148,39 @@ def sliding_window_logits(model, image: torch.Tensor, cfg: TrainConfig, autocast
     return out.float()
 
 
-def validate(model, store, case_ids: list[str], cfg: TrainConfig, device, autocast, loss_fn) -> dict:
-    """Validation loss and Dice per region (TC, WT, ET; sigmoid > 0.5), mean over cases.
+def validate(model, store, case_ids: list[str], cfg: TrainConfig, device, autocast, loss_fn,
+             dist: Dist | None = None) -> dict:
+    """Validation loss and Dice per region (TC, WT, ET; sigmoid > 0.5), means over ``case_ids``.
 
-    MONAI's compute_dice per case (DiceMetric's definition) averaged here: DiceMetric's buffers all-gather
-    across ranks when torch.distributed is up, and only rank 0 validates."""
+    With several ranks each scores its share of the cases and the sums are reduced, so every rank returns the
+    same figures, those one process would compute (MONAI's compute_dice per case, as DiceMetric defines it).
+    ``_example`` is (image, target, prediction) of this rank's first case, or None."""
     from monai.metrics import compute_dice
 
+    dist = dist or Dist()
     model.eval()
-    dices = []
-    losses = []
+    sums = np.zeros(2 + 2 * len(REGIONS))  # loss sum, case count, Dice sums, Dice counts (NaN-free cases)
     first = None
-    for cid in case_ids:
+    for cid in dist.share(case_ids):
         case = store.case(cid)
         img = torch.from_numpy(case.image(cfg.modalities))[None].to(device)
         target = label_to_regions(torch.from_numpy(case.label())[None, None].to(device), store.label_convention)
         logits = sliding_window_logits(model, img, cfg, autocast)
-        losses.append(float(loss_fn(logits, target)))
         pred = (torch.sigmoid(logits) > 0.5).float()
-        dices.append(compute_dice(pred, target, include_background=True, ignore_empty=False)[0].cpu().numpy())
+        d = compute_dice(pred, target, include_background=True, ignore_empty=False)[0].cpu().numpy()
+        sums[0] += float(loss_fn(logits, target))
+        sums[1] += 1
+        sums[2:2 + len(REGIONS)] += np.nan_to_num(d)
+        sums[2 + len(REGIONS):] += ~np.isnan(d)
         if first is None:
             first = (img[0].cpu(), target[0].cpu(), pred[0].cpu())
-    dice = np.nanmean(np.stack(dices), axis=0)
-    out = {"val_loss": float(np.mean(losses)), "dice": {r: float(d) for r, d in zip(REGIONS, dice)}}
-    out["dice_mean"] = float(np.mean(dice))
-    out["_example"] = first
+    dist.position = dist.position.split(",")[0] + ", validation"
+    total = np.asarray(dist.sum(sums, "the validation reduction", device=None))
+    n = len(REGIONS)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = total[2:2 + n] / total[2 + n:]
+    out = {"val_loss": float(total[0] / total[1]), "dice": {r: float(v) for r, v in zip(REGIONS, dice)},
+           "dice_mean": float(np.nanmean(dice)), "val_cases": int(total[1]), "_example": first}
     return out
 
 
@@ -207,6 +224,11 @@ def _middle(volume: torch.Tensor) -> np.ndarray:
     return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
 
 
+def case_cache_bytes(shape, n_modalities: int) -> int:
+    """Bytes one decoded case takes in the ram or gpu cache: float16 channels plus the uint8 label."""
+    return (2 * n_modalities + 1) * int(np.prod(shape))
+
+
 def check_inputs(cfg: TrainConfig, store, train_ids: list[str], val_ids: list[str]) -> None:
     """Every bad input named by the CLI contract, before any work starts."""
     from .loader import CACHE_MODES, modality_error
@@ -232,185 +254,294 @@ def check_inputs(cfg: TrainConfig, store, train_ids: list[str], val_ids: list[st
         raise ConfigError(f"--patch-size must be divisible by {2 ** (len(cfg.channels) - 1)} for this UNet")
 
 
-def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_dir: Path,
-              progress: bool = True) -> dict:
-    """Train one model into ``run_dir``; returns its summary (best validation loss, Dice, epoch)."""
-    from monai.losses import DiceLoss
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+def check_gpu_ranks(cfg: TrainConfig, dist: Dist, device_count: int) -> None:
+    """``--cache gpu`` (indeed any CUDA run) needs one GPU per process on the node."""
+    if cfg.cache == "gpu" and dist.local_world > device_count:
+        raise ConfigError(f"--cache gpu with {dist.local_world} processes on this node, which has {device_count} "
+                          f"GPU(s): start at most {device_count} processes per node (--nproc-per-node)")
 
-    from store import open_store
 
-    from .augment import BatchAugment
-    from .loader import TrainLoader
+def check_cache_memory(cfg: TrainConfig, store, train_ids: list[str], dist: Dist,
+                       available: int | None) -> int:
+    """Refuse a ``--cache ram`` cohort that would not fit in this node's memory, before anything is cached.
 
-    rank, world = _dist()
-    device = resolve_device(cfg.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
-    store = open_store(cfg.store)
-    check_inputs(cfg, store, train_ids, val_ids)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    state = None
-    if cfg.resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        old = TrainConfig.from_dict(state["config"])
-        diff = cfg.differences(old)
+    Needed: every case the node's ranks cache (their padded shards, ``cache_rate`` of each), as float16
+    channels plus the uint8 label. ``available``: the least MemAvailable any of the node's ranks saw. Returns
+    the bytes needed on the node."""
+    if cfg.cache != "ram":
+        return 0
+    shapes = {c: store.case(c).shape for c in set(train_ids)}
+    need = 0
+    for r in dist.node_ranks:
+        shard = dist.shard(train_ids, r)
+        cached = shard[: int(len(shard) * cfg.cache_rate)]
+        need += sum(case_cache_bytes(shapes[c], len(cfg.modalities)) for c in cached)
+    if available is not None and need > 0.9 * available:
+        raise ConfigError(f"--cache ram needs {need / 2**30:.2f} GiB on this node for "
+                          f"{len(set(train_ids))} training cases ({dist.local_world} process(es)), and "
+                          f"{available / 2**30:.2f} GiB is available; use --cache none (patches read from the "
+                          f"store), a smaller --cache-rate, or more nodes")
+    return need
+
+
+class Trainer:
+    """One model trained into ``run_dir``; ``fit`` reads as the recipe:
+
+    setup -> for each epoch: train_epoch -> (validate) -> log -> save_checkpoint -> early stopping.
+
+    Distributed concerns live in ``Dist`` (train/distributed.py): every rank runs ``steps`` optimizer steps
+    per epoch and one validation reduction, and only the writer (rank 0) touches the run folder."""
+
+    def __init__(self, cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_dir: Path,
+                 dist: Dist | None = None, progress: bool = True):
+        self.cfg, self.train_ids, self.val_ids, self.run_dir = cfg, list(train_ids), list(val_ids), Path(run_dir)
+        self.dist = dist or Dist()
+        self.progress = progress and self.dist.is_writer
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.summary = {"best_val_loss": math.inf, "best_epoch": None, "best_dice": None}
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from store import open_store
+
+        cfg, dist = self.cfg, self.dist
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            check_gpu_ranks(cfg, dist, torch.cuda.device_count())
+            if dist.enabled:
+                self.device = torch.device("cuda", dist.local_rank)
+                torch.cuda.set_device(self.device)
+        self.store = open_store(cfg.store)
+        check_inputs(cfg, self.store, self.train_ids, self.val_ids)
+        state = self._read_resume_state()
+        self._prepare_run_dir(state)
+        self._build_model()
+        if state is not None:
+            self._restore(state)
+        self._build_loader()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run_dir / "tb")) if dist.is_writer else None
+        if self.progress:
+            print(f"training {len(self.train_ids)} cases ({dist.world} process(es), {self.steps} steps of "
+                  f"{cfg.batch_size} per epoch on each), validating {len(self.val_ids)}; "
+                  f"{'+'.join(cfg.modalities)} -> TC, WT, ET; {self.device}, {self.amp_desc}; "
+                  f"run folder {self.run_dir}")
+
+    def _read_resume_state(self) -> dict | None:
+        last = self.run_dir / "last.pt"
+        if not (self.cfg.resume and last.exists()):
+            return None
+        state = load_checkpoint(last)
+        diff = self.cfg.differences(TrainConfig.from_dict(state["config"]))
         if diff:
             raise ConfigError("--resume into a run made with another config: " + ", ".join(
                 f"{k} was {b!r}, now {a!r}" for k, (a, b) in sorted(diff.items())))
-    if rank == 0 and state is None and (last_path.exists() or (run_dir / "metrics.jsonl").exists()):
-        # a fresh run into a used folder starts over; --resume continues instead
-        import shutil
+        return state
 
-        for old in ("last.pt", "best.pt", "metrics.jsonl", "tb"):
-            p = run_dir / old
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        if progress:
-            print(f"{run_dir} held an earlier run: starting over (pass --resume to continue it)")
-    if rank == 0:
-        cfg.save(run_dir / "config.json")
+    def _prepare_run_dir(self, state: dict | None) -> None:
+        if not self.dist.is_writer:
+            return
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state is None and ((run_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()):
+            # a fresh run into a used folder starts over; --resume continues instead
+            import shutil
+
+            for old in ("last.pt", "best.pt", "metrics.jsonl", "tb"):
+                p = run_dir / old
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+            if self.progress:
+                print(f"{run_dir} held an earlier run: starting over (pass --resume to continue it)")
+        self.cfg.save(run_dir / "config.json")
         # how the inputs were made, so `evaluate predict` preprocesses a new case the same way
-        prep = {"params": store.params, "label_convention": store.label_convention}
+        prep = {"params": self.store.params, "label_convention": self.store.label_convention}
         (run_dir / "preprocessing.json").write_text(json.dumps(prep, indent=2) + "\n")
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    core = model.module if world > 1 else model
-    loss_fn = DiceLoss(sigmoid=True, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.t0, eta_min=cfg.eta_min)
-    autocast, scaler, amp_desc = amp_context(cfg, device)
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-    augment = BatchAugment(seed=cfg.seed * 1000 + rank)
-    start_epoch, history = 0, []
-    if state is not None:
-        core.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        stopper.load_state_dict(state["early_stopping"])
-        _set_rng_state(state["rng"], augment)
-        start_epoch = int(state["epoch"]) + 1
-        history = json.loads(state["history"])
-    my_ids = train_ids[rank::world]
-    loader = TrainLoader(cfg.store, my_ids, cfg.modalities, cfg.patch_size, cfg.batch_size, cfg.cache,
-                         cfg.cache_rate, cfg.workers, device, seed=cfg.seed * 1000 + rank,
-                         fg_fraction=cfg.fg_fraction, progress=progress and rank == 0)
-    writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
-    if rank == 0 and progress:
-        print(f"training {len(train_ids)} cases ({world} process(es)), validating {len(val_ids)}; "
-              f"{'+'.join(cfg.modalities)} -> TC, WT, ET; {device}, {amp_desc}; run folder {run_dir}")
-    val_ids_used = val_ids[: cfg.max_val_cases] if cfg.max_val_cases else val_ids
-    global_step = start_epoch * len(loader)
-    summary = {"best_val_loss": stopper.best, "best_epoch": None, "best_dice": None}
-    for h in history:
-        if h.get("is_best"):
-            summary.update(best_val_loss=h["val_loss"], best_epoch=h["epoch"], best_dice=h["dice"])
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+    def _build_model(self) -> None:
+        from .augment import BatchAugment
+
+        cfg, dist = self.cfg, self.dist
+        torch.manual_seed(cfg.seed)
+        self.core = build_model(cfg).to(self.device)
+        self.model = self.core
+        if dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.loss_fn = make_loss()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.opt, T_0=cfg.t0, eta_min=cfg.eta_min)
+        self.autocast, self.scaler, self.amp_desc = amp_context(cfg, self.device)
+        self.stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+        self.augment = BatchAugment(seed=cfg.seed * 1000 + dist.rank)
+
+    def _restore(self, state: dict) -> None:
+        self.core.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        _set_rng_state(state["rng"], self.augment)
+        self.start_epoch = int(state["epoch"]) + 1
+        self.history = json.loads(state["history"])
+        for h in self.history:
+            if h.get("is_best"):
+                self.summary.update(best_val_loss=h["val_loss"], best_epoch=h["epoch"], best_dice=h["dice"])
+
+    def _build_loader(self) -> None:
+        from .distributed import available_memory_bytes, resident_bytes
+        from .loader import TrainLoader
+
+        cfg, dist = self.cfg, self.dist
+        # every rank reports what it sees before any rank caches, so all take the same decision
+        seen = [0.0] * dist.world
+        seen[dist.rank] = float(available_memory_bytes() or 0)
+        seen = dist.sum(seen, "the memory check")
+        node_seen = [seen[r] for r in dist.node_ranks if seen[r] > 0]
+        check_cache_memory(cfg, self.store, self.train_ids, dist, int(min(node_seen)) if node_seen else None)
+        self.steps = steps_per_epoch(cfg, len(self.train_ids), dist.world)
+        rss = resident_bytes()
+        self.loader = TrainLoader(cfg.store, dist.shard(self.train_ids), cfg.modalities, cfg.patch_size,
+                                  cfg.batch_size, cfg.cache, cfg.cache_rate, cfg.workers, self.device,
+                                  seed=cfg.seed * 1000 + dist.rank, fg_fraction=cfg.fg_fraction,
+                                  progress=self.progress, steps=self.steps)
+        cached = getattr(self.loader.source, "nbytes", lambda: 0)()
+        nodes = max(1, dist.world // dist.local_world)
+        total = dist.sum([cached, max(resident_bytes() - rss, 0)], "the cache report")
+        self.cache_report = {"cache_bytes_per_node": total[0] / nodes, "cache_rss_added_per_node": total[1] / nodes}
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train to ``cfg.epochs`` or early stopping; returns the best validation loss, Dice and epoch."""
+        self.setup()
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                record = self.train_epoch(epoch)
+                if (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs:
+                    record.update(self.validate(epoch))
+                self.history.append(record)
+                self.log(record)
+                self.save_checkpoint(epoch)
+                if self.stopper.should_stop:
+                    if self.progress:
+                        print(f"early stopping: no better validation loss for {self.cfg.patience} validations")
+                    break
+        finally:
+            self.loader.close()
+            if self.writer:
+                self.writer.close()
+        return self.summary
+
+    def train_epoch(self, epoch: int) -> dict:
+        """``steps`` optimizer steps; the epoch's mean loss over every rank, throughput and data-wait share."""
+        from tqdm import tqdm
+
+        cfg, dist = self.cfg, self.dist
+        self.model.train()
         t_epoch = time.perf_counter()
         wait = compute = 0.0
         losses = []
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress or rank != 0, leave=False)
-        it = loader.epoch(epoch)
+        bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not self.progress, leave=False)
+        it = self.loader.epoch(epoch)
         aug_out = None
-        while True:
+        global_step = epoch * self.steps
+        for step in range(self.steps):
+            dist.position = f"epoch {epoch + 1}, step {step + 1}/{self.steps}"
             t0 = time.perf_counter()
-            try:
-                img, lab = next(it)
-            except StopIteration:
-                break
+            img, lab = next(it)
             t1 = time.perf_counter()
             # float16 in, float32 out into one buffer reused every step; the loader's batch is ours until we
             # drop it (its pool reuses it only then): augmented in place, no copy
-            aug_out = augment.buffer_for(img, aug_out)
-            img, lab = augment(img, lab, inplace=True, out=aug_out)
-            lv = train_step(model, opt, loss_fn, autocast, scaler, img,
-                            label_to_regions(lab, store.label_convention))
+            aug_out = self.augment.buffer_for(img, aug_out)
+            img, lab = self.augment(img, lab, inplace=True, out=aug_out)
+            lv = train_step(self.model, self.opt, self.loss_fn, self.autocast, self.scaler, img,
+                            label_to_regions(lab, self.store.label_convention))
             t2 = time.perf_counter()
             wait += t1 - t0
             compute += t2 - t1
             losses.append(lv)
-            if writer:
-                writer.add_scalar("train/batch_loss", lv, global_step)
-            global_step += 1
+            if self.writer:
+                self.writer.add_scalar("train/batch_loss", lv, global_step + step)
             bar.update()
             bar.set_postfix(loss=f"{lv:.4f}", samples_s=f"{len(losses) * cfg.batch_size / (t2 - t_epoch):.2f}")
         bar.close()
-        lr = opt.param_groups[0]["lr"]
-        sched.step()  # once per epoch, no loss argument: the cosine schedule takes epochs
-        epoch_loss = float(np.mean(losses)) if losses else float("nan")
-        if world > 1:
-            t = torch.tensor([epoch_loss], device=device)
-            torch.distributed.all_reduce(t)
-            epoch_loss = float(t) / world
-        seconds = time.perf_counter() - t_epoch
-        record = {"epoch": epoch, "train_loss": epoch_loss, "lr": lr, "seconds": seconds,
-                  "samples_per_s": len(losses) * cfg.batch_size * world / max(wait + compute, 1e-9),
-                  "data_wait_share": wait / max(wait + compute, 1e-9)}
-        validate_now = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-        stop = False
-        if validate_now and rank == 0:
-            v = validate(core, store, val_ids_used, cfg, device, autocast, loss_fn)
-            example = v.pop("_example")
-            is_best = stopper.step(v["val_loss"])
-            record.update(v, is_best=is_best)
-            if is_best:
-                summary.update(best_val_loss=v["val_loss"], best_epoch=epoch, best_dice=v["dice"])
-                save_atomic({"model": core.state_dict(), "config": cfg.to_dict(), "epoch": epoch,
-                             "val_loss": v["val_loss"], "dice": v["dice"]}, best_path)
-            stop = stopper.should_stop
-            if writer:
-                writer.add_scalar("val/loss", v["val_loss"], epoch)
-                writer.add_scalar("val/dice_mean", v["dice_mean"], epoch)
-                for r, d in v["dice"].items():
-                    writer.add_scalar(f"val/dice_{r}", d, epoch)
-                img0, tgt0, pred0 = example
-                writer.add_image("val/input", _middle(img0[0]), epoch, dataformats="HW")
-                writer.add_image("val/label_WT", _middle(tgt0[1]), epoch, dataformats="HW")
-                writer.add_image("val/prediction_WT", _middle(pred0[1]), epoch, dataformats="HW")
-        if world > 1:
-            flag = [stop]
-            torch.distributed.broadcast_object_list(flag, src=0)
-            stop = bool(flag[0])
-        if rank == 0:
-            history.append(record)
-            if writer:
-                writer.add_scalar("train/epoch_loss", epoch_loss, epoch)
-                writer.add_scalar("train/lr", lr, epoch)
-                writer.add_scalar("train/samples_per_s", record["samples_per_s"], epoch)
-                writer.add_scalar("train/data_wait_share", record["data_wait_share"], epoch)
-                writer.flush()
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_atomic({
-                "model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch,
-                "early_stopping": stopper.state_dict(), "rng": _rng_state(augment), "config": cfg.to_dict(),
-                "history": json.dumps(history),
-            }, last_path)
-            if progress:
-                msg = f"epoch {epoch + 1}: train loss {epoch_loss:.4f}, {record['samples_per_s']:.2f} samples/s, " \
-                      f"data wait {100 * record['data_wait_share']:.0f}%"
-                if "val_loss" in record:
-                    msg += f"; val loss {record['val_loss']:.4f}, Dice " + ", ".join(
-                        f"{r} {d:.3f}" for r, d in record["dice"].items()) + ("  (best)" if record["is_best"] else "")
-                print(msg)
-        if stop:
-            if rank == 0 and progress:
-                print(f"early stopping: no better validation loss for {cfg.patience} validations")
-            break
-    if writer:
-        writer.close()
-    return summary
+        it.close()
+        lr = self.opt.param_groups[0]["lr"]
+        self.sched.step()  # once per epoch, no loss argument: the cosine schedule takes epochs
+        dist.position = f"epoch {epoch + 1}, end"
+        total_loss, = dist.sum([sum(losses)], "the epoch's loss reduction")
+        busy = max(wait + compute, 1e-9)
+        return {"epoch": epoch, "train_loss": total_loss / (len(losses) * dist.world), "lr": lr,
+                "seconds": time.perf_counter() - t_epoch, "steps": self.steps, "ranks": dist.world,
+                "samples_per_s": len(losses) * cfg.batch_size * dist.world / busy, "data_wait_share": wait / busy,
+                **self.cache_report}
+
+    def validate(self, epoch: int) -> dict:
+        """Validation on every rank (each its share of the cases), early stopping on the reduced figures."""
+        cfg = self.cfg
+        ids = self.val_ids[: cfg.max_val_cases] if cfg.max_val_cases else self.val_ids
+        v = validate(self.core, self.store, ids, cfg, self.device, self.autocast, self.loss_fn, self.dist)
+        example = v.pop("_example")
+        is_best = self.stopper.step(v["val_loss"])
+        if is_best:
+            self.summary.update(best_val_loss=v["val_loss"], best_epoch=epoch, best_dice=v["dice"])
+            if self.dist.is_writer:
+                save_atomic({"model": self.core.state_dict(), "config": cfg.to_dict(), "epoch": epoch,
+                             "val_loss": v["val_loss"], "dice": v["dice"]}, self.run_dir / "best.pt")
+        if self.writer and example is not None:
+            img0, tgt0, pred0 = example
+            self.writer.add_image("val/input", _middle(img0[0]), epoch, dataformats="HW")
+            self.writer.add_image("val/label_WT", _middle(tgt0[1]), epoch, dataformats="HW")
+            self.writer.add_image("val/prediction_WT", _middle(pred0[1]), epoch, dataformats="HW")
+        return {**v, "is_best": is_best}
+
+    # ------------------------------------------------------------------------------------------ outputs
+
+    def log(self, record: dict) -> None:
+        """metrics.jsonl, TensorBoard and one line on the console; the writer rank only."""
+        if not self.dist.is_writer:
+            return
+        epoch = record["epoch"]
+        if self.writer:
+            for key in ("train_loss", "lr", "samples_per_s", "data_wait_share"):
+                self.writer.add_scalar(f"train/{'epoch_loss' if key == 'train_loss' else key}", record[key], epoch)
+            if "val_loss" in record:
+                self.writer.add_scalar("val/loss", record["val_loss"], epoch)
+                self.writer.add_scalar("val/dice_mean", record["dice_mean"], epoch)
+                for r, d in record["dice"].items():
+                    self.writer.add_scalar(f"val/dice_{r}", d, epoch)
+            self.writer.flush()
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.progress:
+            msg = f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, {record['samples_per_s']:.2f} " \
+                  f"samples/s, data wait {100 * record['data_wait_share']:.0f}%"
+            if "val_loss" in record:
+                msg += f"; val loss {record['val_loss']:.4f}, Dice " + ", ".join(
+                    f"{r} {d:.3f}" for r, d in record["dice"].items()) + ("  (best)" if record["is_best"] else "")
+            print(msg)
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """last.pt: everything --resume needs to continue exactly; the writer rank only."""
+        if not self.dist.is_writer:
+            return
+        save_atomic({
+            "model": self.core.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "epoch": epoch,
+            "early_stopping": self.stopper.state_dict(), "rng": _rng_state(self.augment),
+            "config": self.cfg.to_dict(), "history": json.dumps(self.history),
+        }, self.run_dir / "last.pt")
+
+
+def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_dir: Path,
+              progress: bool = True, dist: Dist | None = None) -> dict:
+    """Train one model into ``run_dir``; returns its summary (best validation loss, Dice, epoch)."""
+    return Trainer(cfg, train_ids, val_ids, run_dir, dist, progress).fit()

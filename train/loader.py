@@ -53,19 +53,22 @@ def _start_range(shape, patch) -> list[tuple[int, int]]:
 
 
 class PatchSampler:
-    """Seeded patch positions for an epoch: one sample per case in a shuffled order, as the seed's loader."""
+    """Seeded patch positions for an epoch: cases in shuffled order, as the seed's loader, one pass over them
+    per epoch by default; with ``batches`` an epoch is that many batches, drawn from as many shuffled passes as
+    it takes (so every rank of a distributed run can run the same number of steps)."""
 
     def __init__(self, shapes: list[tuple[int, int, int]], foreground: list[np.ndarray], patch, batch_size: int,
-                 fg_fraction: float = 1 / 3, seed: int = 0):
+                 fg_fraction: float = 1 / 3, seed: int = 0, batches: int | None = None):
         self.shapes = shapes
         self.fg = foreground  # per case: int32 (N, 4) region, x, y, z
         self.patch = tuple(int(p) for p in patch)
         self.batch_size = batch_size
         self.fg_fraction = fg_fraction
         self.seed = seed
+        self.batches = batches
 
     def batches_per_epoch(self) -> int:
-        return max(1, math.ceil(len(self.shapes) / self.batch_size))
+        return self.batches or max(1, math.ceil(len(self.shapes) / self.batch_size))
 
     def n_foreground(self) -> int:
         return int(round(self.batch_size * self.fg_fraction))
@@ -311,12 +314,13 @@ class GpuSource:
 
 
 class TrainLoader:
-    """Batches of patches for one epoch at a time, delivered on ``device`` (image float16, label uint8)."""
+    """Batches of patches for one epoch at a time, delivered on ``device`` (image float16, label uint8);
+    ``steps`` batches an epoch (default: one pass over the cases)."""
 
     def __init__(self, store_path: str, case_ids: list[str], modalities=MODALITIES, patch=(128, 128, 128),
                  batch_size: int = 2, cache: str = "ram", cache_rate: float = 1.0, workers: int = 2,
                  device: str | torch.device = "cpu", seed: int = 0, fg_fraction: float = 1 / 3,
-                 progress: bool = False):
+                 progress: bool = False, steps: int | None = None):
         from store import open_store
 
         if cache not in CACHE_MODES:
@@ -332,7 +336,7 @@ class TrainLoader:
         self.modalities = tuple(modalities)
         self.patch = tuple(int(p) for p in patch)
         self.sampler = PatchSampler([c.shape for c in cases], [c.foreground() for c in cases], self.patch,
-                                    batch_size, fg_fraction, seed)
+                                    batch_size, fg_fraction, seed, steps)
         self.cache = cache
         self.workers = workers
         self._threads = None
