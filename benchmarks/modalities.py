@@ -18,11 +18,12 @@ ARMS = {"T1": ("t1",), "T1+T2+FLAIR": ("t1", "t2", "flair")}
 
 def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epochs: int | None = None,
         cases: int | None = None) -> dict:
-    from evaluate.cli import evaluate_split
+    from evaluate.evaluation import evaluate_split
     from prep.build import BuildConfig, build_store
     from prep.synth import FOV_MM, FULL_SHAPE, SynthConfig, synth_cohort
-    from train.cli import run as train_run
+    from store.conventions import REGIONS
     from train.config import TrainConfig
+    from train.experiment import run as train_run
 
     if quick:
         shape, n, patch, ep, channels = (48, 48, 31), cases or 10, (16, 16, 16), epochs or 2, (8, 16, 32)
@@ -51,8 +52,8 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
         train_s = time.perf_counter() - t
         s = evaluate_split(str(run_dir), str(store), "test", progress=False)
         results[arm] = {"modalities": list(mods), "train_seconds": train_s,
-                        "test_dice": {r: s["regions"][f"dice_{r.lower()}"]["mean"] for r in ("TC", "WT", "ET")},
-                        "test_hd95_mm": {r: s["regions"][f"hd95_{r.lower()}"]["mean"] for r in ("TC", "WT", "ET")},
+                        "test_dice": {r: s["scores"][f"dice_{r.lower()}"]["mean"] for r in REGIONS},
+                        "test_hd95_mm": {r: s["scores"][f"hd95_{r.lower()}"]["mean"] for r in REGIONS},
                         "monai_dice_mean": s["monai_dice_mean"], "test_cases": s["cases"]}
     lines = ["| inputs | Dice TC | Dice WT | Dice ET | HD95 TC mm | HD95 WT mm | HD95 ET mm | train s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from store.conventions import regions_to_label
+from store.conventions import REGIONS, regions_to_label
 
 
 class RunError(ValueError):
@@ -36,8 +36,9 @@ def load_run(run_dir: str | Path, ensemble: bool = False, device: str | torch.de
     kfold = run_dir / "kfold.json"
     if kfold.exists():
         report = json.loads(kfold.read_text())
-        folds = [Path(f["run_dir"]) if Path(f["run_dir"]).is_absolute() else run_dir / f"fold-{f['fold']}"
-                 for f in report["folds"]]
+        # every fold relative to this run folder (older reports recorded absolute paths): a moved or copied
+        # run folder keeps working
+        folds = [run_dir / f"fold-{f['fold']}" for f in report["folds"]]
         if ensemble:
             paths, kind = [f / "best.pt" for f in folds], f"ensemble of {len(folds)} folds"
         else:
@@ -49,9 +50,13 @@ def load_run(run_dir: str | Path, ensemble: bool = False, device: str | torch.de
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise RunError(f"no checkpoint {missing[0]} in run folder {run_dir} (train it first)")
+    from train.engine import CheckpointError
     models, config = [], None
     for p in paths:
-        ck = load_checkpoint(p)
+        try:
+            ck = load_checkpoint(p)
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
         cfg = TrainConfig.from_dict(ck["config"])
         if config is not None and tuple(cfg.modalities) != tuple(config.modalities):
             raise RunError(f"fold models of {run_dir} read different modalities")
@@ -67,8 +72,9 @@ def load_run(run_dir: str | Path, ensemble: bool = False, device: str | torch.de
 
 
 def predict_probabilities(run: LoadedRun, image: np.ndarray, device) -> np.ndarray:
-    """Sigmoid probabilities (3, X, Y, Z) of TC, WT, ET for a preprocessed image (C, X, Y, Z), averaged over the
-    run's models (MONAI sliding window, roi = patch size, overlap 0.5)."""
+    """Sigmoid probabilities (R, X, Y, Z) of the run's regions (``run.config.regions``: TC, WT, ET[, RC]) for a
+    preprocessed image (C, X, Y, Z), averaged over the run's models (MONAI sliding window, roi = patch size,
+    overlap 0.5)."""
     from train.engine import amp_context, sliding_window_logits
 
     autocast, _, _ = amp_context(run.config, torch.device(device))
@@ -81,7 +87,7 @@ def predict_probabilities(run: LoadedRun, image: np.ndarray, device) -> np.ndarr
 
 
 def regions_on_source(prob: np.ndarray, geometry: dict) -> np.ndarray:
-    """Probabilities (3, X, Y, Z) on the stored grid -> boolean regions on the source grid.
+    """Probabilities (R, X, Y, Z) on the stored grid -> boolean regions on the source grid.
 
     Resampled linearly, then thresholded at 0.5: smoother than nearest-neighbour labels on anisotropic or
     oblique sources, and exact on 1 mm axis-aligned ones (prep.preprocess.to_source_grid).
@@ -91,9 +97,10 @@ def regions_on_source(prob: np.ndarray, geometry: dict) -> np.ndarray:
     return to_source_grid(prob.astype(np.float32), geometry, mode="bilinear") > 0.5
 
 
-def label_map(regions: np.ndarray, convention: str) -> np.ndarray:
-    """Boolean regions (3, ...) -> uint8 labels in the convention (0/1/2/4 or 0/1/2/3)."""
-    return regions_to_label(regions, convention)
+def label_map(regions: np.ndarray, convention: str, names=REGIONS) -> np.ndarray:
+    """Boolean regions (R, ...) named ``names`` -> the final uint8 label map in the convention: what is written
+    as NIfTI and what every score is computed from."""
+    return regions_to_label(regions, convention, names)
 
 
 def spacing_of(affine) -> tuple[float, float, float]:

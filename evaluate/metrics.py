@@ -55,12 +55,3 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float:
     spacing = np.broadcast_to(np.asarray(spacing, float), (p.ndim,))
     d = np.concatenate([_surface_distances(pb, gb, spacing), _surface_distances(gb, pb, spacing)])
     return float(np.percentile(d, 95))
-
-
-def region_metrics(pred_regions: np.ndarray, gt_regions: np.ndarray, spacing, names=("TC", "WT", "ET")) -> dict:
-    """Per region Dice and HD95: {"dice_tc": ..., "hd95_tc": ..., ...} for boolean (3, X, Y, Z) inputs."""
-    out = {}
-    for i, n in enumerate(names):
-        out[f"dice_{n.lower()}"] = dice(pred_regions[i], gt_regions[i])
-        out[f"hd95_{n.lower()}"] = hd95(pred_regions[i], gt_regions[i], spacing)
-    return out

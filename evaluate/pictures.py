@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from prep.preview import save_figure
+from store.conventions import REGIONS
 
 REGION_COLOURS = {"WT": "#2ca02c", "TC": "#d62728", "ET": "#ffdd00"}
 
@@ -33,7 +34,7 @@ def save_overlay(flair: np.ndarray, gt: np.ndarray, pred: np.ndarray, out: str |
 
         ax.imshow(np.ma.masked_where(~cut(brain), cut(flair)), cmap="gray", vmin=vmin, vmax=vmax)
         ax.set_facecolor("black")
-        for i, r in enumerate(("TC", "WT", "ET")):
+        for i, r in enumerate(REGIONS):
             for regions, style in ((gt, "solid"), (pred, "dashed")):
                 sl = cut(regions[i].astype(float))
                 if sl.any():

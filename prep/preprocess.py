@@ -14,15 +14,19 @@ the result is the same.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from store.conventions import MODALITIES, REGIONS, label_values, region_masks
-from store.zarrstore import EncodedImage, encode_image, encode_integer_source
+from store.conventions import MODALITIES, REGIONS, ConventionError, convention_for_labels, label_values, region_masks
+from store.zarrstore import (
+    EncodedImage,
+    encode_image,
+    encode_integer_source,
+    sha256_file,  # noqa: F401 (re-exported: the build and its tests hash with it)
+)
 
 from .discover import CaseFiles
 
@@ -45,6 +49,7 @@ class Preprocessed:
     normalization: dict  # modality -> {"mean", "std"} of the nonzero source voxels (after resampling)
     integer_source: bool = True  # source intensities were integers: one unit is 1 / std in z units
     encoded: EncodedImage | None = None  # the image in the store's int16 encoding (``preprocess(encode=True)``)
+    label_convention: str | None = None  # the label's, from its values (a 2023-named case with RC is brats2024)
 
     @property
     def source_unit(self) -> list[float] | None:
@@ -52,14 +57,6 @@ class Preprocessed:
         if not self.integer_source:
             return None
         return [1.0 / self.normalization[m]["std"] if self.normalization[m]["std"] else 0.0 for m in self.modalities]
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load(case_id: str, path: Path, what: str):
@@ -71,6 +68,9 @@ def _load(case_id: str, path: Path, what: str):
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many kinds for truncated or corrupt files
         raise CaseError(f"case {case_id}: corrupt or unreadable file {path.name} ({type(e).__name__}: {e})") from e
+    if data.dtype.fields is not None or data.dtype.kind not in "biuf":
+        raise CaseError(f"case {case_id}: {what} file {path.name} holds {data.dtype} voxels (an RGB or other "
+                        f"non-scalar image); expected one intensity per voxel")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -83,7 +83,8 @@ def _load(case_id: str, path: Path, what: str):
 
 def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True):
     """Load and validate a case's files: images (one (X, Y, Z) array per modality, in its source dtype; not
-    stacked, as the exact path copies only the cropped brain), label or None, source affine."""
+    stacked, as the exact path copies only the cropped brain), label or None, source affine, and the label's
+    convention (the case's, or the one superseding it where the values need it: BraTS 2024's label 4)."""
     arrays, affines = [], []
     for m in modalities:
         if m not in case.images:
@@ -108,13 +109,13 @@ def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True
             raise CaseError(f"case {case.case_id}: {case.seg.name} does not match the images' grid")
         if label.dtype.kind == "f" and not np.array_equal(label, np.round(label)):
             raise CaseError(f"case {case.case_id}: {case.seg.name} holds non-integer labels")
-        values = _values(label)
-        legal = set(label_values(case.label_convention))
-        if not values <= legal:
-            raise CaseError(f"case {case.case_id}: {case.seg.name} has label values {sorted(values - legal)} "
-                            f"outside the {case.label_convention} convention {sorted(legal)}")
+        try:
+            convention = convention_for_labels(case.label_convention, _values(label))
+        except ConventionError as e:
+            raise CaseError(f"case {case.case_id}: {case.seg.name} has {e}") from None
         label = label.astype(np.uint8)
-    return arrays, label, ref_aff
+        return arrays, label, ref_aff, convention
+    return arrays, label, ref_aff, None
 
 
 def _values(label: np.ndarray) -> set[int]:
@@ -236,7 +237,7 @@ def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, 
     (``store.zarrstore.encode_integer_source``), done on the cropped, oriented integers."""
     import torch
 
-    arrays, label, src_aff = load_sources(case, modalities, with_label)
+    arrays, label, src_aff, convention = load_sources(case, modalities, with_label)
     src_shape = arrays[0].shape
     integer = all(a.dtype.kind in "iu" for a in arrays)
     nonzero = arrays[0] != 0
@@ -256,6 +257,7 @@ def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, 
         if encode and integer:
             pre = _encode_integers(case, modalities, crops, lab, pre_aff, src_aff, src_shape, spacing)
             if pre is not None:
+                pre.label_convention = convention
                 return pre
         x, y = _orient_resample(np.stack(crops).astype(np.float32), lab, pre_aff, spacing)
         resampled_aff, resampled_shape, crop_box = _exact_grid(src_aff, src_shape, x)
@@ -272,7 +274,7 @@ def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, 
     lab_arr = _label_array(y)
     pre = Preprocessed(case.case_id, image, lab_arr, tuple(modalities),
                        _geometry(src_aff, src_shape, resampled_aff, resampled_shape, crop_box, spacing), norm,
-                       integer_source=integer)
+                       integer_source=integer, label_convention=convention)
     if encode:
         pre.encoded, pre.image = encode_image(image, pre.source_unit), None
     return pre

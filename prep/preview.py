@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from store.conventions import MODALITIES
+from store.conventions import LABEL_CONVENTIONS, MODALITIES, convention_for_labels
 
 
 def save_case_preview(case, out: str | Path, title: str | None = None) -> Path:
@@ -27,12 +27,14 @@ def save_case_preview(case, out: str | Path, title: str | None = None) -> Path:
     seg, zooms = ras(case.seg) if case.seg is not None else (np.zeros_like(vols["t1"], np.uint8), None)
     fg = np.argwhere(seg > 0)
     centre = fg.mean(0).astype(int) if fg.size else (np.array(seg.shape) // 2)
-    cmap = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.6), (0.2, 1, 0.2, 0.45), (1, 1, 0.1, 0.6)])
+    cmap = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.6), (0.2, 1, 0.2, 0.45), (1, 1, 0.1, 0.6),
+                           (0.2, 0.5, 1, 0.6)])
+    convention = convention_for_labels(case.label_convention, np.unique(seg))
+    conv = LABEL_CONVENTIONS[convention]
     lab = np.zeros(seg.shape, np.uint8)
-    ed, ncr = 2, 1
-    lab[seg == ed] = 2
-    lab[seg == ncr] = 1
-    lab[(seg > 0) & (seg != ed) & (seg != ncr)] = 3  # enhancing (4 in 2021, 3 in 2023)
+    for shown, key in ((1, "necrosis"), (2, "edema"), (3, "enhancing"), (4, "cavity")):
+        if key in conv:
+            lab[seg == conv[key]] = shown
     views = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
     fig, axes = plt.subplots(3, 5, figsize=(15, 9.5), facecolor="black")
     for r, (vname, ax_i) in enumerate(views):
@@ -45,11 +47,11 @@ def save_case_preview(case, out: str | Path, title: str | None = None) -> Path:
             sl = cut(base)
             ax.imshow(sl, cmap="gray", vmin=0, vmax=np.percentile(base[base > 0], 99.5) if base.any() else 1)
             if name == "label":
-                ax.imshow(cut(lab), cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
+                ax.imshow(cut(lab), cmap=cmap, vmin=0, vmax=4, interpolation="nearest")
             ax.set_axis_off()
             if r == 0:
-                ax.set_title(name if name != "label" else "FLAIR + label (NCR red, ED green, ET yellow)",
-                             color="white", fontsize=9)
+                legend = "NCR red, ED green, ET yellow" + (", RC blue" if "cavity" in conv else "")
+                ax.set_title(name if name != "label" else f"FLAIR + label ({legend})", color="white", fontsize=8)
         axes[r, 0].text(-0.05, 0.5, vname, color="white", rotation=90, va="center", ha="right",
                         transform=axes[r, 0].transAxes)
     fig.suptitle(title or case.case_id, color="white")

@@ -29,15 +29,16 @@ FOV_MM = (240.0, 240.0, 155.0)
 
 # Mean intensity of each tissue relative to white matter (= 1) per modality: clinical appearance.
 # T1: tumour and oedema mildly hypointense (oedema barely visible); T1ce: enhancing rim bright, necrosis dark;
-# T2: oedema, necrosis and CSF bright; FLAIR: oedema bright, CSF dark.
+# T2: oedema, necrosis and CSF bright; FLAIR: oedema bright, CSF dark. RC, the resection cavity of BraTS 2024
+# post-treatment cases: fluid, dark on T1 and T1ce, bright on T2, partly suppressed on FLAIR.
 CONTRAST = {
-    #         WM    GM    CSF   ED    ET    NCR   NET (non-enhancing core)
-    "t1":   (1.00, 0.72, 0.30, 0.93, 0.78, 0.50, 0.80),
-    "t1ce": (1.00, 0.75, 0.30, 0.93, 1.90, 0.40, 0.80),
-    "t2":   (1.00, 1.35, 3.20, 2.40, 1.80, 2.90, 2.20),
-    "flair": (1.00, 1.25, 0.25, 1.90, 1.60, 1.30, 1.70),
+    #         WM    GM    CSF   ED    ET    NCR   NET   RC
+    "t1":   (1.00, 0.72, 0.30, 0.93, 0.78, 0.50, 0.80, 0.33),
+    "t1ce": (1.00, 0.75, 0.30, 0.93, 1.90, 0.40, 0.80, 0.33),
+    "t2":   (1.00, 1.35, 3.20, 2.40, 1.80, 2.90, 2.20, 3.00),
+    "flair": (1.00, 1.25, 0.25, 1.90, 1.60, 1.30, 1.70, 0.55),
 }
-TISSUES = ("wm", "gm", "csf", "ed", "et", "ncr", "net")
+TISSUES = ("wm", "gm", "csf", "ed", "et", "ncr", "net", "rc")
 # White-matter intensity of each modality before the per-case gain (int16 units, like scanner output).
 WM_LEVEL = {"t1": 700.0, "t1ce": 800.0, "t2": 420.0, "flair": 520.0}
 # How much of the MNI T1 template's fine texture (deep grey nuclei, cortex) each modality shows.
@@ -57,7 +58,14 @@ class SynthConfig:
 
 
 def case_id(layout: str, index: int) -> str:
-    return f"BraTS2021_{index:05d}" if layout == "brats2021" else f"BraTS-GLI-{index:05d}-000"
+    if layout == "brats2021":
+        return f"BraTS2021_{index:05d}"
+    return f"BraTS-GLI-{index:05d}-{'100' if layout == 'brats2024' else '000'}"  # 2024: a post-treatment timepoint
+
+
+def file_layout(layout: str) -> str:
+    """The file naming of a label convention's cohorts (BraTS 2024 names its files as 2023 does)."""
+    return "brats2023" if layout == "brats2024" else layout
 
 
 def brats_affine(shape: tuple[int, int, int]) -> np.ndarray:
@@ -243,6 +251,28 @@ def _tumour(rng: np.random.Generator, tp: TumourParams, wm: np.ndarray, brain: n
     return box, maps
 
 
+def _cavity(seed: int, index: int, tm: dict, box, spacing) -> np.ndarray:
+    """Soft resection-cavity map in the tumour's box: a lumpy ellipsoid inside the core, off its centre, so
+    residual tumour (enhancing rim, necrosis) stays on one side of it, as after a subtotal resection."""
+    rng = np.random.default_rng([seed, index, 2])
+    core = tm["core"]
+    w = core.sum()
+    if w <= 0:
+        return np.zeros_like(core)
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in core.shape], indexing="ij")
+    centre = np.array([(g * core).sum() / w for g in grid])
+    extent = np.array([np.sqrt(((g - c) ** 2 * core).sum() / w) for g, c in zip(grid, centre)])  # voxels
+    r_core = float(np.mean(extent * np.asarray(spacing))) * 2.2  # mm (a uniform ball's radius is 2.24 std)
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    cav_centre = centre + direction * 0.35 * r_core / np.asarray(spacing)
+    off = np.stack([(g - c) * s for g, c, s in zip(grid, cav_centre, spacing)], -1)
+    dist = np.linalg.norm(off * rng.uniform(0.8, 1.25, 3).astype(np.float32), axis=-1)
+    noise = _smooth_field(rng, 1, 5, core.shape, 1.0).numpy()[0]
+    radius = r_core * rng.uniform(0.6, 0.85)
+    return (_sigmoid((radius - dist / (1.0 + 0.2 * np.tanh(noise))) / 0.8) * (core > 0.05)).astype(np.float32)
+
+
 def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"):
     """Generate one case: dict modality -> int16 (X, Y, Z), label uint8 (X, Y, Z), affine (4, 4).
 
@@ -275,6 +305,7 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
     tp = tumour_params(seed, index)
     enhancing = tp.enhancing
     box, tm = _tumour(rng, tp, wm_full.reshape(shape), brain, csf_full.reshape(shape), spacing)
+    cav = _cavity(seed, index, tm, box, spacing) if layout == "brats2024" else None
 
     # Labels from the soft maps (0.5 threshold): ET inside TC inside WT, nothing outside the brain.
     conv = LABEL_CONVENTIONS[layout]
@@ -284,6 +315,8 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
     lb[tm["edema"] > 0.5] = conv["edema"]
     lb[core] = conv["enhancing"] if enhancing else conv["necrosis"]
     lb[core & (tm["necrosis"] > 0.5 * tm["core"])] = conv["necrosis"]
+    if cav is not None:
+        lb[cav > 0.5] = conv["cavity"]
     lb[~brain[box]] = 0
 
     pb = pos[box]
@@ -305,6 +338,9 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
         core_val = (c["et"] if enhancing else c["net"]) * (1 - nec_share) + c["ncr"] * nec_share
         v = img[at] * (1 - ed_w) + c["ed"] * ed_w * hetero
         img[at] = v * (1 - core_w) + core_val * core_w * hetero
+        if cav is not None:  # the cavity's fluid replaces whatever tissue the tumour had there
+            cw = cav[sel]
+            img[at] = img[at] * (1 - cw) + c["rc"] * cw * hetero
         level = WM_LEVEL[mod] * gain * rng.uniform(0.9, 1.1)
         img *= bias[m_i] * level
         noise = rng.standard_normal((2, idx.size), dtype=np.float32) * (NOISE_SIGMA * level)
@@ -334,7 +370,7 @@ def write_case(out: Path, index: int, seed: int, shape=FULL_SHAPE, layout: str =
     images, label, affine = make_case(index, seed, shape, layout)
     folder = Path(out) / cid
     folder.mkdir(parents=True, exist_ok=True)
-    lay = LAYOUTS[layout]
+    lay = LAYOUTS[file_layout(layout)]
     names = {v: k for k, v in lay["suffixes"].items()}
     files = {names[m]: (img, affine) for m, img in images.items()}
     files["seg"] = (label, affine)
@@ -358,8 +394,8 @@ def synth_cohort(cfg: SynthConfig, progress: bool = True) -> list[str]:
 
     from tqdm import tqdm
 
-    if cfg.layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if cfg.layout not in LABEL_CONVENTIONS:
+        raise ValueError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LABEL_CONVENTIONS)}")
     if cfg.cases < 1:
         raise ValueError("--cases must be at least 1")
     if len(cfg.shape) != 3 or min(cfg.shape) < 8:

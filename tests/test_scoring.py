@@ -1,0 +1,247 @@
+"""Scoring as the BraTS challenge scores: from the saved label maps, lesion-wise with panoptica, BraTS 2024 labels."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from medpy.metric.binary import hd95 as medpy_hd95
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+from evaluate.cli import main as eval_main
+from evaluate.scoring import LESION_HD95_PENALTY_MM, ScoringError, lesions, score_case
+from store import open_store
+from store.conventions import (
+    ConventionError,
+    convention_for_labels,
+    region_masks,
+    regions_to_label,
+    trainable_regions,
+)
+from train.cli import main as train_main
+
+TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0"]
+
+
+def _independent_lesionwise(pred, ref, spacing):
+    """The challenge's lesion-wise Dice and HD95 computed without panoptica: scipy's 26-connected components,
+    the assignment maximising the summed Dice over overlapping pairs, medpy's HD95 per matched pair."""
+    if not pred.any() and not ref.any():
+        return 1.0, 0.0, 0, 0, 0
+    s = np.ones((3, 3, 3))
+    lp, n_p = ndimage.label(pred, s)
+    lr, n_r = ndimage.label(ref, s)
+    dice = np.zeros((n_r, n_p))
+    for i in range(n_r):
+        for j in range(n_p):
+            a, b = lr == i + 1, lp == j + 1
+            dice[i, j] = 2 * (a & b).sum() / (a.sum() + b.sum())
+    matched = []
+    if n_r and n_p:
+        rows, cols = linear_sum_assignment(-dice)
+        matched = [(i, j) for i, j in zip(rows, cols) if dice[i, j] > 0]
+    tp = len(matched)
+    fn, fp = n_r - tp, n_p - tp
+    n = tp + fn + fp
+    d = sum(dice[i, j] for i, j in matched) / n
+    h = (sum(medpy_hd95(lp == j + 1, lr == i + 1, voxelspacing=spacing) for i, j in matched)
+         + LESION_HD95_PENALTY_MM * (fn + fp)) / n
+    return d, h, tp, fp, fn
+
+
+def _blob(shape, centre, radii):
+    g = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    return (((g - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(-1) <= 1
+
+
+SHAPE = (48, 44, 30)
+
+
+def _cases():
+    a = _blob(SHAPE, (12, 12, 10), (6, 5, 4))
+    b = _blob(SHAPE, (32, 30, 18), (5, 6, 4))
+    c = _blob(SHAPE, (38, 10, 24), (3, 3, 2))
+    shifted = np.roll(a, (1, 2, 0), (0, 1, 2))
+    return {
+        "several lesions": (shifted | np.roll(b, (0, -1, 1), (0, 1, 2)), a | b),
+        "a missed lesion": (shifted, a | b | c),
+        "a spurious lesion": (shifted | c | b, a | b),
+        "one split in two": (a & (np.arange(SHAPE[0]) < 12)[:, None, None] | a & (np.arange(SHAPE[0]) > 13)[:, None,
+                                                                                                             None], a),
+        "only prediction": (a, np.zeros(SHAPE, bool)),
+        "both empty": (np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 2.5, 2.5), (0.9, 1.1, 3.0)])
+def test_lesionwise_matches_an_independent_computation(name, spacing):
+    pred, ref = _cases()[name]
+    got = lesions(pred, ref, spacing)
+    d, h, tp, fp, fn = _independent_lesionwise(pred, ref, spacing)
+    assert (got["tp"], got["fp"], got["fn"]) == (tp, fp, fn)
+    assert got["dice"] == pytest.approx(d, abs=1e-9)
+    assert got["hd95"] == pytest.approx(h, abs=0.01)  # mm on every grid, not voxels
+
+
+def test_lesionwise_counts_on_the_awkward_cases():
+    c = _cases()
+    assert {k: lesions(*c["a missed lesion"], 1)[k] for k in ("tp", "fp", "fn")} == {"tp": 1, "fp": 0, "fn": 2}
+    assert {k: lesions(*c["a spurious lesion"], 1)[k] for k in ("tp", "fp", "fn")} == {"tp": 2, "fp": 1, "fn": 0}
+    assert lesions(*c["both empty"], 1) == {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0}
+    only = lesions(*c["only prediction"], 1)
+    assert only["dice"] == 0.0 and only["hd95"] == LESION_HD95_PENALTY_MM and only["fp"] == 1
+
+
+def test_regions_come_from_the_label_map_by_one_rule():
+    rng = np.random.default_rng(0)
+    for conv, values in (("brats2021", (0, 1, 2, 4)), ("brats2023", (0, 1, 2, 3)), ("brats2024", (0, 1, 2, 3, 4))):
+        label = rng.choice(values, size=(6, 7, 5)).astype(np.uint8)
+        names = trainable_regions(conv)
+        r = region_masks(label, conv, names)
+        c = {"brats2021": (1, 2, 4), "brats2023": (1, 2, 3), "brats2024": (1, 2, 3)}[conv]
+        np.testing.assert_array_equal(r[0], np.isin(label, (c[0], c[2])))  # TC
+        np.testing.assert_array_equal(r[1], np.isin(label, c))  # WT: the cavity is not tumour
+        np.testing.assert_array_equal(r[2], label == c[2])  # ET
+        np.testing.assert_array_equal(regions_to_label(r, conv, names), label)  # and back, exactly
+        import torch
+
+        t = region_masks(torch.from_numpy(label)[None, None], conv, names)
+        np.testing.assert_array_equal(t[0].numpy(), r)  # torch and numpy agree
+    assert trainable_regions("brats2024") == ("TC", "WT", "ET", "RC")
+
+
+def test_label_convention_detection_and_bad_labels():
+    assert convention_for_labels("brats2023", {0, 1, 2, 3}) == "brats2023"
+    assert convention_for_labels("brats2023", {0, 2, 4}) == "brats2024"
+    assert convention_for_labels("brats2021", {0, 1, 2, 4}) == "brats2021"
+    with pytest.raises(ConventionError, match=r"\[5\]"):
+        convention_for_labels("brats2023", {0, 5})
+    with pytest.raises(ConventionError, match=r"\[3\]"):
+        convention_for_labels("brats2021", {0, 3})
+    ok = np.zeros((4, 4, 4), np.uint8)
+    bad = ok.copy()
+    bad[0, 0, 0] = 3
+    with pytest.raises(ScoringError, match="case X: the prediction has label values \\[3\\]"):
+        score_case(bad, ok, "brats2021", (1, 1, 1), case="X")
+    with pytest.raises(ScoringError, match="case X: the reference"):
+        score_case(ok, bad, "brats2021", (1, 1, 1), case="X")
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def scored_run(tiny_store, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert train_main(["--store", tiny_store, "--run-dir", str(run), *TINY_NET, "--epochs", "2", "--lr", "0.01"]) == 0
+    assert eval_main(["--run-dir", str(run), "--save-predictions"]) == 0
+    return run
+
+
+def test_scores_are_those_of_the_saved_files(scored_run, tiny_store):
+    s = open_store(tiny_store)
+    with open(scored_run / "eval" / "test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows
+    for row in rows:
+        cid = row["case"]
+        pred_img = nib.load(scored_run / "eval" / "pred" / f"{cid}.nii.gz")
+        pred = np.asanyarray(pred_img.dataobj)
+        ref = np.asanyarray(nib.load(Path(s.attrs["source"]) / cid / f"{cid}_seg.nii.gz").dataobj)
+        spacing = pred_img.header.get_zooms()[:3]
+        p, g = region_masks(pred, "brats2021"), region_masks(ref, "brats2021")
+        for i, r in enumerate(("tc", "wt", "et")):
+            inter = (p[i] & g[i]).sum()
+            den = p[i].sum() + g[i].sum()
+            d = 1.0 if den == 0 else 2 * inter / den
+            assert float(row[f"dice_{r}"]) == pytest.approx(d, abs=1e-6)
+            if p[i].any() and g[i].any():
+                assert float(row[f"hd95_{r}"]) == pytest.approx(medpy_hd95(p[i], g[i], voxelspacing=spacing),
+                                                                abs=0.01)
+        assert int(row["voxels_pred_wt"]) == int(p[1].sum())  # the same WT the file holds
+        lw = lesions(p[2], g[2], spacing)
+        assert float(row["lw_dice_et"]) == pytest.approx(lw["dice"], abs=1e-9)
+
+
+def test_metrics_flag_chooses_the_families(scored_run, capsys):
+    assert eval_main(["--run-dir", str(scored_run), "--metrics", "legacy"]) == 0
+    header = (scored_run / "eval" / "test.csv").read_text().splitlines()[0].split(",")
+    assert "dice_wt" in header and not any(c.startswith("lw_") for c in header)
+    assert eval_main(["--run-dir", str(scored_run), "--metrics", "lesionwise"]) == 0
+    header = (scored_run / "eval" / "test.csv").read_text().splitlines()[0].split(",")
+    assert "lw_dice_wt" in header and "lw_fn_et" in header and "dice_wt" not in header
+    assert "lesion-wise" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--run-dir", str(scored_run), "--metrics", "panoptic"])
+    assert e.value.code == 2 and "--metrics" in capsys.readouterr().err
+
+
+def test_a_store_in_another_label_convention_is_refused(scored_run, tiny_cohort_2023, tmp_path, capsys):
+    from prep.build import BuildConfig, build_store
+
+    from .conftest import TINY
+    from .helpers import synth_spacing
+
+    store = tmp_path / "s2023.zarr"
+    assert build_store(BuildConfig(source=str(tiny_cohort_2023), store=str(store), workers=0,
+                                   spacing=synth_spacing(TINY)), progress=False).ok
+    assert eval_main(["--run-dir", str(scored_run), "--store", str(store), "--split", "train"]) == 2
+    assert "trained on brats2021 labels" in capsys.readouterr().err
+
+
+def test_brats2024_cohort_stores_trains_with_rc_and_scores_it(tmp_path):
+    from prep.build import BuildConfig, build_store
+    from prep.synth import SynthConfig, synth_cohort
+
+    from .conftest import TINY
+    from .helpers import synth_spacing
+
+    raw = tmp_path / "raw"
+    synth_cohort(SynthConfig(out=raw, cases=6, seed=5, shape=TINY, layout="brats2024"), progress=False)
+    assert next(raw.glob("*/*-t1n.nii.gz"))  # BraTS 2023 file names
+    store = tmp_path / "s.zarr"
+    rep = build_store(BuildConfig(source=str(raw), store=str(store), workers=0, spacing=synth_spacing(TINY)),
+                      progress=False)
+    assert rep.ok, rep.failed
+    s = open_store(store)
+    assert s.label_convention == "brats2024"
+    assert any(s.case(c).meta["label_counts"].get("4", 0) > 0 for c in s.case_ids), "no cavity synthesized"
+    run = tmp_path / "run"
+    assert train_main(["--store", str(store), "--run-dir", str(run), *TINY_NET, "--epochs", "1",
+                       "--regions", "TC", "WT", "ET", "RC"]) == 0
+    assert set(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["dice"]) == {"TC", "WT", "ET", "RC"}
+    assert eval_main(["--run-dir", str(run), "--save-predictions", "--split", "train"]) == 0
+    header = (run / "eval" / "train.csv").read_text().splitlines()[0].split(",")
+    assert {"dice_rc", "hd95_rc", "lw_dice_rc", "lw_dice_netc", "lw_dice_snfh"} <= set(header)
+    for f in (run / "eval" / "pred").glob("*.nii.gz"):
+        assert set(np.unique(np.asanyarray(nib.load(f).dataobj)).tolist()) <= {0, 1, 2, 3, 4}
+    # a 2021 store has no cavity to train
+    rc = train_main(["--store", str(store), "--run-dir", str(tmp_path / "r2"), *TINY_NET, "--epochs", "1",
+                     "--regions", "TC", "WT", "ET", "NETC"])
+    assert rc == 2
+
+
+def test_regions_flag_is_checked_against_the_store(tiny_store, tmp_path, capsys):
+    rc = train_main(["--store", tiny_store, "--run-dir", str(tmp_path / "r"), *TINY_NET, "--epochs", "1",
+                     "--regions", "TC", "WT", "ET", "RC"])
+    assert rc == 2 and "brats2021 store trains TC, WT, ET" in capsys.readouterr().err
+    rc = train_main(["--store", tiny_store, "--run-dir", str(tmp_path / "r"), *TINY_NET, "--epochs", "1",
+                     "--regions", "WT", "TC", "ET"])
+    assert rc == 2 and "--regions must start with TC WT ET" in capsys.readouterr().err
+
+
+def test_a_2023_cohort_without_cavities_stays_2023(tiny_cohort_2023, tmp_path):
+    from prep.build import BuildConfig, build_store
+
+    from .conftest import TINY
+    from .helpers import synth_spacing
+
+    shutil.copytree(tiny_cohort_2023, tmp_path / "raw")
+    rep = build_store(BuildConfig(source=str(tmp_path / "raw"), store=str(tmp_path / "s.zarr"), workers=0,
+                                  spacing=synth_spacing(TINY)), progress=False)
+    assert rep.ok and open_store(tmp_path / "s.zarr").label_convention == "brats2023"
