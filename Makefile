@@ -33,7 +33,7 @@ demo: install
 		--preview $(DATA)/preview.png
 	$(PY) -m prep build-store --source $(DATA)/raw --store $(DATA)/brats.zarr --workers 2 --spacing $(DEMO_SPACING)
 	$(PY) -m train --store $(DATA)/brats.zarr --modalities t1 t2 flair --amp --epochs $(DEMO_EPOCHS) \
-		--patch-size 48 48 48 --batch-size 2 --lr 1e-3 --val-every 5 --workers 2 --run-dir $(RUN)
+		--patch-size 48 48 48 --batch-size 2 --lr 1e-3 --val-every 5 --workers 2 --run-dir $(RUN) --overwrite
 	$(PY) -m evaluate --run-dir $(RUN) --split test --save-predictions
 	$(PY) -m benchmarks all --quick --out $(RUN)/benchmarks
 

@@ -67,6 +67,10 @@ def render(out: str | Path) -> str:
         bare = s["bare sliding window"]["median"]
         rows.append(f"| infer | s per case {'x'.join(map(str, i['grid']))}: ours / bare sliding window | "
                     f"{ours:.1f} / {bare:.1f} ({i['ours_over_bare']:.2f}x) | <= 1.2x | {machine(i)} |")
+        if sc := i.get("scoring_seconds_per_case"):
+            rows.append(f"| infer | lesion-wise scoring of one case {'x'.join(map(str, i['grid']))}, s (legacy: "
+                        f"{sc['legacy']['median']:.2f}) | {sc['lesionwise']['median']:.2f} | < 2 (CPU) | "
+                        f"{machine(i)} |")
     return "\n".join(rows)
 
 

@@ -37,6 +37,7 @@ def scaling(b, amp: bool, steps: int) -> dict:
                    str(port), "-m", "train", "--store", b.store, "--run-dir", run_dir, "--epochs", "2",
                    "--steps-per-epoch", str(steps), "--patch-size", *map(str, b.patch), "--batch-size", "2",
                    "--channels", *map(str, b.channels), "--cache", "ram", "--workers", "2", "--max-val-cases", "1",
+                   "--fold", "0",
                    *(["--amp"] if amp else [])]
             threads = max(1, (os.cpu_count() or 1) // nproc)
             r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})

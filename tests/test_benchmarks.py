@@ -22,7 +22,7 @@ def tiny_results(tmp_path_factory):
     ("prep", {"workers", "store_over_source", "speedup_1_to_2_workers", "steps_s_per_case (1 worker)"}),
     ("loader", {"variants", "ratios"}),
     ("train", {"real_loader", "fixed_batch", "real_over_fixed_step_time", "scaling"}),
-    ("infer", {"seconds_per_case", "ours_over_bare"}),
+    ("infer", {"seconds_per_case", "ours_over_bare", "scoring_seconds_per_case"}),
 ])
 def test_benchmark_tiny_writes_json_and_png(tiny_results, name, keys):
     data = json.loads((tiny_results / f"{name}.json").read_text())

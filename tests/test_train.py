@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train.cli import main as train_main
-from train.engine import load_checkpoint, save_atomic
+from train.engine import CheckpointError, load_checkpoint, save_atomic
 
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--batch-size", "2", "--workers", "0"]
 
@@ -125,15 +125,15 @@ def test_store_without_labels_is_refused(tmp_path, capsys):
 
     store = str(tmp_path / "s.zarr")
     params = build_params(BuildConfig())
-    w = StoreWriter(store, MODALITIES, "brats2021", params)
-    from prep.discover import discover_case
-    from prep.splits import make_splits
+    with StoreWriter(store, MODALITIES, "brats2021", params) as w:
+        from prep.discover import discover_case
+        from prep.splits import make_splits
 
-    for i in range(6):
-        res = process_case(discover_case(tmp_path / "raw" / f"BraTS2021_0000{i}", require_seg=False), store, params,
-                           None)
-        w.publish(res["case_id"], res["record"])
-    w.set_splits(make_splits({c: c for c in w.index}, 0))
+        for i in range(6):
+            res = process_case(discover_case(tmp_path / "raw" / f"BraTS2021_0000{i}", require_seg=False), store,
+                               params, None)
+            index = {**w.index, res["case_id"]: res["record"]}
+            w.commit(index, make_splits({c: c for c in index}, 0), {})
     rc = train_main(["--store", store, "--run-dir", str(tmp_path / "run"), *TINY_NET, "--epochs", "1"])
     assert rc == 2 and "no labels" in capsys.readouterr().err
     del build_store
@@ -147,8 +147,12 @@ class _Evil:
 def test_weights_only_loading_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": _Evil()}, path)
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(CheckpointError, match="refused for safety") as e:
         load_checkpoint(path)
+    assert "weights_only=False" not in str(e.value)
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cut.pt is damaged"):
+        load_checkpoint(tmp_path / "cut.pt")
     save_atomic({"model": {"w": torch.ones(2)}, "config": {"a": 1}}, tmp_path / "ok.pt")
     assert load_checkpoint(tmp_path / "ok.pt")["config"] == {"a": 1}
     assert not list(tmp_path.glob(".ok.pt.tmp*"))
@@ -167,8 +171,15 @@ def test_two_process_ddp_on_cpu(tiny_store, tmp_path):
     assert (tmp_path / "ddp" / "best.pt").exists() and (tmp_path / "ddp" / "last.pt").exists()
 
 
-def test_fresh_run_into_used_folder_starts_over(tiny_store, tmp_path, capsys):
+def test_a_used_run_folder_is_refused_or_moved_aside_never_deleted(tiny_store, tmp_path, capsys):
     assert _train(tiny_store, tmp_path / "run", "--epochs", "2") == 0
-    assert _train(tiny_store, tmp_path / "run", "--epochs", "1") == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert _train(tiny_store, tmp_path / "run", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # untouched
+    assert _train(tiny_store, tmp_path / "run", "--epochs", "1", "--overwrite") == 0
     assert len(_metrics(tmp_path / "run")) == 1
-    assert "starting over" in capsys.readouterr().out
+    assert (tmp_path / "run.old-1" / "metrics.jsonl").read_text() == before  # moved, not deleted
+    assert (tmp_path / "run.old-1" / "best.pt").exists()
+    assert "moved to" in capsys.readouterr().out

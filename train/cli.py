@@ -6,9 +6,7 @@ Launch with ``torchrun --nproc-per-node N -m train ...`` for DistributedDataPara
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="data/brats.zarr", help="store path (default: %(default)s)")
     p.add_argument("--modalities", nargs="+", default=["t1", "t2", "flair"], metavar="M",
                    help="input channels among t1 t1ce t2 flair (default: t1 t2 flair)")
+    p.add_argument("--regions", nargs="+", metavar="R",
+                   help="output channels: TC WT ET (default), and RC (resection cavity) on a BraTS 2024 store")
     p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16 "
                    "with a GradScaler on CUDA; on the CPU bf16 autocast where the CPU has native bf16, else it says "
                    "so and runs in float32")
@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when present (default: %(default)s)")
     p.add_argument("--run-dir", default="runs/default", help="output folder (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
+    g2 = p.add_mutually_exclusive_group()
+    g2.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
+    g2.add_argument("--overwrite", action="store_true",
+                    help="--run-dir holds an earlier run: move it aside to RUN_DIR.old-N (nothing is deleted) and "
+                    "start over; without --resume or --overwrite a used run folder is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and augmentation (default: 0)")
     p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128, 256],
                    help="UNet feature channels per level (default: the seed's 16 32 64 128 256)")
@@ -65,81 +69,15 @@ def config_from_args(args: argparse.Namespace):
     from .config import TrainConfig
 
     return TrainConfig(
-        store=args.store, modalities=tuple(args.modalities), run_dir=args.run_dir, epochs=args.epochs,
+        store=args.store, modalities=tuple(args.modalities), regions=tuple(args.regions or TrainConfig.regions),
+        run_dir=args.run_dir, epochs=args.epochs,
         patience=args.patience, min_delta=args.min_delta, val_every=args.val_every, patch_size=tuple(args.patch_size),
         batch_size=args.batch_size, lr=args.lr, amp=args.amp, cache=args.cache, cache_rate=args.cache_rate,
         workers=args.workers, fold=args.fold, folds=args.folds, device=args.device, resume=args.resume,
+        overwrite=args.overwrite,
         seed=args.seed, channels=tuple(args.channels), max_val_cases=args.max_val_cases,
         steps_per_epoch=args.steps_per_epoch, dist_timeout=args.dist_timeout,
     )
-
-
-def _splits(store, fold: int | None) -> tuple[list[str], list[str]]:
-    from .engine import ConfigError
-
-    sp = store.splits
-    if fold is None:
-        return sp["train"], sp["val"]
-    if not 0 <= fold < len(sp["folds"]):
-        raise ConfigError(f"--fold {fold}: the store has {len(sp['folds'])} folds")
-    return sp["folds"][fold]["train"], sp["folds"][fold]["val"]
-
-
-def check_flags(cfg) -> None:
-    """Flags that make no sense whatever the store holds, refused before any work."""
-    from .engine import ConfigError
-
-    checks = [
-        (cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}"),
-        (cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}"),
-        (cfg.lr > 0, f"--lr must be positive, not {cfg.lr:g}"),
-        (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1,
-         f"--steps-per-epoch must be at least 1, not {cfg.steps_per_epoch}"),
-        (cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of seconds, not {cfg.dist_timeout:g}"),
-        (len(set(cfg.modalities)) == len(cfg.modalities),
-         f"--modalities names a modality twice: {' '.join(cfg.modalities)}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def run(cfg, dist=None) -> dict:
-    """Train as configured; returns the summary (one run) or the k-fold report (written by rank 0 only)."""
-    from dataclasses import replace
-
-    from store import open_store
-
-    from .distributed import Dist
-    from .engine import ConfigError, train_run
-
-    dist = dist or Dist()
-    check_flags(cfg)
-    store = open_store(cfg.store)
-    run_dir = Path(cfg.run_dir)
-    if cfg.folds is None:
-        train_ids, val_ids = _splits(store, cfg.fold)
-        return train_run(cfg, train_ids, val_ids, run_dir, dist=dist)
-    if cfg.folds > len(store.splits["folds"]):
-        raise ConfigError(f"--folds {cfg.folds}: the store has {len(store.splits['folds'])} folds")
-    report = {"folds": []}
-    for k in range(cfg.folds):
-        train_ids, val_ids = _splits(store, k)
-        fold_cfg = replace(cfg, fold=k, folds=None, run_dir=str(run_dir / f"fold-{k}"))
-        s = train_run(fold_cfg, train_ids, val_ids, run_dir / f"fold-{k}", dist=dist)
-        # relative to the run folder, so a moved or copied run folder keeps working
-        report["folds"].append({"fold": k, "run_dir": f"fold-{k}", **s})
-    best = min(report["folds"], key=lambda f: f["best_val_loss"])
-    report["best_fold"] = best["fold"]
-    report["selection"] = "lowest best validation loss (the seed's choice)"
-    if dist.is_writer:
-        cfg.save(run_dir / "config.json")
-        tmp = run_dir / "kfold.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(run_dir / "kfold.json")
-        print(f"k-fold: best fold {best['fold']} (validation loss {best['best_val_loss']:.4f}); "
-              f"{run_dir / 'kfold.json'}")
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from store import FormatError
 
     from .distributed import CollectiveError, Dist
-    from .engine import ConfigError
+    from .engine import CheckpointError, ConfigError
+    from .experiment import check_flags, run
 
     dist = Dist.from_env(timeout_s=cfg.dist_timeout if cfg.dist_timeout > 0 else 300.0)
     try:
@@ -161,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FormatError, FileNotFoundError, KeyError) as e:
         print(f"python -m train: error: {e}", file=sys.stderr)
         return 2
-    except CollectiveError as e:
+    except (CollectiveError, CheckpointError) as e:
         print(f"python -m train: error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:

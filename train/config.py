@@ -6,14 +6,17 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from store.conventions import REGIONS
+
 # Fields that may differ when a run is resumed (they do not change what is computed per epoch).
-RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir", "dist_timeout"}
+RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir", "dist_timeout", "overwrite"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     store: str = "data/brats.zarr"
     modalities: tuple[str, ...] = ("t1", "t2", "flair")
+    regions: tuple[str, ...] = REGIONS  # the model's output channels, in this order
     run_dir: str = "runs/default"
     epochs: int = 100
     patience: int = 10
@@ -31,6 +34,7 @@ class TrainConfig:
     folds: int | None = None
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False  # a used run folder is moved aside (never deleted) and the run starts over
     seed: int = 0
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     num_res_units: int = 2

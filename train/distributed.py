@@ -11,7 +11,6 @@ makes.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from dataclasses import dataclass
 
@@ -67,18 +66,17 @@ class Dist:
     # ------------------------------------------------------------------------------------------ sharing work
 
     def shard(self, ids: list, rank: int | None = None) -> list:
-        """This rank's share of ``ids``: the list padded by repeating its start to a multiple of the world size,
-        then every ``world``-th item, so every rank holds the same number and none is empty (torch's
-        DistributedSampler pads the same way). One process: every id, in order."""
+        """The training cases ``rank`` caches and samples from: every ``world``-th case, so the node's ranks
+        hold each case once between them (shards differ in length by one at most; every rank still runs the
+        same number of steps, which the trainer fixes, not the shard). A rank left without a case (more ranks
+        than cases) borrows one. One process: every id, in order."""
         rank = self.rank if rank is None else rank
         if not ids:
             return []
-        n = math.ceil(len(ids) / self.world) * self.world
-        padded = [ids[i % len(ids)] for i in range(n)]
-        return padded[rank::self.world]
+        return ids[rank::self.world] or [ids[rank % len(ids)]]
 
     def share(self, ids: list) -> list:
-        """This rank's part of ``ids`` with no padding (validation: every case scored exactly once overall)."""
+        """This rank's part of ``ids``, possibly empty (validation: every case scored exactly once overall)."""
         return ids[self.rank::self.world]
 
     # ------------------------------------------------------------------------------------------ collectives

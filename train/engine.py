@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from store.conventions import LABEL_CONVENTIONS, REGIONS
+from store.conventions import REGIONS, region_masks, trainable_regions
 
 from .config import TrainConfig
 from .distributed import Dist
@@ -22,6 +22,10 @@ from .distributed import Dist
 
 class ConfigError(ValueError):
     """Bad input found before any work starts."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and why."""
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -38,18 +42,14 @@ def resolve_device(name: str) -> torch.device:
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=len(cfg.modalities), out_channels=len(REGIONS),
+    return UNet(spatial_dims=3, in_channels=len(cfg.modalities), out_channels=len(cfg.regions),
                 channels=tuple(cfg.channels), strides=(2,) * (len(cfg.channels) - 1), dropout=cfg.dropout,
                 num_res_units=cfg.num_res_units, norm="batch")
 
 
-def label_to_regions(label: torch.Tensor, convention: str) -> torch.Tensor:
-    """uint8 label (B, 1, X, Y, Z) -> float regions (B, 3, X, Y, Z) in the order TC, WT, ET."""
-    conv = LABEL_CONVENTIONS[convention]
-    et = label == conv["enhancing"]
-    tc = (label == conv["necrosis"]) | et
-    wt = tc | (label == conv["edema"])
-    return torch.cat([tc, wt, et], dim=1).float()
+def label_to_regions(label: torch.Tensor, convention: str, regions=REGIONS) -> torch.Tensor:
+    """uint8 label (B, 1, X, Y, Z) -> float regions (B, R, X, Y, Z), by store.conventions' one rule."""
+    return region_masks(label, convention, regions).float()
 
 
 def cpu_has_bf16() -> bool:
@@ -78,19 +78,78 @@ def amp_context(cfg: TrainConfig, device: torch.device):
 
 
 def save_atomic(obj, path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: a checkpoint is never half-written."""
+    """torch.save to a temporary file, then rename: a checkpoint is never half-written, and a failed save (a
+    full disk, say) leaves the previous checkpoint whole and no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch reports a full disk as "unexpected pos ..."
+            import shutil
+
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(f"could not write checkpoint {path}: {_os_reason(e)} ({free / 2**20:.0f} MiB "
+                                  f"free there); the previous checkpoint is kept") from None
+        raise
+
+
+def _os_reason(e: BaseException) -> str:
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "unexpected pos" in str(e):
+        return "no space left on device"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def sweep_temporary(run_dir: Path) -> list[Path]:
+    """Remove temporary checkpoint files a killed save left (``.<name>.pt.tmp<pid>``)."""
+    gone = []
+    for f in run_dir.glob(".*.pt.tmp*"):
+        f.unlink(missing_ok=True)
+        gone.append(f)
+    return gone
+
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "kfold.json")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds (part of) a training run: checkpoints, metrics, or k-fold folders."""
+    return any((run_dir / f).exists() for f in RUN_FILES) or any(
+        (d / f).exists() for d in run_dir.glob("fold-*") for f in RUN_FILES)
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename an earlier run's folder to ``<run_dir>.old-N`` (the first free N): nothing is deleted."""
+    n = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.old-{n}")).exists():
+        n += 1
+    os.replace(run_dir, aside)
+    return aside
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never code."""
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never code.
+
+    A file holding anything else (a pickled object, possibly crafted to run code) is refused for safety, and a
+    damaged file is named; neither error suggests loading it unsafely."""
+    import pickle
+    import zipfile
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain containers; it was "
+                              f"refused for safety (this project never loads code from a checkpoint)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 class EarlyStopping:
@@ -159,27 +218,29 @@ def validate(model, store, case_ids: list[str], cfg: TrainConfig, device, autoca
 
     dist = dist or Dist()
     model.eval()
-    sums = np.zeros(2 + 2 * len(REGIONS))  # loss sum, case count, Dice sums, Dice counts (NaN-free cases)
+    names = tuple(cfg.regions)
+    n = len(names)
+    sums = np.zeros(2 + 2 * n)  # loss sum, case count, Dice sums, Dice counts (NaN-free cases)
     first = None
     for cid in dist.share(case_ids):
         case = store.case(cid)
         img = torch.from_numpy(case.image(cfg.modalities))[None].to(device)
-        target = label_to_regions(torch.from_numpy(case.label())[None, None].to(device), store.label_convention)
+        target = label_to_regions(torch.from_numpy(case.label())[None, None].to(device), store.label_convention,
+                                  names)
         logits = sliding_window_logits(model, img, cfg, autocast)
         pred = (torch.sigmoid(logits) > 0.5).float()
         d = compute_dice(pred, target, include_background=True, ignore_empty=False)[0].cpu().numpy()
         sums[0] += float(loss_fn(logits, target))
         sums[1] += 1
-        sums[2:2 + len(REGIONS)] += np.nan_to_num(d)
-        sums[2 + len(REGIONS):] += ~np.isnan(d)
+        sums[2:2 + n] += np.nan_to_num(d)
+        sums[2 + n:] += ~np.isnan(d)
         if first is None:
             first = (img[0].cpu(), target[0].cpu(), pred[0].cpu())
     dist.position = dist.position.split(",")[0] + ", validation"
     total = np.asarray(dist.sum(sums, "the validation reduction", device=None))
-    n = len(REGIONS)
     with np.errstate(invalid="ignore", divide="ignore"):
         dice = total[2:2 + n] / total[2 + n:]
-    out = {"val_loss": float(total[0] / total[1]), "dice": {r: float(v) for r, v in zip(REGIONS, dice)},
+    out = {"val_loss": float(total[0] / total[1]), "dice": {r: float(v) for r, v in zip(names, dice)},
            "dice_mean": float(np.nanmean(dice)), "val_cases": int(total[1]), "_example": first}
     return out
 
@@ -235,6 +296,10 @@ def check_inputs(cfg: TrainConfig, store, train_ids: list[str], val_ids: list[st
 
     if err := modality_error(store, cfg.modalities):
         raise ConfigError(err)
+    allowed = trainable_regions(store.label_convention)
+    if bad := [r for r in cfg.regions if r not in allowed]:
+        raise ConfigError(f"--regions {' '.join(bad)}: a {store.label_convention} store trains "
+                          f"{', '.join(allowed)}")
     if not train_ids:
         raise ConfigError("no training cases in this split")
     if not val_ids:
@@ -265,7 +330,7 @@ def check_cache_memory(cfg: TrainConfig, store, train_ids: list[str], dist: Dist
                        available: int | None) -> int:
     """Refuse a ``--cache ram`` cohort that would not fit in this node's memory, before anything is cached.
 
-    Needed: every case the node's ranks cache (their padded shards, ``cache_rate`` of each), as float16
+    Needed: every case the node's ranks cache (their shards, ``cache_rate`` of each), as float16
     channels plus the uint8 label. ``available``: the least MemAvailable any of the node's ranks saw. Returns
     the bytes needed on the node."""
     if cfg.cache != "ram":
@@ -327,7 +392,7 @@ class Trainer:
         if self.progress:
             print(f"training {len(self.train_ids)} cases ({dist.world} process(es), {self.steps} steps of "
                   f"{cfg.batch_size} per epoch on each), validating {len(self.val_ids)}; "
-                  f"{'+'.join(cfg.modalities)} -> TC, WT, ET; {self.device}, {self.amp_desc}; "
+                  f"{'+'.join(cfg.modalities)} -> {', '.join(cfg.regions)}; {self.device}, {self.amp_desc}; "
                   f"run folder {self.run_dir}")
 
     def _read_resume_state(self) -> dict | None:
@@ -342,22 +407,13 @@ class Trainer:
         return state
 
     def _prepare_run_dir(self, state: dict | None) -> None:
+        """The writer makes the folder and records the config; a used folder was refused or moved aside before
+        (``prepare_run_folder``), so nothing is deleted here but a killed save's temporary files."""
         if not self.dist.is_writer:
             return
         run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        if state is None and ((run_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()):
-            # a fresh run into a used folder starts over; --resume continues instead
-            import shutil
-
-            for old in ("last.pt", "best.pt", "metrics.jsonl", "tb"):
-                p = run_dir / old
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-            if self.progress:
-                print(f"{run_dir} held an earlier run: starting over (pass --resume to continue it)")
+        sweep_temporary(run_dir)
         self.cfg.save(run_dir / "config.json")
         # how the inputs were made, so `evaluate predict` preprocesses a new case the same way
         prep = {"params": self.store.params, "label_convention": self.store.label_convention}
@@ -406,6 +462,8 @@ class Trainer:
         node_seen = [seen[r] for r in dist.node_ranks if seen[r] > 0]
         check_cache_memory(cfg, self.store, self.train_ids, dist, int(min(node_seen)) if node_seen else None)
         self.steps = steps_per_epoch(cfg, len(self.train_ids), dist.world)
+        import monai.data  # noqa: F401 (loaded before the baseline: the cache's memory is what is measured)
+
         rss = resident_bytes()
         self.loader = TrainLoader(cfg.store, dist.shard(self.train_ids), cfg.modalities, cfg.patch_size,
                                   cfg.batch_size, cfg.cache, cfg.cache_rate, cfg.workers, self.device,
@@ -463,7 +521,7 @@ class Trainer:
             aug_out = self.augment.buffer_for(img, aug_out)
             img, lab = self.augment(img, lab, inplace=True, out=aug_out)
             lv = train_step(self.model, self.opt, self.loss_fn, self.autocast, self.scaler, img,
-                            label_to_regions(lab, self.store.label_convention))
+                            label_to_regions(lab, self.store.label_convention, cfg.regions))
             t2 = time.perf_counter()
             wait += t1 - t0
             compute += t2 - t1

@@ -165,12 +165,12 @@ class StoreSource:
 
 
 def load_case_arrays(store_path: str, case_id: str, modalities) -> dict:
-    """A whole case decoded: image float16 (C, X, Y, Z) of ``modalities``, label uint8 (X, Y, Z)."""
+    """A whole case decoded: image float16 (C, X, Y, Z) of ``modalities``, label uint8 (X, Y, Z), checked
+    against the checksum written with it (a whole-case read reads everything the checksum covers anyway)."""
     from store import open_store
 
-    case = open_store(store_path).case(case_id)
-    image = case.image_into(torch.empty((len(modalities), *case.shape), dtype=torch.float16), modalities)
-    return {"image": image.numpy(), "label": case.label() if case.has_label else None}
+    image, label = open_store(store_path).case(case_id).decode_checked(modalities)
+    return {"image": image.numpy(), "label": label}
 
 
 class _LoadCase(Transform):
