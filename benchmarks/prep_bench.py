@@ -131,7 +131,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
                 rss = list(client.run(_peak_rss_mb).values())
                 if workers == 1:  # the per-step breakdown, on the same warm worker, into a store of its own
                     steps_store = str(work / "steps.zarr")
-                    StoreWriter(steps_store, MODALITIES, cohort.label_convention, params, overwrite=True)
+                    StoreWriter(steps_store, MODALITIES, cohort.label_convention, params, overwrite=True).close()
                     timings = client.gather(client.map(_steps, cohort.cases, store_path=steps_store, params=params,
                                                        pure=False))
                     steps = {k: summarize([t[k] for t in timings]) for k in timings[0]}

@@ -12,12 +12,12 @@ import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from store.conventions import MODALITIES
+from store.conventions import MODALITIES, REGIONS
 
 from .discover import CaseFiles, DiscoveryError, discover
 from .preprocess import CROP_MARGIN, TARGET_SPACING, CaseError, label_statistics, preprocess, sha256_file
@@ -41,6 +41,7 @@ class BuildReport:
     skipped: list[str]
     failed: dict[str, str]
     seconds: float
+    ignored: dict[str, str] = field(default_factory=dict)  # folders not looked into (hidden), with why
 
     @property
     def ok(self) -> bool:
@@ -87,8 +88,9 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
         pre = preprocess(case, MODALITIES, with_label=case.seg is not None, margin=params["crop_margin"],
                          spacing=params["spacing_mm"], encode=True)
         seed = int(token[:8], 16)
+        convention = pre.label_convention or case.label_convention
         if pre.label is not None:
-            label_counts, region_counts, fg = label_statistics(pre.label, case.label_convention,
+            label_counts, region_counts, fg = label_statistics(pre.label, convention,
                                                                np.random.default_rng(seed))
         else:
             label_counts, region_counts, fg = {}, {}, np.zeros((0, 4), np.int32)
@@ -96,22 +98,28 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
             "case_id": cid,
             "patient_id": case.patient_id,
             "modalities": list(MODALITIES),
-            "label_convention": case.label_convention,
+            "label_convention": convention,
             "source_files": {k: Path(p).name for k, p in files.items()},
             "source_sha256": sha,
             **pre.geometry,
             "normalization": pre.normalization,
             "label_counts": label_counts,
             "region_counts": region_counts,
-            "foreground_counts": {r: int((fg[:, 0] == i).sum()) for i, r in enumerate(("TC", "WT", "ET"))},
+            "foreground_counts": {r: int((fg[:, 0] == i).sum()) for i, r in enumerate(REGIONS)},
             "params_hash": params_hash,
         }
         write_case(store_path, group, pre.encoded, pre.label, fg, attrs)
         record = {"group": group, "source_sha256": sha, "params_hash": params_hash, "patient_id": case.patient_id}
-        return {"case_id": cid, "status": "built", "record": record}
+        return {"case_id": cid, "status": "built", "record": record, "label_convention": convention}
     except CaseError as e:
         return {"case_id": cid, "status": "failed", "reason": str(e)}
     except Exception as e:  # an unexpected fault in one case must not stop the others
+        import errno
+
+        from store.location import describe_os_error
+
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM):
+            return {"case_id": cid, "status": "failed", "reason": f"case {cid}: {describe_os_error(e, store_path)}"}
         where = traceback.extract_tb(e.__traceback__)[-1]
         return {"case_id": cid, "status": "failed",
                 "reason": f"case {cid}: {type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"}
@@ -165,83 +173,110 @@ def _client(cfg: BuildConfig):
 
 
 def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
-    """Build or update the store at ``cfg.store`` from the cohort at ``cfg.source``."""
+    """Build or update the store at ``cfg.store`` from the cohort at ``cfg.source``.
+
+    Every publication writes the index, the splits over it and the failure report together (one atomic root
+    write), so the store verifies whenever the build stops. Splits keep the assignments of the last completed
+    build (``settled``); a killed build resumed gives the splits an uninterrupted one would."""
     from tqdm import tqdm
 
-    from store.zarrstore import StoreWriter, _is_local
+    from store.location import Location
+    from store.zarrstore import StoreWriter
 
     from .splits import make_splits
 
     t0 = time.perf_counter()
     cohort = discover(cfg.source)
-    store_path = str(Path(cfg.store).resolve()) if _is_local(cfg.store) else cfg.store
+    store_path = str(Path(cfg.store).resolve()) if Location(cfg.store).local else cfg.store
     params = build_params(cfg)
-    writer = StoreWriter(store_path, MODALITIES, cohort.label_convention, params, overwrite=cfg.overwrite)
-    writer.collect_garbage()
-    writer.group.attrs["source"] = str(Path(cfg.source).resolve())
-    index = writer.index
     failed: dict[str, str] = dict(cohort.problems)
     built, skipped = [], []
-    bar = tqdm(total=len(cohort.cases), desc="build-store", unit="case", disable=not progress)
+    with StoreWriter(store_path, MODALITIES, cohort.label_convention, params, overwrite=cfg.overwrite) as writer:
+        writer.collect_garbage()
+        writer.set_source(str(Path(cfg.source).resolve()))
+        stored = writer.splits
+        base = {"patients": stored.get("settled", stored.get("patients", {}))} if stored else None
 
-    def handle(res: dict) -> None:
-        cid = res["case_id"]
-        if res["status"] == "failed":
-            failed[cid] = res["reason"]
-        else:
-            (built if res["status"] == "built" else skipped).append(cid)
-            if res["status"] == "built":
-                writer.publish(cid, res["record"])
-        bar.update()
-        bar.set_postfix(done=len(built), skipped=len(skipped), failed=len(failed))
+        def splits_for(index: dict, final: bool = False) -> dict:
+            patients = {cid: rec.get("patient_id", cid) for cid, rec in index.items()}
+            if not patients:
+                return {}
+            sp = make_splits(patients, cfg.split_seed, base)
+            sp["settled"] = sp["patients"] if final else (base or {}).get("patients", {})
+            return sp
 
-    try:
-        if cfg.workers == 0 and not cfg.scheduler:
-            for case in cohort.cases:  # in-process, for debugging
-                handle(process_case(case, store_path, params, index.get(case.case_id)))
-        else:
-            from distributed import as_completed
-
-            client, cluster = _client(cfg)
-            try:
-                futures = {client.submit(process_case, case, store_path, params, index.get(case.case_id),
-                                         pure=False): case.case_id for case in cohort.cases}
-                for fut in as_completed(futures):
-                    try:
-                        handle(fut.result())
-                    except Exception as e:  # a worker that died under a case
-                        cid = futures[fut]
-                        handle({"case_id": cid, "status": "failed", "reason": f"case {cid}: worker failed: {e}"})
-            finally:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
-    finally:
-        bar.close()
-        # A case whose sources now fail is no longer what the store holds for it: unpublish it.
-        for cid in failed:
-            writer.unpublish(cid)
-        # Splits over every published case, keeping earlier assignments; the failure report of this build.
         index = writer.index
-        patients = {cid: rec.get("patient_id", cid) for cid, rec in index.items()}
-        if patients:
-            previous = writer.group.attrs.get("splits") or None
-            writer.set_splits(make_splits(patients, cfg.split_seed, previous))
-        writer.set_failures(failed)
-    return BuildReport(built, skipped, failed, time.perf_counter() - t0)
+        bar = tqdm(total=len(cohort.cases), desc="build-store", unit="case", disable=not progress)
+
+        def handle(res: dict) -> None:
+            cid = res["case_id"]
+            if res["status"] == "failed":
+                failed[cid] = res["reason"]
+                # a case whose sources now fail is no longer what the store holds for it
+                now = writer.index
+                now.pop(cid, None)
+                writer.commit(now, splits_for(now), failed)
+            else:
+                (built if res["status"] == "built" else skipped).append(cid)
+                if res["status"] == "built":
+                    writer.admit_convention(res["label_convention"])  # before the case is visible
+                    now = {**writer.index, cid: res["record"]}
+                    writer.commit(now, splits_for(now), failed)
+            bar.update()
+            bar.set_postfix(done=len(built), skipped=len(skipped), failed=len(failed))
+
+        finished = False
+        try:
+            if cfg.workers == 0 and not cfg.scheduler:
+                for case in cohort.cases:  # in-process, for debugging
+                    handle(process_case(case, store_path, params, index.get(case.case_id)))
+            else:
+                from distributed import as_completed
+
+                client, cluster = _client(cfg)
+                try:
+                    futures = {client.submit(process_case, case, store_path, params, index.get(case.case_id),
+                                             pure=False): case.case_id for case in cohort.cases}
+                    for fut in as_completed(futures):
+                        try:
+                            res = fut.result()
+                        except Exception as e:  # a worker that died under a case
+                            cid = futures[fut]
+                            res = {"case_id": cid, "status": "failed", "reason": f"case {cid}: worker failed: {e}"}
+                        handle(res)
+                finally:
+                    client.close()
+                    if cluster is not None:
+                        cluster.close()
+            finished = True
+        finally:
+            bar.close()
+            if finished:  # the completed build's splits become the settled ones; a stopped build keeps its last
+                now = writer.index
+                for cid in failed:
+                    now.pop(cid, None)
+                writer.commit(now, splits_for(now, final=True), failed)
+    return BuildReport(built, skipped, failed, time.perf_counter() - t0, dict(cohort.skipped))
 
 
 def run_cli(cfg: BuildConfig) -> int:
     """Build, print the failure report and the store summary; exit status 1 when any case failed."""
     from store import FormatError
+    from store.location import describe_os_error
 
     try:
         report = build_store(cfg)
-    except (DiscoveryError, FormatError, FileNotFoundError) as e:
+    except (DiscoveryError, FormatError, FileNotFoundError, ImportError) as e:
         print(f"prep build-store: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only filesystem: the store is left as its last publication
+        print(f"prep build-store: error: {describe_os_error(e, e.filename or cfg.store)}; the store holds every "
+              f"case published before this (run the build again to resume)", file=sys.stderr)
+        return 1
     print(f"built {len(report.built)}, skipped {len(report.skipped)} unchanged, failed {len(report.failed)} "
           f"in {report.seconds:.1f} s -> {cfg.store}")
+    if report.ignored:
+        print("not looked into: " + ", ".join(f"{name} ({why})" for name, why in sorted(report.ignored.items())))
     if report.failed:
         print("failures (also kept in the store's 'failures' attribute):", file=sys.stderr)
         for _, reason in sorted(report.failed.items()):

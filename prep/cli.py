@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
     s.add_argument("--cases", type=int, default=8, help="number of cases (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed; same seed, byte-identical files (default: 0)")
-    s.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021",
-                   help="file naming and label convention: 2021 (1 NCR, 2 ED, 4 ET) or 2023 (1 NETC, 2 SNFH, "
-                   "3 ET) (default: %(default)s)")
+    s.add_argument("--layout", choices=["brats2021", "brats2023", "brats2024"], default="brats2021",
+                   help="file naming and label convention: 2021 (1 NCR, 2 ED, 4 ET), 2023 (1 NETC, 2 SNFH, "
+                   "3 ET) or 2024 post-treatment (2023 naming, plus 4 RC: a resection cavity beside residual "
+                   "tumour) (default: %(default)s)")
     s.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="grid size in voxels; the field of view stays 240x240x155 mm, so smaller grids have "
                    "coarser voxels (default: 240 240 155, 1 mm)")

@@ -53,6 +53,7 @@ class Cohort:
     layout: str | None
     cases: list[CaseFiles] = field(default_factory=list)
     problems: dict[str, str] = field(default_factory=dict)  # case id -> one-line reason
+    skipped: dict[str, str] = field(default_factory=dict)  # folder name -> why it was not looked into
 
     @property
     def label_convention(self) -> str | None:
@@ -143,9 +144,22 @@ def discover(root: str | Path, require_seg: bool = True) -> Cohort:
     if not root.is_dir():
         raise DiscoveryError(f"cohort folder {root} does not exist or is not a folder")
     cohort = Cohort(root=root, layout=None)
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not any(_parse(f.name) for f in folder.iterdir() if f.is_file()):
-            continue  # an unrelated folder
+    for folder in sorted(root.iterdir()):
+        if folder.is_symlink() and not folder.exists():
+            cohort.problems[folder.name] = (f"case folder {folder.name}: a symbolic link that leads nowhere "
+                                            f"(broken, or a loop)")
+            continue
+        if not folder.is_dir():
+            continue
+        if folder.name.startswith("."):
+            cohort.skipped[folder.name] = "hidden folder"
+            continue
+        try:
+            if not any(_parse(f.name) for f in folder.iterdir() if f.is_file()):
+                continue  # an unrelated folder
+        except OSError as e:
+            cohort.problems[folder.name] = f"case folder {folder.name}: cannot be listed ({e.strerror or e})"
+            continue
         try:
             case = discover_case(folder, require_seg=require_seg)
         except DiscoveryError as e:

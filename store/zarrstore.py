@@ -15,6 +15,7 @@ group, then publishes it in the index (one atomic write of the root metadata), t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -24,12 +25,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .conventions import MODALITIES
+from .conventions import MODALITIES, compatible
 from .format import CASES_GROUP, CURRENT, FORMAT_NAME, FormatError, detect
+from .location import Location
 
 
 def _is_local(path: str) -> bool:
-    return "://" not in str(path) and not str(path).endswith(".zip")
+    return Location(path).local
 
 
 def _zarr_store(path: str | Path, mode: str):
@@ -124,6 +126,15 @@ def content_checksum(*arrays: np.ndarray) -> str:
     return f"{crc:08x}"
 
 
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, as the store records each source file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class Case:
     """One stored case. Arrays are read lazily; ``region`` is a tuple of 3 slices on the stored grid."""
 
@@ -136,6 +147,24 @@ class Case:
         self.case_id: str = self.meta["case_id"]
         self.shape: tuple[int, int, int] = tuple(self.meta["shape"])
         self.scale = np.asarray(self.meta["image_scale"], dtype=np.float32)
+        self._check_objects()
+
+    def _check_objects(self) -> None:
+        """Every chunk object the build wrote (``objects``: key -> bytes) is there at its size: one listing of
+        the case's folder or prefix. A missing shard would otherwise read as zeros (all-zero chunks are never
+        written, so the format alone cannot tell). Stores written before this record skip the check."""
+        expected = self.meta.get("objects")
+        loc = self._store.location
+        if not expected or loc.zip:
+            return
+        present = loc.sizes(self._group_path)
+        for key, size in expected.items():
+            if key not in present:
+                raise FormatError(f"case {self.case_id}: object {key} is missing from store {self._store.path} "
+                                  f"(the store is damaged; 'python -m store verify' lists every damaged case)")
+            if present[key] != size:
+                raise FormatError(f"case {self.case_id}: object {key} is {present[key]} bytes, {size} were written "
+                                  f"(truncated or replaced; 'python -m store verify' lists every damaged case)")
 
     def _channels(self, modalities) -> list[int]:
         mods = list(self.meta["modalities"])
@@ -150,8 +179,8 @@ class Case:
         from .fastread import ChunkReader
 
         if name not in self._readers:
-            local = _is_local(self._store.path)
-            path = Path(self._store.path, self._group_path, name) if local else None
+            loc = self._store.location
+            path = loc.local_path(f"{self._group_path}/{name}") if loc.local else None
             self._readers[name] = ChunkReader(self._group[name], path)
         return self._readers[name]
 
@@ -181,6 +210,25 @@ class Case:
         idx = self._channels(modalities)
         return decode_into(self._reader("image"), idx, self.scale[idx], self._region(region), out, at)
 
+    def decode_checked(self, modalities=None):
+        """The whole case, checked against its ``content_crc32``: (image float16 tensor (C, X, Y, Z) of
+        ``modalities``, label uint8 (X, Y, Z) or None). Reads every stored channel (the checksum covers them all),
+        then decodes the chosen ones as ``image_into`` does, to the same bits. A mismatch is an error naming the
+        case."""
+        import torch
+
+        idx = self._channels(modalities)
+        full = tuple(slice(0, n) for n in self.shape)
+        stored = self._reader("image").read((slice(0, len(self.meta["modalities"])), *full))
+        label = self.label() if self.has_label else None
+        if content_checksum(stored, *([label] if label is not None else [])) != self.meta["content_crc32"]:
+            raise FormatError(f"case {self.case_id}: its data do not match the checksum written with them (a damaged "
+                              f"chunk); 'python -m store verify' lists every damaged case")
+        out = torch.empty((len(idx), *self.shape), dtype=torch.float16)
+        for k, c in enumerate(idx):
+            torch.mul(torch.from_numpy(stored[c]), float(self.scale[c]), out=out[k])
+        return out, label
+
     def label(self, region=None) -> np.ndarray:
         """uint8 (X, Y, Z) in the store's label convention."""
         if "label" not in self._group:
@@ -197,6 +245,41 @@ class Case:
     @property
     def has_label(self) -> bool:
         return "label" in self._group
+
+    @property
+    def label_convention(self) -> str:
+        """This case's label convention (a store's cases may be in a convention its own supersedes)."""
+        return self.meta["label_convention"]
+
+    @property
+    def geometry(self) -> dict:
+        """What maps the stored grid back to the source: source_affine, source_shape, resampled_affine,
+        resampled_shape, crop_box, stored_affine (prep.preprocess.to_source_grid reads these)."""
+        keys = ("source_affine", "source_shape", "resampled_affine", "resampled_shape", "crop_box", "stored_affine",
+                "spacing_mm", "orientation")
+        return {k: self.meta[k] for k in keys if k in self.meta}
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Stored voxel size in mm."""
+        return tuple(float(v) for v in self.meta["spacing_mm"])
+
+    def read_source(self, kind: str, root: str | Path | None = None) -> tuple[Path, bytes] | None:
+        """The bytes of the source file ``kind`` (t1, ..., seg) this case was built from, read once, with its
+        path under ``root`` (default: the folder the store was built from), if it is still there unchanged (the
+        same sha256 as recorded); else None."""
+        root = root or self._store.attrs.get("source")
+        name = self.meta["source_files"].get(kind)
+        if not root or not name:
+            return None
+        path = Path(root) / self.case_id / name
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() != self.meta["source_sha256"].get(kind):
+            return None
+        return path, data
 
     def foreground(self) -> np.ndarray:
         """int32 (N, 4): region index (0 TC, 1 WT, 2 ET), x, y, z of sampled foreground voxels."""
@@ -216,6 +299,7 @@ class Store:
 
     def __init__(self, path: str | Path, group):
         self.path = str(path)
+        self.location = Location(self.path)
         self._group = group
         attrs = dict(group.attrs)
         self.format = detect(attrs)
@@ -242,7 +326,12 @@ class Store:
         rec = self.index.get(case_id)
         if rec is None:
             raise KeyError(f"no case {case_id!r} in store {self.path}")
-        return Case(self._group[rec["group"]], self, rec["group"])
+        try:
+            group = self._group[rec["group"]]
+        except KeyError:
+            raise FormatError(f"case {case_id}: its group {rec['group']} is missing from store {self.path} (the "
+                              f"store is damaged; 'python -m store verify' lists every damaged case)") from None
+        return Case(group, self, rec["group"])
 
     def __iter__(self):
         return (self.case(c) for c in self.case_ids)
@@ -251,9 +340,9 @@ class Store:
         return len(self.index)
 
     def nbytes_on_disk(self) -> int | None:
-        if not _is_local(self.path):
-            return os.path.getsize(self.path) if self.path.endswith(".zip") else None
-        return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+        if self.location.zip:
+            return os.path.getsize(self.path)
+        return sum(self.location.sizes("").values())
 
 
 def open_store(path: str | Path, mode: str = "r") -> Store:
@@ -262,22 +351,34 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
 
     if mode not in ("r", "r+"):
         raise ValueError("mode must be 'r' or 'r+'")
-    if _is_local(str(path)) and not Path(path).exists():
+    loc = Location(path)
+    if loc.local and not Path(path).exists():
         raise FileNotFoundError(f"no store at {path}")
     try:
         group = _open_group(path, mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise FileNotFoundError(f"no zarr group at {path}") from e
+    except (ValueError, KeyError, TypeError) as e:  # a root zarr.json cut short or garbled
+        raise FormatError(f"store {path}: its root metadata (zarr.json) is damaged and cannot be read "
+                          f"({type(e).__name__}); rebuild the store with --overwrite") from None
     return Store(path, group)
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 
+LOCK_KEY = ".build.lock"
+LOCK_LEASE_S = 900.0  # a lock on an object store not renewed for this long belongs to a build that is gone
+
+
 class StoreWriter:
     """The build's side of the store: create it, publish cases, record splits and failures.
 
     Only the process driving a build writes the root metadata; workers write case groups (``write_case``).
+    The root's ``index``, ``splits`` and ``failures`` are written together, in one atomic write of the root
+    metadata (``commit``), so a store killed or out of space at any point verifies. One build at a time: a lock
+    object (``.build.lock``) names the holder's host and process; a lock whose process is gone (same host), or
+    whose lease ran out (another host, object stores), is taken over. Use as a context manager, or ``close()``.
     """
 
     def __init__(self, path: str | Path, modalities, label_convention: str | None, params: dict,
@@ -285,90 +386,219 @@ class StoreWriter:
         import zarr
 
         self.path = str(path)
+        self.location = Location(self.path)
+        self._locked = False
         exists = _exists(self.path)
-        if exists and overwrite:
-            _remove(self.path)
-            exists = False
-        if exists:
-            group = _open_group(self.path, "r+")
-            attrs = dict(group.attrs)
+        if self.location.local:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            if exists and overwrite:
+                self.location.clear(keep=(LOCK_KEY,))
+                exists = False
+            if exists:
+                group = _open_group(self.path, "r+")
+                attrs = dict(group.attrs)
+                try:
+                    detect(attrs)
+                except FormatError as e:
+                    raise FormatError(f"{self.path}: {e}; pass --overwrite to replace it") from e
+                if attrs["params"] != params:
+                    diff = {k: (attrs["params"].get(k), params.get(k)) for k in set(attrs["params"]) | set(params)
+                            if attrs["params"].get(k) != params.get(k)}
+                    raise FormatError(
+                        f"store {self.path} was built with other parameters "
+                        + ", ".join(f"{k}: {a!r} here, {b!r} now" for k, (a, b) in sorted(diff.items()))
+                        + "; pass --overwrite to rebuild it"
+                    )
+                if label_convention and attrs["label_convention"] and not (
+                        compatible(attrs["label_convention"], label_convention)
+                        or compatible(label_convention, attrs["label_convention"])):
+                    raise FormatError(f"store {self.path} holds {attrs['label_convention']} labels, the source is "
+                                      f"{label_convention}; pass --overwrite to rebuild it")
+                self.group = group
+                self.attrs = attrs
+                if label_convention and attrs["label_convention"] is None:
+                    self._write_root(label_convention=label_convention)
+            else:
+                self.attrs = {
+                    "format": FORMAT_NAME,
+                    "format_version": CURRENT.version,
+                    "modalities": list(modalities),
+                    "label_convention": label_convention,
+                    "params": params,
+                    "index": {},
+                    "failures": {},
+                    "splits": {},
+                }
+                if self.location.zip:
+                    self.group = zarr.open_group(_zarr_store(self.path, "w"), mode="w", zarr_format=3)
+                    self.group.attrs.put(self.attrs)
+                else:  # the root metadata complete in one write: a store is never seen half-made
+                    root = {"zarr_format": 3, "node_type": "group", "attributes": self.attrs}
+                    self.location.write_atomic("zarr.json", json.dumps(root, indent=2).encode())
+                    self.group = _open_group(self.path, "r+")
+                self.group.require_group(CASES_GROUP)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------ the lock
+
+    def _lock(self) -> None:
+        import json as _json
+        import socket
+        import time
+
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "renewed": time.time()}
+        for _ in range(2):
+            if self.location.create_exclusive(LOCK_KEY, _json.dumps(me).encode()):
+                self._locked = True
+                return
             try:
-                detect(attrs)
-            except FormatError as e:
-                raise FormatError(f"{self.path}: {e}; pass --overwrite to replace it") from e
-            if attrs["params"] != params:
-                diff = {k: (attrs["params"].get(k), params.get(k)) for k in set(attrs["params"]) | set(params)
-                        if attrs["params"].get(k) != params.get(k)}
-                raise FormatError(
-                    f"store {self.path} was built with other parameters "
-                    + ", ".join(f"{k}: {a!r} here, {b!r} now" for k, (a, b) in sorted(diff.items()))
-                    + "; pass --overwrite to rebuild it"
-                )
-            if label_convention and attrs["label_convention"] not in (None, label_convention):
-                raise FormatError(f"store {self.path} holds {attrs['label_convention']} labels, the source is "
-                                  f"{label_convention}; pass --overwrite to rebuild it")
-            self.group = group
-            if label_convention and attrs["label_convention"] is None:
-                self.group.attrs["label_convention"] = label_convention
+                holder = _json.loads(self.location.read_bytes(LOCK_KEY))
+            except (OSError, ValueError):
+                holder = {}
+            if not _stale(holder):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                raise FormatError(f"store {self.path} is being built by process {holder.get('pid')} on "
+                                  f"{holder.get('host')} since {since}; wait for that build to end (a lock left by "
+                                  f"a build that is gone is taken over by itself)")
+            self.location.remove(LOCK_KEY)  # its holder is gone
+        raise FormatError(f"store {self.path}: could not take the build lock {LOCK_KEY}")
+
+    def _renew(self) -> None:
+        """Object stores: a running build renews its lease at every commit."""
+        if self._locked and self.location.remote:
+            import json as _json
+            import time
+
+            holder = _json.loads(self.location.read_bytes(LOCK_KEY))
+            holder["renewed"] = time.time()
+            self.location.write_atomic(LOCK_KEY, _json.dumps(holder).encode())
+
+    def close(self) -> None:
+        """Release the build lock."""
+        if self._locked:
+            with contextlib.suppress(OSError):
+                self.location.remove(LOCK_KEY)
+            self._locked = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ root metadata
+
+    def _write_root(self, **changes) -> None:
+        """Change root attributes in one atomic write of the root metadata (zarr.json): a local store's file is
+        written aside and renamed over (whatever zarr version is installed), an object store's is one PUT."""
+        attrs = {**self.attrs, **changes}
+        if self.location.zip:
+            self.group.attrs.update(changes)
         else:
-            self.group = zarr.open_group(_zarr_store(self.path, "w"), mode="w", zarr_format=3)
-            self.group.attrs.put({
-                "format": FORMAT_NAME,
-                "format_version": CURRENT.version,
-                "modalities": list(modalities),
-                "label_convention": label_convention,
-                "params": params,
-                "index": {},
-                "failures": {},
-                "splits": {},
-            })
-            self.group.require_group(CASES_GROUP)
+            meta = json.loads(self.location.read_bytes("zarr.json"))
+            meta["attributes"] = attrs
+            self.location.write_atomic("zarr.json", json.dumps(meta, indent=2).encode())
+        self.attrs = attrs
 
     @property
     def index(self) -> dict:
-        return dict(self.group.attrs["index"])
+        return dict(self.attrs["index"])
 
-    def publish(self, case_id: str, record: dict) -> None:
-        """Make a written case visible (one atomic root-metadata write), then drop the version it replaced."""
-        index = self.index
-        old = index.get(case_id)
-        index[case_id] = record
-        self.group.attrs["index"] = index
-        if old and old["group"] != record["group"]:
-            _delete_group(self.group, old["group"])
+    @property
+    def splits(self) -> dict:
+        return dict(self.attrs.get("splits") or {})
 
-    def unpublish(self, case_id: str) -> None:
+    def admit_convention(self, convention: str | None) -> None:
+        """Before publishing a case labelled in ``convention``: the store's convention becomes the one that
+        supersedes its own where the case needs it (BraTS 2023 -> 2024: every 2023 label map stays valid)."""
+        current = self.attrs["label_convention"]
+        if convention is None or convention == current or (current and compatible(current, convention)):
+            return
+        if current and not compatible(convention, current):
+            raise FormatError(f"store {self.path} holds {current} labels, a case has {convention} labels")
+        self._write_root(label_convention=convention)
+
+    def commit(self, index: dict, splits: dict, failures: dict) -> None:
+        """Publish ``index`` with its ``splits`` and the ``failures`` report: one atomic write, so they always
+        agree. Then drop the case groups the new index no longer names."""
+        old = self.index
+        self._write_root(index=index, splits=splits, failures=failures)
+        self._renew()
+        live = {rec["group"] for rec in index.values()}
+        for rec in old.values():
+            if rec["group"] not in live:
+                self._delete_case_group(rec["group"])
+
+    def publish(self, case_id: str, record: dict, splits: dict | None = None) -> None:
+        """Make a written case visible (with ``splits`` covering the new index, where given), then drop the
+        version it replaced."""
+        index = {**self.index, case_id: record}
+        self.commit(index, splits if splits is not None else self.splits, self.attrs.get("failures", {}))
+
+    def unpublish(self, case_id: str, splits: dict | None = None) -> None:
         index = self.index
-        old = index.pop(case_id, None)
-        if old is not None:
-            self.group.attrs["index"] = index
-            _delete_group(self.group, old["group"])
+        if index.pop(case_id, None) is not None:
+            self.commit(index, splits if splits is not None else self.splits, self.attrs.get("failures", {}))
 
     def set_failures(self, failures: dict) -> None:
-        self.group.attrs["failures"] = failures
+        self._write_root(failures=failures)
 
     def set_splits(self, splits: dict) -> None:
-        self.group.attrs["splits"] = splits
+        self._write_root(splits=splits)
+
+    def set_source(self, source: str) -> None:
+        self._write_root(source=source)
+
+    def _delete_case_group(self, group_path: str) -> None:
+        if self.location.zip:
+            _delete_group(self.group, group_path)
+        else:
+            self.location.remove(group_path)
 
     def collect_garbage(self) -> list[str]:
-        """Remove case groups no index entry names (left by a build killed mid-case), also a local group's
-        folder killed before its metadata was written (which zarr does not list)."""
+        """Remove case groups no index entry names (left by a build killed mid-case), also a group killed
+        before its metadata was written (which zarr does not list)."""
         published = {rec["group"] for rec in self.index.values()}
-        local = Path(self.path, CASES_GROUP) if _is_local(self.path) else None
-        if local is not None:
-            names = [p.name for p in local.iterdir() if p.is_dir()] if local.is_dir() else []
-        else:
+        if self.location.zip:
             names = list(self.group.require_group(CASES_GROUP).group_keys())
+        else:
+            names = sorted({k.split("/", 1)[0] for k in self.location.sizes(CASES_GROUP)})
+            if self.location.local and self.location.local_path(CASES_GROUP).is_dir():
+                names = sorted(set(names) | {p.name for p in self.location.local_path(CASES_GROUP).iterdir()
+                                             if p.is_dir()})
         removed = []
         for name in names:
             path = f"{CASES_GROUP}/{name}"
             if path not in published:
-                if local is not None:
-                    shutil.rmtree(local / name)
-                else:
-                    _delete_group(self.group, path)
+                self._delete_case_group(path)
                 removed.append(name)
+        if self.location.local:  # a root-metadata write killed before its rename
+            for tmp in Path(self.path).glob(".zarr.json.tmp*"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp.name)
         return removed
+
+
+def _stale(holder: dict) -> bool:
+    """A build lock whose holder is gone: the same host and no such process, or a lease not renewed lately."""
+    import socket
+    import time
+
+    if not holder:
+        return True
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+        return False
+    return time.time() - float(holder.get("renewed", 0)) > LOCK_LEASE_S
 
 
 def _exists(path: str) -> bool:
@@ -429,7 +659,8 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
     checked = [arrays["image"][0]] + ([label] if label is not None else [])
     attrs = dict(attrs, content_crc32=content_checksum(*checked), shape=list(img16.shape[1:]), image_scale=scale)
     attrs = json.loads(json.dumps(attrs))
-    if _is_local(store_path):
+    loc = Location(store_path)
+    if loc.local:
         folder = Path(store_path, group_name)
         if folder.exists():
             shutil.rmtree(folder)  # a leftover of a killed build
@@ -439,15 +670,22 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
                                                      indent=2))
         for name, (data, meta) in arrays.items():
             write_array(folder / name, meta, data)
-        return attrs
-    import zarr
+    else:
+        import zarr
 
-    root = zarr.open_group(_zarr_store(store_path, "r+"), mode="r+", zarr_format=3)
-    if group_name in root:
-        _delete_group(root, group_name)  # a leftover of a killed build
-    g = root.create_group(group_name, attributes=attrs)
-    for name, (data, meta) in arrays.items():
-        write_array_zarr(g, name, meta, data)
+        root = zarr.open_group(_zarr_store(store_path, "r+"), mode="r+", zarr_format=3)
+        if group_name in root:
+            _delete_group(root, group_name)  # a leftover of a killed build
+        g = root.create_group(group_name, attributes=attrs)
+        for name, (data, meta) in arrays.items():
+            write_array_zarr(g, name, meta, data)
+    if loc.zip:
+        return attrs
+    # what was written, so a reader can tell a missing or cut object from an all-zero chunk (never written)
+    objects = {k: v for k, v in sorted(loc.sizes(group_name).items()) if not k.endswith("zarr.json")}
+    meta = json.loads(loc.read_bytes(f"{group_name}/zarr.json"))
+    meta["attributes"] = attrs = {**attrs, "objects": objects}
+    loc.write_atomic(f"{group_name}/zarr.json", json.dumps(meta, indent=2).encode())
     return attrs
 
 
