@@ -8,7 +8,7 @@ from pathlib import Path
 # size -> (grid, cases, patch, UNet channels). "full" is BraTS size; "quick" finishes the suite in minutes on
 # 2 cores; "tiny" is for the tests.
 SIZES = {
-    "full": ((240, 240, 155), 6, (128, 128, 128), (16, 32, 64, 128, 256)),
+    "full": ((240, 240, 155), 8, (128, 128, 128), (16, 32, 64, 128, 256)),
     "quick": ((96, 96, 62), 4, (48, 48, 48), (16, 32, 64, 128, 256)),
     "tiny": ((40, 40, 28), 3, (16, 16, 16), (4, 8, 16)),
 }

@@ -2,6 +2,7 @@
 evaluate.predictions (labels for raw case folders).
 
     python -m evaluate --run-dir DIR [--store PATH] [--split test] [--ensemble] [--save-predictions]
+    python -m evaluate predict --run-dir DIR --source COHORT_DIR --out PRED_DIR [--tta] [--ensemble]
     python -m evaluate predict --run-dir DIR --case CASE_DIR --out PRED.nii.gz
 """
 
@@ -40,18 +41,28 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", action="store_true",
                    help="average the sigmoid outputs of every fold of a k-fold run (default: its best fold)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the sigmoid outputs over the 8 mirrorings of the three "
+                   "spatial axes (as nnU-Net does); about 8x the inference time")
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m evaluate predict",
-        description="Predict one raw case folder (BraTS 2021 or 2023 layout, seg not needed): the same "
+        description="Predict raw case folders (BraTS 2021, 2023 or 2024 layout, seg not needed): the same "
         "preprocessing as build-store, inference, then back to the source grid (uncrop, inverse resampling, "
-        "inverse orientation); labels in the source convention, written with the source affine and shape.",
+        "inverse orientation); labels in the source convention, written with the source affine and shape. "
+        "--source DIR predicts every case of a cohort into --out DIR as <case-id>.nii.gz (as challenge "
+        "submissions are named), reading and writing in threads while the model works; cases already written "
+        "are skipped, so a killed run resumes; a bad case is reported and the others are predicted (exit 1 if "
+        "any failed).",
     )
     _model_options(p)
-    p.add_argument("--case", required=True, help="a case folder, e.g. data/raw/BraTS2021_00000")
-    p.add_argument("--out", required=True, help="output .nii.gz")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--source", help="a cohort folder: every case folder in it is predicted")
+    g.add_argument("--case", help="one case folder, e.g. data/raw/BraTS2021_00000")
+    p.add_argument("--out", required=True, help="with --source: the output folder (outside the cohort); with "
+                   "--case: the output .nii.gz")
     return p
 
 
@@ -65,15 +76,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from .evaluation import evaluate_split
     from .inference import RunError
-    from .predictions import predict_case
+    from .predictions import predict_case, predict_folder
 
     try:
-        if predict:
-            predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device)
+        if predict and a.case:
+            predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta)
+        elif predict:
+            rep = predict_folder(a.run_dir, a.source, a.out, a.ensemble, a.device, a.tta)
+            print(f"predicted {len(rep['written'])}, skipped {len(rep['skipped'])} already written, failed "
+                  f"{len(rep['failed'])} -> {a.out}")
+            for reason in sorted(rep["failed"].values()):
+                print(f"  {reason}", file=sys.stderr)
+            if rep["failed"]:
+                return 1
         else:
             evaluate_split(a.run_dir, a.store, a.split, a.ensemble, a.save_predictions, a.source, a.device,
-                           a.metrics)
-    except (RunError, DiscoveryError, CaseError, FormatError, FileNotFoundError, ValueError) as e:
+                           a.metrics, tta=a.tta)
+    except (RunError, DiscoveryError, CaseError, FormatError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"python -m evaluate: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,19 +72,28 @@ def load_run(run_dir: str | Path, ensemble: bool = False, device: str | torch.de
     return LoadedRun(models, config, paths, preprocessing, kind)
 
 
-def predict_probabilities(run: LoadedRun, image: np.ndarray, device) -> np.ndarray:
+# the 8 mirrorings of the three spatial axes of a (B, C, X, Y, Z) tensor, the identity first
+MIRRORS: tuple[tuple[int, ...], ...] = tuple(d for k in range(4) for d in itertools.combinations((2, 3, 4), k))
+
+
+def predict_probabilities(run: LoadedRun, image: np.ndarray, device, tta: bool = False) -> np.ndarray:
     """Sigmoid probabilities (R, X, Y, Z) of the run's regions (``run.config.regions``: TC, WT, ET[, RC]) for a
     preprocessed image (C, X, Y, Z), averaged over the run's models (MONAI sliding window, roi = patch size,
-    overlap 0.5)."""
+    overlap 0.5) and, with ``tta``, over the 8 mirrorings of the spatial axes (each output mirrored back), as
+    nnU-Net's test-time augmentation."""
     from train.engine import amp_context, sliding_window_logits
 
     autocast, _, _ = amp_context(run.config, torch.device(device))
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    mirrors = MIRRORS if tta else ((),)
     acc = None
     for m in run.models:
-        p = torch.sigmoid(sliding_window_logits(m, x, run.config, autocast))[0]
-        acc = p if acc is None else acc + p
-    return (acc / len(run.models)).cpu().numpy()
+        for dims in mirrors:
+            logits = sliding_window_logits(m, torch.flip(x, dims) if dims else x, run.config, autocast)
+            p = torch.sigmoid(logits)[0]
+            p = torch.flip(p, [d - 1 for d in dims]) if dims else p
+            acc = p if acc is None else acc.add_(p)
+    return (acc / (len(run.models) * len(mirrors))).cpu().numpy()
 
 
 def regions_on_source(prob: np.ndarray, geometry: dict) -> np.ndarray:

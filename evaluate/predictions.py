@@ -26,30 +26,111 @@ def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None =
     tmp.replace(path)
 
 
-def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, device: str = "auto") -> Path:
-    """Predict a raw case folder and write the labels in its source geometry and label convention."""
-    from prep.discover import discover_case
-    from prep.preprocess import preprocess
+def _prepare(run_dir: str, ensemble: bool, device: str):
     from train.engine import resolve_device
 
-    from .inference import label_map, load_run, predict_probabilities, regions_on_source
+    from .inference import load_run
 
     dev = resolve_device(device)
-    run = load_run(run_dir, ensemble, dev)
+    return load_run(run_dir, ensemble, dev), dev
+
+
+def _predictor(run, dev, tta: bool, convention: str):
+    """(load, infer, finish) for ``run_pipeline``: preprocess as the run's store was built, predict, write the
+    label map in the case's source geometry."""
+    from prep.preprocess import preprocess
+
+    from .inference import label_map, predict_probabilities, regions_on_source
+
     mods = tuple(run.config.modalities)
-    case = discover_case(case_dir, require_seg=False, required=mods)
     params = run.preprocessing.get("params", {})
-    pre = preprocess(case, mods, with_label=False, margin=params.get("crop_margin", 2),
-                     spacing=params.get("spacing_mm", (1.0, 1.0, 1.0)))
-    prob = predict_probabilities(run, pre.image, dev)
+
+    def load(job):
+        case, _ = job
+        return preprocess(case, mods, with_label=False, margin=params.get("crop_margin", 2),
+                          spacing=params.get("spacing_mm", (1.0, 1.0, 1.0)))
+
+    def infer(pre):
+        return predict_probabilities(run, pre.image, dev, tta)
+
+    def finish(job, pre, prob):
+        case, out = job
+        label = label_map(regions_on_source(prob, pre.geometry), convention, run.config.regions)
+        write_label_nifti(label, pre.geometry["source_affine"], out, case.images[mods[0]])
+        return label
+
+    return load, infer, finish
+
+
+def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, device: str = "auto",
+                 tta: bool = False) -> Path:
+    """Predict a raw case folder and write the labels in its source geometry and label convention."""
+    from prep.discover import discover_case
+
+    run, dev = _prepare(run_dir, ensemble, device)
+    case = discover_case(case_dir, require_seg=False, required=tuple(run.config.modalities))
     convention = _output_convention(run, case.label_convention)
-    label = label_map(regions_on_source(prob, pre.geometry), convention, run.config.regions)
+    load, infer, finish = _predictor(run, dev, tta, convention)
     path = Path(out)
-    write_label_nifti(label, pre.geometry["source_affine"], path, case.images[mods[0]])
+    pre = load((case, path))
+    label = finish((case, path), pre, infer(pre))
     counts = {int(v): int(c) for v, c in zip(*np.unique(label, return_counts=True)) if v}
     print(f"{case.case_id}: wrote {path} ({'x'.join(map(str, label.shape))}, {convention} labels, "
           f"voxels per label {counts})")
     return path
+
+
+def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, device: str = "auto",
+                   tta: bool = False, progress: bool = True) -> dict:
+    """Every case folder under ``source`` (BraTS 2021, 2023 or 2024 layout, no seg needed) -> ``out/<case-id>.nii.gz``
+    in its source geometry and label convention, as challenge submissions are named. Cases already written are
+    skipped (a killed run resumes); a bad case is reported and the others are predicted. Returns {"written",
+    "skipped", "failed": {case: reason}}."""
+    from prep.discover import discover
+
+    from .inference import RunError
+
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or src in dst.parents:
+        raise RunError(f"--out {out} lies inside --source {source}: choose a folder outside the cohort")
+    run, dev = _prepare(run_dir, ensemble, device)
+    cohort = discover(source, require_seg=False, required=tuple(run.config.modalities))
+    failed = dict(cohort.problems)
+    if not cohort.cases:
+        return {"written": [], "skipped": [], "failed": failed}
+    convention = _output_convention(run, cohort.label_convention)
+    dst.mkdir(parents=True, exist_ok=True)
+    jobs, skipped = [], []
+    for case in cohort.cases:
+        path = dst / f"{case.case_id}.nii.gz"
+        (skipped.append(case.case_id) if path.exists() else jobs.append((case, path)))
+    written, errors = predict_jobs(run, dev, jobs, convention, tta, progress)
+    failed.update(errors)
+    return {"written": written, "skipped": skipped, "failed": failed, "ignored": dict(cohort.skipped)}
+
+
+def predict_jobs(run, dev, jobs: list, convention: str, tta: bool = False, progress: bool = False):
+    """Predict (CaseFiles, output path) jobs through the pipeline; returns (written case ids, {case: reason})."""
+    from tqdm import tqdm
+
+    from .pipeline import run_pipeline
+
+    written, failed = [], {}
+    bar = tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress)
+
+    def on_done(job, error):
+        bar.update()
+        if error is None:
+            written.append(job[0].case_id)
+        else:
+            failed[job[0].case_id] = str(error) if str(error).startswith("case ") else \
+                f"case {job[0].case_id}: {type(error).__name__}: {error}"
+
+    try:
+        run_pipeline(jobs, *_predictor(run, dev, tta, convention), on_done=on_done)
+    finally:
+        bar.close()
+    return written, failed
 
 
 def _output_convention(run, case_convention: str) -> str:
@@ -64,4 +145,5 @@ def _output_convention(run, case_convention: str) -> str:
         return trained
     if SUPERSEDED_BY.get(trained) == case_convention or trained == case_convention:
         return case_convention
-    raise RunError(f"the run was trained on {trained} labels; this case is named as a {case_convention} case")
+    raise RunError(f"the run was trained on {trained} labels; the cases are named as {case_convention} cases "
+                   f"(a model predicts in the label convention it was trained on)")

@@ -138,7 +138,7 @@ def discover_case(folder: str | Path, require_seg: bool = True, required=MODALIT
     return CaseFiles(case_id, layout, {m: images[m] for m in MODALITIES if m in images}, seg)
 
 
-def discover(root: str | Path, require_seg: bool = True) -> Cohort:
+def discover(root: str | Path, require_seg: bool = True, required=MODALITIES) -> Cohort:
     """Find every case under ``root``. Bad cases are collected in ``Cohort.problems``, never silently dropped."""
     root = Path(root)
     if not root.is_dir():
@@ -161,7 +161,7 @@ def discover(root: str | Path, require_seg: bool = True) -> Cohort:
             cohort.problems[folder.name] = f"case folder {folder.name}: cannot be listed ({e.strerror or e})"
             continue
         try:
-            case = discover_case(folder, require_seg=require_seg)
+            case = discover_case(folder, require_seg=require_seg, required=required)
         except DiscoveryError as e:
             cohort.problems[folder.name] = str(e)
             continue

@@ -17,7 +17,7 @@ from store import open_store
 from store.conventions import region_masks
 from train.cli import main as train_main
 
-from .helpers import lps_affine, oblique_affine, write_case
+from .helpers import fake_kfold, lps_affine, oblique_affine, write_case
 
 
 def _hand_dice(a, b):
@@ -115,14 +115,7 @@ def test_evaluate_on_store_grid_when_source_is_gone(tiny_run, tiny_store, tmp_pa
 
 
 def test_ensemble_of_identical_models_equals_one(tiny_run, tiny_store, tmp_path):
-    kf = tmp_path / "kf"
-    for k in range(3):
-        (kf / f"fold-{k}").mkdir(parents=True)
-        for f in ("best.pt", "config.json", "preprocessing.json"):
-            shutil.copy(tiny_run / f, kf / f"fold-{k}" / f)
-    (kf / "kfold.json").write_text(json.dumps({"folds": [{"fold": k, "run_dir": str(kf / f"fold-{k}"),
-                                                           "best_val_loss": 0.5} for k in range(3)],
-                                               "best_fold": 1}))
+    kf = fake_kfold(tiny_run, tmp_path / "kf", 3, best_fold=1)
     image = open_store(tiny_store).case(open_store(tiny_store).case_ids[0]).image(("t1", "t2", "flair"))
     one = predict_probabilities(load_run(tiny_run), image, "cpu")
     ens_run = load_run(kf, ensemble=True)

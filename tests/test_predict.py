@@ -1,0 +1,159 @@
+"""Challenge-ready prediction: whole folders, resumable, bad cases reported; test-time augmentation; ensembles
+that travel; the pipeline that overlaps reading, inference and writing."""
+
+import shutil
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from evaluate.cli import main as eval_main
+from evaluate.inference import MIRRORS, load_run, predict_probabilities
+from evaluate.pipeline import run_pipeline
+from train.cli import main as train_main
+
+from .helpers import fake_kfold
+
+TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_store, tmp_path_factory):
+    r = tmp_path_factory.mktemp("runs") / "run"
+    assert train_main(["--store", tiny_store, "--run-dir", str(r), *TINY_NET, "--epochs", "1",
+                       "--modalities", "t1", "t2", "flair"]) == 0
+    return r
+
+
+def test_run_pipeline_keeps_going_past_failures_and_overlaps_stages():
+    threads = {"load": set(), "infer": set(), "finish": set()}
+    finished = []
+
+    def load(i):
+        threads["load"].add(threading.current_thread().name)
+        if i == 2:
+            raise ValueError("bad input 2")
+        return i * 10
+
+    def infer(x):
+        threads["infer"].add(threading.current_thread().name)
+        if x == 40:
+            raise RuntimeError("model failed on 4")
+        return x + 1
+
+    def finish(i, loaded, out):
+        threads["finish"].add(threading.current_thread().name)
+        if i == 6:
+            raise OSError("disk")
+        finished.append((i, loaded, out))
+
+    failures = dict(run_pipeline(range(8), load, infer, finish))
+    assert set(failures) == {2, 4, 6} and isinstance(failures[2], ValueError)
+    assert sorted(finished) == [(i, 10 * i, 10 * i + 1) for i in (0, 1, 3, 5, 7)]
+    # reading and writing run in their own threads, the model in the caller's
+    assert all(t.startswith("load") for t in threads["load"]) and all(t.startswith("write") for t in threads["finish"])
+    assert threads["infer"] == {threading.current_thread().name}
+
+
+def test_tta_averages_the_eight_mirrorings(run, tiny_store):
+    from store import open_store
+    from train.engine import amp_context, sliding_window_logits
+
+    assert len(MIRRORS) == 8 and len(set(MIRRORS)) == 8
+    loaded = load_run(run)
+    s = open_store(tiny_store)
+    image = s.case(s.case_ids[0]).image(("t1", "t2", "flair"))
+    got = predict_probabilities(loaded, image, "cpu", tta=True)
+    x = torch.from_numpy(image)[None]
+    autocast, _, _ = amp_context(loaded.config, torch.device("cpu"))
+    model = loaded.models[0]
+    manual = []
+    for dims in MIRRORS:
+        xi = torch.flip(x, dims) if dims else x
+        p = torch.sigmoid(sliding_window_logits(model, xi, loaded.config, autocast))
+        manual.append((torch.flip(p, dims) if dims else p)[0].numpy())
+    np.testing.assert_allclose(got, np.mean(manual, axis=0), rtol=1e-5, atol=1e-6)
+    plain = predict_probabilities(loaded, image, "cpu")
+    np.testing.assert_allclose(plain, manual[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, plain)  # the mirrorings do change the average
+
+
+def _cohort_with_bad_cases(tiny_cohort, tmp_path):
+    src = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, src)
+    (src / "BraTS2021_00001" / "BraTS2021_00001_flair.nii.gz").unlink()  # a modality the model reads
+    t2 = src / "BraTS2021_00002" / "BraTS2021_00002_t2.nii.gz"
+    img = nib.load(t2)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:-2], img.affine), t2)  # another grid than t1
+    for seg in src.glob("*/*_seg.nii.gz"):
+        seg.unlink()  # prediction needs no seg
+    return src
+
+
+def test_predict_a_whole_folder_resumes_and_reports_bad_cases(run, tiny_cohort, tmp_path, capsys):
+    src = _cohort_with_bad_cases(tiny_cohort, tmp_path)
+    out = tmp_path / "pred"
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "missing modality flair" in captured.err and "BraTS2021_00002" in captured.err
+    good = ["BraTS2021_00000", "BraTS2021_00003", "BraTS2021_00004", "BraTS2021_00005"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{c}.nii.gz" for c in good]
+    for c in good:
+        pred, t1 = nib.load(out / f"{c}.nii.gz"), nib.load(src / c / f"{c}_t1.nii.gz")
+        assert pred.shape == t1.shape and np.allclose(pred.affine, t1.affine)
+        assert set(np.unique(np.asanyarray(pred.dataobj)).tolist()) <= {0, 1, 2, 4}
+    assert "predicted 4, skipped 0" in captured.out
+    # a second run skips what is written; a lost output is predicted again
+    (out / "BraTS2021_00003.nii.gz").unlink()
+    before = (out / "BraTS2021_00000.nii.gz").stat().st_mtime_ns
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(out)]) == 1
+    assert "predicted 1, skipped 3" in capsys.readouterr().out
+    assert (out / "BraTS2021_00003.nii.gz").exists()
+    assert (out / "BraTS2021_00000.nii.gz").stat().st_mtime_ns == before
+
+
+def test_folder_and_case_predictions_agree_and_tta_works_for_predict(run, tiny_cohort, tmp_path):
+    src = tmp_path / "one"
+    shutil.copytree(tiny_cohort / "BraTS2021_00003", src / "BraTS2021_00003")
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(tmp_path / "f")]) == 0
+    assert eval_main(["predict", "--run-dir", str(run), "--case", str(src / "BraTS2021_00003"), "--out",
+                      str(tmp_path / "c.nii.gz")]) == 0
+    a = np.asanyarray(nib.load(tmp_path / "f" / "BraTS2021_00003.nii.gz").dataobj)
+    b = np.asanyarray(nib.load(tmp_path / "c.nii.gz").dataobj)
+    np.testing.assert_array_equal(a, b)
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(tmp_path / "t"),
+                      "--tta"]) == 0
+    assert (tmp_path / "t" / "BraTS2021_00003.nii.gz").exists()
+
+
+def test_predict_bad_input(run, tiny_cohort, tiny_cohort_2023, tmp_path, capsys):
+    src = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, src)
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(src / "pred")]) == 2
+    assert "lies inside --source" in capsys.readouterr().err
+    empty = tmp_path / "norun"
+    empty.mkdir()
+    assert eval_main(["predict", "--run-dir", str(empty), "--source", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort_2023),
+                      "--out", str(tmp_path / "o2")]) == 2
+    assert "trained on brats2021 labels" in capsys.readouterr().err
+    rc = eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(tmp_path / "o3"),
+                    "--device", "cuda"])
+    if torch.cuda.is_available():
+        assert rc == 0
+    else:
+        assert rc == 2 and "--device cuda" in capsys.readouterr().err
+
+
+def test_an_ensemble_travels_with_its_run_folder(run, tiny_store, tmp_path):
+    kf = fake_kfold(run, tmp_path / "kf", 2)  # its report holds absolute paths to where the folds were made
+    moved = tmp_path / "elsewhere" / "kf"
+    moved.parent.mkdir()
+    shutil.move(str(kf), moved)
+    ens = load_run(moved, ensemble=True)
+    assert len(ens.models) == 2 and all(str(moved) in str(p) for p in ens.checkpoints)
+    assert eval_main(["--run-dir", str(moved), "--ensemble", "--tta", "--metrics", "legacy"]) == 0
+    assert (moved / "eval" / "test-tta.csv").exists() and (moved / "eval" / "test-tta.json").exists()
