@@ -61,12 +61,32 @@ def render(out: str | Path) -> str:
                         f">= 1.8x (one GPU per process) | {machine(t)} |")
             rows.append(f"| train | ram cache memory on the node, 2 processes / 1 | "
                         f"{sc['cache_memory_2_over_1']:.2f}x | <= 1.1x | {machine(t)} |")
+    if sc := _load(out, "scale"):
+        ns = [str(n) for n in sc["counts"]]
+        lo, hi = sc["per_n"][ns[0]], sc["per_n"][ns[-1]]
+        ratio = lo["cases_per_s_last_tenth"] / hi["cases_per_s_last_tenth"]
+        rows.append(f"| scale | build cost per case at N={ns[-1]} / N={ns[0]} ({'x'.join(map(str, sc['grid']))}, 2 "
+                    f"workers) | {ratio:.2f}x | <= 1.1x | {machine(sc)} |")
+        rows.append(f"| scale | open + list a {ns[-1]}-case store; root metadata | {hi['open_and_list_s']:.3f} s; "
+                    f"{hi['root_metadata_bytes'] / 1e6:.2f} MB | < 1 s | {machine(sc)} |")
+        rows.append(f"| scale | store verify, {ns[-1]} cases; loader first batch | {hi['verify_s']:.1f} s; "
+                    f"{hi['loader_first_batch_s']:.2f} s | | {machine(sc)} |")
+        if (r := sc.get("object_storage")) and "skipped" not in r:
+            rows.append(f"| scale | --cache none patches/s, local S3 server / local disk ({r['loader_threads']} "
+                        f"threads, 3x96^3) | {r['s3_over_local']:.2f}x ({r['s3_patches_per_s']['median']:.1f} vs "
+                        f"{r['local_patches_per_s']['median']:.1f}) | >= 0.5x | {machine(sc)} |")
     if i := _load(out, "infer"):
         s = i["seconds_per_case"]
-        ours = s["ours (NIfTI -> source-grid labels)"]["median"]
-        bare = s["bare sliding window"]["median"]
-        rows.append(f"| infer | s per case {'x'.join(map(str, i['grid']))}: ours / bare sliding window | "
-                    f"{ours:.1f} / {bare:.1f} ({i['ours_over_bare']:.2f}x) | <= 1.2x | {machine(i)} |")
+        ours = next(v for k, v in s.items() if k.startswith("ours"))
+        bare = next(v for k, v in s.items() if k.startswith("bare"))
+        ours, bare = (v["median"] if isinstance(v, dict) else v for v in (ours, bare))
+        over = f"{i['cases']} cases " if "cases" in i else ""
+        rows.append(f"| infer | s per case {over}{'x'.join(map(str, i['grid']))}: ours / bare sliding window | "
+                    f"{ours:.2f} / {bare:.2f} ({i['ours_over_bare']:.2f}x) | <= 1.2x (CPU), 1.5x (GPU) | "
+                    f"{machine(i)} |")
+        if t := i.get("tta"):
+            rows.append(f"| infer | --tta / plain pass ({t['cases']} case(s)) | {t['tta_over_plain']:.2f}x | <= 8.5x | "
+                        f"{machine(i)} |")
         if sc := i.get("scoring_seconds_per_case"):
             rows.append(f"| infer | lesion-wise scoring of one case {'x'.join(map(str, i['grid']))}, s (legacy: "
                         f"{sc['legacy']['median']:.2f}) | {sc['lesionwise']['median']:.2f} | < 2 (CPU) | "

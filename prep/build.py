@@ -33,6 +33,9 @@ class BuildConfig:
     overwrite: bool = False
     crop_margin: int = CROP_MARGIN
     spacing: tuple[float, float, float] = TARGET_SPACING
+    # finished cases are published together at most this often (one root write for many cases: its cost grows
+    # with the store, so one write per case would make a large build quadratic); 0 publishes each case alone
+    publish_every_s: float = 1.0
 
 
 @dataclass
@@ -42,6 +45,8 @@ class BuildReport:
     failed: dict[str, str]
     seconds: float
     ignored: dict[str, str] = field(default_factory=dict)  # folders not looked into (hidden), with why
+    done_at: list[float] = field(default_factory=list)  # seconds from the start at which each case finished
+    publications: int = 0  # root-metadata writes that published cases
 
     @property
     def ok(self) -> bool:
@@ -74,6 +79,7 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
 
     Returns {"case_id", "status": built|skipped|failed, "record" or "reason"}; never raises for a bad case.
     """
+    from store.records import CaseRecord
     from store.zarrstore import case_group_name, write_case
 
     cid = case.case_id
@@ -94,21 +100,13 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
                                                                np.random.default_rng(seed))
         else:
             label_counts, region_counts, fg = {}, {}, np.zeros((0, 4), np.int32)
-        attrs = {
-            "case_id": cid,
-            "patient_id": case.patient_id,
-            "modalities": list(MODALITIES),
-            "label_convention": convention,
-            "source_files": {k: Path(p).name for k, p in files.items()},
-            "source_sha256": sha,
-            **pre.geometry,
-            "normalization": pre.normalization,
-            "label_counts": label_counts,
-            "region_counts": region_counts,
-            "foreground_counts": {r: int((fg[:, 0] == i).sum()) for i, r in enumerate(REGIONS)},
-            "params_hash": params_hash,
-        }
-        write_case(store_path, group, pre.encoded, pre.label, fg, attrs)
+        record = CaseRecord(
+            case_id=cid, patient_id=case.patient_id, modalities=tuple(MODALITIES), label_convention=convention,
+            source_files={k: Path(p).name for k, p in files.items()}, source_sha256=sha, geometry=pre.geometry,
+            normalization=pre.normalization, label_counts=label_counts, region_counts=region_counts,
+            foreground_counts={r: int((fg[:, 0] == i).sum()) for i, r in enumerate(REGIONS)},
+            params_hash=params_hash)
+        write_case(store_path, group, pre.encoded, pre.label, fg, record)
         record = {"group": group, "source_sha256": sha, "params_hash": params_hash, "patient_id": case.patient_id}
         return {"case_id": cid, "status": "built", "record": record, "label_convention": convention}
     except CaseError as e:
@@ -163,11 +161,20 @@ def local_cluster(workers: int):
                     os.environ[k] = v
 
 
+class SchedulerError(ValueError):
+    """A --scheduler address where no Dask scheduler answers."""
+
+
 def _client(cfg: BuildConfig):
     from distributed import Client
 
     if cfg.scheduler:
-        return Client(cfg.scheduler, timeout="20s"), None
+        try:
+            return Client(cfg.scheduler, timeout="10s"), None
+        except (OSError, TimeoutError) as e:
+            raise SchedulerError(f"--scheduler {cfg.scheduler}: no Dask scheduler answered there "
+                                 f"({type(e).__name__}); start one with 'dask scheduler' and its workers with "
+                                 f"'dask worker ADDRESS'") from None
     cluster = local_cluster(cfg.workers)
     return Client(cluster), cluster
 
@@ -207,21 +214,36 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
 
         index = writer.index
         bar = tqdm(total=len(cohort.cases), desc="build-store", unit="case", disable=not progress)
+        done_at: list[float] = []
+        pending: dict = {}  # finished, not yet published: case id -> record (None: unpublish, it failed)
+        last = [time.perf_counter(), 0]  # time of the last publication, publications so far
+
+        def publish(force: bool = False) -> None:
+            if not pending or (not force and time.perf_counter() - last[0] < cfg.publish_every_s):
+                return
+            now = writer.index
+            for cid, rec in pending.items():
+                if rec is None:
+                    now.pop(cid, None)
+                else:
+                    now[cid] = rec
+            writer.commit(now, splits_for(now), failed)
+            pending.clear()
+            last[0], last[1] = time.perf_counter(), last[1] + 1
 
         def handle(res: dict) -> None:
             cid = res["case_id"]
             if res["status"] == "failed":
                 failed[cid] = res["reason"]
                 # a case whose sources now fail is no longer what the store holds for it
-                now = writer.index
-                now.pop(cid, None)
-                writer.commit(now, splits_for(now), failed)
+                pending[cid] = None
             else:
                 (built if res["status"] == "built" else skipped).append(cid)
                 if res["status"] == "built":
                     writer.admit_convention(res["label_convention"])  # before the case is visible
-                    now = {**writer.index, cid: res["record"]}
-                    writer.commit(now, splits_for(now), failed)
+                    pending[cid] = res["record"]
+            publish()
+            done_at.append(time.perf_counter() - t0)
             bar.update()
             bar.set_postfix(done=len(built), skipped=len(skipped), failed=len(failed))
 
@@ -253,10 +275,14 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
             bar.close()
             if finished:  # the completed build's splits become the settled ones; a stopped build keeps its last
                 now = writer.index
+                for cid, rec in pending.items():
+                    if rec is not None:
+                        now[cid] = rec
                 for cid in failed:
                     now.pop(cid, None)
                 writer.commit(now, splits_for(now, final=True), failed)
-    return BuildReport(built, skipped, failed, time.perf_counter() - t0, dict(cohort.skipped))
+                last[1] += 1
+    return BuildReport(built, skipped, failed, time.perf_counter() - t0, dict(cohort.skipped), done_at, last[1])
 
 
 def run_cli(cfg: BuildConfig) -> int:
@@ -266,7 +292,7 @@ def run_cli(cfg: BuildConfig) -> int:
 
     try:
         report = build_store(cfg)
-    except (DiscoveryError, FormatError, FileNotFoundError, ImportError) as e:
+    except (DiscoveryError, FormatError, FileNotFoundError, ImportError, SchedulerError) as e:
         print(f"prep build-store: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only filesystem: the store is left as its last publication

@@ -39,10 +39,15 @@ def _synth(args: argparse.Namespace) -> int:
     if args.preview:
         from .discover import discover
         from .preview import save_case_preview
+        from .synth import tumour_params
 
         cohort = discover(cfg.out)
-        case = next(c for c in cohort.cases if c.case_id == ids[0])
-        path = save_case_preview(case, args.preview, title=f"{case.case_id} (synthetic, seed {cfg.seed})")
+        # a multifocal case where the cohort has one: it shows everything the generator does
+        shown = next((i for i in range(len(ids)) if tumour_params(cfg.seed, i).multifocal), 0)
+        case = next(c for c in cohort.cases if c.case_id == ids[shown])
+        lesions = "two lesions" if tumour_params(cfg.seed, shown).multifocal else "one lesion"
+        path = save_case_preview(case, args.preview, title=f"{case.case_id} (synthetic, seed {cfg.seed}, {lesions}; "
+                                 f"slices through the largest)")
         print(f"preview of {case.case_id}: {path}")
     return 0
 
@@ -82,7 +87,10 @@ def _build_store(args: argparse.Namespace) -> int:
         return 2
     cfg = BuildConfig(source=args.source, store=args.store, workers=args.workers, scheduler=args.scheduler,
                       split_seed=args.split_seed, overwrite=args.overwrite, crop_margin=args.crop_margin,
-                      spacing=_spacing(args.spacing))
+                      spacing=_spacing(args.spacing), publish_every_s=args.publish_every)
+    if args.publish_every < 0:
+        print("prep build-store: error: --publish-every must be 0 or more seconds", file=sys.stderr)
+        return 2
     rc = run_cli(cfg)
     if rc != 2:
         from store.cli import print_info
@@ -142,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "cohort for quick experiments")
     b.add_argument("--crop-margin", type=int, default=2, help="voxels kept around the brain's bounding box "
                    "(default: %(default)s)")
+    b.add_argument("--publish-every", type=float, default=1.0, metavar="S",
+                   help="publish the cases finished meanwhile at most every S seconds, in one atomic root-metadata "
+                   "write (0: each case as it finishes); a kill loses at most S seconds of finished cases, which "
+                   "the next build redoes (default: %(default)s)")
     b.set_defaults(func=_build_store)
 
     d = sub.add_parser("discover", help="list and validate the cases in a cohort folder",

@@ -1,4 +1,4 @@
-"""Reading regions of a local store's arrays straight from their chunk or shard files.
+"""Reading regions of a store's arrays straight from their chunk or shard files, local or on object storage.
 
 zarr-python's general read path costs tens of milliseconds per call here (an event loop round trip, codec
 pipeline objects, per-chunk tasks). For a local store the layouts are few and fixed (FORMAT.md): blosc chunks of
@@ -6,6 +6,10 @@ the whole little-endian chunk, either one file per chunk (``c/<i>/<j>/...`` or `
 shards (Zarr v3 ``sharding_indexed``: the chunks, then an index of (offset, length) pairs with its CRC-32C, at
 the end). Reading those bytes and decoding them with numcodecs' blosc directly is several times faster;
 anything else falls back to zarr.
+
+On object storage (``remote``) the cost is per request, not per byte: each shard's index is fetched once and
+kept (a case has a handful of shards), then the byte ranges of just the chunks a region touches are fetched
+together, concurrently (fsspec ``cat_ranges``), and decoded as locally.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 EMPTY = 2**64 - 1  # a shard index entry for a chunk that is not stored
+REMOTE_MERGE_GAP = 4 << 20  # bytes: chunk ranges of one shard closer than this are fetched as one range
 
 
 def layout(meta: dict) -> dict | None:
@@ -71,26 +76,102 @@ def _close(fds: dict) -> None:
 
 
 class ChunkReader:
-    """Region reads of one zarr array. ``path`` is the array's folder, or None to use ``array`` (zarr)."""
+    """Region reads of one zarr array. ``path`` is the array's local folder; or ``remote`` = (fsspec filesystem,
+    the array's path on it) with ``sizes`` (shard key -> bytes, as the case records them; None: asked for);
+    with neither, ``array`` (zarr) reads."""
 
-    def __init__(self, array, path: str | Path | None):
+    def __init__(self, array, path: str | Path | None, remote=None, sizes: dict | None = None):
         self.array = array
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
         self.path = Path(path) if path is not None else None
-        self.layout = _readable(array) if self.path is not None else None
+        self.remote = remote
+        self.sizes = sizes
+        lay = _readable(array) if (self.path is not None or remote is not None) else None
+        if remote is not None and (lay is None or lay["shard"] is None):
+            lay = None  # remote reads are for sharded arrays; others go through zarr
+        self.layout = lay
         self.fast = self.layout is not None
         self.chunks = self.layout["chunks"] if self.fast else tuple(array.chunks)
         self._local = threading.local()
         self._indexes: dict = {}  # shard -> its index (chunks per shard..., 2), read once
 
     def _file(self, idx) -> Path:
+        if self.remote is not None:
+            return f"{self.remote[1]}/{chunk_key(self.layout, idx)}"
         return self.path / chunk_key(self.layout, idx)
+
+    def _remote_index(self, sidx) -> np.ndarray | None:
+        """A remote shard's index, fetched once (one ranged GET); None where the shard was never written."""
+        if sidx in self._indexes:
+            return self._indexes[sidx]
+        fs, _ = self.remote
+        key = chunk_key(self.layout, sidx)
+        n = int(np.prod(self.layout["shard"]))
+        crc = 4 if self.layout["crc"] else 0
+        size = self.sizes.get(key) if self.sizes is not None else None
+        if size is None:
+            try:
+                size = int(fs.size(self._file(sidx)))
+            except FileNotFoundError:
+                size = None
+        if size is None:
+            self._indexes[sidx] = None
+            return None
+        raw = fs.cat_file(self._file(sidx), start=max(size - 16 * n - crc, 0), end=size) if size >= 16 * n + crc \
+            else b""
+        self._indexes[sidx] = self._parse_index(sidx, raw, size)
+        return self._indexes[sidx]
+
+    def _parse_index(self, sidx, raw: bytes, size: int) -> np.ndarray:
+        """Check a shard index (its length, CRC-32C, and that every chunk lies before it) and shape it."""
+        n = int(np.prod(self.layout["shard"]))
+        crc = 4 if self.layout["crc"] else 0
+        if len(raw) != 16 * n + crc:
+            raise ValueError(f"{self._file(sidx)}: shard too short for its index")
+        if crc:
+            import google_crc32c
+
+            if google_crc32c.value(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+                raise ValueError(f"{self._file(sidx)}: shard index fails its CRC-32C check")
+        index = np.frombuffer(raw[: 16 * n], dtype="<u8").reshape(*self.layout["shard"], 2)
+        stored = index[..., 0] != EMPTY
+        # chunks lie before the index: an entry reaching into it (or past the file) reads the wrong bytes
+        if (index[stored, 0] + index[stored, 1] > size - 16 * n - crc).any():
+            raise ValueError(f"{self._file(sidx)}: its index places a chunk beyond the end of the shard's chunks")
+        return index
 
     def _split(self, idx) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Chunk ``idx`` -> (its shard, its place in the shard)."""
         per_shard = self.layout["shard"]
         return tuple(i // p for i, p in zip(idx, per_shard)), tuple(i % p for i, p in zip(idx, per_shard))
+
+    def _plan(self, idxs) -> list:
+        """For each chunk idx: (idx, shard path, start, end), or (idx, None, 0, 0) where it is not stored."""
+        plan = []
+        for idx in idxs:
+            sidx, inner = self._split(idx)
+            index = self._remote_index(sidx)
+            offset, length = (int(v) for v in index[inner]) if index is not None else (EMPTY, 0)
+            plan.append((idx, None, 0, 0) if offset == EMPTY else (idx, self._file(sidx), offset, offset + length))
+        return plan
+
+    def chunk_indices(self, regions) -> list:
+        """The chunk indices the regions touch, in order (a chunk twice where two regions share it)."""
+        idxs = []
+        for region in regions:
+            starts = [s.start or 0 for s in region]
+            stops = [s.stop if s.stop is not None else n for s, n in zip(region, self.shape)]
+            idxs += itertools.product(*(range(a // c, (b - 1) // c + 1)
+                                        for a, b, c in zip(starts, stops, self.chunks)))
+        return idxs
+
+    def fetch(self, regions) -> dict | None:
+        """Remote readers: the stored bytes of every chunk the regions touch, in one concurrent round of requests
+        (pass it to ``blocks``/``read_into`` as ``fetched``); None for local readers, which need no fetch."""
+        if self.remote is None or not self.fast:
+            return None
+        return fetch_together([(self, regions)])[0]
 
     def _shard_index(self, sidx, fd: int) -> np.ndarray:
         index = self._indexes.get(sidx)
@@ -99,22 +180,11 @@ class ChunkReader:
             crc = 4 if self.layout["crc"] else 0
             size = os.fstat(fd).st_size
             raw = os.pread(fd, 16 * n + crc, size - 16 * n - crc) if size >= 16 * n + crc else b""
-            if len(raw) != 16 * n + crc:
-                raise ValueError(f"{self._file(sidx)}: shard too short for its index")
-            if crc:
-                import google_crc32c
-
-                if google_crc32c.value(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
-                    raise ValueError(f"{self._file(sidx)}: shard index fails its CRC-32C check")
-            index = np.frombuffer(raw[: 16 * n], dtype="<u8").reshape(*self.layout["shard"], 2)
-            stored = index[..., 0] != EMPTY
-            # chunks lie before the index: an entry reaching into it (or past the file) reads the wrong bytes
-            if (index[stored, 0] + index[stored, 1] > size - 16 * n - crc).any():
-                raise ValueError(f"{self._file(sidx)}: its index places a chunk beyond the end of the shard's chunks")
+            index = self._parse_index(sidx, raw, size)
             self._indexes[sidx] = index
         return index
 
-    def blocks(self, region: tuple[slice, ...], at=None):
+    def blocks(self, region: tuple[slice, ...], at=None, fetched: dict | None = None):
         """The pieces of ``region`` (one slice per dimension, steps of 1, inside the array), one per chunk it
         touches: (values, src, dst) with ``values[src]`` the data for ``[dst]`` of a destination holding the
         region at offset ``at`` (default 0 on every axis), or values None for a chunk never written (all fill
@@ -137,13 +207,21 @@ class ChunkReader:
         fds: dict = {}  # shard -> open file (None: not written), for the length of this read
         try:
             ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
+            if self.remote is not None:
+                idxs = list(itertools.product(*ranges))
+                fetched = fetched if fetched is not None else {}
+                missing = [i for i in idxs if i not in fetched]
+                if missing:
+                    fetched = {**fetched, **fetch_together([(self, None, missing)])[0]}
+            else:
+                fetched = None
             for idx in itertools.product(*ranges):
                 src, dst = [], []
                 for i, a, b, c, o in zip(idx, starts, stops, self.chunks, at):
                     lo, hi = max(a, i * c), min(b, (i + 1) * c)
                     src.append(slice(lo - i * c, hi - i * c))
                     dst.append(slice(lo - a + o, hi - a + o))
-                raw = self._read_chunk(idx, fds)
+                raw = fetched[idx] if fetched is not None else self._read_chunk(idx, fds)
                 if raw is None:
                     yield None, tuple(src), tuple(dst)
                     continue
@@ -205,9 +283,41 @@ class ChunkReader:
         shape = [(s.stop if s.stop is not None else n) - (s.start or 0) for s, n in zip(region, self.shape)]
         return self.read_into(region, np.empty(shape, dtype=self.dtype))
 
-    def read_into(self, region: tuple[slice, ...], out: np.ndarray, at=None) -> np.ndarray:
+    def read_into(self, region: tuple[slice, ...], out: np.ndarray, at=None, fetched: dict | None = None) -> np.ndarray:
         """Write the values in ``region`` into ``out`` at offset ``at`` (see ``blocks``); the rest of ``out`` is
         left as it is. Returns ``out``."""
-        for values, src, dst in self.blocks(region, at):
+        for values, src, dst in self.blocks(region, at, fetched):
             out[dst] = 0 if values is None else values[src]
         return out
+
+
+def fetch_together(requests) -> list[dict]:
+    """One concurrent round of requests for several remote readers on one filesystem: ``requests`` is a list of
+    (reader, regions) or (reader, None, chunk indices); returns, per request, chunk idx -> stored bytes (None
+    where not stored). Ranges of one shard that lie near each other become one request: on object storage the
+    cost is per request (signing, a round trip), and a few MiB more in one request cost less than another."""
+    plans = [r[0]._plan(r[0].chunk_indices(r[1]) if r[1] is not None else r[2]) for r in requests]
+    out = [{} for _ in requests]
+    flat = [(k, idx, path, a, b) for k, plan in enumerate(plans) for idx, path, a, b in plan]
+    for k, idx, path, _, _ in flat:
+        if path is None:
+            out[k][idx] = None
+    wanted = sorted((f for f in flat if f[2] is not None), key=lambda f: (f[2], f[3]))
+    groups: list[list] = []
+    for f in wanted:
+        g = groups[-1] if groups else None
+        if g and g[0][2] == f[2] and f[3] - max(x[4] for x in g) <= REMOTE_MERGE_GAP:
+            g.append(f)
+        else:
+            groups.append([f])
+    if not groups:
+        return out
+    fs = requests[0][0].remote[0]
+    spans = [(g[0][2], min(x[3] for x in g), max(x[4] for x in g)) for g in groups]
+    blobs = fs.cat_ranges([p for p, _, _ in spans], [a for _, a, _ in spans], [b for _, _, b in spans])
+    for g, (path, a, b), blob in zip(groups, spans, blobs):
+        if isinstance(blob, Exception) or len(blob) != b - a:
+            raise ValueError(f"{path}: bytes {a}-{b} could not be read whole")
+        for k, idx, _, start, end in g:
+            out[k][idx] = blob[start - a:end - a]
+    return out

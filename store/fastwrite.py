@@ -86,8 +86,10 @@ def compressor(lay: dict):
     return lambda block: blosc.compress(block, cname, clevel, shuffle, blocksize, typesize)
 
 
-def write_array(folder: str | Path, meta: dict, data: np.ndarray) -> None:
-    """Create the array ``meta`` describes (``array_metadata``) in the new folder ``folder`` holding ``data``."""
+def array_objects(meta: dict, data: np.ndarray):
+    """The objects of the array ``meta`` describes (``array_metadata``) holding ``data``, as (key relative to the
+    array's folder, bytes): ``zarr.json`` first, then each written chunk or shard (all-zero chunks are not
+    stored, as zarr does)."""
     import google_crc32c
 
     lay = layout(meta)
@@ -96,24 +98,14 @@ def write_array(folder: str | Path, meta: dict, data: np.ndarray) -> None:
     data = np.asarray(data, dtype=np.dtype(meta["data_type"]).newbyteorder("<"))
     if data.shape != tuple(meta["shape"]):
         raise ValueError(f"data of shape {data.shape} for an array of shape {tuple(meta['shape'])}")
-    folder = Path(folder)
-    folder.mkdir()
-    (folder / "zarr.json").write_text(json.dumps(meta, indent=2))
-    chunks, compress, made = lay["chunks"], compressor(lay), set()
-
-    def key(idx) -> Path:
-        f = folder / chunk_key(lay, idx)
-        if f.parent not in made:  # nested keys: each folder made once
-            f.parent.mkdir(parents=True, exist_ok=True)
-            made.add(f.parent)
-        return f
-
+    yield "zarr.json", json.dumps(meta, indent=2).encode()
+    chunks, compress = lay["chunks"], compressor(lay)
     per_shard = lay["shard"]
     if per_shard is None:
         for idx in itertools.product(*(range(-(-n // c)) for n, c in zip(data.shape, chunks))):
             b = chunk_bytes(data, idx, chunks, compress)
             if b is not None:
-                key(idx).write_bytes(b)
+                yield chunk_key(lay, idx), b
         return
     for sidx in itertools.product(*(range(-(-n // s)) for n, s in zip(data.shape, lay["grid"]))):
         index = np.full((*per_shard, 2), EMPTY, dtype="<u8")
@@ -126,7 +118,21 @@ def write_array(folder: str | Path, meta: dict, data: np.ndarray) -> None:
                 offset += len(b)
         if parts:
             ib = index.tobytes()
-            key(sidx).write_bytes(b"".join([*parts, ib, struct.pack("<I", google_crc32c.value(ib))]))
+            yield chunk_key(lay, sidx), b"".join([*parts, ib, struct.pack("<I", google_crc32c.value(ib))])
+
+
+def write_array(folder: str | Path, meta: dict, data: np.ndarray) -> None:
+    """Create the array ``meta`` describes (``array_metadata``) in the new local folder ``folder``, holding
+    ``data``."""
+    folder = Path(folder)
+    folder.mkdir()
+    made = {folder}
+    for key, b in array_objects(meta, data):
+        f = folder / key
+        if f.parent not in made:  # nested keys: each folder made once
+            f.parent.mkdir(parents=True, exist_ok=True)
+            made.add(f.parent)
+        f.write_bytes(b)
 
 
 def write_array_zarr(group, name: str, meta: dict, data: np.ndarray) -> None:

@@ -25,15 +25,45 @@ class Location:
     def __repr__(self) -> str:
         return f"Location({self.path!r})"
 
+    def check_available(self) -> None:
+        """A one-line error where the package the URL's protocol needs is not installed."""
+        if self.remote and self.path.startswith("s3://"):
+            try:
+                import s3fs  # noqa: F401
+            except ImportError:
+                raise ImportError(f"{self.path}: s3:// stores need s3fs, which is not installed: "
+                                  f"pip install -e '.[s3]'") from None
+
+    def check_reachable(self) -> None:
+        """An object store's bucket answers: one-line errors for a bucket that does not exist, missing or wrong
+        credentials, an endpoint that does not answer (messages never hold a credential)."""
+        self.check_available()
+        if not self.remote:
+            return
+        from .format import FormatError
+
+        fs, root = self.fs
+        bucket = root.split("/", 1)[0]
+        try:
+            ok = fs.exists(bucket)
+            if not ok:  # exists() answers False for errors too: listing says which it was
+                fs.ls(bucket, refresh=True)
+        except FileNotFoundError:
+            ok = False
+        except Exception as e:  # botocore's credential and connection errors, s3fs's PermissionError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise FormatError(f"{self.path}: the object store refused or did not answer ({type(e).__name__}: "
+                              f"{first}); credentials come only from the standard AWS environment variables and "
+                              f"config files") from None
+        if not ok:
+            raise FormatError(f"{self.path}: bucket {bucket} does not exist, or these credentials cannot see it")
+
     @property
     def fs(self):
-        """The fsspec filesystem and root path of a remote store."""
+        """The fsspec filesystem and root path of a remote store (credentials: only the standard AWS
+        environment variables and config files, as boto reads them; nothing is passed or written here)."""
         if self._fs is None:
-            if self.remote and self.path.startswith("s3://"):
-                try:
-                    import s3fs  # noqa: F401
-                except ImportError:
-                    raise ImportError(f"{self.path}: s3:// stores need s3fs: pip install -e '.[s3]'") from None
+            self.check_available()
             import fsspec
 
             self._fs = fsspec.core.url_to_fs(self.path)
@@ -42,6 +72,10 @@ class Location:
     def _remote(self, key: str) -> str:
         fs, root = self.fs
         return f"{root.rstrip('/')}/{key}" if key else root
+
+    def key_path(self, key: str) -> str:
+        """A key's path on the remote filesystem (``fs``'s own spelling, without the protocol)."""
+        return self._remote(key)
 
     def local_path(self, key: str = "") -> Path:
         return Path(self.path, key) if key else Path(self.path)
@@ -72,6 +106,7 @@ class Location:
             return out
         fs, _ = self.fs
         base = self._remote(prefix).rstrip("/")
+        fs.invalidate_cache(base)  # other processes (build workers) write here: list what is there now
         found = fs.find(base, detail=True)
         return {k[len(base) + 1:]: int(v["size"]) for k, v in found.items() if k.startswith(base + "/")}
 

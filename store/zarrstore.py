@@ -30,19 +30,15 @@ from .format import CASES_GROUP, CURRENT, FORMAT_NAME, FormatError, detect
 from .location import Location
 
 
-def _is_local(path: str) -> bool:
-    return Location(path).local
-
-
 def _zarr_store(path: str | Path, mode: str):
     import zarr.storage
 
-    p = str(path)
-    if p.endswith(".zip"):
-        return zarr.storage.ZipStore(p, mode="r" if mode == "r" else "a")
-    if _is_local(p):
-        return zarr.storage.LocalStore(p, read_only=(mode == "r"))
-    return p  # an fsspec URL; zarr makes the store
+    loc = Location(path)
+    if loc.zip:
+        return zarr.storage.ZipStore(loc.path, mode="r" if mode == "r" else "a")
+    if loc.local:
+        return zarr.storage.LocalStore(loc.path, read_only=(mode == "r"))
+    return loc.path  # an fsspec URL; zarr makes the store
 
 
 def _open_group(path: str | Path, mode: str):
@@ -101,15 +97,19 @@ def encode_integer_source(values: np.ndarray, means, stds) -> EncodedImage | Non
     return EncodedImage(out, [1.0 / float(s) if s else 1.0 for s in stds])
 
 
-def decode_into(reader, channels, scales, region: tuple[slice, slice, slice], out, at=(0, 0, 0)):
+def decode_into(reader, channels, scales, region: tuple[slice, slice, slice], out, at=(0, 0, 0), fetched=None):
     """The one image decode: ``region`` of the stored ``channels`` (a ChunkReader over the int16 image) into the
     torch tensor ``out`` (len(channels), ...) at offset ``at``, as stored value * scale in float32, rounded once to
     ``out``'s dtype; a chunk never written gives zeros. Returns ``out``."""
     import torch
 
+    if fetched is None and hasattr(reader, "fetch"):  # object storage: every channel's chunks in one round
+        fetched = reader.fetch([(slice(c, c + 1), *region) for c in channels])
     for k, (c, scale) in enumerate(zip(channels, scales)):
         dest, scale = out[k], float(scale)
-        for values, src, dst in reader.blocks((slice(c, c + 1), *region), (0, *at)):
+        blocks = reader.blocks((slice(c, c + 1), *region), (0, *at), fetched) if fetched is not None else \
+            reader.blocks((slice(c, c + 1), *region), (0, *at))
+        for values, src, dst in blocks:
             target = dest[dst[1:]]
             if values is None:
                 target.zero_()
@@ -180,8 +180,15 @@ class Case:
 
         if name not in self._readers:
             loc = self._store.location
-            path = loc.local_path(f"{self._group_path}/{name}") if loc.local else None
-            self._readers[name] = ChunkReader(self._group[name], path)
+            key = f"{self._group_path}/{name}"
+            if loc.remote:
+                objects = self.meta.get("objects")
+                sizes = {k[len(name) + 1:]: v for k, v in objects.items() if k.startswith(f"{name}/")} \
+                    if objects else None
+                self._readers[name] = ChunkReader(self._group[name], None, remote=(loc.fs[0], loc.key_path(key)),
+                                                  sizes=sizes)
+            else:
+                self._readers[name] = ChunkReader(self._group[name], loc.local_path(key) if loc.local else None)
         return self._readers[name]
 
     def _region(self, region) -> tuple[slice, ...]:
@@ -201,14 +208,29 @@ class Case:
         out = torch.empty((len(self._channels(modalities)), *(s.stop - s.start for s in sl)))
         return self.image_into(out, modalities, sl).numpy()
 
-    def image_into(self, out, modalities=None, region=None, at=(0, 0, 0)):
+    def image_into(self, out, modalities=None, region=None, at=(0, 0, 0), fetched=None):
         """Decode ``region`` of ``modalities`` into the torch tensor ``out`` (C, ...) of float32 or float16, at
         offset ``at`` of its spatial axes; the rest of ``out`` is left as it is. Returns ``out``.
 
         Each chunk is decoded (stored value * scale, in float32, then rounded once to ``out``'s dtype) straight
         into its place: no region-sized intermediate. Every reader of images uses this one decode."""
         idx = self._channels(modalities)
-        return decode_into(self._reader("image"), idx, self.scale[idx], self._region(region), out, at)
+        return decode_into(self._reader("image"), idx, self.scale[idx], self._region(region), out, at, fetched)
+
+    def patch_reads(self, modalities, region) -> list:
+        """What ``image_into`` and ``label_into`` of ``region`` will read, as (reader, regions) for
+        ``store.fastread.fetch_together``: on object storage a loader fetches a whole batch's patches in one
+        round of requests, then passes each reader its part as ``fetched``."""
+        sl = self._region(region)
+        reads = [(self._reader("image"), [(slice(c, c + 1), *sl) for c in self._channels(modalities)])]
+        if self.has_label:
+            reads.append((self._reader("label"), [sl]))
+        return reads
+
+    @property
+    def remote(self) -> bool:
+        """True when this case's arrays are read from object storage (fetch first, then decode)."""
+        return self._reader("image").remote is not None and self._reader("image").fast
 
     def decode_checked(self, modalities=None):
         """The whole case, checked against its ``content_crc32``: (image float16 tensor (C, X, Y, Z) of
@@ -235,12 +257,12 @@ class Case:
             raise KeyError(f"case {self.case_id} has no label")
         return self._reader("label").read(self._region(region)).astype(np.uint8, copy=False)
 
-    def label_into(self, out: np.ndarray, region=None, at=(0, 0, 0)) -> np.ndarray:
+    def label_into(self, out: np.ndarray, region=None, at=(0, 0, 0), fetched=None) -> np.ndarray:
         """Write ``region`` of the label into the uint8 array ``out`` at offset ``at``; the rest is left as it
         is. Returns ``out``."""
         if "label" not in self._group:
             raise KeyError(f"case {self.case_id} has no label")
-        return self._reader("label").read_into(self._region(region), out, at)
+        return self._reader("label").read_into(self._region(region), out, at, fetched)
 
     @property
     def has_label(self) -> bool:
@@ -352,6 +374,7 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
     if mode not in ("r", "r+"):
         raise ValueError("mode must be 'r' or 'r+'")
     loc = Location(path)
+    loc.check_reachable()
     if loc.local and not Path(path).exists():
         raise FileNotFoundError(f"no store at {path}")
     try:
@@ -387,6 +410,7 @@ class StoreWriter:
 
         self.path = str(path)
         self.location = Location(self.path)
+        self.location.check_reachable()
         self._locked = False
         exists = _exists(self.path)
         if self.location.local:
@@ -566,7 +590,7 @@ class StoreWriter:
         if self.location.zip:
             names = list(self.group.require_group(CASES_GROUP).group_keys())
         else:
-            names = sorted({k.split("/", 1)[0] for k in self.location.sizes(CASES_GROUP)})
+            names = sorted({k.split("/", 1)[0] for k in self.location.sizes(CASES_GROUP) if "/" in k})
             if self.location.local and self.location.local_path(CASES_GROUP).is_dir():
                 names = sorted(set(names) | {p.name for p in self.location.local_path(CASES_GROUP).iterdir()
                                              if p.is_dir()})
@@ -602,25 +626,14 @@ def _stale(holder: dict) -> bool:
 
 
 def _exists(path: str) -> bool:
-    if _is_local(path):
-        return (Path(path) / "zarr.json").exists()
+    loc = Location(path)
+    if not loc.zip:
+        return loc.exists("zarr.json")
     try:
         _open_group(path, "r")
         return True
     except Exception:
         return False
-
-
-def _remove(path: str) -> None:
-    if _is_local(path):
-        shutil.rmtree(path)
-    elif path.endswith(".zip"):
-        os.remove(path)
-    else:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        fs.rm(p, recursive=True)
 
 
 def _delete_group(root, path: str) -> None:
@@ -633,16 +646,18 @@ def case_group_name(case_id: str, token: str) -> str:
 
 
 def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.ndarray | None,
-               foreground: np.ndarray, attrs: dict) -> dict:
+               foreground: np.ndarray, record) -> dict:
     """Write one case's arrays and attributes under ``group_name`` (not yet visible: see ``publish``).
 
     ``image``: the case's image in the store's encoding (``encode_image``, ``encode_integer_source``). The
     returned attributes carry the scale and the content hash that ``verify`` checks. In a local store the
     files are written directly (``fastwrite``): a group of about ten files (one shard per image channel, one for
-    the label); elsewhere through zarr.
+    the label); on object storage the same objects, one PUT each; in a zip through zarr.
     """
-    from .fastwrite import array_metadata, shard_shape, write_array, write_array_zarr
+    from .fastwrite import array_metadata, array_objects, shard_shape, write_array, write_array_zarr
 
+    record.validate()  # a store.records.CaseRecord
+    attrs = record.to_attrs()
     fmt = CURRENT
     img16, scale = image
     chunks = tuple(min(c, s) for c, s in zip(fmt.image_chunks, img16.shape))
@@ -670,6 +685,13 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
                                                      indent=2))
         for name, (data, meta) in arrays.items():
             write_array(folder / name, meta, data)
+    elif loc.remote:  # the same objects, one PUT each: a shard per channel, not a request per chunk
+        loc.remove(group_name)  # a leftover of a killed build
+        loc.write_atomic(f"{group_name}/zarr.json", json.dumps({"attributes": attrs, "zarr_format": 3,
+                                                                 "node_type": "group"}, indent=2).encode())
+        for name, (data, meta) in arrays.items():
+            for key, b in array_objects(meta, data):
+                loc.write_atomic(f"{group_name}/{name}/{key}", b)
     else:
         import zarr
 

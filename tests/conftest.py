@@ -59,3 +59,25 @@ def store12(tmp_path_factory):
                       progress=False)
     assert rep.ok, rep.failed
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto's standalone server) on 127.0.0.1, the process environment pointed at it
+    (the standard AWS variables, as a user's would be); yields a function making a fresh bucket."""
+    import uuid
+
+    from benchmarks.s3server import local_s3_server
+
+    with local_s3_server(secret_key=S3_SECRET):
+        import s3fs
+
+        def bucket() -> str:
+            name = f"b{uuid.uuid4().hex[:12]}"
+            s3fs.S3FileSystem().mkdir(name)
+            return name
+
+        yield bucket
+
+
+S3_SECRET = "s3cr3t-value-never-written-anywhere"

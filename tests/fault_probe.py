@@ -64,7 +64,8 @@ def main(source: str, store: str, point: str) -> None:
     from tests.conftest import TINY
     from tests.helpers import synth_spacing
 
-    build_store(BuildConfig(source=source, store=store, workers=0, spacing=synth_spacing(TINY)), progress=False)
+    build_store(BuildConfig(source=source, store=store, workers=0, spacing=synth_spacing(TINY), publish_every_s=0),
+                progress=False)
 
 
 if __name__ == "__main__":

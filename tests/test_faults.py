@@ -156,7 +156,8 @@ def test_disk_full_during_a_build(tiny_cohort, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(location.Location, "write_atomic", write_atomic)
     path = tmp_path / "full.zarr"
-    rc = run_cli(BuildConfig(source=str(tiny_cohort), store=str(path), workers=0, spacing=synth_spacing(TINY)))
+    rc = run_cli(BuildConfig(source=str(tiny_cohort), store=str(path), workers=0, spacing=synth_spacing(TINY),
+                             publish_every_s=0))
     err = capsys.readouterr().err
     assert rc == 1 and "no space left on device writing" in err and "resume" in err
     _verify_ok(path)

@@ -244,27 +244,14 @@ def test_bad_inputs_skipped_with_reasons(tmp_path, capsys):
         assert cid in err and "\n" not in s.failures[cid]
 
 
-def test_scheduler_address(tmp_path):
-    from distributed import LocalCluster
-
-    src = tmp_path / "raw"
-    for i in range(3):
-        write_case(src, f"BraTS2021_0000{i}", seed=i)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
-        rc = prep_main(["build-store", "--source", str(src), "--store", str(tmp_path / "s.zarr"),
-                        "--scheduler", cluster.scheduler_address])
-        assert rc == 0
-        assert cluster.scheduler.tasks == {} or len(cluster.scheduler.task_groups) >= 1
-    assert len(open_store(tmp_path / "s.zarr")) == 3
-
-
 def test_kill_and_resume(tmp_path):
     src = tmp_path / "raw"
     n = 8
     for i in range(n):
         write_case(src, f"BraTS2021_{i:05d}", seed=i, shape=(40, 44, 30))
     store = tmp_path / "s.zarr"
-    cmd = [sys.executable, "-m", "prep", "build-store", "--source", str(src), "--store", str(store), "--workers", "0"]
+    cmd = [sys.executable, "-m", "prep", "build-store", "--source", str(src), "--store", str(store), "--workers", "0",
+           "--publish-every", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -287,8 +274,9 @@ def test_kill_and_resume(tmp_path):
     assert 2 <= len(partial) < n
     from store.verify import verify_case, verify_store
 
-    for cid in partial.case_ids:  # whatever is visible is complete (splits come at the end of a build)
+    for cid in partial.case_ids:  # whatever is visible is complete, and so are the splits over it
         assert verify_case(partial, cid) == []
+    assert verify_store(partial) == []
     # what a kill at other moments leaves: a case folder made but no metadata yet, a group with half its arrays
     (store / "cases" / "BraTS2021_09998.0123456789ab").mkdir()
     half = store / "cases" / "BraTS2021_09999.0123456789ab"
@@ -505,3 +493,18 @@ def test_build_paths_store_the_same_values(tmp_path):
     enc = encode_image(ref.image, ref.source_unit)
     assert np.array_equal(wide.encoded.values, enc.values) and wide.encoded.scale == enc.scale
     assert wide.encoded.scale[2] != pytest.approx(1 / ref.normalization["t2"]["std"])
+
+
+def test_finished_cases_are_published_in_batches(tiny_cohort, tmp_path):
+    from .conftest import TINY
+    from .helpers import synth_spacing
+
+    def build(every, name):
+        return build_store(BuildConfig(source=str(tiny_cohort), store=str(tmp_path / name), workers=0,
+                                       spacing=synth_spacing(TINY), publish_every_s=every), progress=False)
+
+    one_by_one, batched = build(0, "a.zarr"), build(3600, "b.zarr")
+    assert one_by_one.publications == 6 + 1  # each case, then the completed build's splits
+    assert batched.publications == 1  # everything in the final write
+    assert open_store(tmp_path / "a.zarr").index.keys() == open_store(tmp_path / "b.zarr").index.keys()
+    assert open_store(tmp_path / "a.zarr").splits["train"] == open_store(tmp_path / "b.zarr").splits["train"]

@@ -1,0 +1,83 @@
+"""build-store on a Dask cluster of separate processes, started with Dask's own command lines on 127.0.0.1."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from store import open_store
+from store.verify import verify_store
+
+from .helpers import write_case
+
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _published(store: Path) -> int:
+    try:
+        return len(json.loads((store / "zarr.json").read_text())["attributes"]["index"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_build_on_a_cluster_of_processes_survives_a_killed_worker(tmp_path):
+    src = tmp_path / "raw"
+    n = 12
+    for i in range(n):
+        write_case(src, f"BraTS2021_{i:05d}", seed=i, shape=(60, 64, 44))
+    port = _port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        workers = [subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                                     "--name", f"w{k}", "--host", "127.0.0.1"], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k in range(2)]
+        procs += workers
+        from distributed import Client
+
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=60)
+        store = tmp_path / "s.zarr"
+        build = subprocess.Popen([sys.executable, "-m", "prep", "build-store", "--source", str(src), "--store",
+                                  str(store), "--scheduler", address], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        procs.append(build)
+        deadline = time.time() + 120
+        while _published(store) < 2 and build.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert build.poll() is None, "the build ended before a worker could be killed"
+        workers[0].send_signal(signal.SIGKILL)  # a worker process dies holding a case
+        out, err = build.communicate(timeout=300)
+        assert build.returncode == 0, err[-3000:]
+        s = open_store(store)
+        assert len(s) == n and verify_store(s) == []
+        # the cases ran on the cluster's own workers (an ignored --scheduler would run them elsewhere)
+        with Client(address, timeout="60s") as client:
+            executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        assert sum(executed.values()) >= 1, executed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+
+
+def test_an_unreachable_scheduler_is_one_line(tmp_path):
+    src = tmp_path / "raw"
+    write_case(src, "BraTS2021_00000", seed=0)
+    r = subprocess.run([sys.executable, "-m", "prep", "build-store", "--source", str(src), "--store",
+                        str(tmp_path / "s.zarr"), "--scheduler", f"tcp://127.0.0.1:{_port()}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "scheduler" in r.stderr and "Traceback" not in r.stderr
