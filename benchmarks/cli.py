@@ -13,8 +13,11 @@ BENCHES = {
     "loader": "augmented samples/s: seed chain, MONAI CacheDataset/PersistentDataset, ram/none/gpu",
     "train": "steps/s and data-wait share, real loader vs a fixed batch on the device",
     "infer": "seconds per case: whole predict path vs bare sliding window",
+    "scale": "store cost as it grows to 1,251 cases (build rate, root bytes, open, verify, first batch); S3 vs local "
+             "patches/s",
     "store-format": "bytes, read/write times of candidate dtypes, chunks, codecs, file layouts (FORMAT.md tables)",
-    "modalities": "the seed's experiment: T1 vs T1+T2+FLAIR, test Dice per region (tens of minutes)",
+    "modalities": "the seed's experiment with error bars: T1 vs T1+T2+FLAIR vs T1+T1ce+T2+FLAIR, 3 seeds each, "
+                  "test Dice/HD95 per region and paired bootstrap intervals (under an hour on 2 cores)",
     "table": "regenerate the README's performance table from the JSON results",
 }
 ALL = ("synth", "prep", "loader", "train", "infer")
@@ -46,38 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or ("quick" if args.quick else "full")
     names = list(ALL) if args.name == "all" else [args.name]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="brats-bench-"))
+    from .scope import changed, isolated, settings
+
     try:
         for name in names:
-            if name == "synth":
-                from . import synth_bench
-
-                synth_bench.run(out, size)
-            elif name == "prep":
-                from . import prep_bench
-
-                prep_bench.run(out, size)
-            elif name == "loader":
-                from . import loader_bench
-
-                loader_bench.run(out, work, size)
-            elif name == "train":
-                from . import train_bench
-
-                train_bench.run(out, work, size, amp=args.amp)
-            elif name == "infer":
-                from . import infer_bench
-
-                infer_bench.run(out, work, size, amp=args.amp)
-            elif name == "store-format":
-                _store_format(out, size != "full")
-            elif name == "modalities":
-                from . import modalities
-
-                modalities.run(out, work / "modalities", quick=size != "full" and not args.full, full=args.full)
-            elif name == "table":
-                from .table import update_readme
-
-                update_readme(out)
+            before = settings()
+            with isolated():
+                _stage(name, out, work, size, args)
+            if leak := changed(before, settings()):  # a stage leaves the process as it found it ("measured alone")
+                raise RuntimeError(f"benchmark {name} changed process-wide settings: {leak}")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -86,6 +66,45 @@ def main(argv: list[str] | None = None) -> int:
 
         print(render(out))
     return 0
+
+
+def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
+    """Run one benchmark stage (its process-wide settings are scoped by the caller)."""
+    if name == "synth":
+        from . import synth_bench
+
+        synth_bench.run(out, size)
+    elif name == "prep":
+        from . import prep_bench
+
+        prep_bench.run(out, size)
+    elif name == "loader":
+        from . import loader_bench
+
+        loader_bench.run(out, work, size)
+    elif name == "train":
+        from . import train_bench
+
+        train_bench.run(out, work, size, amp=args.amp)
+    elif name == "infer":
+        from . import infer_bench
+
+        infer_bench.run(out, work, size, amp=args.amp)
+    elif name == "scale":
+        from . import scale_bench
+
+        scale_bench.run(out, work, size)
+    elif name == "store-format":
+        _store_format(out, size != "full")
+    elif name == "modalities":
+        from . import modalities
+
+        modalities.run(out, work / "modalities", quick=size in ("quick", "tiny") and args.size is not None,
+                       full=args.full)
+    elif name == "table":
+        from .table import update_readme
+
+        update_readme(out)
 
 
 def _store_format(out: Path, quick: bool) -> None:

@@ -25,8 +25,14 @@ def save_case_preview(case, out: str | Path, title: str | None = None) -> Path:
 
     vols = {m: ras(case.images[m])[0] for m in MODALITIES}
     seg, zooms = ras(case.seg) if case.seg is not None else (np.zeros_like(vols["t1"], np.uint8), None)
-    fg = np.argwhere(seg > 0)
-    centre = fg.mean(0).astype(int) if fg.size else (np.array(seg.shape) // 2)
+    from scipy import ndimage
+
+    parts, n = ndimage.label(seg > 0)
+    if n:  # through the centre of the largest lesion
+        largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(parts), parts, range(1, n + 1))))
+        centre = np.argwhere(parts == largest).mean(0).astype(int)
+    else:
+        centre = np.array(seg.shape) // 2
     cmap = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.6), (0.2, 1, 0.2, 0.45), (1, 1, 0.1, 0.6),
                            (0.2, 0.5, 1, 0.6)])
     convention = convention_for_labels(case.label_convention, np.unique(seg))

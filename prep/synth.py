@@ -34,7 +34,7 @@ FOV_MM = (240.0, 240.0, 155.0)
 CONTRAST = {
     #         WM    GM    CSF   ED    ET    NCR   NET   RC
     "t1":   (1.00, 0.72, 0.30, 0.93, 0.78, 0.50, 0.80, 0.33),
-    "t1ce": (1.00, 0.75, 0.30, 0.93, 1.90, 0.40, 0.80, 0.33),
+    "t1ce": (1.00, 0.75, 0.30, 0.93, 2.10, 0.40, 0.80, 0.33),
     "t2":   (1.00, 1.35, 3.20, 2.40, 1.80, 2.90, 2.20, 3.00),
     "flair": (1.00, 1.25, 0.25, 1.90, 1.60, 1.30, 1.70, 0.55),
 }
@@ -45,6 +45,7 @@ WM_LEVEL = {"t1": 700.0, "t1ce": 800.0, "t2": 420.0, "flair": 520.0}
 TEXTURE = {"t1": 1.0, "t1ce": 0.9, "t2": -0.8, "flair": -0.6}
 NOISE_SIGMA = 0.03  # Rician noise sigma, relative to white matter
 NO_ENHANCING_RATE = 0.05  # about 1 case in 20 has no enhancing tumour, as in real BraTS
+MULTIFOCAL_RATE = 0.1  # about 1 case in 10 has a second lesion
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class TumourParams:
     r_edema: float
     necrosis_fraction: float
     enhancing: bool
+    multifocal: bool = False  # a second, smaller lesion elsewhere in the white matter
 
 
 def tumour_params(seed: int, index: int) -> TumourParams:
@@ -210,16 +212,62 @@ def tumour_params(seed: int, index: int) -> TumourParams:
         r_edema=r_core * rng.uniform(1.2, 1.9) + rng.uniform(3.0, 12.0),
         necrosis_fraction=rng.uniform(0.25, 0.7),
         enhancing=bool(rng.random() >= NO_ENHANCING_RATE),
+        multifocal=bool(rng.random() < MULTIFOCAL_RATE),
     )
 
 
+def second_lesion(seed: int, index: int, first: TumourParams) -> TumourParams:
+    """The smaller second lesion of a multifocal case, from a stream of its own."""
+    rng = np.random.default_rng([seed, index, 3])
+    r_core = first.r_core * rng.uniform(0.35, 0.7)
+    return TumourParams(r_core=r_core, r_edema=r_core * rng.uniform(1.2, 1.8) + rng.uniform(2.0, 8.0),
+                        necrosis_fraction=rng.uniform(0.2, 0.6), enhancing=first.enhancing)
+
+
+@lru_cache(maxsize=1)
+def _mni_white_matter() -> np.ndarray:
+    """MNI voxel coordinates (N, 3) of deep white matter (template WM > 0.9, away from the brain's edge), where
+    lesions are centred."""
+    from scipy import ndimage
+
+    vol = _anatomy()[0][0].numpy()
+    deep = ndimage.binary_erosion(vol[3] > 0.5, iterations=12)
+    return np.argwhere((vol[2] > 0.9) & deep).astype(np.float32)
+
+
+def _nearest(points: np.ndarray, centre: np.ndarray) -> int:
+    """Index of the point (N, 3) nearest ``centre``, looking first within 10 mm along the first axis."""
+    near = np.flatnonzero(np.abs(points[:, 0] - centre[0]) < 10.0)
+    if near.size == 0:
+        near = np.arange(len(points))
+    return int(near[np.argmin(((points[near] - centre) ** 2).sum(1))])
+
+
+def _mass_effect(points: np.ndarray, centre: np.ndarray, amplitude: float, reach: float) -> np.ndarray:
+    """Mass effect on MNI sampling points (N, 3): each point samples the anatomy nearer the lesion's centre,
+    so the brain around the lesion appears pushed outwards (ventricles and sulci compressed and displaced).
+    Radial displacement u(r) = A tanh(r / A) exp(-(r / R)^2): at most r (nothing crosses the centre), smooth,
+    fading to nothing beyond the reach R (mm; MNI voxels are 1 mm)."""
+    far = 2.6 * reach  # beyond it the displacement is under a quarter of a percent of A: leave those points be
+    near = np.flatnonzero((np.abs(points[:, 0] - centre[0]) < far) & (np.abs(points[:, 1] - centre[1]) < far)
+                          & (np.abs(points[:, 2] - centre[2]) < far))
+    d = points[near] - centre
+    r = np.sqrt((d * d).sum(1))
+    u = amplitude * np.tanh(r / amplitude) * np.exp(-(r / reach) ** 2)
+    out = points.copy()
+    out[near] -= d * (u / np.maximum(r, 1e-6))[:, None]
+    return out
+
+
 def _tumour(rng: np.random.Generator, tp: TumourParams, wm: np.ndarray, brain: np.ndarray, csf: np.ndarray,
-            spacing):
-    """Soft tumour maps in a box around a white-matter voxel: returns (box slices, soft maps)."""
-    cand = np.flatnonzero((wm > 0.85).ravel())
-    if cand.size == 0:
-        cand = np.flatnonzero(brain.ravel())
-    centre = np.array(np.unravel_index(cand[rng.integers(cand.size)], wm.shape))
+            spacing, centre=None):
+    """Soft tumour maps in a box around ``centre`` (a voxel; default a random white-matter voxel): returns (box
+    slices, soft maps). Enhancement is patchy: ``enhancing`` (0..1) says how much of the viable core enhances."""
+    if centre is None:
+        cand = np.flatnonzero((wm > 0.85).ravel())
+        if cand.size == 0:
+            cand = np.flatnonzero(brain.ravel())
+        centre = np.array(np.unravel_index(cand[rng.integers(cand.size)], wm.shape))
     r_core, r_edema, nec_frac = tp.r_core, tp.r_edema, tp.necrosis_fraction
     half_mm = 1.7 * r_edema + 4.0
     half = np.ceil(half_mm / np.asarray(spacing)).astype(int)
@@ -231,7 +279,7 @@ def _tumour(rng: np.random.Generator, tp: TumourParams, wm: np.ndarray, brain: n
     coords = [(np.arange(lo[d], hi[d]) - centre[d]) * spacing[d] for d in range(3)]
     g = np.stack(np.meshgrid(*coords, indexing="ij"), axis=-1).astype(np.float32)  # mm offsets
     dist = np.linalg.norm(g @ axes.T.astype(np.float32), axis=-1)
-    noise = _smooth_field(rng, 3, 6, bshape, 1.0).numpy()
+    noise = _smooth_field(rng, 4, 6, bshape, 1.0).numpy()  # shapes of core, necrosis, oedema; enhancing patches
     width = 0.8  # mm: partial-volume edge of each compartment
     r_c = dist / (1.0 + 0.28 * np.tanh(noise[0]))
     core = _sigmoid((r_core - r_c) / width)
@@ -243,10 +291,13 @@ def _tumour(rng: np.random.Generator, tp: TumourParams, wm: np.ndarray, brain: n
     edema = _sigmoid((r_edema - r_e) / (2 * width))
     edema *= np.clip(1.5 - 2.0 * csf_box, 0.0, 1.0)
     inside = brain_box.astype(np.float32)
+    # a patchy, not perfectly round rim: a smooth field decides where the viable core enhances (most of it)
+    patches = noise[3]
     maps = {
         "edema": np.maximum(edema, core) * inside,
         "core": core * inside,
         "necrosis": nec * core * inside,
+        "enhancing": _sigmoid(12.0 * (patches + 0.3)).astype(np.float32),
     }
     return box, maps
 
@@ -284,13 +335,28 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
     spacing = np.abs(np.diag(affine)[:3])
     vol, _, _, tpl_wm = _anatomy()
     warp = _Warp(rng, shape, affine)
+    tp = tumour_params(seed, index)
+    lesions = [tp] + ([second_lesion(seed, index, tp)] if tp.multifocal else [])
+    # lesion centres in deep MNI white matter (a second lesion well apart from the first), chosen before the
+    # anatomy is sampled, so that the anatomy can be pushed aside around them
+    lrng = np.random.default_rng([seed, index, 4])
+    wmv = _mni_white_matter()
+    centres_mni = [wmv[lrng.integers(len(wmv))]]
+    for _ in lesions[1:]:
+        far = wmv[np.linalg.norm(wmv - centres_mni[0], axis=1) > 45.0]
+        centres_mni.append(far[lrng.integers(len(far))] if len(far) else wmv[lrng.integers(len(wmv))])
     cand = _brain_candidates(warp, shape)
-    t1_tpl, gm, wm, mask = _sample_points(vol, warp(cand), vol.shape[2:])
+    points = warp(cand)
+    for c, lp in zip(centres_mni, lesions):
+        points = _mass_effect(points, c, amplitude=0.45 * lp.r_core + 0.15 * lp.r_edema, reach=lp.r_edema + 15.0)
+    t1_tpl, gm, wm, mask = _sample_points(vol, points, vol.shape[2:])
     keep = mask > 0.5
-    idx, t1_tpl, gm, wm, mask = cand[keep], t1_tpl[keep], gm[keep], wm[keep], mask[keep]
+    idx, t1_tpl, gm, wm, mask, points = cand[keep], t1_tpl[keep], gm[keep], wm[keep], mask[keep], points[keep]
     csf = np.clip(mask - gm - wm, 0.0, 1.0)
     total = np.maximum(gm + wm + csf, 1e-6)
     gm, wm, csf = gm / total, wm / total, csf / total
+    # each lesion's centre on the output grid: the brain voxel that samples nearest its MNI centre
+    centres = [np.array(np.unravel_index(idx[_nearest(points, c)], shape)) for c in centres_mni]
 
     # Full-grid views the tumour needs: white matter, CSF, brain, and each voxel's place in the 1D arrays.
     n = int(np.prod(shape))
@@ -302,29 +368,34 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
     csf_full = np.zeros(n, np.float32)
     csf_full[idx] = csf
     brain = (pos >= 0)
-    tp = tumour_params(seed, index)
     enhancing = tp.enhancing
-    box, tm = _tumour(rng, tp, wm_full.reshape(shape), brain, csf_full.reshape(shape), spacing)
-    cav = _cavity(seed, index, tm, box, spacing) if layout == "brats2024" else None
-
-    # Labels from the soft maps (0.5 threshold): ET inside TC inside WT, nothing outside the brain.
     conv = LABEL_CONVENTIONS[layout]
     label = np.zeros(shape, np.uint8)
-    lb = label[box]
-    core = tm["core"] > 0.5
-    lb[tm["edema"] > 0.5] = conv["edema"]
-    lb[core] = conv["enhancing"] if enhancing else conv["necrosis"]
-    lb[core & (tm["necrosis"] > 0.5 * tm["core"])] = conv["necrosis"]
-    if cav is not None:
-        lb[cav > 0.5] = conv["cavity"]
-    lb[~brain[box]] = 0
-
-    pb = pos[box]
-    sel = pb >= 0
-    at = pb[sel]
-    ed_w, core_w = tm["edema"][sel], tm["core"][sel]
-    nec_share = tm["necrosis"][sel] / np.maximum(tm["core"][sel], 1e-6)
-    hetero = 1.0 + _smooth_field(rng, 1, 8, pb.shape, 0.08).numpy()[0][sel]
+    parts = []  # per lesion: where it is and how much of each tissue every voxel holds, for the intensities
+    for k, (lp, centre) in enumerate(zip(lesions, centres)):
+        box, tm = _tumour(rng, lp, wm_full.reshape(shape), brain, csf_full.reshape(shape), spacing, centre)
+        cav = _cavity(seed, index, tm, box, spacing) if layout == "brats2024" and k == 0 else None
+        # Labels from the soft maps (0.5 threshold): ET inside TC inside WT, nothing outside the brain; where the
+        # rim does not enhance the core is non-enhancing (NCR/NET, NETC)
+        lb = label[box]
+        core = tm["core"] > 0.5
+        lb[(tm["edema"] > 0.5) & (lb == 0)] = conv["edema"]
+        lb[core] = conv["necrosis"]
+        if enhancing:
+            lb[core & (tm["enhancing"] > 0.5)] = conv["enhancing"]
+        lb[core & (tm["necrosis"] > 0.5 * tm["core"])] = conv["necrosis"]
+        if cav is not None:
+            lb[cav > 0.5] = conv["cavity"]
+        lb[~brain[box]] = 0
+        pb = pos[box]
+        sel = pb >= 0
+        parts.append({
+            "at": pb[sel], "ed_w": tm["edema"][sel], "core_w": tm["core"][sel],
+            "nec_share": tm["necrosis"][sel] / np.maximum(tm["core"][sel], 1e-6),
+            "enh_w": tm["enhancing"][sel] if enhancing else np.zeros(int(sel.sum()), np.float32),
+            "hetero": 1.0 + _smooth_field(rng, 1, 8, pb.shape, 0.08).numpy()[0][sel],
+            "cav_w": cav[sel] if cav is not None else None,
+        })
     gain = rng.uniform(0.7, 1.3)
     bias_ctrl = rng.normal(0.0, 0.12, (4, 4, 4, 4)).astype(np.float32)
     bias = np.exp(_field_at(bias_ctrl, shape, idx).T)
@@ -335,12 +406,15 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
         c = dict(zip(TISSUES, CONTRAST[mod]))
         # tissue mixture plus the template's own fine structure, signed per modality
         img = wm * c["wm"] + gm * c["gm"] + csf * c["csf"] + TEXTURE[mod] * texture
-        core_val = (c["et"] if enhancing else c["net"]) * (1 - nec_share) + c["ncr"] * nec_share
-        v = img[at] * (1 - ed_w) + c["ed"] * ed_w * hetero
-        img[at] = v * (1 - core_w) + core_val * core_w * hetero
-        if cav is not None:  # the cavity's fluid replaces whatever tissue the tumour had there
-            cw = cav[sel]
-            img[at] = img[at] * (1 - cw) + c["rc"] * cw * hetero
+        for part in parts:
+            at, enh = part["at"], part["enh_w"]
+            viable = c["et"] * enh + c["net"] * (1 - enh)  # enhancing where the rim enhances, else non-enhancing
+            core_val = viable * (1 - part["nec_share"]) + c["ncr"] * part["nec_share"]
+            v = img[at] * (1 - part["ed_w"]) + c["ed"] * part["ed_w"] * part["hetero"]
+            img[at] = v * (1 - part["core_w"]) + core_val * part["core_w"] * part["hetero"]
+            if part["cav_w"] is not None:  # the cavity's fluid replaces whatever tissue the tumour had there
+                cw = part["cav_w"]
+                img[at] = img[at] * (1 - cw) + c["rc"] * cw * part["hetero"]
         level = WM_LEVEL[mod] * gain * rng.uniform(0.9, 1.1)
         img *= bias[m_i] * level
         noise = rng.standard_normal((2, idx.size), dtype=np.float32) * (NOISE_SIGMA * level)

@@ -73,3 +73,19 @@ def synth_spacing(shape) -> tuple[float, float, float]:
     from prep.synth import FOV_MM
 
     return tuple(float(f / s) for f, s in zip(FOV_MM, shape))
+
+
+def fake_kfold(run, kf, folds: int, best_fold: int = 0):
+    """A k-fold run folder whose folds are copies of one trained run, its report written as before fold paths
+    were relative (absolute paths to where the folds were made)."""
+    import json
+    import shutil
+
+    for k in range(folds):
+        (Path(kf) / f"fold-{k}").mkdir(parents=True)
+        for f in ("best.pt", "config.json", "preprocessing.json"):
+            shutil.copy(Path(run) / f, Path(kf) / f"fold-{k}" / f)
+    (Path(kf) / "kfold.json").write_text(json.dumps({
+        "folds": [{"fold": k, "run_dir": str(Path(kf) / f"fold-{k}"), "best_val_loss": 0.5} for k in range(folds)],
+        "best_fold": best_fold}))
+    return Path(kf)

@@ -64,3 +64,43 @@ def test_gpu_table_is_generated_from_the_gpu_folder(tiny_results, tmp_path):
     main, gpu = readme.read_text().split(GPU_START)
     assert "| synth |" in main and "between" in main
     assert "old gpu" not in gpu and "| train |" in gpu and "| synth |" not in gpu
+
+
+def test_scale_benchmark_tiny(tmp_path):
+    out = tmp_path / "out"
+    assert bench_main(["scale", "--size", "tiny", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    data = json.loads((out / "scale.json").read_text())
+    assert set(data["per_n"]) == {"6", "12"}
+    for v in data["per_n"].values():
+        assert v["verify_faults"] == 0 and v["root_metadata_bytes"] > 0 and v["cases_per_s_last_tenth"] > 0
+    assert data["object_storage"]["s3_patches_per_s"]["median"] > 0
+    assert (out / "scale.png").stat().st_size > 2000
+
+
+def test_a_stage_runs_in_a_scope_that_restores_process_settings(monkeypatch, tmp_path):
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import benchmarks.cli as cli
+    from benchmarks.scope import changed, isolated, settings
+
+    before, rng = settings(), torch.get_rng_state()
+    with isolated(threads=1, seed=3):
+        assert torch.get_num_threads() == 1
+        inside = torch.rand(3)
+    assert not changed(before, settings()) and torch.equal(torch.get_rng_state(), rng)
+    with isolated(seed=3):
+        assert torch.equal(torch.rand(3), inside)  # the same seed, the same draws
+    # a stage that leaves a limit behind is caught, as synth's plain calls were
+    from threadpoolctl import threadpool_info
+
+    other = threadpool_info()[0]["num_threads"] + 1  # a limit that differs from what is set now
+    leaked = []
+    monkeypatch.setattr(cli, "_stage", lambda *a, **k: leaked.append(threadpool_limits(other)))
+    try:
+        with pytest.raises(RuntimeError, match="changed process-wide settings"):
+            cli.main(["synth", "--size", "tiny", "--out", str(tmp_path)])
+    finally:
+        for limit in leaked:
+            limit.restore_original_limits()
+    assert not changed(before, settings())

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
             dist.init(use_cuda=torch.cuda.is_available() and cfg.device != "cpu")
         run(cfg, dist)
-    except (ConfigError, FormatError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, FormatError, FileNotFoundError, KeyError, ImportError) as e:
         print(f"python -m train: error: {e}", file=sys.stderr)
         return 2
     except (CollectiveError, CheckpointError) as e:

@@ -151,17 +151,35 @@ class StoreSource:
             self._cases[c] = self._store.case(self.case_ids[c])
         return self._cases[c]
 
-    def patch_into(self, spec: PatchSpec, patch, img_out: np.ndarray, lab_out: np.ndarray) -> None:
+    def fetch(self, specs: list[PatchSpec], patch) -> list | None:
+        """Object storage: every chunk a batch's patches touch, image and label, in one concurrent round of
+        requests (per-request latency, not bandwidth, is the cost there); None for local stores."""
+        from store.fastread import fetch_together
+
+        cases = [self._case(s.case) for s in specs]
+        if not cases or not cases[0].remote:
+            return None
+        reads = [case.patch_reads(self.modalities, _region(s.start, patch, case.shape))
+                 for s, case in zip(specs, cases)]
+        got = fetch_together([r for per_spec in reads for r in per_spec])
+        out, k = [], 0
+        for per_spec in reads:
+            out.append(got[k:k + len(per_spec)])
+            k += len(per_spec)
+        return out
+
+    def patch_into(self, spec: PatchSpec, patch, img_out: np.ndarray, lab_out: np.ndarray, fetched=None) -> None:
         case = self._case(spec.case)
         reg = _region(spec.start, patch, case.shape)
         at = tuple(r.start - s for r, s in zip(reg, spec.start))  # where the read block sits in the patch
         if any(r.stop - r.start != p for r, p in zip(reg, patch)):  # overhangs the case: zero background
             img_out[...] = 0
             lab_out[...] = 0
+        img_f, lab_f = (fetched + [None])[:2] if fetched is not None else (None, None)
         # each chunk decoded straight into the batch slot, rounded to float16 once, as load_case_arrays does,
         # so every mode yields the same bits
-        case.image_into(torch.from_numpy(img_out), self.modalities, reg, at)
-        case.label_into(lab_out, reg, at)
+        case.image_into(torch.from_numpy(img_out), self.modalities, reg, at, img_f)
+        case.label_into(lab_out, reg, at, lab_f)
 
 
 def load_case_arrays(store_path: str, case_id: str, modalities) -> dict:
@@ -284,8 +302,13 @@ class _Batches:
         else:
             img = torch.empty(shapes[0], dtype=torch.float16, pin_memory=pin)
             lab = torch.empty(shapes[1], dtype=torch.uint8, pin_memory=pin)
+        fetch = getattr(self.source, "fetch", None)  # object storage: the whole batch's bytes in one round
+        fetched = fetch(specs, patch) if fetch is not None else None
         for i, s in enumerate(specs):  # each patch written once, straight into its slot of the batch
-            self.source.patch_into(s, patch, img[i].numpy(), lab[i, 0].numpy())
+            if fetched is not None:
+                self.source.patch_into(s, patch, img[i].numpy(), lab[i, 0].numpy(), fetched[i])
+            else:
+                self.source.patch_into(s, patch, img[i].numpy(), lab[i, 0].numpy())
         return img, lab
 
 
