@@ -232,7 +232,7 @@ class Case:
         """True when this case's arrays are read from object storage (fetch first, then decode)."""
         return self._reader("image").remote is not None and self._reader("image").fast
 
-    def decode_checked(self, modalities=None):
+    def decode_checked(self, modalities=None, out=None):
         """The whole case, checked against its ``content_crc32``: (image float16 tensor (C, X, Y, Z) of
         ``modalities``, label uint8 (X, Y, Z) or None). Reads every stored channel (the checksum covers them all),
         then decodes the chosen ones as ``image_into`` does, to the same bits. A mismatch is an error naming the
@@ -241,14 +241,23 @@ class Case:
 
         idx = self._channels(modalities)
         full = tuple(slice(0, n) for n in self.shape)
-        stored = self._reader("image").read((slice(0, len(self.meta["modalities"])), *full))
+        if out is None:
+            out = torch.empty((len(idx), *self.shape), dtype=torch.float16)
+        reader, crc = self._reader("image"), 0
+        # one stored channel at a time (the checksum runs over the channels in order): a channel's worth of
+        # transient memory, not the whole case's, in every process that caches
+        for c in range(len(self.meta["modalities"])):
+            stored = reader.read((slice(c, c + 1), *full))
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(stored)).cast("B"), crc)
+            if c in idx:
+                torch.mul(torch.from_numpy(stored[0]), float(self.scale[c]), out=out[idx.index(c)])
+            del stored
         label = self.label() if self.has_label else None
-        if content_checksum(stored, *([label] if label is not None else [])) != self.meta["content_crc32"]:
+        if label is not None:
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(label)).cast("B"), crc)
+        if f"{crc:08x}" != self.meta["content_crc32"]:
             raise FormatError(f"case {self.case_id}: its data do not match the checksum written with them (a damaged "
                               f"chunk); 'python -m store verify' lists every damaged case")
-        out = torch.empty((len(idx), *self.shape), dtype=torch.float16)
-        for k, c in enumerate(idx):
-            torch.mul(torch.from_numpy(stored[c]), float(self.scale[c]), out=out[k])
         return out, label
 
     def label(self, region=None) -> np.ndarray:

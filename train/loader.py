@@ -182,13 +182,17 @@ class StoreSource:
         case.label_into(lab_out, reg, at, lab_f)
 
 
-def load_case_arrays(store_path: str, case_id: str, modalities) -> dict:
-    """A whole case decoded: image float16 (C, X, Y, Z) of ``modalities``, label uint8 (X, Y, Z), checked
-    against the checksum written with it (a whole-case read reads everything the checksum covers anyway)."""
+def load_case_arrays(store_path: str, case_id: str, modalities, shared: bool = False) -> dict:
+    """A whole case decoded: image float16 tensor (C, X, Y, Z) of ``modalities`` (in shared memory with
+    ``shared``: the ram cache keeps it there, so the case is never held twice, even briefly), label uint8 tensor
+    (X, Y, Z) or None; checked against the checksum written with it (a whole-case read reads everything the
+    checksum covers anyway)."""
     from store import open_store
 
-    image, label = open_store(store_path).case(case_id).decode_checked(modalities)
-    return {"image": image.numpy(), "label": label}
+    case = open_store(store_path).case(case_id)
+    out = torch.empty((len(modalities), *case.shape), dtype=torch.float16)
+    image, label = case.decode_checked(modalities, out=out.share_memory_() if shared else out)
+    return {"image": image, "label": torch.from_numpy(label) if label is not None else None}
 
 
 class _LoadCase(Transform):
@@ -200,9 +204,8 @@ class _LoadCase(Transform):
         self.modalities = tuple(modalities)
 
     def __call__(self, item: dict) -> dict:
-        arrays = load_case_arrays(self.store_path, item["case_id"], self.modalities)
-        return {"case_id": item["case_id"], "image": torch.from_numpy(arrays["image"]),
-                "label": torch.from_numpy(arrays["label"]) if arrays["label"] is not None else None}
+        arrays = load_case_arrays(self.store_path, item["case_id"], self.modalities, shared=True)
+        return {"case_id": item["case_id"], **arrays}
 
 
 class RamSource:
@@ -325,7 +328,7 @@ class GpuSource:
         self.cases = []
         for c in case_ids:
             a = load_case_arrays(store_path, c, modalities)
-            self.cases.append((torch.from_numpy(a["image"]).to(device), torch.from_numpy(a["label"]).to(device)))
+            self.cases.append((a["image"].to(device), a["label"].to(device)))
 
     def nbytes(self) -> int:
         return sum(i.nbytes + label.nbytes for i, label in self.cases)
