@@ -99,8 +99,7 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
     elif name == "modalities":
         from . import modalities
 
-        modalities.run(out, work / "modalities", quick=size in ("quick", "tiny") and args.size is not None,
-                       full=args.full)
+        modalities.run(out, work / "modalities", quick=size != "full" and not args.full, full=args.full)
     elif name == "table":
         from .table import update_readme
 

@@ -483,6 +483,8 @@ class StoreWriter:
         import socket
         import time
 
+        if self.location.zip:  # a zip file takes no lock object; zip stores are for finished, read-only use
+            return
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "renewed": time.time()}
         for _ in range(2):
             if self.location.create_exclusive(LOCK_KEY, _json.dumps(me).encode()):
