@@ -464,6 +464,9 @@ class Trainer:
         self.steps = steps_per_epoch(cfg, len(self.train_ids), dist.world)
         import monai.data  # noqa: F401 (loaded before the baseline: the cache's memory is what is measured)
 
+        # one small read before the baseline, so the libraries a first read loads (codecs, zarr's I/O thread) are
+        # counted in the process's own baseline, not in what the cache adds
+        self.store.case(self.train_ids[0]).image(self.cfg.modalities[:1], region=(slice(0, 1),) * 3)
         rss = resident_bytes()
         self.loader = TrainLoader(cfg.store, dist.shard(self.train_ids), cfg.modalities, cfg.patch_size,
                                   cfg.batch_size, cfg.cache, cfg.cache_rate, cfg.workers, self.device,
