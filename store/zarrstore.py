@@ -107,9 +107,7 @@ def decode_into(reader, channels, scales, region: tuple[slice, slice, slice], ou
         fetched = reader.fetch([(slice(c, c + 1), *region) for c in channels])
     for k, (c, scale) in enumerate(zip(channels, scales)):
         dest, scale = out[k], float(scale)
-        blocks = reader.blocks((slice(c, c + 1), *region), (0, *at), fetched) if fetched is not None else \
-            reader.blocks((slice(c, c + 1), *region), (0, *at))
-        for values, src, dst in blocks:
+        for values, src, dst in reader.blocks((slice(c, c + 1), *region), (0, *at), fetched):
             target = dest[dst[1:]]
             if values is None:
                 target.zero_()

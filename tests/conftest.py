@@ -33,12 +33,16 @@ def tiny_cohort_2023(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_store(tiny_cohort, tmp_path_factory):
     """The six tiny cases built into a store at their own voxel size (no resampling, ~30^3 voxels a case)."""
+    return _tiny_store_of(tiny_cohort, tmp_path_factory.mktemp("stores") / "tiny.zarr")
+
+
+def _tiny_store_of(cohort, path) -> str:
+    """A tiny cohort built into a store at its own voxel size, in-process."""
     from prep.build import BuildConfig, build_store
 
     from .helpers import synth_spacing
 
-    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
-    rep = build_store(BuildConfig(source=str(tiny_cohort), store=str(path), workers=0, spacing=synth_spacing(TINY)),
+    rep = build_store(BuildConfig(source=str(cohort), store=str(path), workers=0, spacing=synth_spacing(TINY)),
                       progress=False)
     assert rep.ok, rep.failed
     return str(path)
@@ -47,18 +51,11 @@ def tiny_store(tiny_cohort, tmp_path_factory):
 @pytest.fixture(scope="session")
 def store12(tmp_path_factory):
     """Twelve tiny BraTS 2021 cases in a store: 9 train, an uneven share for 2 or 4 processes."""
-    from prep.build import BuildConfig, build_store
     from prep.synth import SynthConfig, synth_cohort
-
-    from .helpers import synth_spacing
 
     raw = tmp_path_factory.mktemp("cohort12")
     synth_cohort(SynthConfig(out=raw, cases=12, seed=11, shape=TINY), progress=False)
-    path = tmp_path_factory.mktemp("stores") / "twelve.zarr"
-    rep = build_store(BuildConfig(source=str(raw), store=str(path), workers=0, spacing=synth_spacing(TINY)),
-                      progress=False)
-    assert rep.ok, rep.failed
-    return str(path)
+    return _tiny_store_of(raw, tmp_path_factory.mktemp("stores") / "twelve.zarr")
 
 
 @pytest.fixture(scope="session")
