@@ -195,3 +195,45 @@ def test_batch_buffers_are_reused_only_once_released():
     assert c[0].data_ptr() == ptr  # released: reused
     assert pool.get(shapes, dtypes)[0].data_ptr() not in (ptr, b[0].data_ptr())
     assert pool.get(((4, 3), (4, 1)), dtypes)[0].shape == (4, 3)
+
+
+_CHURN = """
+import contextlib, sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+from train.distributed import heap_returned_to_os
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+keep = []
+
+def decode(i):  # a case decoded chunk by chunk on a loader thread: buffers of about a MiB, freed at the end
+    bufs = [np.ones(2**20 + (j % 7) * 4096, dtype=np.uint8) for j in range(16)]
+    keep.append(np.ones(64))  # something small that outlives them
+    return len(bufs)
+
+scope = heap_returned_to_os() if sys.argv[1] == "scoped" else contextlib.nullcontext()
+before = anon()
+with scope, ThreadPoolExecutor(2) as pool:
+    list(pool.map(decode, range(40)))
+print((anon() - before) / 2**20)
+"""
+
+
+def test_filling_a_cache_leaves_no_decode_buffers_resident():
+    """Each rank fills its cache on threads; the decode buffers they free must not stay resident, or every rank
+    on a node pays them again beside the one shared copy of the cohort."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def grown(mode):
+        r = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).parents[1])
+        return float(r.stdout)
+
+    assert grown("plain") > 16  # what glibc keeps by itself: the pattern does reproduce the problem
+    assert grown("scoped") < 4

@@ -10,6 +10,8 @@ makes.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import os
 from dataclasses import dataclass
@@ -120,3 +122,29 @@ def resident_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@contextlib.contextmanager
+def heap_returned_to_os():
+    """While filling a cache, give the temporary buffers of decoding back to the system when they are freed.
+
+    glibc raises its mmap threshold each time a large block is freed, so after a few chunks every decode buffer
+    comes from the heap and stays resident once freed: a hundred or more megabytes a process that the cache does
+    not use, paid again by every rank on a node. A fixed threshold keeps those buffers mmapped (returned on free);
+    afterwards the free heap is trimmed and the threshold set to glibc's own ceiling, as the dynamic threshold
+    would have become. Nothing is done where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    try:
+        yield
+    finally:
+        malloc_trim(0)
+        mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long))

@@ -30,6 +30,8 @@ from monai.transforms import Transform
 
 from store.conventions import MODALITIES
 
+from .distributed import heap_returned_to_os
+
 CACHE_MODES = ("ram", "none", "gpu")
 
 
@@ -220,8 +222,10 @@ class RamSource:
 
         self.case_ids = case_ids
         self.modalities = tuple(modalities)
-        ds = CacheDataset([{"case_id": c} for c in case_ids], transform=_LoadCase(store_path, modalities),
-                          cache_rate=cache_rate, num_workers=max(1, num_workers), progress=progress, copy_cache=False)
+        with heap_returned_to_os():
+            ds = CacheDataset([{"case_id": c} for c in case_ids], transform=_LoadCase(store_path, modalities),
+                              cache_rate=cache_rate, num_workers=max(1, num_workers), progress=progress,
+                              copy_cache=False)
         self.cached: list[dict | None] = [None] * len(case_ids)
         for i, item in enumerate(ds._cache):
             if isinstance(item, dict):
@@ -326,9 +330,10 @@ class GpuSource:
             raise ValueError(f"--cache gpu needs {need / 2**30:.1f} GiB for {len(case_ids)} cases, the device has "
                              f"{free / 2**30:.1f} GiB free; use --cache ram or fewer cases")
         self.cases = []
-        for c in case_ids:
-            a = load_case_arrays(store_path, c, modalities)
-            self.cases.append((a["image"].to(device), a["label"].to(device)))
+        with heap_returned_to_os():
+            for c in case_ids:
+                a = load_case_arrays(store_path, c, modalities)
+                self.cases.append((a["image"].to(device), a["label"].to(device)))
 
     def nbytes(self) -> int:
         return sum(i.nbytes + label.nbytes for i, label in self.cases)
