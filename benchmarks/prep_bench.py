@@ -1,7 +1,8 @@
 """Preprocessing throughput: building the store vs merely decoding the NIfTI files, at 1 and 2 workers.
 
 Both run as Dask tasks on the same warmed-up LocalCluster, so the comparison is at the same number of
-workers and excludes cluster start-up. Also: store bytes per case vs source .nii.gz bytes, the peak
+workers and excludes cluster start-up, which is measured on its own: the command's fixed cost on a few cases
+(``startup``). Also: store bytes per case vs source .nii.gz bytes, the peak
 resident memory of each worker process, and where one case's build time goes, step by step (``_steps``, on the
 1-worker cluster).
 """
@@ -89,6 +90,38 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _subset(raw: Path, cases, into: Path) -> Path:
+    """A cohort folder holding links to ``cases``' folders: a smaller cohort of the same files."""
+    into.mkdir(parents=True, exist_ok=True)
+    for c in cases:
+        (into / c.case_id).symlink_to(next(iter(c.images.values())).parent.resolve(), target_is_directory=True)
+    return into
+
+
+def startup(raw: Path, spacing, per_case_s: float, work: Path, repeats: int) -> dict:
+    """The fixed cost of ``python -m prep build-store --workers 1`` on a small cohort: the wall time of the
+    command (interpreter start to exit, the cluster started and closed) less the cases' own time at the steady
+    per-case rate of a warm worker (``per_case_s``, from the same cases in this run)."""
+    import subprocess
+    import sys
+
+    n = len(list(raw.iterdir()))
+    walls = []
+    for r in range(repeats):
+        store = work / f"startup-{r}.zarr"
+        cmd = [sys.executable, "-m", "prep", "build-store", "--source", str(raw), "--store", str(store),
+               "--workers", "1", "--spacing", *map(str, spacing)]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        if res.returncode:
+            raise RuntimeError(f"build-store failed: {res.stderr[-2000:]}")
+        shutil.rmtree(store, ignore_errors=True)
+    wall = statistics.median(walls)
+    return {"cases": n, "command_wall_s": summarize(walls), "per_case_s": per_case_s,
+            "fixed_s": wall - n * per_case_s, "goal_fixed_s": "<= 3"}
+
+
 def run(out_dir: Path, size: str = "full") -> dict:
     from distributed import Client
 
@@ -143,6 +176,9 @@ def run(out_dir: Path, size: str = "full") -> dict:
                 "build_over_decode": statistics.median(build) / statistics.median(dec),
                 "peak_rss_mb_per_worker": max(rss),
             }
+        few = cohort.cases[:8]
+        start = startup(_subset(work / "raw", few, work / f"raw-{len(few)}"), spacing,
+                        results[1]["build_s"]["median"] / n, work, repeats)
         s = open_store(work / "s2.zarr")
         store_bytes = s.nbytes_on_disk()
         res = {
@@ -157,6 +193,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
                                       "images+seg": (src_image_bytes + src_seg_bytes) / n},
             "store_over_source": store_bytes / (src_image_bytes + src_seg_bytes),
             "steps_s_per_case (1 worker)": steps,
+            "startup": start,
             "goals": {"build_over_decode": "<= 1.5", "store_over_source": "<= 1", "peak_rss_mb_per_worker": "< 1536"},
         }
     finally:
@@ -174,6 +211,8 @@ def run(out_dir: Path, size: str = "full") -> dict:
     print(f"prep: 1 -> 2 workers speed-up {res['speedup_1_to_2_workers']:.2f}x; "
           f"store {res['store_bytes_per_case'] / 1e6:.1f} MB/case vs source "
           f"{res['source_bytes_per_case']['images+seg'] / 1e6:.1f} MB/case ({res['store_over_source']:.2f}x)")
+    print(f"prep: build-store --workers 1 on {start['cases']} cases: {start['command_wall_s']['median']:.2f} s, of "
+          f"which fixed start-up and shut-down {start['fixed_s']:.2f} s")
     print("prep: seconds per case by step (median, 1 worker):")
     for k, v in steps.items():
         print(f"  {k:45s} {v['median']:.3f}")

@@ -7,6 +7,7 @@ the store's index as it arrives. Workers write case groups aside; nothing is vis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -179,6 +180,48 @@ def _client(cfg: BuildConfig):
     return Client(cluster), cluster
 
 
+def _import_in_background(*modules: str) -> None:
+    """Import ``modules`` on a daemon thread: what the driver needs only later (sklearn, for the splits, takes
+    over a second) loads while the cluster starts instead of after the first case. An import that fails here
+    fails again, with its error, where the module is used."""
+    import importlib
+    import threading
+
+    def load():
+        for m in modules:
+            with contextlib.suppress(Exception):  # reported where the module is used
+                importlib.import_module(m)
+
+    threading.Thread(target=load, name="import-ahead", daemon=True).start()
+
+
+class _Connection:
+    """The build's Dask client, connected on a thread from the moment it is made, closed (with the LocalCluster it
+    started, if any) on leaving; a failure to connect is raised by ``client()``."""
+
+    def __init__(self, cfg: BuildConfig):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="connect")
+        self._future = pool.submit(_client, cfg)
+        pool.shutdown(wait=False)
+
+    def client(self):
+        return self._future.result()[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            client, cluster = self._future.result()
+        except Exception:  # noqa: BLE001 (raised by client() where it was needed)
+            return
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     """Build or update the store at ``cfg.store`` from the cohort at ``cfg.source``.
 
@@ -193,12 +236,17 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     from .splits import make_splits
 
     t0 = time.perf_counter()
+    _import_in_background("sklearn.model_selection")
     cohort = discover(cfg.source)
     store_path = str(Path(cfg.store).resolve()) if Location(cfg.store).local else cfg.store
     params = build_params(cfg)
     failed: dict[str, str] = dict(cohort.problems)
     built, skipped = [], []
-    with StoreWriter(store_path, MODALITIES, cohort.label_convention, params, overwrite=cfg.overwrite) as writer:
+    # the cluster starts (worker processes spawn and import) while the store is opened and cleaned
+    in_process = cfg.workers == 0 and not cfg.scheduler
+    connection = contextlib.nullcontext() if in_process else _Connection(cfg)
+    with connection, StoreWriter(store_path, MODALITIES, cohort.label_convention, params,
+                                 overwrite=cfg.overwrite) as writer:
         writer.collect_garbage()
         writer.set_source(str(Path(cfg.source).resolve()))
         stored = writer.splits
@@ -249,27 +297,22 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
 
         finished = False
         try:
-            if cfg.workers == 0 and not cfg.scheduler:
+            if in_process:
                 for case in cohort.cases:  # in-process, for debugging
                     handle(process_case(case, store_path, params, index.get(case.case_id)))
             else:
                 from distributed import as_completed
 
-                client, cluster = _client(cfg)
-                try:
-                    futures = {client.submit(process_case, case, store_path, params, index.get(case.case_id),
-                                             pure=False): case.case_id for case in cohort.cases}
-                    for fut in as_completed(futures):
-                        try:
-                            res = fut.result()
-                        except Exception as e:  # a worker that died under a case
-                            cid = futures[fut]
-                            res = {"case_id": cid, "status": "failed", "reason": f"case {cid}: worker failed: {e}"}
-                        handle(res)
-                finally:
-                    client.close()
-                    if cluster is not None:
-                        cluster.close()
+                client = connection.client()
+                futures = {client.submit(process_case, case, store_path, params, index.get(case.case_id),
+                                         pure=False): case.case_id for case in cohort.cases}
+                for fut in as_completed(futures):
+                    try:
+                        res = fut.result()
+                    except Exception as e:  # a worker that died under a case
+                        cid = futures[fut]
+                        res = {"case_id": cid, "status": "failed", "reason": f"case {cid}: worker failed: {e}"}
+                    handle(res)
             finished = True
         finally:
             bar.close()

@@ -9,7 +9,9 @@ nonzero voxels (zeros stay zero), cropped to the bounding box of voxels nonzero 
 Orientation and resampling are MONAI's own (Orientation, Spacing, SpatialResample). Where the source is
 axis-aligned and already at the target spacing (real BraTS files at 1 mm), orientation is an exact flip and
 Spacing a no-op, so the crop is done first, on the source grid, and the transforms run on the smaller array;
-the result is the same.
+the result is the same. Integer sources on that path are oriented with nibabel's axis permutation and flips
+(the same values and affine as MONAI's Orientation, which a test checks), so building a 1 mm cohort imports
+neither torch nor MONAI.
 """
 
 from __future__ import annotations
@@ -235,8 +237,6 @@ def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, 
     sources are integers on an axis-aligned grid at the target spacing (BraTS files at 1 mm), no float image is
     made at all: the z-score of an integer source in source units is an integer shift per channel
     (``store.zarrstore.encode_integer_source``), done on the cropped, oriented integers."""
-    import torch
-
     arrays, label, src_aff, convention = load_sources(case, modalities, with_label)
     src_shape = arrays[0].shape
     integer = all(a.dtype.kind in "iu" for a in arrays)
@@ -260,9 +260,11 @@ def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, 
                 pre.label_convention = convention
                 return pre
         x, y = _orient_resample(np.stack(crops).astype(np.float32), lab, pre_aff, spacing)
-        resampled_aff, resampled_shape, crop_box = _exact_grid(src_aff, src_shape, x)
+        resampled_aff, resampled_shape, crop_box = _exact_grid(src_aff, src_shape, x.affine.numpy(), x.shape[1:])
     else:
         x, y = _orient_resample(np.stack(arrays).astype(np.float32), label, src_aff, spacing)
+        import torch
+
         resampled_aff = x.affine.numpy()
         resampled_shape = list(x.shape[1:])
         crop_box = _bbox(np.asarray(torch.any(x != 0, dim=0)), margin)
@@ -287,12 +289,13 @@ def _label_array(y) -> np.ndarray | None:
                                 .round().astype(np.uint8))
 
 
-def _exact_grid(src_aff, src_shape, x) -> tuple[np.ndarray, list[int], list[list[int]]]:
-    """On the exact path the full resampled grid is the source grid oriented to RAS; the oriented crop ``x``
-    (a MetaTensor) lies in it at a whole-voxel offset: (resampled affine, resampled shape, crop box)."""
+def _exact_grid(src_aff, src_shape, crop_aff, crop_shape) -> tuple[np.ndarray, list[int], list[list[int]]]:
+    """On the exact path the full resampled grid is the source grid oriented to RAS; the oriented crop (affine
+    ``crop_aff``, shape ``crop_shape``) lies in it at a whole-voxel offset: (resampled affine, resampled shape,
+    crop box)."""
     resampled_aff, resampled_shape = _ras_grid(src_aff, src_shape)
-    offset = np.rint(np.linalg.solve(resampled_aff, x.affine.numpy())[:3, 3]).astype(int)
-    return resampled_aff, resampled_shape, [[int(o), int(o) + int(n)] for o, n in zip(offset, x.shape[1:])]
+    offset = np.rint(np.linalg.solve(resampled_aff, crop_aff)[:3, 3]).astype(int)
+    return resampled_aff, resampled_shape, [[int(o), int(o) + int(n)] for o, n in zip(offset, crop_shape)]
 
 
 def _geometry(src_aff, src_shape, resampled_aff, resampled_shape, crop_box, spacing) -> dict:
@@ -311,35 +314,32 @@ def _geometry(src_aff, src_shape, resampled_aff, resampled_shape, crop_box, spac
 
 
 def _encode_integers(case, modalities, crops, lab, pre_aff, src_aff, src_shape, spacing) -> Preprocessed | None:
-    """The exact path for integer sources, straight to the store's encoding: MONAI's Orientation on each
-    cropped integer channel (Spacing is a no-op on this grid), copied once into the stored (C, X, Y, Z) layout
-    (NIfTI arrays are Fortran-ordered: this copy is the transpose), per-channel statistics from integer sums,
-    an integer shift per channel. None where a channel does not fit the source-unit encoding or its exact sums
-    (the float path takes it)."""
-    from monai.transforms import Orientation
+    """The exact path for integer sources, straight to the store's encoding: each cropped integer channel
+    oriented to RAS (axis permutation and flips; Spacing is a no-op on this grid), copied once into the stored
+    (C, X, Y, Z) layout (NIfTI arrays are Fortran-ordered: this copy is the transpose), per-channel statistics
+    from integer sums, an integer shift per channel. None where a channel does not fit the source-unit encoding
+    or its exact sums (the float path takes it)."""
+    import nibabel.orientations as nio
 
-    # torch (under MONAI) has no flips for unsigned types wider than a byte: those channels go as signed ints
-    crops = [c.astype(np.int32 if c.itemsize == 2 else np.int64) if c.dtype.kind == "u" and c.itemsize > 1 else c
-             for c in crops]
-    values = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI's deprecation notices about the labels argument
-        orient = Orientation(axcodes="RAS")
-        for c, crop in enumerate(crops):
-            x = orient(_metatensor(crop[None], pre_aff))
-            if values is None:
-                values = np.empty((len(crops), *x.shape[1:]), np.result_type(*crops))
-            np.copyto(values[c], np.asarray(x.as_tensor())[0])
-        y = orient(_metatensor(lab[None], pre_aff)) if lab is not None else None
+    # the orientation to RAS of an axis-aligned grid is a permutation and flips of the axes: exactly what MONAI's
+    # Orientation computes, done as numpy views (no torch, no MONAI: a build worker on 1 mm sources starts in a
+    # fraction of the time)
+    to_ras = nio.ornt_transform(nio.io_orientation(pre_aff), nio.axcodes2ornt("RAS"))
+    first = nio.apply_orientation(crops[0], to_ras)
+    values = np.empty((len(crops), *first.shape), np.result_type(*crops))
+    for c, crop in enumerate(crops):
+        np.copyto(values[c], nio.apply_orientation(crop, to_ras))
+    lab_ras = nio.apply_orientation(lab, to_ras)[None] if lab is not None else None
+    crop_aff = pre_aff @ nio.inv_ornt_aff(to_ras, crops[0].shape)
     stats = [integer_nonzero_stats(values[c]) for c in range(len(modalities))]
     if None in stats:
         return None
     encoded = encode_integer_source(values, [m for m, _ in stats], [s for _, s in stats])
     if encoded is None:
         return None
-    resampled_aff, resampled_shape, crop_box = _exact_grid(src_aff, src_shape, x)
+    resampled_aff, resampled_shape, crop_box = _exact_grid(src_aff, src_shape, crop_aff, values.shape[1:])
     norm = {m: {"mean": mean, "std": std} for m, (mean, std) in zip(modalities, stats)}
-    return Preprocessed(case.case_id, None, _label_array(y), tuple(modalities),
+    return Preprocessed(case.case_id, None, _label_array(lab_ras), tuple(modalities),
                         _geometry(src_aff, src_shape, resampled_aff, resampled_shape, crop_box, spacing), norm,
                         integer_source=True, encoded=encoded)
 

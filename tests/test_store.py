@@ -45,8 +45,17 @@ def _monai_reference(case):
         return t({"image": [str(case.images[m]) for m in ("t1", "t1ce", "t2", "flair")], "label": str(case.seg)})
 
 
+def _permuted_1mm() -> np.ndarray:
+    """1 mm axes stored as (S, R, P): a permutation and flips, still at the target spacing (the exact path)."""
+    aff = np.zeros((4, 4))
+    aff[0, 1], aff[1, 2], aff[2, 0], aff[3, 3] = 1.0, -1.0, 1.0, 1.0
+    aff[:3, 3] = [-7.0, 12.0, 3.0]
+    return aff
+
+
 GEOMETRIES = {
     "lps-1mm": lps_affine(),
+    "permuted-1mm": _permuted_1mm(),
     "anisotropic-0.9x0.9x3": lps_affine((0.9, 0.9, 3.0)),
     "oblique": oblique_affine(),
 }
