@@ -9,7 +9,8 @@ from pathlib import Path
 
 BENCHES = {
     "synth": "CPU seconds per synthetic case (goal <= 2 s at full size)",
-    "prep": "store build vs NIfTI decode at 1 and 2 workers, store bytes, worker memory, time per build step",
+    "prep": "store build vs NIfTI decode at 1 and 2 workers, store bytes, worker memory, time per build step, the "
+            "command's fixed start-up on 8 cases (with --peers: nnU-Net v2 on the same cases)",
     "loader": "augmented samples/s: seed chain, MONAI CacheDataset/PersistentDataset, ram/none/gpu",
     "train": "steps/s and data-wait share, real loader vs a fixed batch on the device",
     "infer": "seconds per case: whole predict path vs bare sliding window",
@@ -36,14 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["full", "quick", "tiny"], help="input size (default: full, or quick with "
                    "--quick; tiny is for the tests)")
     p.add_argument("--amp", action="store_true", help="train/infer: mixed precision")
+    p.add_argument("--peers", action="store_true", help="prep: also time nnU-Net v2's fingerprint, planning and "
+                   "preprocessing on the same cases (needs pip install -e '.[peers]'; without it, says so and "
+                   "measures the rest)")
     p.add_argument("--full", action="store_true", help="modalities: 1 mm cases and 128^3 patches (for a GPU)")
+    p.add_argument("--seeds", type=int, nargs="+", help="modalities: the seeds each arm trains with (default: 0 1 2; "
+                   "the paired intervals need one at least)")
+    p.add_argument("--epochs", type=int, help="modalities: epochs per run instead of the scale's own (a shorter "
+                   "budget, said in the table)")
     p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
     p.add_argument("--work", help="folder for the benchmark cohorts (default: a temporary folder)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if (args.seeds or args.epochs) and args.name != "modalities":
+        parser.error("--seeds and --epochs apply to the modalities benchmark only")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = args.size or ("quick" if args.quick else "full")
@@ -77,7 +90,7 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
     elif name == "prep":
         from . import prep_bench
 
-        prep_bench.run(out, size)
+        prep_bench.run(out, size, peers=args.peers)
     elif name == "loader":
         from . import loader_bench
 
@@ -99,7 +112,8 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
     elif name == "modalities":
         from . import modalities
 
-        modalities.run(out, work / "modalities", quick=size != "full" and not args.full, full=args.full)
+        modalities.run(out, work / "modalities", quick=size != "full" and not args.full, full=args.full,
+                       epochs=args.epochs, seeds=tuple(args.seeds) if args.seeds else None, amp=args.amp)
     elif name == "table":
         from .table import update_readme
 

@@ -106,6 +106,8 @@ def startup(raw: Path, spacing, per_case_s: float, work: Path, repeats: int) -> 
     import sys
 
     n = len(list(raw.iterdir()))
+    from store import open_store
+
     walls = []
     for r in range(repeats):
         store = work / f"startup-{r}.zarr"
@@ -116,13 +118,46 @@ def startup(raw: Path, spacing, per_case_s: float, work: Path, repeats: int) -> 
         walls.append(time.perf_counter() - t0)
         if res.returncode:
             raise RuntimeError(f"build-store failed: {res.stderr[-2000:]}")
+        written = open_store(store).nbytes_on_disk()
         shutil.rmtree(store, ignore_errors=True)
     wall = statistics.median(walls)
     return {"cases": n, "command_wall_s": summarize(walls), "per_case_s": per_case_s,
-            "fixed_s": wall - n * per_case_s, "goal_fixed_s": "<= 3"}
+            "fixed_s": wall - n * per_case_s, "store_bytes": written, "goal_fixed_s": "<= 3"}
 
 
-def run(out_dir: Path, size: str = "full") -> dict:
+def _peers(cases, start: dict, work: Path, out_dir: Path) -> dict:
+    """nnU-Net v2 on the same cases as ``start`` (build-store's fixed-cost run), with one process as it had."""
+    from . import peers
+
+    if not peers.available():
+        print(f"prep --peers: {peers.INSTALL_HINT}")
+        return {"skipped": peers.INSTALL_HINT}
+    peer = peers.nnunet_times(cases, work / "nnunet", processes=1)
+    ours = {"per_case_s": start["per_case_s"], "wall_s": start["command_wall_s"]["median"],
+            "bytes_written": start["store_bytes"]}
+    res = {"nnunet": peer, "build_store": {**ours, "processes": 1}, **peers.compare(ours, peer)}
+
+    def one(v):
+        return {"median": v, "min": v, "max": v}
+
+    n = len(cases)
+    bar_chart(out_dir / "prep_peers.png", f"build-store vs nnU-Net v2 {peer['version']}, {n} cases, 1 process",
+              "seconds", {"build-store / case": one(ours["per_case_s"]),
+                          "nnU-Net preprocess / case": one(peer["per_case_s"]["preprocess"]),
+                          "nnU-Net fingerprint + preprocess / case": one(peer["per_case_s"]["fingerprint"]
+                                                                         + peer["per_case_s"]["preprocess"]),
+                          f"build-store, {n} cases": one(ours["wall_s"]),
+                          f"nnU-Net all 3 steps, {n} cases": one(peer["wall_s"]["total_s"])})
+    print(f"prep --peers: per case build-store {ours['per_case_s']:.2f} s, nnU-Net preprocessing "
+          f"{peer['per_case_s']['preprocess']:.2f} s ({res['per_case_preprocess_over_build']:.1f}x), fingerprint + "
+          f"preprocessing {res['per_case_fingerprint_plus_preprocess_over_build']:.1f}x; {n} cases everything "
+          f"included {ours['wall_s']:.1f} s vs {peer['wall_s']['total_s']:.1f} s "
+          f"({res['wall_fingerprint_plan_preprocess_over_build']:.1f}x); bytes written "
+          f"{res['bytes_over_build']:.2f}x")
+    return res
+
+
+def run(out_dir: Path, size: str = "full", peers: bool = False) -> dict:
     from distributed import Client
 
     from prep.build import BuildConfig, build_params, build_store, local_cluster
@@ -179,6 +214,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
         few = cohort.cases[:8]
         start = startup(_subset(work / "raw", few, work / f"raw-{len(few)}"), spacing,
                         results[1]["build_s"]["median"] / n, work, repeats)
+        peer = _peers(few, start, work, out_dir) if peers else None
         s = open_store(work / "s2.zarr")
         store_bytes = s.nbytes_on_disk()
         res = {
@@ -194,6 +230,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
             "store_over_source": store_bytes / (src_image_bytes + src_seg_bytes),
             "steps_s_per_case (1 worker)": steps,
             "startup": start,
+            **({"peers": peer} if peer is not None else {}),
             "goals": {"build_over_decode": "<= 1.5", "store_over_source": "<= 1", "peak_rss_mb_per_worker": "< 1536"},
         }
     finally:

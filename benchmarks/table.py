@@ -36,6 +36,21 @@ def render(out: str | Path) -> str:
                     f"{machine(p)} |")
         peak = max(r["peak_rss_mb_per_worker"] for r in p["workers"].values())
         rows.append(f"| prep | peak memory per worker | {peak:.0f} MB | < 1536 MB | {machine(p)} |")
+        if (pe := p.get("peers")) and "nnunet" in pe:
+            nn, ours = pe["nnunet"], pe["build_store"]
+            rows.append(f"| prep | nnU-Net v2 {nn['version']} / build-store, {nn['cases']} cases, {nn['processes']} "
+                        f"process: s per case (preprocess; fingerprint + preprocess) | "
+                        f"{pe['per_case_preprocess_over_build']:.1f}x; "
+                        f"{pe['per_case_fingerprint_plus_preprocess_over_build']:.1f}x "
+                        f"({nn['per_case_s']['preprocess']:.2f}; "
+                        f"{nn['per_case_s']['fingerprint'] + nn['per_case_s']['preprocess']:.2f} vs "
+                        f"{ours['per_case_s']:.2f} s) | >= 3x; >= 10x | {machine(p)} |")
+            wall = pe["wall_fingerprint_plan_preprocess_over_build"]
+            rows.append(f"| prep | nnU-Net v2 fingerprint + plan + preprocess / build-store, wall for the "
+                        f"{nn['cases']} cases; bytes written | {wall:.1f}x "
+                        f"({nn['wall_s']['total_s']:.1f} vs {ours['wall_s']:.1f} s); {pe['bytes_over_build']:.2f}x "
+                        f"({nn['bytes_written'] / 1e6:.0f} vs {ours['bytes_written'] / 1e6:.0f} MB) | >= 8x | "
+                        f"{machine(p)} |")
         if st := p.get("startup"):
             rows.append(f"| prep | build-store fixed start-up + shut-down, --workers 1, {st['cases']} cases | "
                         f"{st['fixed_s']:.2f} s (command {st['command_wall_s']['median']:.2f} s) | <= 3 s | "

@@ -19,7 +19,7 @@ def tiny_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name, keys", [
     ("synth", {"cpu_s_per_case", "wall_s_per_case"}),
-    ("prep", {"workers", "store_over_source", "speedup_1_to_2_workers", "steps_s_per_case (1 worker)"}),
+    ("prep", {"workers", "store_over_source", "speedup_1_to_2_workers", "steps_s_per_case (1 worker)", "startup"}),
     ("loader", {"variants", "ratios"}),
     ("train", {"real_loader", "fixed_batch", "real_over_fixed_step_time", "scaling"}),
     ("infer", {"seconds_per_case", "ours_over_bare", "scoring_seconds_per_case"}),
@@ -28,6 +28,10 @@ def test_benchmark_tiny_writes_json_and_png(tiny_results, name, keys):
     data = json.loads((tiny_results / f"{name}.json").read_text())
     assert keys <= set(data) and data["machine"]["cores"] >= 1 and "torch" in data["machine"]["versions"]
     assert (tiny_results / f"{name}.png").stat().st_size > 2000
+    if name == "prep":  # the command timed whole on the cohort, its cases' own time taken out
+        st = data["startup"]
+        assert st["cases"] == 3 and st["store_bytes"] > 0
+        assert st["fixed_s"] == pytest.approx(st["command_wall_s"]["median"] - 3 * st["per_case_s"])
     if name == "loader":
         assert {"seed", "monai", "persistent", "ram", "ram+aug", "none", "none+aug"} <= set(data["variants"])
         assert all(v["samples_per_s"] > 0 for v in data["variants"].values())
@@ -104,3 +108,46 @@ def test_a_stage_runs_in_a_scope_that_restores_process_settings(monkeypatch, tmp
         for limit in leaked:
             limit.restore_original_limits()
     assert not changed(before, settings())
+
+
+def test_cohort_in_nnunet_raw_format(tiny_cohort, tiny_cohort_2023, tmp_path):
+    """nnU-Net wants consecutive labels: BraTS 2021's 4 becomes 3, 2023's labels stay; images are the sources."""
+    import nibabel as nib
+    import numpy as np
+
+    from benchmarks.peers import DATASET_ID, to_nnunet_raw
+    from prep.discover import discover
+
+    for cohort, old, new in ((tiny_cohort, [0, 1, 2, 4], [0, 1, 2, 3]), (tiny_cohort_2023, [0, 1, 2, 3], [0, 1, 2, 3])):
+        cases = discover(cohort).cases
+        folder = to_nnunet_raw(cases, tmp_path / cohort.name)
+        assert folder.name == f"Dataset{DATASET_ID:03d}_BraTSBench"
+        meta = json.loads((folder / "dataset.json").read_text())
+        assert meta["numTraining"] == len(cases) and meta["file_ending"] == ".nii.gz"
+        assert meta["channel_names"] == {"0": "T1", "1": "T1CE", "2": "T2", "3": "FLAIR"}
+        assert sorted(meta["labels"].values()) == new and meta["labels"]["background"] == 0
+        for c in cases:
+            assert (folder / "imagesTr" / f"{c.case_id}_0002.nii.gz").resolve() == c.images["t2"].resolve()
+            src = np.asanyarray(nib.load(str(c.seg)).dataobj)
+            lab = np.asanyarray(nib.load(str(folder / "labelsTr" / f"{c.case_id}.nii.gz")).dataobj)
+            assert lab.dtype == np.uint8 and lab.shape == src.shape
+            for o, n in zip(old, new):
+                assert ((src == o) == (lab == n)).all()
+
+
+def test_peers_without_nnunet_say_how_to_install_it(monkeypatch, capsys, tmp_path):
+    from benchmarks import peers, prep_bench
+
+    monkeypatch.setattr(peers, "available", lambda: False)
+    res = prep_bench._peers([], {}, tmp_path, tmp_path)
+    assert "pip install -e '.[peers]'" in res["skipped"] and "pip install -e '.[peers]'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["modalities", "--epochs", "0"], "--epochs must be at least 1"),
+    (["prep", "--seeds", "0"], "modalities benchmark only"),
+])
+def test_bad_benchmark_flags_are_refused(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench_main([*args, "--out", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
