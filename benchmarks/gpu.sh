@@ -3,7 +3,8 @@
 # from wheels carried beside the project (benchmarks/gpu_wheels.sh makes them), runs the tests (the CUDA variants
 # of the augmentation and loader tests run only there), then the loader, train (--amp) and infer (--amp)
 # benchmarks on full-size synthetic cases, writing the same JSON as on the CPU to benchmarks/results/gpu/ (or
-# $OUT/gpu when $OUT is set), and a log beside it. Budget: about 5 to 8 minutes on a 16-core H100/H200 machine.
+# $OUT/gpu when $OUT is set), and a log beside it. Budget: about 5 to 8 minutes on a 16-core H100/H200 machine;
+# MODALITIES=1 adds the modalities experiment with --full (one seed per arm), about 8 minutes more.
 # Usage: bash benchmarks/gpu.sh [WHEELS_DIR]   (default .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,5 +42,11 @@ step 120 tests env OMP_NUM_THREADS=2 python3 -m pytest -q -n 8 -p no:cacheprovid
 step 240 loader python3 -m benchmarks loader --out "$out" --work "$work"
 step 80 train python3 -m benchmarks train --amp --out "$out" --work "$work"
 step 80 infer python3 -m benchmarks infer --amp --out "$out" --work "$work"
+# the seed's experiment at 1 mm with 128^3 patches, one seed per arm and a shorter budget: about 8 more minutes,
+# so only when asked (MODALITIES=1); its table lands in $out/modalities.md, labelled with the device
+if [ "${MODALITIES:-0}" = 1 ]; then
+  step 540 modalities python3 -m benchmarks modalities --full --amp --seeds 0 --epochs 12 --out "$out" \
+    --work "$work/modalities"
+fi
 python3 -c "from benchmarks.table import render; print(render('$out'))"
 exit $rc

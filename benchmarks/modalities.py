@@ -45,7 +45,7 @@ def _rows(path: Path) -> dict[str, dict]:
 
 
 def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epochs: int | None = None,
-        cases: int | None = None) -> dict:
+        cases: int | None = None, seeds: tuple[int, ...] | None = None, amp: bool = False) -> dict:
     from evaluate.evaluation import evaluate_split
     from prep.build import BuildConfig, build_store
     from prep.synth import FOV_MM, SynthConfig, synth_cohort
@@ -55,8 +55,8 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
     from train.experiment import run as train_run
 
     scale = "quick" if quick else "full" if full else "reduced"
-    shape, n, patch, ep, steps, seeds, channels = SCALES[scale]
-    n, ep = cases or n, epochs or ep
+    shape, n, patch, ep, steps, scale_seeds, channels = SCALES[scale]
+    n, ep, seeds = cases or n, epochs or ep, seeds or scale_seeds
     spacing = tuple(f / s for f, s in zip(FOV_MM, shape))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
         raise RuntimeError(f"store build failed: {rep.failed}")
     test_ids = open_store(store).splits["test"]
     base = TrainConfig(store=str(store), epochs=ep, patience=ep, val_every=ep, patch_size=patch, batch_size=2,
-                       lr=3e-3, cache="ram", workers=1, channels=channels, amp=False, device="auto",
+                       lr=3e-3, cache="ram", workers=1, channels=channels, amp=amp, device="auto",
                        steps_per_epoch=steps, max_val_cases=4)
     per_case: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}  # arm -> seed -> case -> scores
     seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
