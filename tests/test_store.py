@@ -517,3 +517,15 @@ def test_finished_cases_are_published_in_batches(tiny_cohort, tmp_path):
     assert batched.publications == 1  # everything in the final write
     assert open_store(tmp_path / "a.zarr").index.keys() == open_store(tmp_path / "b.zarr").index.keys()
     assert open_store(tmp_path / "a.zarr").splits["train"] == open_store(tmp_path / "b.zarr").splits["train"]
+
+
+def test_building_1mm_integer_cases_imports_neither_torch_nor_monai(tmp_path):
+    """What keeps build-store's start-up short: a build task on BraTS-like sources (integers, axis-aligned, at the
+    target spacing) loads no torch and no MONAI (seconds of imports in every fresh worker)."""
+    write_case(tmp_path / "raw", "BraTS2021_00000", lps_affine())
+    code = ("import sys; from prep.build import BuildConfig, build_store; "
+            f"rep = build_store(BuildConfig(source={str(tmp_path / 'raw')!r}, store={str(tmp_path / 's.zarr')!r}, "
+            "workers=0), progress=False); assert rep.ok and rep.built, rep; "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
