@@ -489,7 +489,7 @@ def test_build_paths_store_the_same_values(tmp_path):
     np.testing.assert_allclose(fast.encoded.scale, enc.scale, rtol=1e-9)
 
     images, label = make_arrays()
-    images["t1"] = images["t1"].astype(np.uint16)  # torch cannot flip uint16: goes through as int32
+    images["t1"] = images["t1"].astype(np.uint16)  # an unsigned source on the integer path
     write_case(tmp_path / "u", "BraTS2021_00002", images=images, label=label)
     case = discover(tmp_path / "u").cases[0]
     fast, ref = preprocess(case, encode=True), preprocess(case)
