@@ -166,6 +166,8 @@ def test_ram_cache_shared_with_workers_not_copied(tmp_path):
     build_store(BuildConfig(source=str(tmp_path / "raw"), store=store, workers=0), progress=False)
     src = RamSource(store, open_store(store).case_ids, ("t1", "t1ce", "t2", "flair"))
     assert src.nbytes() > 20e6
+    # the whole cache, labels included, lies in shared memory before any worker exists
+    assert all(v["image"].is_shared() and v["label"].is_shared() for v in src.cached)
     def run(source, workers):
         dl = torch.utils.data.DataLoader(_Probe(source), batch_size=None, num_workers=workers,
                                          multiprocessing_context="spawn")

@@ -185,16 +185,19 @@ class StoreSource:
 
 
 def load_case_arrays(store_path: str, case_id: str, modalities, shared: bool = False) -> dict:
-    """A whole case decoded: image float16 tensor (C, X, Y, Z) of ``modalities`` (in shared memory with
-    ``shared``: the ram cache keeps it there, so the case is never held twice, even briefly), label uint8 tensor
-    (X, Y, Z) or None; checked against the checksum written with it (a whole-case read reads everything the
-    checksum covers anyway)."""
+    """A whole case decoded: image float16 tensor (C, X, Y, Z) of ``modalities``, label uint8 tensor (X, Y, Z) or
+    None; both in shared memory with ``shared`` (the ram cache keeps them there: the image is decoded straight
+    into it, so the case is never held twice, even briefly); checked against the checksum written with it (a
+    whole-case read reads everything the checksum covers anyway)."""
     from store import open_store
 
     case = open_store(store_path).case(case_id)
     out = torch.empty((len(modalities), *case.shape), dtype=torch.float16)
     image, label = case.decode_checked(modalities, out=out.share_memory_() if shared else out)
-    return {"image": image, "label": torch.from_numpy(label) if label is not None else None}
+    label = torch.from_numpy(label) if label is not None else None
+    if shared and label is not None:
+        label.share_memory_()
+    return {"image": image, "label": label}
 
 
 class _LoadCase(Transform):
@@ -228,9 +231,8 @@ class RamSource:
                               copy_cache=False)
         self.cached: list[dict | None] = [None] * len(case_ids)
         for i, item in enumerate(ds._cache):
-            if isinstance(item, dict):
-                self.cached[i] = {"image": item["image"].share_memory_(),
-                                  "label": item["label"].share_memory_() if item["label"] is not None else None}
+            if isinstance(item, dict):  # in shared memory already: _LoadCase decoded it there, inside the scope
+                self.cached[i] = {"image": item["image"], "label": item["label"]}
         self._fallback = StoreSource(store_path, case_ids, modalities)
         del ds  # the shared tensors are the cache now
 
