@@ -112,8 +112,12 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
                               "paired: per-case differences of the seed-averaged Dice, 95% percentile bootstrap "
                               "interval over the test cases (10,000 resamples)"}
     write_result(out_dir, "modalities", payload)
+    flags = [" --quick" if quick else " --full" if full else "", " --amp" if amp else "",
+             f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != scale_seeds else "",
+             f" --epochs {ep}" if ep != SCALES[scale][3] else ""]
+    command = "python -m benchmarks modalities" + "".join(flags)  # what reproduces these figures
     (Path(out_dir) / "modalities.md").write_text(
-        f"`python -m benchmarks modalities{' --full' if full else ''}`: {n} synthetic cases at {spacing[0]:.1f} mm, "
+        f"`{command}`: {n} synthetic cases at {spacing[0]:.1f} mm, "
         f"{len(test_ids)} test cases, each arm trained with seeds {', '.join(map(str, seeds))} for {ep} epochs x "
         f"{steps} steps (patch {patch[0]}^3, batch 2, lr {base.lr:g}); mean +- std over seeds.\n\n{table}\n")
     _figure(Path(out_dir) / "modalities.png", arms, REGIONS, seeds)

@@ -105,9 +105,9 @@ def startup(raw: Path, spacing, per_case_s: float, work: Path, repeats: int) -> 
     import subprocess
     import sys
 
-    n = len(list(raw.iterdir()))
     from store import open_store
 
+    n = len(list(raw.iterdir()))
     walls = []
     for r in range(repeats):
         store = work / f"startup-{r}.zarr"
