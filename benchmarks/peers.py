@@ -59,7 +59,10 @@ def to_nnunet_raw(cases, raw_root: Path, dataset_id: int = DATASET_ID) -> Path:
             link.unlink(missing_ok=True)
             link.symlink_to(Path(c.images[m]).resolve())
         seg = nib.load(str(c.seg))
-        lab = lut[np.asanyarray(seg.dataobj).astype(np.uint8)]
+        src = np.asanyarray(seg.dataobj)
+        if stray := sorted(set(np.unique(src).tolist()) - set(values)):
+            raise ValueError(f"case {c.case_id}: labels {stray} are not {convention} labels {list(values)}")
+        lab = lut[src.astype(np.uint8)]
         out = nib.Nifti1Image(lab, seg.affine, seg.header)
         out.set_data_dtype(np.uint8)
         nib.save(out, str(folder / "labelsTr" / f"{c.case_id}.nii.gz"))

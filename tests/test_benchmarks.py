@@ -135,6 +135,25 @@ def test_cohort_in_nnunet_raw_format(tiny_cohort, tiny_cohort_2023, tmp_path):
                 assert ((src == o) == (lab == n)).all()
 
 
+def test_nnunet_conversion_refuses_labels_outside_the_convention(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from benchmarks.peers import to_nnunet_raw
+    from prep.discover import discover
+
+    from .helpers import write_case
+
+    write_case(tmp_path / "raw", "BraTS2021_00000")
+    case = discover(tmp_path / "raw").cases[0]
+    seg = nib.load(str(case.seg))
+    lab = np.asanyarray(seg.dataobj).copy()
+    lab[0, 0, 0] = 3  # not a BraTS 2021 label
+    nib.save(nib.Nifti1Image(lab, seg.affine, seg.header), str(case.seg))
+    with pytest.raises(ValueError, match=r"BraTS2021_00000: labels \[3\] are not brats2021 labels"):
+        to_nnunet_raw([case], tmp_path / "nn")
+
+
 def test_peers_without_nnunet_say_how_to_install_it(monkeypatch, capsys, tmp_path):
     from benchmarks import peers, prep_bench
 
