@@ -36,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "cores)")
     p.add_argument("--size", choices=["full", "quick", "tiny"], help="input size (default: full, or quick with "
                    "--quick; tiny is for the tests)")
-    p.add_argument("--amp", action="store_true", help="train/infer: mixed precision")
+    p.add_argument("--amp", action="store_true", help="train/infer/modalities: mixed precision")
     p.add_argument("--peers", action="store_true", help="prep: also time nnU-Net v2's fingerprint, planning and "
                    "preprocessing on the same cases (needs pip install -e '.[peers]'; without it, says so and "
                    "measures the rest)")
     p.add_argument("--full", action="store_true", help="modalities: 1 mm cases and 128^3 patches (for a GPU)")
-    p.add_argument("--seeds", type=int, nargs="+", help="modalities: the seeds each arm trains with (default: 0 1 2; "
-                   "the paired intervals need one at least)")
+    p.add_argument("--seeds", type=int, nargs="+", help="modalities: the seeds each arm trains with (default: 0 1 2, "
+                   "or 0 1 with --quick)")
     p.add_argument("--epochs", type=int, help="modalities: epochs per run instead of the scale's own (a shorter "
                    "budget, said in the table)")
     p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
