@@ -2,6 +2,7 @@
 evaluate.predictions (labels for raw case folders).
 
     python -m evaluate --run-dir DIR [--store PATH] [--split test] [--ensemble] [--save-predictions]
+    python -m evaluate tune-postprocessing --run-dir DIR [--metric brats2023|legacy]
     python -m evaluate predict --run-dir DIR --source COHORT_DIR --out PRED_DIR [--tta] [--ensemble]
     python -m evaluate predict --run-dir DIR --case CASE_DIR --out PRED.nii.gz
 """
@@ -11,36 +12,80 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .brats2023 import TASKS
+from .scoring import FAMILIES  # numpy and the conventions only: --help stays fast
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m evaluate",
         description="Evaluate a trained run on a split of its store: sliding-window inference, sigmoid > 0.5, the "
         "final label map on the source grid (what --save-predictions writes), then from that label map against the "
-        "source seg file, as the BraTS challenge scores: legacy Dice and HD95 (mm) per region (TC, WT, ET, and RC "
-        "for BraTS 2024 labels) and lesion-wise Dice and HD95 with matched, missed and spurious lesion counts. "
-        "Writes RUN/eval/<split>.csv and .json (conventions stated), PNG overlays under RUN/eval/png/. "
-        "'python -m evaluate predict --help' predicts one raw case folder.",
+        "source seg file, in three families, each equal to the scorer it is named after (--metrics). Applies "
+        "RUN/postprocessing.json when present (see 'python -m evaluate tune-postprocessing --help'). Writes "
+        "RUN/eval/<split>.csv and .json (conventions, task and postprocessing stated), <split>-lesions.csv (every "
+        "reference and predicted lesion), <split>-scores.png (case scores before and after postprocessing), PNG "
+        "overlays under RUN/eval/png/. 'python -m evaluate predict --help' predicts raw case folders.",
     )
     _model_options(p)
-    p.add_argument("--store", help="store path (default: the one the run was trained on)")
+    _store_options(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default: test)")
     p.add_argument("--save-predictions", action="store_true",
                    help="write each prediction as NIfTI in the source geometry to RUN/eval/pred/<case>.nii.gz")
+    p.add_argument("--metrics", nargs="+", default=list(FAMILIES), choices=FAMILIES, metavar="FAMILY",
+                   help="any of: legacy (BraTS 2017-2021: Dice and HD95 per region over the whole case); brats2023 "
+                   "(the 2023 lesion-wise ranking: lesions merged by dilation, many-to-one hits, small lesions left "
+                   "out, false positives penalised; per-task parameters); brats2025 (the 2024-25 scorer on "
+                   "panoptica: one-to-one matching, lesion-wise Dice of matched lesions, detection F1, global "
+                   "Dice/NSD/HD95). Default: all three")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="the BraTS task whose brats2023 dilation and volume threshold apply (gli, ssa, ped: 3 voxels, "
+                   "50 mm^3; men: 1, 50 mm^3; met: 1, 2 mm^3). Default: each case's own, from its id (BraTS-MEN-... "
+                   "-> men; BraTS20xx_... and BraTS-GLI-... -> gli)")
+    _postprocessing_option(p)
+    return p
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store path (default: the one the run was trained on)")
     p.add_argument("--source", help="the source cohort folder (default: the one the store was built from)")
-    p.add_argument("--metrics", default="both", choices=["legacy", "lesionwise", "both"],
-                   help="legacy: Dice and HD95 per region over the whole case (BraTS 2017-2021); lesionwise: the "
-                   "BraTS 2023+ ranking metrics (each lesion matched, missed and spurious lesions penalised, with "
-                   "panoptica); both (default)")
+
+
+def _run_and_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default="runs/default", help="training run folder (default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+
+
+def _postprocessing_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-postprocessing", action="store_true",
+                   help="do not apply RUN/postprocessing.json (applied by default when the run has one)")
+
+
+def build_tune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m evaluate tune-postprocessing",
+        description="Learn postprocessing on validation, as nnU-Net and the BraTS 2023 winners do: predict the run's "
+        "validation cases (a k-fold run: each fold's model on its own validation cases, out-of-fold), then search, "
+        "per region (WT, TC, ET, and RC where trained), the removal of predicted components under k mm^3, and the "
+        "relabelling of ET under v mm^3 in total as non-enhancing core (grids that include 0: no rule). A rule is "
+        "kept only when it raises the mean validation score (ties keep no rule). Writes RUN/postprocessing.json, "
+        "which 'python -m evaluate' and 'python -m evaluate predict' then apply.",
+    )
+    _run_and_device(p)
+    p.add_argument("--metric", choices=["brats2023", "legacy"], default="brats2023",
+                   help="the score to raise: the mean over ET, TC, WT of the brats2023 lesion-wise Dice, or of the "
+                   "legacy Dice (default: %(default)s)")
+    _store_options(p)
+    p.add_argument("--tta", action="store_true", help="predict the validation cases with the 8 mirrorings, as "
+                   "evaluate --tta does (tune with the inference you will evaluate with)")
     return p
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     """The flags both commands share: which run, which of its models, which device."""
-    p.add_argument("--run-dir", default="runs/default", help="training run folder (default: %(default)s)")
+    _run_and_device(p)
     p.add_argument("--ensemble", action="store_true",
                    help="average the sigmoid outputs of every fold of a k-fold run (default: its best fold)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the sigmoid outputs over the 8 mirrorings of the three "
                    "spatial axes (as nnU-Net does); about 8x the inference time")
@@ -63,26 +108,33 @@ def build_predict_parser() -> argparse.ArgumentParser:
     g.add_argument("--case", help="one case folder, e.g. data/raw/BraTS2021_00000")
     p.add_argument("--out", required=True, help="with --source: the output folder (outside the cohort); with "
                    "--case: the output .nii.gz")
+    _postprocessing_option(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    predict = bool(argv) and argv[0] == "predict"
-    a = build_predict_parser().parse_args(argv[1:]) if predict else build_parser().parse_args(argv)
+    command = argv[0] if argv and argv[0] in ("predict", "tune-postprocessing") else None
+    parser = {"predict": build_predict_parser, "tune-postprocessing": build_tune_parser}.get(command, build_parser)
+    a = parser().parse_args(argv[1:] if command else argv)
+    predict = command == "predict"
     from prep.discover import DiscoveryError
     from prep.preprocess import CaseError
     from store import FormatError
 
     from .evaluation import evaluate_split
     from .inference import RunError
+    from .postprocess import tune_postprocessing
     from .predictions import predict_case, predict_folder
 
     try:
-        if predict and a.case:
-            predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta)
+        if command == "tune-postprocessing":
+            tune_postprocessing(a.run_dir, a.metric, a.store, a.source, a.device, a.tta)
+        elif predict and a.case:
+            predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta, not a.no_postprocessing)
         elif predict:
-            rep = predict_folder(a.run_dir, a.source, a.out, a.ensemble, a.device, a.tta)
+            rep = predict_folder(a.run_dir, a.source, a.out, a.ensemble, a.device, a.tta,
+                                 postprocessing=not a.no_postprocessing)
             print(f"predicted {len(rep['written'])}, skipped {len(rep['skipped'])} already written, failed "
                   f"{len(rep['failed'])} -> {a.out}")
             for reason in sorted(rep["failed"].values()):
@@ -91,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         else:
             evaluate_split(a.run_dir, a.store, a.split, a.ensemble, a.save_predictions, a.source, a.device,
-                           a.metrics, tta=a.tta)
+                           a.metrics, tta=a.tta, task=a.task, postprocessing=not a.no_postprocessing)
     except (RunError, DiscoveryError, CaseError, FormatError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"python -m evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -35,12 +35,13 @@ def _prepare(run_dir: str, ensemble: bool, device: str):
     return load_run(run_dir, ensemble, dev), dev
 
 
-def _predictor(run, dev, tta: bool, convention: str):
+def _predictor(run, dev, tta: bool, convention: str, rules=None):
     """(load, infer, finish) for ``run_pipeline``: preprocess as the run's store was built, predict, write the
-    label map in the case's source geometry."""
+    label map in the case's source geometry, after the run's postprocessing ``rules`` (postprocess.Rules)."""
     from prep.preprocess import preprocess
 
-    from .inference import label_map, predict_probabilities, regions_on_source
+    from .inference import label_map, predict_probabilities, regions_on_source, spacing_of
+    from .postprocess import apply
 
     mods = tuple(run.config.modalities)
     params = run.preprocessing.get("params", {})
@@ -56,21 +57,29 @@ def _predictor(run, dev, tta: bool, convention: str):
     def finish(job, pre, prob):
         case, out = job
         label = label_map(regions_on_source(prob, pre.geometry), convention, run.config.regions)
+        label = apply(label, spacing_of(pre.geometry["source_affine"]), rules, convention)
         write_label_nifti(label, pre.geometry["source_affine"], out, case.images[mods[0]])
         return label
 
     return load, infer, finish
 
 
+def _rules(run_dir: str, run, convention: str, postprocessing: bool):
+    from .postprocess import load_rules
+
+    return load_rules(run_dir, convention, run.config.regions) if postprocessing else None
+
+
 def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, device: str = "auto",
-                 tta: bool = False) -> Path:
-    """Predict a raw case folder and write the labels in its source geometry and label convention."""
+                 tta: bool = False, postprocessing: bool = True) -> Path:
+    """Predict a raw case folder and write the labels in its source geometry and label convention, after the
+    run's postprocessing.json when it has one and ``postprocessing``."""
     from prep.discover import discover_case
 
     run, dev = _prepare(run_dir, ensemble, device)
     case = discover_case(case_dir, require_seg=False, required=tuple(run.config.modalities))
     convention = _output_convention(run, case.label_convention)
-    load, infer, finish = _predictor(run, dev, tta, convention)
+    load, infer, finish = _predictor(run, dev, tta, convention, _rules(run_dir, run, convention, postprocessing))
     path = Path(out)
     pre = load((case, path))
     label = finish((case, path), pre, infer(pre))
@@ -81,7 +90,7 @@ def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, 
 
 
 def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, device: str = "auto",
-                   tta: bool = False, progress: bool = True) -> dict:
+                   tta: bool = False, progress: bool = True, postprocessing: bool = True) -> dict:
     """Every case folder under ``source`` (BraTS 2021, 2023 or 2024 layout, no seg needed) -> ``out/<case-id>.nii.gz``
     in its source geometry and label convention, as challenge submissions are named. Cases already written are
     skipped (a killed run resumes); a bad case is reported and the others are predicted. Returns {"written",
@@ -104,12 +113,13 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     for case in cohort.cases:
         path = dst / f"{case.case_id}.nii.gz"
         (skipped.append(case.case_id) if path.exists() else jobs.append((case, path)))
-    written, errors = predict_jobs(run, dev, jobs, convention, tta, progress)
+    rules = _rules(run_dir, run, convention, postprocessing)
+    written, errors = predict_jobs(run, dev, jobs, convention, tta, progress, rules)
     failed.update(errors)
     return {"written": written, "skipped": skipped, "failed": failed, "ignored": dict(cohort.skipped)}
 
 
-def predict_jobs(run, dev, jobs: list, convention: str, tta: bool = False, progress: bool = False):
+def predict_jobs(run, dev, jobs: list, convention: str, tta: bool = False, progress: bool = False, rules=None):
     """Predict (CaseFiles, output path) jobs through the pipeline; returns (written case ids, {case: reason})."""
     from tqdm import tqdm
 
@@ -127,7 +137,7 @@ def predict_jobs(run, dev, jobs: list, convention: str, tta: bool = False, progr
                 f"case {job[0].case_id}: {type(error).__name__}: {error}"
 
     try:
-        run_pipeline(jobs, *_predictor(run, dev, tta, convention), on_done=on_done)
+        run_pipeline(jobs, *_predictor(run, dev, tta, convention, rules), on_done=on_done)
     finally:
         bar.close()
     return written, failed

@@ -1,55 +1,74 @@
-"""Scores of a predicted label map against the reference label map, as the BraTS challenge scores them.
+"""Scores of a predicted label map against the reference label map, each family equal to the scorer it is named
+after (a number is only comparable with the scorer that made it).
 
 Both maps are label maps in one convention (store.conventions); every region is derived from them by the one
-rule there, so the scores are those of the very array a prediction file holds. Two families:
+rule there, so the scores are those of the very array a prediction file holds. The families:
 
 - **legacy** (BraTS 2017-2021, region-wise): per region over the whole case, Dice and HD95 (evaluate.metrics).
-- **lesionwise** (BraTS 2023+ ranking): each region's connected components (26-connectivity) in prediction and
-  reference are matched one to one by maximum bipartite matching on Dice (any overlap can match), computed by
-  ``panoptica`` (its ConnectedComponentsInstanceApproximator and MaxBipartiteMatching). Then, with TP matched
-  lesions, FN missed reference lesions and FP spurious predicted ones:
-  lesion-wise Dice = sum of the TP lesions' Dice / (TP + FN + FP);
-  lesion-wise HD95 = (sum of the TP lesions' HD95 + 374 mm x (FN + FP)) / (TP + FN + FP).
-  Both empty: Dice 1, HD95 0. HD95 is in mm: panoptica gets the voxel spacing (``voxelspacing``), without which
-  it measures in voxels.
+- **brats2023** (the BraTS 2023 lesion-wise ranking): reference lesions merged by dilation, many-to-one hits
+  through each lesion's dilation, lesions at or under a volume threshold left out, unmatched predicted
+  components penalised; dilation and threshold per task (evaluate.brats2023).
+- **brats2025** (the 2024-25 scorer on panoptica): one-to-one matching on Dice, lesion-wise Dice the mean over
+  matched lesions, detection F1, global Dice/NSD/HD95 (evaluate.brats2025).
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from store.conventions import LESIONWISE_REGIONS, label_values, region_masks, trainable_regions
+from store.conventions import LABEL_CONVENTIONS, label_values, region_masks, trainable_regions
 
+from . import brats2023, brats2025
 from .metrics import CONVENTIONS as LEGACY_CONVENTIONS
 from .metrics import dice, hd95
 
-LESION_HD95_PENALTY_MM = 374.0
-FAMILIES = ("legacy", "lesionwise")
+FAMILIES = ("legacy", "brats2023", "brats2025")
 CONVENTIONS = {
     **{f"legacy_{k}": v for k, v in LEGACY_CONVENTIONS.items()},
     "legacy_regions": "TC, WT, ET (and RC for BraTS 2024 labels), each over the whole case",
-    "lesionwise": "connected components (26-connectivity) of each region, matched one to one by maximum bipartite "
-                  "matching on Dice (any overlap can match; panoptica MaxBipartiteMatching); lesion-wise Dice = sum "
-                  "of matched lesions' Dice / (TP + FN + FP); lesion-wise HD95 = (sum of matched lesions' HD95 + "
-                  "374 mm per missed or spurious lesion) / (TP + FN + FP); both empty -> Dice 1, HD95 0; HD95 in mm "
-                  "(the voxel spacing passed to panoptica)",
+    "brats2023": "the BraTS 2023 lesion-wise scorer: 26-connected reference components merged when one "
+                 "26-connected component of the reference dilated `dil` times (18-connected 3x3x3 element) holds "
+                 "them; a predicted component hits every lesion whose own dilation it touches, and each lesion is "
+                 "scored against the union of its hits (missed: Dice 0, HD95 374); lesions <= `thresh` mm^3 left "
+                 "out, hit or missed; a predicted component touching no dilated lesion is a false positive (Dice "
+                 "0, HD95 374); score = sum over kept lesions / (kept lesions + FP); nothing on either side: Dice "
+                 "1, HD95 0. Regions ET, TC, WT. HD95: the larger directed 95th percentile of the surface "
+                 "distances, in mm. Dilations count voxels, volumes are mm^3 of the grid's voxels",
+    "brats2023_tasks": {t: {"dilation": d, "threshold_mm3": v} for t, (d, v) in brats2023.TASK_PARAMS.items()},
+    "brats2025": "the BraTS 2024-25 scorer's fields from panoptica as its glioma configuration: 26-connected "
+                 "instances, one-to-one MaxBipartiteMatching on Dice (threshold 1e-6); dice/nsd/hd95: the whole "
+                 "region; lw_dice (sq_dsc, with its std over matched lesions), lw_nsd, lw_hd95: means over matched "
+                 "lesions; tp/fp/fn, precision, recall, f1 (rq) of lesion detection; zero matched lesions: Dice and "
+                 "NSD 0, HD95 infinite (reported as 373.13 mm); no lesion on either side: NaN (left out of means). "
+                 "Distances in mm (panoptica is given the spacing; the scorer counts voxels, so the two agree on "
+                 "1 mm grids); NSD tolerance one voxel per lesion, half a voxel for the whole region, in mm of the "
+                 "smallest voxel side",
     "labels": "every score is computed from the label maps: the prediction as written to NIfTI, the reference seg",
 }
+# column prefix of each family; legacy keeps the plain dice_tc / hd95_tc names
+PREFIX = {"legacy": "", "brats2023": "brats2023_", "brats2025": "brats2025_"}
+BRATS2023_FIELDS = ("dice", "hd95", "tp", "fp", "fn")
 
 
 class ScoringError(ValueError):
     """Inputs that cannot be scored; the message names the case."""
 
 
-def parse_metrics(name: str) -> tuple[str, ...]:
-    """--metrics legacy|lesionwise|both -> the families to compute."""
-    if name == "both":
-        return FAMILIES
-    if name in FAMILIES:
-        return (name,)
-    raise ScoringError(f"--metrics must be legacy, lesionwise or both, not {name!r}")
+def parse_metrics(names) -> tuple[str, ...]:
+    """--metrics (any of legacy, brats2023, brats2025) -> the families to compute, in their fixed order."""
+    names = [names] if isinstance(names, str) else list(names)
+    bad = [n for n in names if n not in FAMILIES]
+    if bad or not names:
+        raise ScoringError(f"--metrics takes any of {', '.join(FAMILIES)}, not {' '.join(bad) or 'nothing'}")
+    return tuple(f for f in FAMILIES if f in names)
+
+
+def brats2025_regions(convention: str) -> tuple[str, ...]:
+    """The 2024-25 scorer's regions: each tumour label (NETC, SNFH, ET; NCR, ED in 2021 naming), RC where the
+    convention has it, then TC and WT."""
+    c = LABEL_CONVENTIONS[convention]
+    singles = [c["labels"][str(c[k])] for k in ("necrosis", "edema", "enhancing")]
+    return (*singles, *(("RC",) if "cavity" in c else ()), "TC", "WT")
 
 
 def check_labels(label: np.ndarray, convention: str, what: str) -> None:
@@ -76,69 +95,37 @@ def legacy_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing) -
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _evaluator():
-    from panoptica import ConnectedComponentsInstanceApproximator, InputType, Metric, Panoptica_Evaluator
-    from panoptica.instance_matcher import MaxBipartiteMatching
-    from panoptica.utils.citation_reminder import disable_citation_reminder
-    from panoptica.utils.edge_case_handling import EdgeCaseHandler, EdgeCaseResult, MetricZeroTPEdgeCaseHandling
-
-    disable_citation_reminder()  # once per case would flood the console; the README cites panoptica
-    return Panoptica_Evaluator(
-        expected_input=InputType.SEMANTIC,
-        instance_approximator=ConnectedComponentsInstanceApproximator(),
-        instance_matcher=MaxBipartiteMatching(matching_metric=Metric.DSC, matching_threshold=0.0),
-        instance_metrics=[Metric.DSC, Metric.HD95],
-        global_metrics=[Metric.DSC],
-        # no matched lesion: the per-lesion lists are empty and unused; the counts carry the penalties
-        edge_case_handler=EdgeCaseHandler({m: MetricZeroTPEdgeCaseHandling(no_instances_result=EdgeCaseResult.NAN,
-                                                                           default_result=EdgeCaseResult.NAN)
-                                           for m in (Metric.DSC, Metric.HD95)}),
-        log_times=False,
-        verbose=False,
-    )
-
-
-def lesions(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
-    """Lesion-wise Dice and HD95 of one region's boolean masks, with the TP, FP and FN lesion counts."""
-    from panoptica import Metric
-    from panoptica.metrics import MetricMode
-
-    p, g = np.asarray(pred, bool), np.asarray(ref, bool)
-    if not p.any() and not g.any():
-        return {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0}
-    # the bounding box of both plus a voxel of background: the same components and distances, less work
-    idx = np.argwhere(p | g)
-    lo, hi = np.maximum(idx.min(0) - 1, 0), np.minimum(idx.max(0) + 2, p.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    pad = [(1, 1)] * p.ndim
-    pb, gb = np.pad(p[box], pad).astype(np.uint8), np.pad(g[box], pad).astype(np.uint8)
-    spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, float), (p.ndim,)))
-    (res,) = _evaluator().evaluate(pb, gb, voxelspacing=spacing, verbose=False).values()
-    tp, fp, fn = int(res.tp), int(res.fp), int(res.fn)
-    tp_dice = res.get_list_metric(Metric.DSC, MetricMode.ALL) if tp else []
-    tp_hd95 = res.get_list_metric(Metric.HD95, MetricMode.ALL) if tp else []
-    n = tp + fp + fn
-    return {"dice": float(np.sum(tp_dice)) / n,
-            "hd95": (float(np.sum(tp_hd95)) + LESION_HD95_PENALTY_MM * (fp + fn)) / n,
-            "tp": tp, "fp": fp, "fn": fn}
-
-
-def lesionwise_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing) -> dict:
-    """{"lw_dice_et": ..., "lw_hd95_et": ..., "lw_tp_et": ..., "lw_fp_et": ..., "lw_fn_et": ...} per region the
-    challenge scores lesion-wise for this convention."""
-    names = LESIONWISE_REGIONS[convention]
+def brats2023_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing, task: str = "gli",
+                     lesions: list | None = None) -> dict:
+    """{"brats2023_dice_et": ..., "brats2023_hd95_et": ..., "brats2023_tp_et": ..., ...} for ET, TC, WT;
+    ``lesions`` (a list) receives (region, Lesion) for every lesion."""
+    names = brats2023.REGIONS
     p, g = region_masks(pred, convention, names), region_masks(ref, convention, names)
     out = {}
     for i, n in enumerate(names):
-        for k, v in lesions(p[i], g[i], spacing).items():
-            out[f"lw_{k}_{n.lower()}"] = v
+        found = [] if lesions is not None else None
+        for k, v in brats2023.region_scores(p[i], g[i], spacing, task, lesions=found).items():
+            out[f"brats2023_{k}_{n.lower()}"] = v
+        if found is not None:
+            lesions.extend((n, lesion) for lesion in found)
+    return out
+
+
+def brats2025_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing) -> dict:
+    """{"brats2025_dice_et": ..., "brats2025_lw_dice_et": ..., "brats2025_f1_et": ..., ...} per scorer region."""
+    names = brats2025_regions(convention)
+    p, g = region_masks(pred, convention, names), region_masks(ref, convention, names)
+    out = {}
+    for i, n in enumerate(names):
+        for k, v in brats2025.region_scores(p[i], g[i], spacing).items():
+            out[f"brats2025_{k}_{n.lower()}"] = v
     return out
 
 
 def score_case(pred: np.ndarray, ref: np.ndarray, convention: str, spacing, families=FAMILIES,
-               case: str = "") -> dict:
-    """Every requested family's scores of a predicted label map against the reference, same grid."""
+               case: str = "", task: str = "gli", lesions: list | None = None) -> dict:
+    """Every requested family's scores of a predicted label map against the reference, same grid; ``task``
+    chooses the brats2023 parameters; ``lesions`` (a list) receives (region, Lesion) of the brats2023 family."""
     where = f"case {case}: " if case else ""
     if pred.shape != ref.shape:
         raise ScoringError(f"{where}prediction {pred.shape} and reference {ref.shape} are on different grids")
@@ -147,8 +134,10 @@ def score_case(pred: np.ndarray, ref: np.ndarray, convention: str, spacing, fami
     out = {}
     if "legacy" in families:
         out.update(legacy_scores(pred, ref, convention, spacing))
-    if "lesionwise" in families:
-        out.update(lesionwise_scores(pred, ref, convention, spacing))
+    if "brats2023" in families:
+        out.update(brats2023_scores(pred, ref, convention, spacing, task, lesions))
+    if "brats2025" in families:
+        out.update(brats2025_scores(pred, ref, convention, spacing))
     return out
 
 
@@ -158,7 +147,10 @@ def score_columns(convention: str, families=FAMILIES) -> list[str]:
     if "legacy" in families:
         names = [n.lower() for n in legacy_regions(convention)]
         cols += [f"dice_{n}" for n in names] + [f"hd95_{n}" for n in names]
-    if "lesionwise" in families:
-        for k in ("dice", "hd95", "tp", "fp", "fn"):
-            cols += [f"lw_{k}_{n.lower()}" for n in LESIONWISE_REGIONS[convention]]
+    if "brats2023" in families:
+        for k in BRATS2023_FIELDS:
+            cols += [f"brats2023_{k}_{n.lower()}" for n in brats2023.REGIONS]
+    if "brats2025" in families:
+        for k in brats2025.FIELDS:
+            cols += [f"brats2025_{k}_{n.lower()}" for n in brats2025_regions(convention)]
     return cols

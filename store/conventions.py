@@ -30,12 +30,6 @@ LABEL_CONVENTIONS: dict[str, dict] = {
 }
 # A label map valid in the key's convention is valid in the value's too (same meaning of every shared label).
 SUPERSEDED_BY = {"brats2023": "brats2024"}
-# Regions the challenge scores lesion-wise for each convention (ET, TC, WT first, as it reports them).
-LESIONWISE_REGIONS = {
-    "brats2021": ("ET", "TC", "WT"),
-    "brats2023": ("ET", "TC", "WT", "NETC", "SNFH"),
-    "brats2024": ("ET", "TC", "WT", "NETC", "SNFH", "RC"),
-}
 
 
 class ConventionError(ValueError):

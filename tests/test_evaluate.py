@@ -97,9 +97,9 @@ def test_evaluate_writes_table_json_predictions_pictures(tiny_run, tiny_store, c
     assert {"case", "dice_tc", "dice_wt", "dice_et", "hd95_tc", "hd95_wt", "hd95_et"} <= set(rows[0])
     summary = json.loads((ev / "test.json").read_text())
     assert summary["grid"] == "source" and "373.13" in summary["conventions"]["legacy_hd95"]
-    assert "374 mm" in summary["conventions"]["lesionwise"]
-    assert set(summary["scores"]["dice_wt"]) == {"mean", "std", "median"}
-    assert set(summary["scores"]["lw_dice_wt"]) == {"mean", "std", "median"}
+    assert "374" in summary["conventions"]["brats2023"]
+    assert set(summary["scores"]["dice_wt"]) == {"mean", "std", "median", "n"}
+    assert set(summary["scores"]["brats2023_dice_wt"]) == {"mean", "std", "median", "n"}
     assert 0 <= summary["monai_dice_mean"] <= 1
     for cid in s.splits["test"]:
         pred = nib.load(ev / "pred" / f"{cid}.nii.gz")

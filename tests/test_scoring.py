@@ -12,8 +12,10 @@ from medpy.metric.binary import hd95 as medpy_hd95
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from evaluate import brats2025
 from evaluate.cli import main as eval_main
-from evaluate.scoring import LESION_HD95_PENALTY_MM, ScoringError, lesions, score_case
+from evaluate.metrics import HD95_EMPTY_PENALTY_MM
+from evaluate.scoring import ScoringError, brats2023_scores, brats2025_regions, score_case
 from store import open_store
 from store.conventions import (
     ConventionError,
@@ -27,11 +29,9 @@ from train.cli import main as train_main
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0"]
 
 
-def _independent_lesionwise(pred, ref, spacing):
-    """The challenge's lesion-wise Dice and HD95 computed without panoptica: scipy's 26-connected components,
-    the assignment maximising the summed Dice over overlapping pairs, medpy's HD95 per matched pair."""
-    if not pred.any() and not ref.any():
-        return 1.0, 0.0, 0, 0, 0
+def _independent_brats2025(pred, ref, spacing):
+    """The 2024-25 scorer's lesion-wise fields without panoptica: scipy's 26-connected components, the one-to-one
+    assignment maximising the summed Dice over overlapping pairs, medpy's HD95 per matched pair."""
     s = np.ones((3, 3, 3))
     lp, n_p = ndimage.label(pred, s)
     lr, n_r = ndimage.label(ref, s)
@@ -43,14 +43,15 @@ def _independent_lesionwise(pred, ref, spacing):
     matched = []
     if n_r and n_p:
         rows, cols = linear_sum_assignment(-dice)
-        matched = [(i, j) for i, j in zip(rows, cols) if dice[i, j] > 0]
+        matched = [(i, j) for i, j in zip(rows, cols) if dice[i, j] > 1e-6]
     tp = len(matched)
     fn, fp = n_r - tp, n_p - tp
-    n = tp + fn + fp
-    d = sum(dice[i, j] for i, j in matched) / n
-    h = (sum(medpy_hd95(lp == j + 1, lr == i + 1, voxelspacing=spacing) for i, j in matched)
-         + LESION_HD95_PENALTY_MM * (fn + fp)) / n
-    return d, h, tp, fp, fn
+    lw_dice = np.mean([dice[i, j] for i, j in matched]) if tp else 0.0
+    lw_hd95 = (np.mean([medpy_hd95(lp == j + 1, lr == i + 1, voxelspacing=spacing) for i, j in matched]) if tp
+               else HD95_EMPTY_PENALTY_MM)
+    f1 = tp / (tp + 0.5 * (fp + fn)) if tp else 0.0
+    glob = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+    return {"lw_dice": lw_dice, "lw_hd95": lw_hd95, "tp": tp, "fp": fp, "fn": fn, "f1": f1, "dice": glob}
 
 
 def _blob(shape, centre, radii):
@@ -77,24 +78,38 @@ def _cases():
     }
 
 
-@pytest.mark.parametrize("name", list(_cases()))
+@pytest.mark.parametrize("name", [n for n in _cases() if n != "both empty"])
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 2.5, 2.5), (0.9, 1.1, 3.0)])
-def test_lesionwise_matches_an_independent_computation(name, spacing):
+def test_brats2025_matches_an_independent_computation(name, spacing):
     pred, ref = _cases()[name]
-    got = lesions(pred, ref, spacing)
-    d, h, tp, fp, fn = _independent_lesionwise(pred, ref, spacing)
-    assert (got["tp"], got["fp"], got["fn"]) == (tp, fp, fn)
-    assert got["dice"] == pytest.approx(d, abs=1e-9)
-    assert got["hd95"] == pytest.approx(h, abs=0.01)  # mm on every grid, not voxels
+    got = brats2025.region_scores(pred, ref, spacing)
+    want = _independent_brats2025(pred, ref, spacing)
+    assert {k: got[k] for k in ("tp", "fp", "fn")} == {k: want[k] for k in ("tp", "fp", "fn")}
+    for k in ("lw_dice", "f1", "dice"):
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
+    assert got["lw_hd95"] == pytest.approx(want["lw_hd95"], abs=0.01)  # mm on every grid, not voxels
+    tp, fp, fn = want["tp"], want["fp"], want["fn"]
+    assert got["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else float("nan"), nan_ok=True)
+    assert got["recall"] == pytest.approx(tp / (tp + fn) if tp + fn else float("nan"), nan_ok=True)
 
 
-def test_lesionwise_counts_on_the_awkward_cases():
+def test_brats2025_edge_cases():
     c = _cases()
-    assert {k: lesions(*c["a missed lesion"], 1)[k] for k in ("tp", "fp", "fn")} == {"tp": 1, "fp": 0, "fn": 2}
-    assert {k: lesions(*c["a spurious lesion"], 1)[k] for k in ("tp", "fp", "fn")} == {"tp": 2, "fp": 1, "fn": 0}
-    assert lesions(*c["both empty"], 1) == {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0}
-    only = lesions(*c["only prediction"], 1)
-    assert only["dice"] == 0.0 and only["hd95"] == LESION_HD95_PENALTY_MM and only["fp"] == 1
+    both = brats2025.region_scores(*c["both empty"], 1)
+    assert (both["tp"], both["fp"], both["fn"]) == (0, 0, 0)
+    assert all(np.isnan(both[k]) for k in brats2025.FIELDS if k not in ("tp", "fp", "fn"))  # no instances: NaN
+    only = brats2025.region_scores(*c["only prediction"], 1)  # zero matched: Dice and NSD 0, HD95 infinite
+    assert (only["lw_dice"], only["lw_nsd"], only["lw_hd95"], only["dice"], only["hd95"]) == \
+        (0.0, 0.0, HD95_EMPTY_PENALTY_MM, 0.0, HD95_EMPTY_PENALTY_MM)
+    assert only["fp"] == 1 and only["f1"] == 0.0 and only["precision"] == 0.0 and np.isnan(only["recall"])
+    same = brats2025.region_scores(c["several lesions"][1], c["several lesions"][1], (1, 1, 1))
+    assert (same["lw_dice"], same["lw_nsd"], same["nsd"], same["hd95"], same["f1"]) == (1.0, 1.0, 1.0, 0.0, 1.0)
+
+
+def test_brats2025_regions_per_convention():
+    assert brats2025_regions("brats2021") == ("NCR", "ED", "ET", "TC", "WT")
+    assert brats2025_regions("brats2023") == ("NETC", "SNFH", "ET", "TC", "WT")
+    assert brats2025_regions("brats2024") == ("NETC", "SNFH", "ET", "RC", "TC", "WT")
 
 
 def test_regions_come_from_the_label_map_by_one_rule():
@@ -164,21 +179,29 @@ def test_scores_are_those_of_the_saved_files(scored_run, tiny_store):
                 assert float(row[f"hd95_{r}"]) == pytest.approx(medpy_hd95(p[i], g[i], voxelspacing=spacing),
                                                                 abs=0.01)
         assert int(row["voxels_pred_wt"]) == int(p[1].sum())  # the same WT the file holds
-        lw = lesions(p[2], g[2], spacing)
-        assert float(row["lw_dice_et"]) == pytest.approx(lw["dice"], abs=1e-9)
+        b23 = brats2023_scores(pred, ref, "brats2021", spacing, "gli")
+        for k in ("brats2023_dice_et", "brats2023_dice_wt", "brats2023_fp_tc"):
+            assert float(row[k]) == pytest.approx(b23[k], abs=1e-9)
+        b25 = brats2025.region_scores(p[1], g[1], spacing)
+        assert float(row["brats2025_lw_dice_wt"]) == pytest.approx(b25["lw_dice"], nan_ok=True)
 
 
 def test_metrics_flag_chooses_the_families(scored_run, capsys):
     assert eval_main(["--run-dir", str(scored_run), "--metrics", "legacy"]) == 0
     header = (scored_run / "eval" / "test.csv").read_text().splitlines()[0].split(",")
-    assert "dice_wt" in header and not any(c.startswith("lw_") for c in header)
-    assert eval_main(["--run-dir", str(scored_run), "--metrics", "lesionwise"]) == 0
+    assert "dice_wt" in header and not any(c.startswith("brats") for c in header)
+    assert eval_main(["--run-dir", str(scored_run), "--metrics", "brats2023", "brats2025"]) == 0
     header = (scored_run / "eval" / "test.csv").read_text().splitlines()[0].split(",")
-    assert "lw_dice_wt" in header and "lw_fn_et" in header and "dice_wt" not in header
-    assert "lesion-wise" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        eval_main(["--run-dir", str(scored_run), "--metrics", "panoptic"])
-    assert e.value.code == 2 and "--metrics" in capsys.readouterr().err
+    assert {"brats2023_dice_wt", "brats2023_fn_et", "brats2025_lw_dice_wt", "brats2025_f1_et",
+            "brats2025_nsd_ncr"} <= set(header) and "dice_wt" not in header
+    summary = json.loads((scored_run / "eval" / "test.json").read_text())
+    assert summary["tasks"] == {"gli": summary["cases"]}
+    assert summary["conventions"]["brats2023_tasks"]["met"] == {"dilation": 1, "threshold_mm3": 2.0}
+    assert "brats2023" in capsys.readouterr().out
+    for bad in (["--metrics", "lesionwise"], ["--task", "lung"]):
+        with pytest.raises(SystemExit) as e:
+            eval_main(["--run-dir", str(scored_run), *bad])
+        assert e.value.code == 2 and bad[0] in capsys.readouterr().err
 
 
 def test_a_store_in_another_label_convention_is_refused(scored_run, tiny_cohort_2023, tmp_path, capsys):
@@ -217,7 +240,8 @@ def test_brats2024_cohort_stores_trains_with_rc_and_scores_it(tmp_path):
     assert set(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["dice"]) == {"TC", "WT", "ET", "RC"}
     assert eval_main(["--run-dir", str(run), "--save-predictions", "--split", "train"]) == 0
     header = (run / "eval" / "train.csv").read_text().splitlines()[0].split(",")
-    assert {"dice_rc", "hd95_rc", "lw_dice_rc", "lw_dice_netc", "lw_dice_snfh"} <= set(header)
+    assert {"dice_rc", "hd95_rc", "brats2025_lw_dice_rc", "brats2025_lw_dice_netc", "brats2025_dice_snfh",
+            "brats2023_dice_wt"} <= set(header)
     for f in (run / "eval" / "pred").glob("*.nii.gz"):
         assert set(np.unique(np.asanyarray(nib.load(f).dataobj)).tolist()) <= {0, 1, 2, 3, 4}
     # a 2021 store has no cavity to train
