@@ -106,10 +106,10 @@ def render(out: str | Path) -> str:
         if t := i.get("tta"):
             rows.append(f"| infer | --tta / plain pass ({t['cases']} case(s)) | {t['tta_over_plain']:.2f}x | <= 8.5x | "
                         f"{machine(i)} |")
-        if sc := i.get("scoring_seconds_per_case"):
-            rows.append(f"| infer | lesion-wise scoring of one case {'x'.join(map(str, i['grid']))}, s (legacy: "
-                        f"{sc['legacy']['median']:.2f}) | {sc['lesionwise']['median']:.2f} | < 2 (CPU) | "
-                        f"{machine(i)} |")
+        if (sc := i.get("scoring_seconds_per_case")) and "all" in sc:
+            parts = "; ".join(f"{k} {sc[k]['median']:.2f}" for k in ("legacy", "brats2023", "brats2025"))
+            rows.append(f"| infer | scoring one case {'x'.join(map(str, i['grid']))}, all families, s ({parts}) | "
+                        f"{sc['all']['median']:.2f} | < 2 (CPU) | {machine(i)} |")
     return "\n".join(rows)
 
 
