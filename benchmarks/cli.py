@@ -18,8 +18,8 @@ BENCHES = {
              "patches/s",
     "store-format": "bytes, read/write times of candidate dtypes, chunks, codecs, file layouts (FORMAT.md tables)",
     "modalities": "the seed's experiment with error bars: T1 vs T1+T2+FLAIR vs T1+T1ce+T2+FLAIR, 3 seeds each, "
-                  "test Dice/HD95 per region (legacy and brats2023) and paired bootstrap intervals, each run's postprocessing "
-                  "tuned on validation and its gain with its interval (under an hour on 2 cores)",
+                  "test Dice/HD95 per region (legacy and brats2023) and paired bootstrap intervals, each run's "
+                  "postprocessing tuned on validation and its gain with its interval (under an hour on 2 cores)",
     "table": "regenerate the README's performance table from the JSON results",
 }
 ALL = ("synth", "prep", "loader", "train", "infer")
