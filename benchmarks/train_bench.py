@@ -73,7 +73,7 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = make_loss()  # the trainer's own loss and step
+    loss_fn = make_loss(cfg)  # the trainer's own loss and step
     autocast, scaler, amp_desc = amp_context(cfg, device)
     augment = BatchAugment(seed=0)
 

@@ -84,8 +84,10 @@ def build_tune_parser() -> argparse.ArgumentParser:
 def _model_options(p: argparse.ArgumentParser) -> None:
     """The flags both commands share: which run, which of its models, which device."""
     _run_and_device(p)
-    p.add_argument("--ensemble", action="store_true",
-                   help="average the sigmoid outputs of every fold of a k-fold run (default: its best fold)")
+    p.add_argument("--ensemble", nargs="*", metavar="RUN", default=None,
+                   help="alone: average the sigmoid outputs of every fold of a k-fold run (default: its best fold); "
+                   "with run folders: average --run-dir's models with theirs (any architectures; each k-fold run "
+                   "gives every fold), refused when their regions, modalities or preprocessing differ")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the sigmoid outputs over the 8 mirrorings of the three "
                    "spatial axes (as nnU-Net does); about 8x the inference time")
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in ("predict", "tune-postprocessing") else None
     parser = {"predict": build_predict_parser, "tune-postprocessing": build_tune_parser}.get(command, build_parser)
     a = parser().parse_args(argv[1:] if command else argv)
+    if hasattr(a, "ensemble"):  # None: the run's best model; []: every fold; [RUN ...]: those runs' models too
+        a.ensemble = False if a.ensemble is None else (a.ensemble or True)
     predict = command == "predict"
     from prep.discover import DiscoveryError
     from prep.preprocess import CaseError

@@ -20,16 +20,45 @@ class RunError(ValueError):
 @dataclass
 class LoadedRun:
     models: list[torch.nn.Module]
-    config: object  # TrainConfig
+    config: object  # TrainConfig of the first model: modalities, regions
     checkpoints: list[Path]
     preprocessing: dict  # {"params": store params, "label_convention": ...}
     kind: str  # "single", "best fold K", "ensemble of N folds"
+    configs: list  # each model's own TrainConfig (its patch size and precision for the sliding window)
 
 
-def load_run(run_dir: str | Path, ensemble: bool = False, device: str | torch.device = "cpu") -> LoadedRun:
-    """The model(s) of a run: its best.pt; for a k-fold run the best fold, or every fold with ``ensemble``."""
+def load_run(run_dir: str | Path, ensemble=False, device: str | torch.device = "cpu") -> LoadedRun:
+    """The model(s) of a run: its best.pt; for a k-fold run the best fold, or every fold with ``ensemble=True``.
+    ``ensemble`` may also list other run folders: every run's models (its best.pt, or every fold of a k-fold run)
+    are averaged, refused in one line when the runs' regions, modalities or preprocessing differ."""
+    others = list(ensemble) if isinstance(ensemble, (list, tuple)) else []
+    run = _load_one(run_dir, Path(run_dir, "kfold.json").exists() if others else bool(ensemble), device)
+    for other in others:
+        more = _load_one(other, Path(other, "kfold.json").exists(), device)
+        for what, a, b in (("regions", run.config.regions, more.config.regions),
+                           ("modalities", run.config.modalities, more.config.modalities),
+                           ("preprocessing", run.preprocessing.get("params"), more.preprocessing.get("params")),
+                           ("label convention", run.preprocessing.get("label_convention"),
+                            more.preprocessing.get("label_convention"))):
+            if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):  # tuples and lists alike
+                raise RunError(f"--ensemble {other}: its {what} ({_shown(b)}) differ from {run_dir}'s ({_shown(a)}); "
+                               f"an ensemble averages runs trained with the same {what}")
+        run = LoadedRun(run.models + more.models, run.config, run.checkpoints + more.checkpoints, run.preprocessing,
+                        "", run.configs + more.configs)
+    if others:
+        names = sorted({c.model for c in run.configs})
+        run.kind = f"ensemble of {len(run.models)} models ({', '.join(names)})"
+    return run
+
+
+def _shown(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def _load_one(run_dir: str | Path, ensemble: bool, device) -> LoadedRun:
     from train.config import TrainConfig
     from train.engine import build_model, load_checkpoint
+    from train.models import build_from_record
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -52,24 +81,25 @@ def load_run(run_dir: str | Path, ensemble: bool = False, device: str | torch.de
     if missing:
         raise RunError(f"no checkpoint {missing[0]} in run folder {run_dir} (train it first)")
     from train.engine import CheckpointError
-    models, config = [], None
+    models, configs = [], []
     for p in paths:
         try:
             ck = load_checkpoint(p)
         except CheckpointError as e:
             raise RunError(str(e)) from None
         cfg = TrainConfig.from_dict(ck["config"])
-        if config is not None and tuple(cfg.modalities) != tuple(config.modalities):
+        if configs and tuple(cfg.modalities) != tuple(configs[0].modalities):
             raise RunError(f"fold models of {run_dir} read different modalities")
-        config = config or cfg
-        m = build_model(cfg)
+        configs.append(cfg)
+        # the checkpoint says how to rebuild its network; older checkpoints hold the config only
+        m = build_from_record(ck["architecture"]) if "architecture" in ck else build_model(cfg)
         m.load_state_dict(ck["model"])
         models.append(m.to(device).eval())
     prep_file = paths[0].parent / "preprocessing.json"
     if not prep_file.exists():
         prep_file = run_dir / "preprocessing.json"
     preprocessing = json.loads(prep_file.read_text()) if prep_file.exists() else {}
-    return LoadedRun(models, config, paths, preprocessing, kind)
+    return LoadedRun(models, configs[0], paths, preprocessing, kind, configs)
 
 
 # the 8 mirrorings of the three spatial axes of a (B, C, X, Y, Z) tensor, the identity first
@@ -83,13 +113,13 @@ def predict_probabilities(run: LoadedRun, image: np.ndarray, device, tta: bool =
     nnU-Net's test-time augmentation."""
     from train.engine import amp_context, sliding_window_logits
 
-    autocast, _, _ = amp_context(run.config, torch.device(device))
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     mirrors = MIRRORS if tta else ((),)
     acc = None
-    for m in run.models:
+    for m, cfg in zip(run.models, run.configs):
+        autocast, _, _ = amp_context(cfg, torch.device(device))
         for dims in mirrors:
-            logits = sliding_window_logits(m, torch.flip(x, dims) if dims else x, run.config, autocast)
+            logits = sliding_window_logits(m, torch.flip(x, dims) if dims else x, cfg, autocast)
             p = torch.sigmoid(logits)[0]
             p = torch.flip(p, [d - 1 for d in dims]) if dims else p
             acc = p if acc is None else acc.add_(p)

@@ -28,7 +28,7 @@ def _validate(store_path: str) -> int:
     store = open_store(store_path)
     autocast, _, _ = amp_context(cfg, torch.device("cpu"))
     ids = store.splits["train"]  # more cases than ranks, an odd number of them
-    v = validate(model, store, ids, cfg, torch.device("cpu"), autocast, make_loss(), dist)
+    v = validate(model, store, ids, cfg, torch.device("cpu"), autocast, make_loss(cfg), dist)
     v.pop("_example")
     if dist.is_writer:
         print("RESULT " + json.dumps(v))

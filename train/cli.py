@@ -8,13 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .models import LOSSES, MODELS, OPTIMIZERS, SCHEDULES  # no torch: --help stays fast
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train a MONAI 3D UNet (TC, WT, ET) on a brats-zarr store: DiceLoss (sigmoid), AdamW, "
-        "cosine annealing with warm restarts stepped per epoch, early stopping on validation loss, sliding-window "
-        "validation, checkpoints best.pt and last.pt, TensorBoard logs and metrics.jsonl in --run-dir.",
+        description="Train a MONAI 3D network (TC, WT, ET) on a brats-zarr store: by default the seed's recipe (UNet, "
+        "DiceLoss on sigmoid outputs, AdamW, cosine annealing with warm restarts stepped per epoch); --model, --loss, "
+        "--optimizer and --schedule choose others. Early stopping on validation loss, sliding-window validation, "
+        "checkpoints best.pt and last.pt (with the architecture to rebuild the network), TensorBoard logs and "
+        "metrics.jsonl (wall seconds with every validation) in --run-dir.",
     )
     p.add_argument("--store", default="data/brats.zarr", help="store path (default: %(default)s)")
     p.add_argument("--modalities", nargs="+", default=["t1", "t2", "flair"], metavar="M",
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, nargs=3, default=[128, 128, 128], metavar=("X", "Y", "Z"),
                    help="training patch and sliding-window size in voxels (default: 128 128 128)")
     p.add_argument("--batch-size", type=int, default=2, help="patches per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
     p.add_argument("--cache", choices=["ram", "none", "gpu"], default="ram",
                    help="ram: decoded cases in shared memory; none: patches read from the Zarr chunks; gpu: cases "
                    "resident on the device (default: %(default)s)")
@@ -53,8 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--run-dir holds an earlier run: move it aside to RUN_DIR.old-N (nothing is deleted) and "
                     "start over; without --resume or --overwrite a used run folder is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and augmentation (default: 0)")
-    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128, 256],
-                   help="UNet feature channels per level (default: the seed's 16 32 64 128 256)")
+    p.add_argument("--model", choices=list(MODELS), default="unet",
+                   help="the network (MONAI): " + "; ".join(f"{k}: {v.note}" for k, v in MODELS.items())
+                   + " (default: %(default)s)")
+    p.add_argument("--channels", type=int, nargs="+", default=None,
+                   help="model size: unet and dynunet, feature channels per level (the count is the depth); "
+                   "segresnet, channels doubling per level from its init_filters; swinunetr, one feature size (a "
+                   "multiple of 12). Defaults: " + "; ".join(f"{k} {' '.join(map(str, v.default_channels))}"
+                                                            for k, v in MODELS.items()))
+    p.add_argument("--deep-supervision", action="store_true",
+                   help="dynunet only: the loss also over the decoder's lower-resolution outputs, weights halving "
+                   "per level, as nnU-Net weighs them")
+    p.add_argument("--loss", choices=LOSSES, default="dice",
+                   help="on sigmoid outputs per region: dice (the seed's), dicece (Dice + binary cross-entropy, as "
+                   "nnU-Net), dicefocal (default: %(default)s)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw (the seed's) or sgd (Nesterov, momentum 0.99, as nnU-Net) (default: %(default)s)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine-restarts",
+                   help="learning rate per epoch: cosine-restarts (the seed's, T_0 10), poly (lr x (1 - epoch / "
+                   "epochs)^0.9, as nnU-Net), cosine (one cosine over --epochs) (default: %(default)s)")
+    p.add_argument("--time-limit", type=float, metavar="MIN",
+                   help="minutes of wall time: training stops cleanly (validation run, checkpoints written) when "
+                   "the next epoch would pass the limit, so runs compare at equal time (default: none)")
     p.add_argument("--max-val-cases", type=int, help="validate on at most this many cases (quick runs)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimizer steps per epoch on every process (default: training cases / (processes x "
@@ -75,8 +99,10 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, lr=args.lr, amp=args.amp, cache=args.cache, cache_rate=args.cache_rate,
         workers=args.workers, fold=args.fold, folds=args.folds, device=args.device, resume=args.resume,
         overwrite=args.overwrite,
-        seed=args.seed, channels=tuple(args.channels), max_val_cases=args.max_val_cases,
-        steps_per_epoch=args.steps_per_epoch, dist_timeout=args.dist_timeout,
+        seed=args.seed, channels=tuple(args.channels or MODELS[args.model].default_channels),
+        max_val_cases=args.max_val_cases, steps_per_epoch=args.steps_per_epoch, dist_timeout=args.dist_timeout,
+        model=args.model, deep_supervision=args.deep_supervision, loss=args.loss, optimizer=args.optimizer,
+        schedule=args.schedule, time_limit=args.time_limit,
     )
 
 

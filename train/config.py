@@ -9,7 +9,7 @@ from pathlib import Path
 from store.conventions import REGIONS
 
 # Fields that may differ when a run is resumed (they do not change what is computed per epoch).
-RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir", "dist_timeout", "overwrite"}
+RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir", "dist_timeout", "overwrite", "time_limit"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,13 @@ class TrainConfig:
     max_val_cases: int | None = None
     steps_per_epoch: int | None = None  # None: ceil(training cases / (processes * batch size))
     dist_timeout: float = 300.0  # seconds a collective may wait for the other ranks
+    # the architecture and recipe (train.models); the defaults are the seed's
+    model: str = "unet"
+    deep_supervision: bool = False
+    loss: str = "dice"
+    optimizer: str = "adamw"
+    schedule: str = "cosine-restarts"
+    time_limit: float | None = None  # minutes of wall time; training stops before an epoch that would pass it
 
     def to_dict(self) -> dict:
         """JSON types only (tuples become lists), as saved in config.json and in checkpoints."""

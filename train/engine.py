@@ -18,6 +18,7 @@ from store.conventions import REGIONS, region_masks, trainable_regions
 
 from .config import TrainConfig
 from .distributed import Dist
+from .models import record as model_record
 
 
 class ConfigError(ValueError):
@@ -40,11 +41,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    from monai.networks.nets import UNet
+    """The network ``--model`` names, sized by ``--channels`` (train.models)."""
+    from .models import build
 
-    return UNet(spatial_dims=3, in_channels=len(cfg.modalities), out_channels=len(cfg.regions),
-                channels=tuple(cfg.channels), strides=(2,) * (len(cfg.channels) - 1), dropout=cfg.dropout,
-                num_res_units=cfg.num_res_units, norm="batch")
+    return build(cfg)
 
 
 def label_to_regions(label: torch.Tensor, convention: str, regions=REGIONS) -> torch.Tensor:
@@ -181,11 +181,12 @@ class EarlyStopping:
 
 
 
-def make_loss():
-    """The seed's loss: MONAI DiceLoss on sigmoid outputs, background channel included, smoothing 1e-5."""
-    from monai.losses import DiceLoss
+def make_loss(cfg: TrainConfig):
+    """``--loss`` on sigmoid outputs (the seed's: MONAI DiceLoss, background included, smoothing 1e-5), over
+    the deep supervision outputs too where the model has them (train.models)."""
+    from .models import make_loss as loss_of
 
-    return DiceLoss(sigmoid=True, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    return loss_of(cfg)
 
 
 def steps_per_epoch(cfg: TrainConfig, n_train: int, world: int) -> int:
@@ -315,8 +316,6 @@ def check_inputs(cfg: TrainConfig, store, train_ids: list[str], val_ids: list[st
                           f"(largest {'x'.join(map(str, largest))}); choose a smaller patch")
     if cfg.cache not in CACHE_MODES:
         raise ConfigError(f"--cache must be ram, none or gpu, not {cfg.cache!r}")
-    if any(p % (2 ** (len(cfg.channels) - 1)) for p in cfg.patch_size):
-        raise ConfigError(f"--patch-size must be divisible by {2 ** (len(cfg.channels) - 1)} for this UNet")
 
 
 def check_gpu_ranks(cfg: TrainConfig, dist: Dist, device_count: int) -> None:
@@ -421,6 +420,7 @@ class Trainer:
 
     def _build_model(self) -> None:
         from .augment import BatchAugment
+        from .models import make_optimizer, make_schedule
 
         cfg, dist = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
@@ -429,9 +429,9 @@ class Trainer:
         if dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.loss_fn = make_loss()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.opt, T_0=cfg.t0, eta_min=cfg.eta_min)
+        self.loss_fn = make_loss(cfg)
+        self.opt = make_optimizer(cfg, self.model.parameters())
+        self.sched = make_schedule(cfg, self.opt)
         self.autocast, self.scaler, self.amp_desc = amp_context(cfg, self.device)
         self.stopper = EarlyStopping(cfg.patience, cfg.min_delta)
         self.augment = BatchAugment(seed=cfg.seed * 1000 + dist.rank)
@@ -480,16 +480,31 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        """Train to ``cfg.epochs`` or early stopping; returns the best validation loss, Dice and epoch."""
+        """Train to ``cfg.epochs``, early stopping or ``cfg.time_limit``; returns the best validation loss, Dice
+        and epoch."""
+        self.t_start = time.perf_counter()  # wall time counts the set-up (cache fill) too
         self.setup()
+        # a resumed run's clock goes on from where it stopped
+        self.wall_before = float(self.history[-1].get("wall_s", 0.0)) if self.history else 0.0
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
+                t_epoch = time.perf_counter()
                 record = self.train_epoch(epoch)
-                if (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs:
+                out_of_time = self._next_epoch_passes_limit(time.perf_counter() - t_epoch, epoch)
+                if (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs or out_of_time:
+                    t_val = time.perf_counter()
                     record.update(self.validate(epoch))
+                    self.val_seconds = time.perf_counter() - t_val
+                record["wall_s"] = self.wall_seconds()
                 self.history.append(record)
                 self.log(record)
                 self.save_checkpoint(epoch)
+                if out_of_time:
+                    self.summary["stopped"] = f"time limit of {self.cfg.time_limit:g} min"
+                    if self.progress:
+                        print(f"time limit: the next epoch would pass {self.cfg.time_limit:g} min "
+                              f"({record['wall_s']:.0f} s so far); stopped after epoch {epoch + 1}")
+                    break
                 if self.stopper.should_stop:
                     if self.progress:
                         print(f"early stopping: no better validation loss for {self.cfg.patience} validations")
@@ -498,7 +513,24 @@ class Trainer:
             self.loader.close()
             if self.writer:
                 self.writer.close()
+        self.summary["wall_s"] = self.wall_seconds()
         return self.summary
+
+    def wall_seconds(self) -> float:
+        """Seconds since training started (set-up included), across resumes."""
+        return self.wall_before + time.perf_counter() - self.t_start
+
+    val_seconds = 0.0  # the last validation's duration
+
+    def _next_epoch_passes_limit(self, train_seconds: float, epoch: int) -> bool:
+        """Whether another epoch like this one (and its validation, when it would validate) would end past
+        ``--time-limit``; the same answer on every rank (rank 0's clock decides)."""
+        if self.cfg.time_limit is None or epoch + 1 >= self.cfg.epochs:
+            return False
+        validates = (epoch + 2) % self.cfg.val_every == 0
+        late = self.wall_seconds() + train_seconds + (self.val_seconds if validates else 0.0) > 60 * self.cfg.time_limit
+        rank0 = float(late) if self.dist.rank == 0 else 0.0
+        return self.dist.sum([rank0], "the time-limit decision")[0] > 0
 
     def train_epoch(self, epoch: int) -> dict:
         """``steps`` optimizer steps; the epoch's mean loss over every rank, throughput and data-wait share."""
@@ -556,7 +588,8 @@ class Trainer:
             self.summary.update(best_val_loss=v["val_loss"], best_epoch=epoch, best_dice=v["dice"])
             if self.dist.is_writer:
                 save_atomic({"model": self.core.state_dict(), "config": cfg.to_dict(), "epoch": epoch,
-                             "val_loss": v["val_loss"], "dice": v["dice"]}, self.run_dir / "best.pt")
+                             "architecture": model_record(cfg), "val_loss": v["val_loss"], "dice": v["dice"]},
+                            self.run_dir / "best.pt")
         if self.writer and example is not None:
             img0, tgt0, pred0 = example
             self.writer.add_image("val/input", _middle(img0[0]), epoch, dataformats="HW")
@@ -577,6 +610,8 @@ class Trainer:
             if "val_loss" in record:
                 self.writer.add_scalar("val/loss", record["val_loss"], epoch)
                 self.writer.add_scalar("val/dice_mean", record["dice_mean"], epoch)
+                # the same against wall seconds since the start of training, to compare runs at equal time
+                self.writer.add_scalar("val_by_second/dice_mean", record["dice_mean"], round(record["wall_s"]))
                 for r, d in record["dice"].items():
                     self.writer.add_scalar(f"val/dice_{r}", d, epoch)
             self.writer.flush()
@@ -598,7 +633,7 @@ class Trainer:
             "model": self.core.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "epoch": epoch,
             "early_stopping": self.stopper.state_dict(), "rng": _rng_state(self.augment),
-            "config": self.cfg.to_dict(), "history": json.dumps(self.history),
+            "config": self.cfg.to_dict(), "architecture": model_record(self.cfg), "history": json.dumps(self.history),
         }, self.run_dir / "last.pt")
 
 

@@ -23,6 +23,7 @@ def check_flags(cfg) -> None:
     from store.conventions import REGIONS
 
     from .engine import ConfigError
+    from .models import check as model_problem
 
     checks = [
         (cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}"),
@@ -36,10 +37,15 @@ def check_flags(cfg) -> None:
         (tuple(cfg.regions[:3]) == REGIONS and len(set(cfg.regions)) == len(cfg.regions),
          f"--regions must start with TC WT ET (the BraTS regions), then extras such as RC, not "
          f"{' '.join(cfg.regions)}"),
+        (cfg.time_limit is None or cfg.time_limit > 0,
+         f"--time-limit must be a positive number of minutes, not {cfg.time_limit:g}" if cfg.time_limit is not None
+         else ""),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if reason := model_problem(cfg):
+        raise ConfigError(reason)
 
 
 def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool, is_writer: bool = True) -> None:

@@ -1,0 +1,162 @@
+"""Architectures and recipes: every model trains, validates, resumes, predicts and ensembles from its checkpoint
+alone; the recipes do what they say; bad flags are refused before any work."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evaluate.cli import main as eval_main
+from evaluate.inference import RunError, load_run
+from train.cli import main as train_main
+from train.config import TrainConfig
+from train.models import MODELS, make_loss, record
+
+BASE = ["--patch-size", "16", "16", "16", "--workers", "0", "--epochs", "2", "--lr", "0.01"]
+SMALL = {"unet": ["--channels", "4", "8", "16"], "segresnet": ["--channels", "8", "16", "32"],
+         "dynunet": ["--channels", "4", "8", "16", "--deep-supervision", "--loss", "dicece", "--optimizer", "sgd",
+                     "--schedule", "poly"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, extra in SMALL.items():
+        out[name] = root / name
+        assert train_main(["--store", tiny_store, "--run-dir", str(out[name]), "--model", name, *BASE, *extra]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_each_model_trains_records_its_architecture_and_evaluates(runs, name):
+    run = runs[name]
+    ck = torch.load(run / "best.pt", weights_only=True)
+    assert ck["architecture"]["name"] == name and ck["architecture"]["class"] == MODELS[name].cls
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"] == name and cfg["loss"] == ("dicece" if name == "dynunet" else "dice")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["wall_s"] > 0 for r in records) and records[-1]["wall_s"] > records[0]["wall_s"]
+    assert "val_loss" in records[-1] and np.isfinite(records[-1]["train_loss"])
+    loaded = load_run(run)
+    assert type(loaded.models[0]).__name__ == MODELS[name].cls.rsplit(".", 1)[1]
+    assert eval_main(["--run-dir", str(run), "--metrics", "legacy"]) == 0
+
+
+def test_resume_continues_and_refuses_another_architecture(runs, tiny_store, capsys):
+    run = runs["segresnet"]
+    assert train_main(["--store", tiny_store, "--run-dir", str(run), "--model", "segresnet", *BASE[:-4],
+                       "--epochs", "3", "--lr", "0.01", *SMALL["segresnet"], "--resume"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    capsys.readouterr()
+    assert train_main(["--store", tiny_store, "--run-dir", str(run), "--model", "unet", *BASE,
+                       "--channels", "8", "16", "32", "--resume"]) == 2
+    assert "model was 'segresnet', now 'unet'" in capsys.readouterr().err
+
+
+def test_ensembles_of_different_architectures(runs, tmp_path, capsys):
+    run = load_run(runs["unet"], [str(runs["segresnet"]), str(runs["dynunet"])])
+    assert len(run.models) == 3 and "dynunet, segresnet, unet" in run.kind
+    assert eval_main(["--run-dir", str(runs["unet"]), "--ensemble", str(runs["segresnet"]), str(runs["dynunet"]),
+                      "--metrics", "legacy"]) == 0
+    summary = json.loads((runs["unet"] / "eval" / "test.json").read_text())
+    assert summary["models"].startswith("ensemble of 3 models")
+    # a run whose preprocessing differs is refused in one line
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ("best.pt", "config.json"):
+        (other / f).write_bytes((runs["segresnet"] / f).read_bytes())
+    prep = json.loads((runs["segresnet"] / "preprocessing.json").read_text())
+    prep["params"]["spacing_mm"] = [1.0, 1.0, 1.0]
+    (other / "preprocessing.json").write_text(json.dumps(prep))
+    with pytest.raises(RunError, match="its preprocessing .* differ"):
+        load_run(runs["unet"], [str(other)])
+    capsys.readouterr()
+    assert eval_main(["--run-dir", str(runs["unet"]), "--ensemble", str(other)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_deep_supervision_weights_halve_per_level():
+    from monai.losses import DiceLoss
+
+    cfg = TrainConfig(model="dynunet", deep_supervision=True, loss="dice")
+    loss = make_loss(cfg)
+    target = (torch.rand(2, 3, 8, 8, 8) > 0.5).float()
+    outs = torch.randn(2, 3, 3, 8, 8, 8)  # (B, 1 + 2 levels, R, X, Y, Z)
+    base = DiceLoss(sigmoid=True, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    want = sum(w * base(outs[:, i], target) for i, w in enumerate((1.0, 0.5, 0.25)))
+    assert float(loss(outs, target)) == pytest.approx(float(want), rel=1e-5)
+    assert float(loss(outs[:, 0], target)) == pytest.approx(float(base(outs[:, 0], target)))  # evaluation output
+
+
+def test_recipes_poly_schedule_and_sgd(runs):
+    records = [json.loads(line) for line in (runs["dynunet"] / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == pytest.approx(0.01) and records[1]["lr"] == pytest.approx(0.01 * 0.5 ** 0.9)
+    state = torch.load(runs["dynunet"] / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert state["momentum"] == 0.99 and state["nesterov"] is True
+
+
+def test_time_limit_stops_cleanly(tiny_store, tmp_path, capsys):
+    run = tmp_path / "timed"
+    assert train_main(["--store", tiny_store, "--run-dir", str(run), *BASE[:-4], "--epochs", "50", "--val-every", "10",
+                       *SMALL["unet"], "--time-limit", "0.0005"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and "val_loss" in records[0]  # validated although not a validation epoch
+    assert (run / "best.pt").exists() and (run / "last.pt").exists()
+    assert "time limit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "unet", "--deep-supervision"], "--deep-supervision: unet has no deep supervision"),
+    (["--model", "swinunetr", "--channels", "12", "--patch-size", "48", "48", "48"], "multiple of 32"),
+    (["--model", "swinunetr", "--channels", "12", "--patch-size", "32", "32", "32"], "at least 64"),
+    (["--model", "swinunetr", "--channels", "16"], "multiple of 12"),
+    (["--model", "segresnet", "--channels", "8", "24"], "double at each level"),
+    (["--model", "dynunet", "--channels", "4", "8", "16", "32", "--patch-size", "20", "20", "20"], "multiple of 8"),
+    (["--time-limit", "0"], "--time-limit must be a positive"),
+    (["--time-limit", "-2"], "--time-limit must be a positive"),
+])
+def test_bad_model_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
+    run = tmp_path / "never"
+    args = ["--store", str(tmp_path / "no-store.zarr"), "--run-dir", str(run), "--workers", "0"]
+    if "--patch-size" not in flags:
+        args += ["--patch-size", "64", "64", "64"]
+    assert train_main([*args, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+def test_unknown_names_are_usage_errors(capsys):
+    for flag in ("--model", "--loss", "--optimizer", "--schedule"):
+        with pytest.raises(SystemExit) as e:
+            train_main([flag, "nope"])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_records_rebuild_the_same_network():
+    from train.models import build, build_from_record
+
+    for name in MODELS:
+        cfg = TrainConfig(model=name, channels=MODELS[name].default_channels, modalities=("t1", "t2"))
+        a, b = build(cfg), build_from_record(json.loads(json.dumps(record(cfg))))
+        assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+
+
+def test_swinunetr_trains_and_predicts(tmp_path):
+    from prep.build import BuildConfig, build_store
+    from prep.synth import SynthConfig, synth_cohort
+
+    from .helpers import synth_spacing
+
+    shape = (120, 120, 78)  # 2 mm voxels: cropped cases of at least 64 voxels a side, as SwinUNETR needs
+    synth_cohort(SynthConfig(out=tmp_path / "raw", cases=6, seed=3, shape=shape), progress=False)
+    store = tmp_path / "s.zarr"
+    assert build_store(BuildConfig(source=str(tmp_path / "raw"), store=str(store), workers=0,
+                                   spacing=synth_spacing(shape)), progress=False).ok
+    run = tmp_path / "swin"
+    assert train_main(["--store", str(store), "--run-dir", str(run), "--model", "swinunetr", "--channels", "12",
+                       "--patch-size", "64", "64", "64", "--batch-size", "1", "--epochs", "1", "--steps-per-epoch",
+                       "1", "--workers", "0", "--loss", "dicefocal", "--schedule", "cosine"]) == 0
+    assert eval_main(["--run-dir", str(run), "--metrics", "legacy", "--split", "val"]) == 0
