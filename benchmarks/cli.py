@@ -20,6 +20,11 @@ BENCHES = {
     "modalities": "the seed's experiment with error bars: T1 vs T1+T2+FLAIR vs T1+T1ce+T2+FLAIR, 3 seeds each, "
                   "test Dice/HD95 per region (legacy and brats2023) and paired bootstrap intervals, each run's "
                   "postprocessing tuned on validation and its gain with its interval (under an hour on 2 cores)",
+    "models": "each architecture (unet with the seed's recipe, segresnet, dynunet with deep supervision, swinunetr, "
+              "each with its recommended recipe) x 3 seeds, every run trained for the same wall time (3 min) on "
+              "120 cases at 2 mm: test Dice/HD95 and brats2023 Dice, paired bootstrap intervals against the seed's "
+              "UNet, samples/s, peak memory, parameters, validation Dice against wall seconds (under an hour on 2 "
+              "cores)",
     "table": "regenerate the README's performance table from the JSON results",
 }
 ALL = ("synth", "prep", "loader", "train", "infer")
@@ -42,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "preprocessing on the same cases (needs pip install -e '.[peers]'; without it, says so and "
                    "measures the rest)")
     p.add_argument("--full", action="store_true", help="modalities: 1 mm cases and 128^3 patches (for a GPU)")
-    p.add_argument("--seeds", type=int, nargs="+", help="modalities: the seeds each arm trains with (default: 0 1 2, "
-                   "or 0 1 with --quick)")
+    p.add_argument("--seeds", type=int, nargs="+", help="modalities, models: the seeds each arm trains with (default: "
+                   "0 1 2; with --quick, modalities 0 1 and models 0)")
+    p.add_argument("--time-limit", type=float, metavar="MIN", help="models: minutes of training per run (default: "
+                   "3; 0.15 with --quick)")
     p.add_argument("--epochs", type=int, help="modalities: epochs per run instead of the scale's own (a shorter "
                    "budget, said in the table)")
     p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
@@ -56,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    if (args.seeds or args.epochs) and args.name != "modalities":
-        parser.error("--seeds and --epochs apply to the modalities benchmark only")
+    if args.epochs and args.name != "modalities":
+        parser.error("--epochs applies to the modalities benchmark only")
+    if args.seeds and args.name not in ("modalities", "models"):
+        parser.error("--seeds applies to the modalities and models benchmarks only")
+    if args.time_limit is not None and (args.name != "models" or args.time_limit <= 0):
+        parser.error("--time-limit applies to the models benchmark only, as a positive number of minutes")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = args.size or ("quick" if args.quick else "full")
@@ -115,6 +126,11 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
 
         modalities.run(out, work / "modalities", quick=size != "full" and not args.full, full=args.full,
                        epochs=args.epochs, seeds=tuple(args.seeds) if args.seeds else None, amp=args.amp)
+    elif name == "models":
+        from . import models_bench
+
+        models_bench.run(out, work / "models", quick=size != "full", seeds=tuple(args.seeds) if args.seeds else None,
+                         minutes=args.time_limit)
     elif name == "table":
         from .table import update_readme
 

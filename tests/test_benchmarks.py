@@ -164,7 +164,9 @@ def test_peers_without_nnunet_say_how_to_install_it(monkeypatch, capsys, tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["modalities", "--epochs", "0"], "--epochs must be at least 1"),
-    (["prep", "--seeds", "0"], "modalities benchmark only"),
+    (["prep", "--seeds", "0"], "modalities and models benchmarks only"),
+    (["prep", "--time-limit", "2"], "models benchmark only"),
+    (["models", "--time-limit", "0"], "positive number of minutes"),
 ])
 def test_bad_benchmark_flags_are_refused(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

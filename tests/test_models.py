@@ -160,3 +160,26 @@ def test_swinunetr_trains_and_predicts(tmp_path):
                        "--patch-size", "64", "64", "64", "--batch-size", "1", "--epochs", "1", "--steps-per-epoch",
                        "1", "--workers", "0", "--loss", "dicefocal", "--schedule", "cosine"]) == 0
     assert eval_main(["--run-dir", str(run), "--metrics", "legacy", "--split", "val"]) == 0
+
+
+def test_time_limited_schedules_run_their_course():
+    from train.models import make_schedule
+
+    share = {"t": 0.0}
+    for schedule, at_half in (("poly", 0.5 ** 0.9), ("cosine", 0.5)):
+        cfg = TrainConfig(schedule=schedule, epochs=1000, lr=1.0, eta_min=0.0, time_limit=10)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make_schedule(cfg, opt, progress=lambda: share["t"])
+        share["t"] = 0.5  # half the time spent after one of 1000 epochs: the schedule is half way
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(at_half)
+        share["t"] = 0.0
+    # without a time limit, epochs alone: cosine over 4 epochs is at half after 2
+    cfg = TrainConfig(schedule="cosine", epochs=4, lr=1.0, eta_min=0.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_schedule(cfg, opt)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)

@@ -364,6 +364,8 @@ class Trainer:
         self.history: list[dict] = []
         self.start_epoch = 0
         self.summary = {"best_val_loss": math.inf, "best_epoch": None, "best_dice": None}
+        self.wall_before = 0.0  # a resumed run's wall seconds before this process
+        self.time_share = 0.0  # with --time-limit, the share of it spent (rank 0's clock), for the schedule
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -431,7 +433,7 @@ class Trainer:
                 self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.loss_fn = make_loss(cfg)
         self.opt = make_optimizer(cfg, self.model.parameters())
-        self.sched = make_schedule(cfg, self.opt)
+        self.sched = make_schedule(cfg, self.opt, progress=lambda: self.time_share)
         self.autocast, self.scaler, self.amp_desc = amp_context(cfg, self.device)
         self.stopper = EarlyStopping(cfg.patience, cfg.min_delta)
         self.augment = BatchAugment(seed=cfg.seed * 1000 + dist.rank)
@@ -528,9 +530,12 @@ class Trainer:
         if self.cfg.time_limit is None or epoch + 1 >= self.cfg.epochs:
             return False
         validates = (epoch + 2) % self.cfg.val_every == 0
-        late = self.wall_seconds() + train_seconds + (self.val_seconds if validates else 0.0) > 60 * self.cfg.time_limit
-        rank0 = float(late) if self.dist.rank == 0 else 0.0
-        return self.dist.sum([rank0], "the time-limit decision")[0] > 0
+        wall = self.wall_seconds()
+        late = wall + train_seconds + (self.val_seconds if validates else 0.0) > 60 * self.cfg.time_limit
+        mine = [float(late), wall] if self.dist.rank == 0 else [0.0, 0.0]
+        late, wall = self.dist.sum(mine, "the time-limit decision")
+        self.time_share = wall / (60 * self.cfg.time_limit)
+        return late > 0
 
     def train_epoch(self, epoch: int) -> dict:
         """``steps`` optimizer steps; the epoch's mean loss over every rank, throughput and data-wait share."""

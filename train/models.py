@@ -141,12 +141,22 @@ def make_optimizer(cfg, params):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_schedule(cfg, opt):
-    """Stepped once per epoch: the seed's cosine warm restarts, nnU-Net's poly (lr x (1 - epoch/epochs)^0.9), or
-    one cosine over all epochs."""
+def make_schedule(cfg, opt, progress=None):
+    """Stepped once per epoch: the seed's cosine warm restarts, nnU-Net's poly (lr x (1 - t)^0.9), or one cosine
+    (eta_min + (lr - eta_min)(1 + cos(pi t)) / 2), where t = epoch / epochs, or, for a run with --time-limit, the
+    share of its time spent when that is further along (``progress()``): a time-limited run completes its
+    schedule."""
+    import math
+
     import torch
+
+    if cfg.schedule == "cosine-restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.t0, eta_min=cfg.eta_min)
+
+    def t(epoch: int) -> float:
+        return min(1.0, max(epoch / cfg.epochs, progress() if progress else 0.0))
+
     if cfg.schedule == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: max(0.0, 1 - e / cfg.epochs) ** 0.9)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.eta_min)
-    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.t0, eta_min=cfg.eta_min)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (1 - t(e)) ** 0.9)
+    floor = cfg.eta_min / cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: floor + (1 - floor) * (1 + math.cos(math.pi * t(e))) / 2)

@@ -1,0 +1,193 @@
+"""Architectures compared at equal wall time: each with its recommended recipe (and the seed's UNet with the
+seed's), several seeds, every run trained for the same ``--time-limit`` on one cohort (the modalities
+experiment's generator and seed, all four modalities) and scored on its test cases.
+
+Reported: test Dice and HD95 (legacy) and brats2023 lesion-wise Dice per region, mean and std over seeds, paired
+per-case differences against the seed's UNet with bootstrap 95% intervals, samples/s and peak memory of each
+training process, parameter counts, and validation mean Dice against wall seconds (PNG).
+
+The cohort is at 2 mm (SwinUNETR needs patches of 64 voxels a side, and cases at least that large), so every
+architecture trains on 64^3 patches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from evaluate.report import bootstrap_ci
+
+from .report import write_result
+
+ARMS = {
+    "unet (seed recipe)": ["--model", "unet", "--channels", "16", "32", "64", "128", "--lr", "3e-3"],
+    "segresnet": ["--model", "segresnet", "--channels", "16", "32", "64", "128", "--loss", "dice", "--schedule",
+                  "cosine", "--lr", "3e-3"],
+    "dynunet": ["--model", "dynunet", "--channels", "16", "32", "64", "128", "256", "--deep-supervision", "--loss",
+                "dicece", "--optimizer", "sgd", "--schedule", "poly", "--lr", "1e-2"],
+    "swinunetr": ["--model", "swinunetr", "--channels", "12", "--loss", "dicece", "--schedule", "cosine", "--lr",
+                  "1e-3"],
+}
+BASELINE = "unet (seed recipe)"
+SCALES = {  # grid, cases, minutes per run, seeds
+    "quick": ((120, 120, 78), 8, 0.15, (0,)),
+    "full": ((120, 120, 78), 120, 3.0, (0, 1, 2)),
+}
+REGIONS = ("TC", "WT", "ET")
+
+
+def _train(arm: str, args: list[str], store: Path, run_dir: Path, seed: int, minutes: float, log: Path) -> dict:
+    """One training process; returns its peak resident memory (from the kernel's accounting of that child)."""
+    cmd = [sys.executable, "-m", "train", "--store", str(store), "--run-dir", str(run_dir), "--modalities", "t1",
+           "t1ce", "t2", "flair", "--patch-size", "64", "64", "64", "--batch-size", "2", "--epochs", "100000",
+           "--steps-per-epoch", "10", "--val-every", "3", "--max-val-cases", "4", "--patience", "100000",
+           "--workers", "1", "--seed", str(seed), "--time-limit", f"{minutes:g}", "--overwrite", *args]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"training {arm} seed {seed} failed (exit {proc.returncode}); see {log}")
+    return {"peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] | None = None,
+        minutes: float | None = None) -> dict:
+    from evaluate.evaluation import evaluate_split
+    from prep.build import BuildConfig, build_store
+    from prep.synth import FOV_MM, SynthConfig, synth_cohort
+    from store import open_store
+    from train.cli import build_parser, config_from_args
+    from train.models import build, parameter_count
+
+    scale = "quick" if quick else "full"
+    shape, n, scale_minutes, scale_seeds = SCALES[scale]
+    seeds, minutes = seeds or scale_seeds, minutes or scale_minutes
+    spacing = tuple(f / s for f, s in zip(FOV_MM, shape))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    store = work / "store.zarr"
+    if not (store / "zarr.json").exists():
+        synth_cohort(SynthConfig(out=work / "raw", cases=n, seed=2024, shape=shape, workers=2), progress=False)
+        rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store), workers=2, spacing=spacing),
+                          progress=False)
+        if not rep.ok:
+            raise RuntimeError(f"store build failed: {rep.failed}")
+    test_ids = open_store(store).splits["test"]
+    arms: dict[str, dict] = {}
+    per_case: dict[str, dict[int, dict]] = {}
+    curves: dict[str, list] = {}
+    for arm, args in ARMS.items():
+        cfg = config_from_args(build_parser().parse_args(["--modalities", "t1", "t1ce", "t2", "flair", *args]))
+        arms[arm] = {"flags": " ".join(args), "parameters": parameter_count(build(cfg)), "runs": []}
+        per_case[arm], curves[arm] = {}, []
+        for seed in seeds:
+            run_dir = work / f"run-{arm.split()[0]}-seed{seed}"
+            mem = _train(arm, args, store, run_dir, seed, minutes, work / f"{run_dir.name}.log")
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            summary = evaluate_split(str(run_dir), str(store), "test", progress=False,
+                                     metrics=("legacy", "brats2023"), postprocessing=False)
+            with open(run_dir / "eval" / "test.csv") as f:
+                per_case[arm][seed] = {r["case"]: r for r in csv.DictReader(f)}
+            curves[arm].append([(r["wall_s"], r["dice_mean"]) for r in records if "dice_mean" in r])
+            arms[arm]["runs"].append({
+                "seed": seed, **mem, "epochs": len(records), "wall_s": records[-1]["wall_s"],
+                "samples_per_s": float(np.median([r["samples_per_s"] for r in records])),
+                "test": {k: v["mean"] for k, v in summary["scores"].items()}})
+            print(f"models: {arm} seed {seed}: {len(records)} epochs in {records[-1]['wall_s']:.0f} s, test Dice "
+                  + ", ".join(f"{r} {summary['scores'][f'dice_{r.lower()}']['mean']:.3f}" for r in REGIONS))
+    cols = [f"{m}_{r.lower()}" for m in ("dice", "hd95", "brats2023_dice") for r in REGIONS]
+    for a in arms.values():
+        per_seed = {c: [r["test"][c] for r in a["runs"]] for c in cols}
+        a["mean"] = {c: float(np.mean(v)) for c, v in per_seed.items()}
+        a["std_over_seeds"] = {c: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for c, v in per_seed.items()}
+        a["mean_dice"] = float(np.mean([a["mean"][f"dice_{r.lower()}"] for r in REGIONS]))
+        a["samples_per_s"] = float(np.median([r["samples_per_s"] for r in a["runs"]]))
+        a["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in a["runs"]))
+
+    def case_mean(arm, case, keys):
+        return np.mean([np.mean([float(per_case[arm][s][case][k]) for k in keys]) for s in seeds])
+
+    paired = {}
+    for arm in arms:
+        if arm == BASELINE:
+            continue
+        paired[arm] = {}
+        for name, keys in [*((r, [f"dice_{r.lower()}"]) for r in REGIONS),
+                           ("mean", [f"dice_{r.lower()}" for r in REGIONS])]:
+            d = np.array([case_mean(arm, c, keys) - case_mean(BASELINE, c, keys) for c in test_ids])
+            lo, hi = bootstrap_ci(d)
+            paired[arm][name] = {"mean_difference": float(d.mean()), "ci95": [lo, hi],
+                                 "excludes_zero": bool(lo > 0 or hi < 0)}
+    command = "python -m benchmarks models" + (" --quick" if quick else "") + (
+        f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != scale_seeds else "")
+    table = _table(arms, paired, len(seeds), len(test_ids), minutes)
+    payload = {"scale": scale, "command": command, "minutes_per_run": minutes,
+               "cohort": {"cases": n, "shape": list(shape), "spacing_mm": list(spacing), "seed": 2024,
+                          "test_cases": len(test_ids)},
+               "training": "64^3 patches, batch 2, 10 steps per epoch, validation every 3 epochs on 4 cases, "
+                           "all four modalities, one process with 1 loader thread",
+               "arms": arms, "paired_dice_vs_seed_unet": paired, "curves": curves, "table_markdown": table,
+               "seconds": time.perf_counter() - t0,
+               "conventions": "dice/hd95: legacy BraTS per region on the source grid; brats2023_dice: the BraTS "
+                              "2023 lesion-wise scorer; no postprocessing; paired: per-case differences of the "
+                              "seed-averaged Dice against the seed's UNet, 95% bootstrap interval over the test "
+                              "cases; peak memory: the training process's maximum resident set"}
+    write_result(out_dir, "models", payload)
+    (Path(out_dir) / "models.md").write_text(
+        f"`{command}`: {n} synthetic cases at {spacing[0]:.1f} mm, {len(test_ids)} test cases, every run trained "
+        f"for {minutes:g} min of wall time (seeds {', '.join(map(str, seeds))}); mean +- std over seeds.\n\n"
+        f"{table}\n")
+    _figure(Path(out_dir) / "models.png", curves, minutes)
+    print(table)
+    return payload
+
+
+def _table(arms: dict, paired: dict, n_seeds: int, n_cases: int, minutes: float) -> str:
+    lines = ["| architecture | parameters | samples/s | peak memory | " + " | ".join(f"Dice {r}" for r in REGIONS)
+             + " | mean Dice | " + " | ".join(f"brats2023 Dice {r}" for r in REGIONS) + " |",
+             "|---|" + "---|" * 10]
+    for arm, a in arms.items():
+        m, s = a["mean"], a["std_over_seeds"]
+        lines.append(f"| {arm} | {a['parameters'] / 1e6:.2f} M | {a['samples_per_s']:.2f} | {a['peak_rss_mb']:.0f} MB"
+                     " | " + " | ".join(f"{m[f'dice_{r.lower()}']:.3f} +- {s[f'dice_{r.lower()}']:.3f}"
+                                        for r in REGIONS)
+                     + f" | {a['mean_dice']:.3f} | "
+                     + " | ".join(f"{m[f'brats2023_dice_{r.lower()}']:.3f}" for r in REGIONS) + " |")
+    lines += ["", f"Paired Dice differences against the seed's UNet over the {n_cases} test cases (each case averaged "
+                  f"over {n_seeds} seeds), {minutes:g} min of training each, mean [95% bootstrap interval]:", "",
+              "| architecture | TC | WT | ET | mean |", "|---|---|---|---|---|"]
+    for arm, per in paired.items():
+        lines.append(f"| {arm} | " + " | ".join(
+            f"{v['mean_difference']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for v in per.values()) + " |")
+    return "\n".join(lines)
+
+
+def _figure(path: Path, curves: dict, minutes: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, (arm, runs) in enumerate(curves.items()):
+        for i, pts in enumerate(runs):
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, "-o", ms=3, color=f"C{k}", alpha=0.8, label=arm if i == 0 else None)
+    ax.set_xlabel("wall seconds since the start of training")
+    ax.set_ylabel("validation mean Dice (TC, WT, ET)")
+    ax.set_title(f"validation Dice against time, {minutes:g} min per run (one line per seed)", fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
