@@ -67,7 +67,7 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     cases = discover(b.raw).cases
     conv = cases[0].label_convention
     run_ = LoadedRun([model], cfg, [], {"params": {"spacing_mm": list(b.spacing), "crop_margin": 2},
-                                        "label_convention": conv}, "benchmark model")
+                                        "label_convention": conv}, "benchmark model", [cfg])
     autocast, _, amp_desc = amp_context(cfg, device)
     n_tta = {"full": 1, "quick": 2, "tiny": 1}[size]
 
