@@ -4,7 +4,8 @@
 # of the augmentation and loader tests run only there), then the loader, train (--amp) and infer (--amp)
 # benchmarks on full-size synthetic cases, writing the same JSON as on the CPU to benchmarks/results/gpu/ (or
 # $OUT/gpu when $OUT is set), and a log beside it. Budget: about 5 to 8 minutes on a 16-core H100/H200 machine;
-# MODALITIES=1 adds the modalities experiment with --full (one seed per arm), about 8 minutes more.
+# MODALITIES=1 adds the modalities experiment with --full (one seed per arm), about 8 minutes more; MODELS=1 the
+# architectures at equal wall time (1 minute per run, one seed each), about 6 minutes more.
 # Usage: bash benchmarks/gpu.sh [WHEELS_DIR]   (default .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,8 @@ exec > >(tee -a "$out/gpu.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU here"; exit 1; }
 missing=$(python3 - <<'PY'
 import importlib.util
-need = ["medpy", "monai", "nibabel", "nilearn", "zarr", "numcodecs", "dask", "distributed", "matplotlib", "scipy", "psutil"]
+need = ["medpy", "monai", "nibabel", "nilearn", "zarr", "numcodecs", "dask", "distributed", "matplotlib", "scipy", "psutil",
+        "einops"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY
 )
@@ -47,6 +49,10 @@ step 80 infer python3 -m benchmarks infer --amp --out "$out" --work "$work"
 if [ "${MODALITIES:-0}" = 1 ]; then
   step 540 modalities python3 -m benchmarks modalities --full --amp --seeds 0 --epochs 12 --out "$out" \
     --work "$work/modalities"
+fi
+# every architecture with its recipe at equal wall time, one seed each: the GPU rows of the README's Models table
+if [ "${MODELS:-0}" = 1 ]; then
+  step 480 models python3 -m benchmarks models --seeds 0 --time-limit 1 --out "$out" --work "$work/models"
 fi
 python3 -c "from benchmarks.table import render; print(render('$out'))"
 exit $rc

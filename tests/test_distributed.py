@@ -198,3 +198,14 @@ def test_ram_cache_larger_than_memory_is_refused_up_front(store12, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and "--cache ram needs" in err and "available" in err and "--cache none" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_dynunet_with_deep_supervision_and_a_time_limit_under_two_ranks(store12, tmp_path):
+    # deep supervision outputs through DDP, and the time-limit decision shared from rank 0: both ranks stop after
+    # the same epoch, with a validation
+    r = _torchrun(2, "-m", "train", "--store", store12, "--run-dir", str(tmp_path / "ds"), "--model", "dynunet",
+                  "--deep-supervision", "--loss", "dicece", "--optimizer", "sgd", "--schedule", "poly", *TINY_NET,
+                  "--epochs", "50", "--val-every", "10", "--time-limit", "0.0005")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _metrics(tmp_path / "ds")
+    assert len(m) == 1 and m[0]["ranks"] == 2 and math.isfinite(m[0]["val_loss"]) and m[0]["wall_s"] > 0

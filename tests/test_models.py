@@ -183,3 +183,12 @@ def test_time_limited_schedules_run_their_course():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", ["segresnet", "dynunet"])
+def test_models_with_amp_and_streamed_patches(name, tiny_store, tmp_path):
+    run = tmp_path / name
+    assert train_main(["--store", tiny_store, "--run-dir", str(run), "--model", name, *BASE[:-4], "--epochs", "1",
+                       *SMALL[name], "--amp", "--cache", "none"]) == 0
+    assert json.loads((run / "config.json").read_text())["amp"] is True
+    assert eval_main(["--run-dir", str(run), "--metrics", "legacy", "--tta"]) == 0
