@@ -24,7 +24,7 @@ import numpy as np
 
 from evaluate.report import bootstrap_ci
 
-from .report import write_result
+from .report import save_png, write_result
 
 ARMS = {"T1": ("t1",), "T1+T2+FLAIR": ("t1", "t2", "flair"), "T1+T1ce+T2+FLAIR": ("t1", "t1ce", "t2", "flair")}
 COMPARISONS = (("T1+T2+FLAIR", "T1"), ("T1+T1ce+T2+FLAIR", "T1+T2+FLAIR"), ("T1+T1ce+T2+FLAIR", "T1"))
@@ -204,7 +204,4 @@ def _figure(path: Path, arms: dict, regions, seeds) -> None:
     ax.set_ylabel("test Dice (bars: mean over seeds, dots: each seed)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

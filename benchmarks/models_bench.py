@@ -24,7 +24,7 @@ import numpy as np
 
 from evaluate.report import bootstrap_ci
 
-from .report import write_result
+from .report import save_png, write_result
 
 ARMS = {
     "unet (seed recipe)": ["--model", "unet", "--channels", "16", "32", "64", "128", "--lr", "3e-3"],
@@ -187,7 +187,4 @@ def _figure(path: Path, curves: dict, minutes: float) -> None:
     ax.set_title(f"validation Dice against time, {minutes:g} min per run (one line per seed)", fontsize=9)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

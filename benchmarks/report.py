@@ -50,8 +50,16 @@ def bar_chart(path: str | Path, title: str, unit: str, bars: dict[str, dict], lo
         ax.annotate(f"{m:.3g}", (i, m), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
                     textcoords="offset points")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    return save_png(fig, path)
+
+
+def save_png(fig, path) -> Path:
+    """Lay out, write (folders made as needed) and free a benchmark figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
