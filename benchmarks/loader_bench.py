@@ -64,8 +64,17 @@ def _monai_loader(kind: str, items, spacing, patch, cache_dir: Path):
         ds = CacheDataset(items, Compose(det + rand), cache_rate=1.0, num_workers=2, progress=False)
     else:
         ds = PersistentDataset(items, Compose(det + rand), cache_dir=str(cache_dir))
-    # MONAI's DataLoader (its collate knows MetaTensors; torch's default collate can fail on them in workers)
-    return DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=False, persistent_workers=True)
+    # the batch stacked as plain tensors: collating MetaTensors in a worker (torch's default collate and MONAI's
+    # alike) now and then fails with "Trying to resize storage that is not resizable" (1 run in 6 here)
+    return DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=False, persistent_workers=True,
+                      collate_fn=_stack_plain)
+
+
+def _stack_plain(samples: list[dict]) -> dict:
+    import torch
+
+    return {k: torch.stack([torch.as_tensor(s[k]).as_subclass(torch.Tensor) for s in samples])
+            for k in ("image", "label")}
 
 
 def _time_monai(loader, samples: int) -> float:
