@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import directed_hd95
+from .metrics import bounding_box, directed_hd95
 
 HD95_PENALTY_MM = 374.0
 # task -> (dilation iterations, lesion volume threshold in mm^3), as the challenge set them per task
@@ -62,12 +62,6 @@ def _struct18() -> np.ndarray:
     return generate_binary_structure(3, 2)
 
 
-def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    idx = np.argwhere(mask)
-    lo, hi = np.maximum(idx.min(0) - margin, 0), np.minimum(idx.max(0) + margin + 1, mask.shape)
-    return tuple(slice(a, b) for a, b in zip(lo, hi))
-
-
 def region_scores(pred: np.ndarray, ref: np.ndarray, spacing, task: str = "gli", with_hd95: bool = True,
                   lesions: list | None = None) -> dict:
     """{"dice", "hd95", "tp", "fp", "fn"} of one region's boolean masks; ``lesions``, when a list, receives a
@@ -79,7 +73,7 @@ def region_scores(pred: np.ndarray, ref: np.ndarray, spacing, task: str = "gli",
     if not p.any() and not g.any():
         return {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0}
     # the bounding box of both, wide enough for every dilation: the same components, hits and distances
-    box = _box(p | g, dil + 1)
+    box = bounding_box(p | g, dil + 1)
     p, g = p[box], g[box]
     voxel_mm3 = float(np.prod(np.broadcast_to(np.asarray(spacing, float), (3,))))
     st18 = _struct18()
@@ -94,7 +88,7 @@ def region_scores(pred: np.ndarray, ref: np.ndarray, spacing, task: str = "gli",
     ref_records = []
     for k, lid in enumerate(ids, start=1):
         m = merged == lid
-        b = _box(m, dil + 1)
+        b = bounding_box(m, dil + 1)
         grown = np.zeros_like(m)
         grown[b] = binary_dilation(m[b], st18, iterations=dil)
         hits = tuple(int(v) for v in np.unique(plab[grown]) if v)

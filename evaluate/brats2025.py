@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from .metrics import HD95_EMPTY_PENALTY_MM
+from .metrics import HD95_EMPTY_PENALTY_MM, cropped_pair
 
 FIELDS = ("dice", "nsd", "hd95", "lw_dice", "lw_dice_std", "lw_nsd", "lw_hd95", "tp", "fp", "fn", "precision",
           "recall", "f1")
@@ -78,12 +78,7 @@ def region_scores(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
     p, g = np.asarray(pred, bool), np.asarray(ref, bool)
     if not p.any() and not g.any():
         return {f: (0 if f in ("tp", "fp", "fn") else float("nan")) for f in FIELDS}
-    # the bounding box of both plus a voxel of background: the same components and distances, less work
-    idx = np.argwhere(p | g)
-    lo, hi = np.maximum(idx.min(0) - 1, 0), np.minimum(idx.max(0) + 2, p.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    pad = [(1, 1)] * p.ndim
-    pb, gb = np.pad(p[box], pad), np.pad(g[box], pad)
+    pb, gb = cropped_pair(p, g)  # the same components and distances, less work
     spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, float), (p.ndim,)))
     (res,) = _evaluator().evaluate(pb.astype(np.uint8), gb.astype(np.uint8), voxelspacing=spacing,
                                    verbose=False).values()

@@ -38,17 +38,27 @@ def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
     return dt[a_border]
 
 
-def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
-    """(pred surface -> gt surface, gt surface -> pred surface) distances in mm of two non-empty masks, computed
-    in the bounding box of both plus one voxel: the same distances, a fraction of the volume."""
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the bounding box of a non-empty mask widened by ``margin`` voxels, clipped to the array."""
+    idx = np.argwhere(mask)
+    lo, hi = np.maximum(idx.min(0) - margin, 0), np.minimum(idx.max(0) + margin + 1, mask.shape)
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def cropped_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two boolean masks (not both empty) cut to the bounding box of both plus one voxel and padded by one more
+    voxel of background: the same components, surfaces and distances as the whole volume, a fraction of it (the
+    padding keeps erosion at the box edge what it is in the whole volume)."""
     p, g = np.asarray(pred, bool), np.asarray(gt, bool)
-    idx = np.argwhere(p | g)
-    lo = np.maximum(idx.min(0) - 1, 0)
-    hi = np.minimum(idx.max(0) + 2, p.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    pad = [(1, 1)] * p.ndim  # keep erosion at the box edge what it is in the whole volume
-    pb, gb = np.pad(p[box], pad), np.pad(g[box], pad)
-    spacing = np.broadcast_to(np.asarray(spacing, float), (p.ndim,))
+    box = bounding_box(p | g, 1)
+    pad = [(1, 1)] * p.ndim
+    return np.pad(p[box], pad), np.pad(g[box], pad)
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """(pred surface -> gt surface, gt surface -> pred surface) distances in mm of two non-empty masks."""
+    pb, gb = cropped_pair(pred, gt)
+    spacing = np.broadcast_to(np.asarray(spacing, float), (pb.ndim,))
     return _surface_distances(pb, gb, spacing), _surface_distances(gb, pb, spacing)
 
 
