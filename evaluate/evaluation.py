@@ -70,10 +70,10 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
     import torch
     from monai.metrics import DiceMetric
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
     from store import open_store
     from store.conventions import REGIONS, region_masks, regions_to_label
+    from store.progress import progress_bar
     from train.engine import resolve_device
 
     from . import postprocess
@@ -145,7 +145,7 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
             tb.add_image(f"{cid}/{name}", (sl - sl.min()) / rng, ids.index(cid), dataformats="HW")
 
     suffix = "-tta" if tta else ""
-    bar = tqdm(total=len(ids), desc=f"evaluate {split}", unit="case", disable=not progress)
+    bar = progress_bar(len(ids), f"evaluate {split}", "case", enabled=progress)
     failures = run_pipeline(ids, store_case_reader(store, source_dir), infer, finish, on_done=lambda *_: bar.update())
     bar.close()
     if failures:  # a case that cannot be scored is an error: the table would silently cover fewer cases

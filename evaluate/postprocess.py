@@ -165,9 +165,8 @@ def tune(cases: list[ValidationCase], convention: str, regions, family: str = "b
 
 def _validation_cases(part: Path, store_path, source_dir, dev, tta: bool, progress: bool):
     """(convention, regions, [ValidationCase]) of one trained model on its own validation split."""
-    from tqdm import tqdm
-
     from store import open_store
+    from store.progress import progress_bar
     from train.experiment import splits_for
 
     from .brats2023 import task_of
@@ -189,7 +188,7 @@ def _validation_cases(part: Path, store_path, source_dir, dev, tta: bool, progre
         pred, ref, spacing, _ = label_maps_for_scoring(loaded[0], prob, loaded[2], conv, regions)
         cases.append(ValidationCase(cid, pred, ref, spacing, task_of(cid)))
 
-    bar = tqdm(total=len(ids), desc=f"predict validation ({part.name})", unit="case", disable=not progress)
+    bar = progress_bar(len(ids), f"predict validation ({part.name})", "case", enabled=progress)
     failures = run_pipeline(ids, store_case_reader(store, source_dir), infer, finish, on_done=lambda *_: bar.update())
     bar.close()
     if failures:

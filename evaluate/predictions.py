@@ -121,12 +121,12 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
 
 def predict_jobs(run, dev, jobs: list, convention: str, tta: bool = False, progress: bool = False, rules=None):
     """Predict (CaseFiles, output path) jobs through the pipeline; returns (written case ids, {case: reason})."""
-    from tqdm import tqdm
+    from store.progress import progress_bar
 
     from .pipeline import run_pipeline
 
     written, failed = [], {}
-    bar = tqdm(total=len(jobs), desc="predict", unit="case", disable=not progress)
+    bar = progress_bar(len(jobs), "predict", "case", enabled=progress)
 
     def on_done(job, error):
         bar.update()

@@ -228,9 +228,8 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     Every publication writes the index, the splits over it and the failure report together (one atomic root
     write), so the store verifies whenever the build stops. Splits keep the assignments of the last completed
     build (``settled``); a killed build resumed gives the splits an uninterrupted one would."""
-    from tqdm import tqdm
-
     from store.location import Location
+    from store.progress import progress_bar
     from store.zarrstore import StoreWriter
 
     from .splits import make_splits
@@ -261,7 +260,7 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
             return sp
 
         index = writer.index
-        bar = tqdm(total=len(cohort.cases), desc="build-store", unit="case", disable=not progress)
+        bar = progress_bar(len(cohort.cases), "build-store", "case", enabled=progress)
         done_at: list[float] = []
         pending: dict = {}  # finished, not yet published: case id -> record (None: unpublish, it failed)
         last = [time.perf_counter(), 0]  # time of the last publication, publications so far

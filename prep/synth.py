@@ -499,7 +499,7 @@ def synth_cohort(cfg: SynthConfig, progress: bool = True) -> list[str]:
     """Write ``cfg.cases`` cases in parallel over ``cfg.workers`` processes; returns the case ids."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm import tqdm
+    from store.progress import progress_bar
 
     if cfg.layout not in LABEL_CONVENTIONS:
         raise ValueError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LABEL_CONVENTIONS)}")
@@ -509,7 +509,7 @@ def synth_cohort(cfg: SynthConfig, progress: bool = True) -> list[str]:
         raise ValueError(f"--shape needs three sizes of at least 8 voxels, got {cfg.shape}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     args = [(cfg.out, i, cfg.seed, cfg.shape, cfg.layout) for i in range(cfg.cases)]
-    bar = tqdm(total=cfg.cases, desc="synth", unit="case", disable=not progress)
+    bar = progress_bar(cfg.cases, "synth", "case", enabled=progress)
     ids = []
     if cfg.workers <= 1:
         _init_worker()

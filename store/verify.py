@@ -52,14 +52,17 @@ def verify_case(store: Store, case_id: str) -> list[str]:
 
 
 def verify_store(store: Store, progress: bool = False) -> list[str]:
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     faults = []
     missing = [k for k in CURRENT.root_keys if k not in store.attrs]
     if missing:
         faults.append(f"root: missing attributes {missing}")
-    for cid in tqdm(store.case_ids, desc="verify", unit="case", disable=not progress):
+    bar = progress_bar(len(store.case_ids), "verify", "case", enabled=progress)
+    for cid in store.case_ids:
         faults.extend(verify_case(store, cid))
+        bar.update()
+    bar.close()
     split_ids = {c for k in ("train", "val", "test") for c in store.splits.get(k, [])}
     if store.case_ids and split_ids != set(store.case_ids):
         faults.append(f"root: splits cover {len(split_ids)} cases, the index {len(store.case_ids)}")

@@ -539,15 +539,16 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         """``steps`` optimizer steps; the epoch's mean loss over every rank, throughput and data-wait share."""
-        from tqdm import tqdm
+        from store.progress import progress_bar
 
         cfg, dist = self.cfg, self.dist
         self.model.train()
         t_epoch = time.perf_counter()
         wait = compute = 0.0
         losses = []
-        bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not self.progress, leave=False)
+        # in a log, no bar: the epoch's own line (printed after it) carries its figures
+        bar = progress_bar(self.steps, f"epoch {epoch + 1}/{cfg.epochs}", "step", enabled=self.progress, lines=False,
+                           leave=False)
         it = self.loader.epoch(epoch)
         aug_out = None
         global_step = epoch * self.steps

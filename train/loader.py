@@ -223,11 +223,14 @@ class RamSource:
                  num_workers: int = 1, progress: bool = False):
         from monai.data import CacheDataset
 
+        from store.progress import on_terminal
+
         self.case_ids = case_ids
         self.modalities = tuple(modalities)
         with heap_returned_to_os():
             ds = CacheDataset([{"case_id": c} for c in case_ids], transform=_LoadCase(store_path, modalities),
-                              cache_rate=cache_rate, num_workers=max(1, num_workers), progress=progress,
+                              cache_rate=cache_rate, num_workers=max(1, num_workers),
+                              progress=progress and on_terminal(),
                               copy_cache=False)
         self.cached: list[dict | None] = [None] * len(case_ids)
         for i, item in enumerate(ds._cache):
