@@ -25,6 +25,13 @@ BENCHES = {
               "120 cases at 2 mm: test Dice/HD95 and brats2023 Dice, paired bootstrap intervals against the seed's "
               "UNet, samples/s, peak memory, parameters, validation Dice against wall seconds (under an hour on 2 "
               "cores)",
+    "readers": "the Zarr engines (this project's reader, tensorstore, zarr-python with zarrs) on the same patches: "
+               "--cache none patches/s with 1 and 2 loader threads, ram cache fill, S3 patches/s, requests per patch",
+    "nnunet": "nnU-Net v2 (the peers extra) beside our best recipe on the models cohort and split: nnU-Net's "
+              "plan and preprocess, train 3d_fullres fold 0 with its shortest trainer, predict, each timed; ours "
+              "build-store, train and predict within the same wall time and within half of it; both scored by the "
+              "same scorer; nnU-Net's trainer is timed first and not run past --budget (on 2 CPU cores its "
+              "shortest needs over 2 hours: timed, not run)",
     "table": "regenerate the README's performance table from the JSON results",
 }
 ALL = ("synth", "prep", "loader", "train", "infer")
@@ -131,6 +138,14 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
 
         models_bench.run(out, work / "models", quick=size != "full", seeds=tuple(args.seeds) if args.seeds else None,
                          minutes=args.time_limit)
+    elif name == "readers":
+        from . import readers_bench
+
+        readers_bench.run(out, work, size)
+    elif name == "nnunet":
+        from . import nnunet_bench
+
+        nnunet_bench.run(out, work / "nnunet", trainer=args.trainer, size=size, budget_min=args.budget)
     elif name == "table":
         from .table import update_readme
 

@@ -128,6 +128,40 @@ class _PeakRss:
         self._thread.join()
 
 
+def reader_axis(store, ids, patch, reps: int, size: str, device) -> dict:
+    """Each installed Zarr engine (``store.engines``) on the same patches: ``--cache none`` delivery (patches/s,
+    same seed so the same regions) with 1 and 2 loader threads, and the seconds to fill the ``ram`` cache. The
+    engines take turns within each repeat, so that no engine gains from running later (a warmer machine)."""
+    from store.engines import available, reading_with
+    from train.loader import TrainLoader
+
+    names = available()
+    runs: dict[str, dict[str, list]] = {n: {"none_1_threads": [], "none_2_threads": [], "ram_fill_s": []}
+                                        for n in names}
+    samples = 8 * BATCH if size != "tiny" else BATCH
+    for _ in range(reps):
+        for name in names:
+            with reading_with(name):
+                for threads in (1, 2):
+                    loader = TrainLoader(store, ids, patch=patch, batch_size=BATCH, cache="none", workers=threads,
+                                         device=device, seed=0)
+                    _time_ours(loader, None, BATCH, device)  # warm-up
+                    runs[name][f"none_{threads}_threads"].append(_time_ours(loader, None, samples, device))
+                    loader.close()
+                t0 = time.perf_counter()
+                loader = TrainLoader(store, ids, patch=patch, batch_size=BATCH, cache="ram", workers=0,
+                                     device=device, seed=0)
+                runs[name]["ram_fill_s"].append(time.perf_counter() - t0)
+                loader.close()
+                del loader
+    out = {n: {k: summarize(v) for k, v in r.items()} for n, r in runs.items()}
+    base = out["project"]
+    for row in out.values():
+        row["vs_project"] = {"none_2_threads": row["none_2_threads"]["median"] / base["none_2_threads"]["median"],
+                             "ram_fill": base["ram_fill_s"]["median"] / row["ram_fill_s"]["median"]}
+    return out
+
+
 def loader_chart(out_dir: Path, res: dict) -> Path:
     """The loader figure from its JSON: delivery alone and +aug (augmented) per variant, log scale."""
     workers = ", ".join(f"{k} {v['loader_workers']}" for k, v in res["variants"].items() if "+" not in k)
@@ -186,6 +220,7 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
             del loader
         memory[mode] = {"process_rss_before_mb": rss.start_mb, "process_rss_peak_mb": rss.peak_mb,
                         "added_mb": rss.peak_mb - rss.start_mb}
+    readers = reader_axis(b.store, ids, patch, reps, size, device)
     seed_median = statistics.median(rates["seed"])
     variants = {}
     for k, v in rates.items():
@@ -195,7 +230,7 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
                        "loader_workers": workers.get(k.split("+")[0], monai_workers)}
     res = {"size": size, "cases": b.cases, "grid": list(b.shape), "spacing_mm": list(spacing),
            "sample": f"4 x {'x'.join(map(str, patch))} float image + label", "batch": BATCH,
-           "device": str(device), "variants": variants, "memory": memory,
+           "device": str(device), "variants": variants, "memory": memory, "readers": readers,
            "ratios": {"ram+aug / seed": variants["ram+aug"]["samples_per_s"] / seed_median,
                       "ram+aug / monai": variants["ram+aug"]["samples_per_s"] / variants["monai"]["samples_per_s"],
                       "none+aug / persistent": variants["none+aug"]["samples_per_s"]
@@ -207,6 +242,9 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     print(f"{'variant':<12} {'samples/s':>10} {'x seed':>8}")
     for k, v in variants.items():
         print(f"{k:<12} {v['samples_per_s']:10.2f} {v['ratio_to_seed']:8.1f}")
+    for k, r in readers.items():
+        print(f"reader {k}: none {r['none_1_threads']['median']:.1f} / {r['none_2_threads']['median']:.1f} "
+              f"patches/s (1 / 2 threads), ram fill {r['ram_fill_s']['median']:.2f} s")
     for k, m in memory.items():
         print(f"{k}: process memory peak {m['process_rss_peak_mb']:.0f} MB, {m['added_mb']:.0f} MB over its start")
     return res

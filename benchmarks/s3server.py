@@ -12,14 +12,16 @@ import time
 
 
 @contextlib.contextmanager
-def local_s3_server(access_key: str = "testing-key", secret_key: str = "testing-secret"):
+def local_s3_server(access_key: str = "testing-key", secret_key: str = "testing-secret", log=None):
     """Start the server, set AWS_* for this process (and its children), yield the endpoint URL; afterwards the
-    server is stopped and the environment restored."""
+    server is stopped and the environment restored. ``log``: a file that receives the server's request log (one
+    line per request), for counting requests."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    sink = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed when the server stops)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=sink, stderr=sink)
     env = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     saved = {k: os.environ.get(k) for k in env}
@@ -41,6 +43,8 @@ def local_s3_server(access_key: str = "testing-key", secret_key: str = "testing-
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        if log is not None:
+            sink.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -177,9 +177,14 @@ class Case:
         from .fastread import ChunkReader
 
         if name not in self._readers:
+            from .engines import engine, reader
+
             loc = self._store.location
             key = f"{self._group_path}/{name}"
-            if loc.remote:
+            chosen = reader(engine(), self._group[name], loc, key) if not loc.zip else None
+            if chosen is not None:
+                self._readers[name] = chosen
+            elif loc.remote:
                 objects = self.meta.get("objects")
                 sizes = {k[len(name) + 1:]: v for k, v in objects.items() if k.startswith(f"{name}/")} \
                     if objects else None

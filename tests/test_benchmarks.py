@@ -35,6 +35,25 @@ def test_benchmark_tiny_writes_json_and_png(tiny_results, name, keys):
     if name == "loader":
         assert {"seed", "monai", "persistent", "ram", "ram+aug", "none", "none+aug"} <= set(data["variants"])
         assert all(v["samples_per_s"] > 0 for v in data["variants"].values())
+        # the reader axis: every installed engine on the same patches
+        assert set(data["readers"]) == {"project", "tensorstore", "zarrs"}
+        assert all(r["none_2_threads"]["median"] > 0 and r["ram_fill_s"]["median"] > 0
+                   for r in data["readers"].values())
+        assert data["readers"]["project"]["vs_project"] == {"none_2_threads": 1.0, "ram_fill": 1.0}
+
+
+def test_readers_benchmark_tiny(tmp_path):
+    """The engines on the same patches locally and from a local S3 server (requests counted in its log), and the
+    writer compared byte for byte."""
+    assert bench_main(["readers", "--size", "tiny", "--out", str(tmp_path / "out"), "--work", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "out" / "readers.json").read_text())
+    assert set(data["local"]) == {"project", "tensorstore", "zarrs"}
+    s3 = data["object_storage"]["readers"]
+    assert set(s3) == {"project", "tensorstore"}
+    assert all(r["s3_patches_per_s"]["median"] > 0 and r["s3_requests_per_patch"]["median"] >= 1 for r in s3.values())
+    assert set(data["writer"]) == {"image", "label"}
+    assert all("zarr.json" in w["identical_files"] and w["project_s"] > 0 for w in data["writer"].values())
+    assert "| tensorstore |" in (tmp_path / "out" / "readers.md").read_text()
 
 
 def test_table_is_generated_from_json(tiny_results, tmp_path):

@@ -1,0 +1,103 @@
+"""The Zarr engines side by side on the loader's own work (``store.engines``): ``--cache none`` 4-channel patches/s
+with 1 and 2 loader threads and the ``ram`` cache fill of the benchmark cohort (``loader_bench.reader_axis``), and
+against a local S3 server 3-channel 96^3 patches/s with the requests per patch (``scale_bench._remote``); the same
+regions for every engine, in one run. And the writer: one case's image and label written by the build's own writer
+(``store.fastwrite``) and by tensorstore from the same ``zarr.json``, seconds and whether the files are
+byte-identical."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .report import write_result
+
+
+def writer_axis(store_path: str, reps: int = 5) -> dict:
+    """The first case's image and label written again, by ``store.fastwrite.write_array`` and by tensorstore (one
+    copy thread) from the same metadata: median seconds, and per file whether both wrote the same bytes."""
+    import importlib.util
+
+    import numpy as np
+
+    from store import open_store
+    from store.fastwrite import write_array
+
+    if importlib.util.find_spec("tensorstore") is None:
+        return {"skipped": "tensorstore is not installed (pip install -e '.[dev]')"}
+    import tensorstore as ts
+
+    store = open_store(store_path)
+    case = store.case(store.case_ids[0])
+    out, tmp = {}, Path(tempfile.mkdtemp())
+    try:
+        for name in ("image", "label"):
+            meta = json.loads(store.location.read_bytes(f"{case._group_path}/{name}/zarr.json"))
+            data = np.asarray(case._group[name][...])
+            spec_meta = {k: v for k, v in meta.items()
+                         if k not in ("zarr_format", "node_type", "attributes", "storage_transformers")}
+            times = {"project": [], "tensorstore": []}
+            for _ in range(reps):
+                for d in (tmp / "project", tmp / "tensorstore"):
+                    shutil.rmtree(d, ignore_errors=True)
+                t0 = time.perf_counter()
+                write_array(tmp / "project", meta, data)
+                times["project"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp / "tensorstore")},
+                               "metadata": spec_meta, "create": True},
+                              context=ts.Context({"data_copy_concurrency": {"limit": 1}})).result()
+                arr[...].write(data).result()
+                times["tensorstore"].append(time.perf_counter() - t0)
+            files = sorted(f.relative_to(tmp / "project") for f in (tmp / "project").rglob("*") if f.is_file())
+            same = {str(f): (tmp / "tensorstore" / f).exists()
+                    and (tmp / "tensorstore" / f).read_bytes() == (tmp / "project" / f).read_bytes() for f in files}
+            out[name] = {"project_s": statistics.median(times["project"]),
+                         "tensorstore_s": statistics.median(times["tensorstore"]), "identical_files": same}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run(out_dir: Path, work: Path, size: str = "full") -> dict:
+    import torch
+
+    from store import open_store
+
+    from .cohort import bench_inputs
+    from .loader_bench import reader_axis
+    from .scale_bench import _remote
+
+    b = bench_inputs(work, size)
+    ids = open_store(b.store).case_ids
+    local = reader_axis(b.store, ids, b.patch, 5 if size != "tiny" else 1, size, torch.device("cpu"))
+    remote = _remote(b, batches={"full": 20, "quick": 10, "tiny": 2}[size])
+    writer = writer_axis(b.store)
+    res = {"size": size, "cases": b.cases, "patch": list(b.patch), "local": local, "object_storage": remote,
+           "writer": writer}
+    write_result(out_dir, "readers", res)
+    lines = ["| engine | none, 1 thread (patches/s) | none, 2 threads | ram fill (s) | S3 patches/s | S3 requests "
+             "per patch |", "|---|---|---|---|---|---|"]
+    for name, r in local.items():
+        s3 = remote.get("readers", {}).get(name)
+        lines.append(f"| {name} | {r['none_1_threads']['median']:.1f} | {r['none_2_threads']['median']:.1f} | "
+                     f"{r['ram_fill_s']['median']:.2f} | "
+                     + (f"{s3['s3_patches_per_s']['median']:.1f} | {s3['s3_requests_per_patch']['median']:.1f} |"
+                        if s3 else "- | - |"))
+    if "skipped" not in writer:
+        lines += ["", "| array | write s, project's writer | write s, tensorstore (1 thread) | same bytes |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {w['project_s']:.3f} | {w['tensorstore_s']:.3f} | "
+                  f"{sum(w['identical_files'].values())} of {len(w['identical_files'])} files |"
+                  for k, w in writer.items()]
+    table = "\n".join(lines)
+    (Path(out_dir) / "readers.md").write_text(
+        f"`python -m benchmarks readers{'' if size == 'full' else ' --size ' + size}`: {b.cases} cases "
+        f"{'x'.join(map(str, b.shape))}, 4 x {'x'.join(map(str, b.patch))} patches, batch 4 (local); 3 x 96^3, "
+        f"batch 2, 2 loader threads (S3).\n\n{table}\n")
+    print(table)
+    return res

@@ -1,0 +1,90 @@
+"""The store stays standard Zarr v3: tensorstore, zarr-python and zarr-python with the zarrs codec pipeline read
+every stored array of a whole store equal to the project's own reader, locally and on object storage (a store
+written by the remote writer), through each engine's own API and through ``store.engines`` (the loader's path)."""
+
+import numpy as np
+import pytest
+import zarr
+
+from store import open_store
+from store.engines import ENGINES, engine, reading_with
+
+ARRAYS = ("image", "label", "foreground")
+
+
+def _project(store) -> dict:
+    """Every array of every case through the project's reader (image as stored: int16)."""
+    out = {}
+    for cid in store.case_ids:
+        case = store.case(cid)
+        full = tuple(slice(0, n) for n in case.shape)
+        image = case._reader("image").read((slice(0, len(case.meta["modalities"])), *full))
+        out[cid] = {"image": image, "label": case.label(), "foreground": case.foreground()}
+    return out
+
+
+def _tensorstore(store, cid: str, name: str) -> np.ndarray:
+    import tensorstore as ts
+
+    from store.engines import kvstore_spec
+
+    key = f"{store.case(cid)._group_path}/{name}"
+    spec = {"driver": "zarr3", "kvstore": kvstore_spec(store.location, key)}
+    return ts.open(spec, read=True).result().read().result()
+
+
+def _zarr(store, cid: str, name: str, zarrs: bool) -> np.ndarray:
+    case = store.case(cid)
+    pipeline = zarr.config.get("codec_pipeline.path")
+    try:
+        if zarrs:
+            zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+        group = zarr.open_group(store.path, mode="r")
+        return np.asarray(group[f"{case._group_path}/{name}"][...])
+    finally:
+        zarr.config.set({"codec_pipeline.path": pipeline})
+
+
+def _check_every_engine(store) -> None:
+    want = _project(store)
+    assert want and all(w["label"].any() for w in want.values())  # real content, not all fill
+    for cid, arrays in want.items():
+        for name in ARRAYS:
+            got = {"tensorstore": _tensorstore(store, cid, name), "zarr": _zarr(store, cid, name, False),
+                   "zarr+zarrs": _zarr(store, cid, name, True)}
+            for how, values in got.items():
+                assert values.dtype == arrays[name].dtype and np.array_equal(values, arrays[name]), (cid, name, how)
+    for name in ENGINES[1:]:  # the loader's path: the same decoded values whichever engine reads
+        with reading_with(name):
+            assert engine() == name
+            other = open_store(store.path)
+            for cid in store.case_ids:
+                a, b = store.case(cid), other.case(cid)
+                region = tuple(slice(1, n - 2) for n in a.shape)
+                assert np.array_equal(a.image(region=region), b.image(region=region)), (cid, name)
+                assert np.array_equal(a.label(region), b.label(region)), (cid, name)
+                assert np.array_equal(a.decode_checked()[0].numpy(), b.decode_checked()[0].numpy()), (cid, name)
+    assert engine() == "project"
+
+
+def test_every_engine_reads_a_local_store_as_the_project_does(tiny_store):
+    _check_every_engine(open_store(tiny_store))
+
+
+def test_every_engine_reads_a_store_written_to_object_storage(s3_server, tiny_cohort):
+    from prep.build import BuildConfig, build_store
+
+    from .conftest import TINY
+    from .helpers import synth_spacing
+
+    url = f"s3://{s3_server()}/brats.zarr"
+    rep = build_store(BuildConfig(source=str(tiny_cohort), store=url, workers=0, spacing=synth_spacing(TINY)),
+                      progress=False)
+    assert rep.ok
+    _check_every_engine(open_store(url))
+
+
+def test_an_unknown_engine_is_named(monkeypatch):
+    monkeypatch.setenv("BRATS_STORE_READER", "fast")
+    with pytest.raises(ValueError, match="BRATS_STORE_READER='fast': the store readers are project, tensorstore"):
+        engine()
