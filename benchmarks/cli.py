@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true", help="prep: also time nnU-Net v2's fingerprint, planning and "
                    "preprocessing on the same cases (needs pip install -e '.[peers]'; without it, says so and "
                    "measures the rest)")
+    p.add_argument("--trainer", default="nnUNetTrainer_1epoch", help="nnunet: nnU-Net's trainer class "
+                   "(default: %(default)s, 250 iterations, its shortest; nnUNetTrainer_5epochs ... for more)")
+    p.add_argument("--budget", type=float, default=60.0, metavar="MIN", help="nnunet: the longest nnU-Net training "
+                   "run attempted; its trainer is timed for a few iterations first, and a run that would take "
+                   "longer is not started (default: %(default)s)")
     p.add_argument("--full", action="store_true", help="modalities: 1 mm cases and 128^3 patches (for a GPU)")
     p.add_argument("--seeds", type=int, nargs="+", help="modalities, models: the seeds each arm trains with (default: "
                    "0 1 2; with --quick, modalities 0 1 and models 0)")
@@ -76,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds applies to the modalities and models benchmarks only")
     if args.time_limit is not None and (args.name != "models" or args.time_limit <= 0):
         parser.error("--time-limit applies to the models benchmark only, as a positive number of minutes")
+    if (args.trainer != "nnUNetTrainer_1epoch" or args.budget != 60.0) and args.name != "nnunet":
+        parser.error("--trainer and --budget apply to the nnunet benchmark only")
+    if args.budget <= 0:
+        parser.error(f"--budget must be a positive number of minutes, not {args.budget:g}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = args.size or ("quick" if args.quick else "full")

@@ -37,16 +37,29 @@ ARMS = {
 }
 BASELINE = "unet (seed recipe)"
 SCALES = {  # grid, cases, minutes per run, seeds
+    "tiny": ((40, 40, 28), 6, 0.05, (0,)),  # the tests' (with 16^3 patches)
     "quick": ((120, 120, 78), 8, 0.15, (0,)),
     "full": ((120, 120, 78), 120, 3.0, (0, 1, 2)),
 }
 REGIONS = ("TC", "WT", "ET")
 
 
-def _train(arm: str, args: list[str], store: Path, run_dir: Path, seed: int, minutes: float, log: Path) -> dict:
+def make_cohort(work: Path, shape, n: int) -> tuple[Path, tuple]:
+    """The benchmark cohort (the modalities experiment's generator and seed) under ``work/raw``, written once;
+    returns the folder and the spacing that keeps the field of view."""
+    from prep.synth import FOV_MM, SynthConfig, synth_cohort
+
+    raw = work / "raw"
+    if not raw.is_dir() or sum(1 for p in raw.iterdir() if p.is_dir()) < n:
+        synth_cohort(SynthConfig(out=raw, cases=n, seed=2024, shape=shape, workers=2), progress=False)
+    return raw, tuple(f / s for f, s in zip(FOV_MM, shape))
+
+
+def _train(arm: str, args: list[str], store: Path, run_dir: Path, seed: int, minutes: float, log: Path,
+           patch: int = 64) -> dict:
     """One training process; returns its peak resident memory (from the kernel's accounting of that child)."""
     cmd = [sys.executable, "-m", "train", "--store", str(store), "--run-dir", str(run_dir), "--modalities", "t1",
-           "t1ce", "t2", "flair", "--patch-size", "64", "64", "64", "--batch-size", "2", "--epochs", "100000",
+           "t1ce", "t2", "flair", "--patch-size", *[str(patch)] * 3, "--batch-size", "2", "--epochs", "100000",
            "--steps-per-epoch", "10", "--val-every", "3", "--max-val-cases", "4", "--patience", "100000",
            "--workers", "1", "--seed", str(seed), "--time-limit", f"{minutes:g}", "--overwrite", *args]
     with open(log, "w") as f:
@@ -62,7 +75,6 @@ def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] |
         minutes: float | None = None) -> dict:
     from evaluate.evaluation import evaluate_split
     from prep.build import BuildConfig, build_store
-    from prep.synth import FOV_MM, SynthConfig, synth_cohort
     from store import open_store
     from train.cli import build_parser, config_from_args
     from train.models import build, parameter_count
@@ -70,14 +82,12 @@ def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] |
     scale = "quick" if quick else "full"
     shape, n, scale_minutes, scale_seeds = SCALES[scale]
     seeds, minutes = seeds or scale_seeds, minutes or scale_minutes
-    spacing = tuple(f / s for f, s in zip(FOV_MM, shape))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    raw, spacing = make_cohort(work, shape, n)
     store = work / "store.zarr"
     if not (store / "zarr.json").exists():
-        synth_cohort(SynthConfig(out=work / "raw", cases=n, seed=2024, shape=shape, workers=2), progress=False)
-        rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store), workers=2, spacing=spacing),
-                          progress=False)
+        rep = build_store(BuildConfig(source=str(raw), store=str(store), workers=2, spacing=spacing), progress=False)
         if not rep.ok:
             raise RuntimeError(f"store build failed: {rep.failed}")
     test_ids = open_store(store).splits["test"]

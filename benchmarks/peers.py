@@ -10,15 +10,22 @@ BraTS 2021's 4 becomes 3) and each command is timed as a whole. Per case, once s
   anyway: it draws 10^8 foreground intensities in all, shared out over the cohort, and takes percentiles of
   them (about 45 s on one process here for 4 cases as for 8).
 
+Training beside ours (``python -m benchmarks nnunet``): the same conversion for the training and validation cases,
+our split as nnU-Net's fold 0 (``splits_final.json``), ``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train
+3d_fullres 0`` with one of nnU-Net's fixed-length trainer classes, ``nnUNetv2_predict`` on the test cases, each
+command timed as a whole; its label files are mapped back to the source convention and scored as ours are.
+
 nnU-Net v2 is an optional peer (``pip install -e '.[peers]'``), never needed by the project itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +38,47 @@ DATASET_ID = 501
 
 def available() -> bool:
     return importlib.util.find_spec("nnunetv2") is not None
+
+
+def nnunet_labels(convention: str):
+    """The label values of ``convention`` in nnU-Net's consecutive order: nnU-Net's label k is ``values[k]``."""
+    from store.conventions import label_values
+
+    return tuple(label_values(convention))
+
+
+def from_nnunet(label, convention: str):
+    """An nnU-Net label map (0, 1, 2, ...) back in ``convention``'s values (BraTS 2021: 3 becomes 4)."""
+    import numpy as np
+
+    values = np.asarray(nnunet_labels(convention), np.uint8)
+    if label.size and int(label.max()) >= len(values):
+        raise ValueError(f"nnU-Net label {int(label.max())} has no {convention} value (labels 0..{len(values) - 1})")
+    return values[label]
+
+
+def write_split(preprocessed: Path, train_ids, val_ids) -> Path:
+    """Our train/val split as nnU-Net's fold 0: ``splits_final.json`` in the preprocessed dataset folder, which
+    nnU-Net reads instead of drawing its own 5 folds."""
+    if not train_ids or not val_ids:
+        raise ValueError("nnU-Net's fold 0 needs training and validation cases")
+    preprocessed.mkdir(parents=True, exist_ok=True)
+    path = preprocessed / "splits_final.json"
+    path.write_text(json.dumps([{"train": sorted(train_ids), "val": sorted(val_ids)}], indent=1))
+    return path
+
+
+def link_images(cases, folder: Path) -> Path:
+    """``cases``' images as nnU-Net's inference input: {case}_{channel:04d}.nii.gz links in ``folder``."""
+    from store.conventions import MODALITIES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in cases:
+        for k, m in enumerate(MODALITIES):
+            link = folder / f"{c.case_id}_{k:04d}.nii.gz"
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path(c.images[m]).resolve())
+    return folder
 
 
 def to_nnunet_raw(cases, raw_root: Path, dataset_id: int = DATASET_ID) -> Path:
@@ -51,13 +99,9 @@ def to_nnunet_raw(cases, raw_root: Path, dataset_id: int = DATASET_ID) -> Path:
     lut[list(values)] = np.arange(len(values), dtype=np.uint8)
     names = LABEL_CONVENTIONS[convention]["labels"]
     folder = raw_root / f"Dataset{dataset_id:03d}_BraTSBench"
-    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    link_images(cases, folder / "imagesTr")
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     for c in cases:
-        for k, m in enumerate(MODALITIES):
-            link = folder / "imagesTr" / f"{c.case_id}_{k:04d}.nii.gz"
-            link.unlink(missing_ok=True)
-            link.symlink_to(Path(c.images[m]).resolve())
         seg = nib.load(str(c.seg))
         src = np.asanyarray(seg.dataobj)
         if stray := sorted(set(np.unique(src).tolist()) - set(values)):
@@ -85,12 +129,110 @@ def _command(name: str) -> str:
     return found
 
 
-def _run(args: list[str], env: dict) -> float:
+def _run(args: list[str], env: dict, log: Path | None = None) -> float:
+    """Run one command to the end; its wall seconds. With ``log``, its output goes there (appended)."""
     t0 = time.perf_counter()
-    r = subprocess.run(args, env=env, capture_output=True, text=True)
+    if log is None:
+        r = subprocess.run(args, env=env, capture_output=True, text=True)
+        tail = r.stderr
+    else:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(map(str, args))}\n")
+            f.flush()
+            r = subprocess.run(args, env=env, stdout=f, stderr=subprocess.STDOUT)
+        tail = Path(log).read_text()
     if r.returncode:
-        raise RuntimeError(f"{' '.join(map(str, args))} failed ({r.returncode}): {r.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(map(str, args))} failed ({r.returncode}): {tail[-3000:]}")
     return time.perf_counter() - t0
+
+
+def _environment(work: Path) -> dict:
+    """nnU-Net's three folders, and ``nnunet_env`` (see its sitecustomize) ahead on PYTHONPATH so its trainer lookup
+    imports with a CUDA build of torchvision beside a CPU build of torch."""
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent / "nnunet_env"), os.environ.get("PYTHONPATH"))
+                           if p)
+    return {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
+            "nnUNet_results": str(work / "results"), "PYTHONPATH": path}
+
+
+_PROBE = """
+import json, os, statistics, sys, time
+import torch
+from nnunetv2.run.run_training import get_trainer_from_args
+t = get_trainer_from_args(sys.argv[1], "3d_fullres", 0, sys.argv[2], device=torch.device(sys.argv[3]))
+t.on_train_start()
+t.on_train_epoch_start()
+t.train_step(next(t.dataloader_train))  # warm-up
+times = []
+for _ in range(int(sys.argv[4])):
+    t0 = time.perf_counter()
+    t.train_step(next(t.dataloader_train))
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"seconds_per_iteration": statistics.median(times), "timed_iterations": len(times),
+                  "iterations_per_epoch": t.num_iterations_per_epoch, "epochs": t.num_epochs,
+                  "val_iterations_per_epoch": t.num_val_iterations_per_epoch}), flush=True)
+os._exit(0)  # its data-augmentation processes end with it
+"""
+
+
+def plan_and_preprocess(train_cases, val_cases, work: Path, processes: int = 2) -> dict:
+    """nnU-Net's ``plan_and_preprocess`` of our training and validation cases, our split as its fold 0; its wall
+    seconds and the 3d_fullres plan."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    raw = to_nnunet_raw([*train_cases, *val_cases], work / "raw")
+    wall = _run([_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np",
+                 str(processes)], _environment(work), work / "nnunet.log")
+    write_split(work / "preprocessed" / raw.name, [c.case_id for c in train_cases], [c.case_id for c in val_cases])
+    plans = json.loads((work / "preprocessed" / raw.name / "nnUNetPlans.json").read_text())
+    plan = plans["configurations"]["3d_fullres"]
+    return {"plan_and_preprocess_s": wall,
+            "plan": {k: plan.get(k) for k in ("patch_size", "batch_size", "spacing", "median_image_size_in_voxels")}}
+
+
+def training_estimate(work: Path, trainer: str, device: str = "cpu", iterations: int = 3) -> dict:
+    """nnU-Net's own trainer timed for a few training iterations (after one warm-up) on the preprocessed data,
+    and the training time of a whole ``trainer`` run at that rate (its training iterations only: validation
+    iterations and the final validation come on top, so it is a lower bound)."""
+    out, err = work / "probe.out", work / "probe.err"
+    with open(out, "w") as fo, open(err, "w") as fe:  # files, not pipes: its augmentation workers inherit them
+        proc = subprocess.Popen([sys.executable, "-c", _PROBE, str(DATASET_ID), trainer, device, str(iterations)],
+                                env=_environment(work), stdout=fo, stderr=fe, start_new_session=True)
+        try:
+            rc = proc.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the workers it leaves behind, with it
+                os.killpg(proc.pid, signal.SIGTERM)
+    if rc:
+        raise RuntimeError(f"timing nnU-Net's {trainer} failed ({rc}): {err.read_text()[-3000:]}")
+    probe = json.loads(out.read_text().strip().splitlines()[-1])
+    probe["training_s_at_least"] = probe["seconds_per_iteration"] * probe["iterations_per_epoch"] * probe["epochs"]
+    return probe
+
+
+def nnunet_train_predict(train_cases, val_cases, test_cases, work: Path, trainer: str, processes: int = 2,
+                         device: str = "cpu", prepared: dict | None = None) -> dict:
+    """nnU-Net v2 end to end on our split: plan and preprocess the training and validation cases (unless
+    ``prepared``, what :func:`plan_and_preprocess` returned), train ``3d_fullres`` fold 0 (our validation cases)
+    with ``trainer``, predict ``test_cases`` (nnU-Net's defaults: mirroring at test time, the final checkpoint).
+    Returns each command's wall seconds, the prediction folder (labels in nnU-Net's numbering;
+    :func:`from_nnunet` maps them back) and the log."""
+    prepared = prepared or plan_and_preprocess(train_cases, val_cases, work, processes)
+    inputs = link_images(test_cases, work / "imagesTs")
+    env, d, npr, log = _environment(work), str(DATASET_ID), str(processes), work / "nnunet.log"
+    walls = {"plan_and_preprocess_s": prepared["plan_and_preprocess_s"]}
+    walls["train_s"] = _run([_command("nnUNetv2_train"), d, "3d_fullres", "0", "-tr", trainer, "-device", device],
+                            env, log)
+    out = work / "predictions"
+    walls["predict_s"] = _run([_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", d, "-c",
+                               "3d_fullres", "-f", "0", "-tr", trainer, "-device", device, "-npp", npr, "-nps", npr,
+                               "--disable_progress_bar"], env, log)
+    written = sorted(out.glob("*.nii.gz"))
+    if len(written) != len(test_cases):
+        raise RuntimeError(f"nnU-Net predicted {len(written)} of {len(test_cases)} test cases; see {log}")
+    return {"version": _version(), "trainer": trainer, "device": device, "processes": processes,
+            "wall_s": {**walls, "total_s": sum(walls.values())}, "predictions": str(out), "log": str(log),
+            "plan": prepared["plan"]}
 
 
 def _bytes_under(folder: Path) -> int:
@@ -104,8 +246,7 @@ def nnunet_times(cases, work: Path, processes: int) -> dict:
         raise ValueError("the nnU-Net comparison needs at least 2 cases")
     shutil.rmtree(work, ignore_errors=True)
     raw = to_nnunet_raw(cases, work / "raw")
-    env = {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
-           "nnUNet_results": str(work / "results")}
+    env = _environment(work)
     d, npr = str(DATASET_ID), str(processes)
     walls = {"fingerprint_s": _run([_command("nnUNetv2_extract_fingerprint"), "-d", d, "-np", npr], env),
              "plan_s": _run([_command("nnUNetv2_plan_experiment"), "-d", d], env),

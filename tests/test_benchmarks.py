@@ -186,8 +186,117 @@ def test_peers_without_nnunet_say_how_to_install_it(monkeypatch, capsys, tmp_pat
     (["prep", "--seeds", "0"], "modalities and models benchmarks only"),
     (["prep", "--time-limit", "2"], "models benchmark only"),
     (["models", "--time-limit", "0"], "positive number of minutes"),
+    (["models", "--budget", "30"], "nnunet benchmark only"),
+    (["nnunet", "--budget", "-1"], "--budget must be a positive number of minutes"),
 ])
 def test_bad_benchmark_flags_are_refused(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         bench_main([*args, "--out", str(tmp_path)])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_nnunet_labels_map_back_to_the_convention():
+    import numpy as np
+
+    from benchmarks.peers import from_nnunet
+
+    lab = np.array([[0, 1], [2, 3]], np.uint8)
+    assert from_nnunet(lab, "brats2021").tolist() == [[0, 1], [2, 4]]
+    assert from_nnunet(lab, "brats2023").tolist() == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="nnU-Net label 4 has no brats2021 value"):
+        from_nnunet(lab + 1, "brats2021")
+
+
+def test_our_split_becomes_nnunets_fold_0(tiny_cohort, tmp_path):
+    from benchmarks.peers import link_images, write_split
+    from prep.discover import discover
+
+    path = write_split(tmp_path / "pre", ["b", "a"], ["c"])
+    assert json.loads(path.read_text()) == [{"train": ["a", "b"], "val": ["c"]}]
+    with pytest.raises(ValueError, match="training and validation cases"):
+        write_split(tmp_path / "pre", ["a"], [])
+    cases = discover(tiny_cohort).cases[:2]
+    folder = link_images(cases, tmp_path / "imagesTs")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{c.case_id}_{k:04d}.nii.gz" for c in cases
+                                                            for k in range(4))
+    assert (folder / f"{cases[1].case_id}_0003.nii.gz").resolve() == cases[1].images["flair"].resolve()
+
+
+def test_nnunet_commands_get_their_folders_and_the_torchvision_shim(tmp_path, monkeypatch):
+    """The shim dir leads PYTHONPATH (a user's own entries kept after it); its sitecustomize starts an interpreter
+    cleanly whether torchvision is installed or not."""
+    import subprocess
+    import sys
+
+    from benchmarks.peers import _environment
+
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    env = _environment(tmp_path)
+    assert env["nnUNet_raw"] == str(tmp_path / "raw") and env["nnUNet_results"] == str(tmp_path / "results")
+    first, second = env["PYTHONPATH"].split(":")
+    assert first.endswith("benchmarks/nnunet_env") and second == "/somewhere/else"
+    r = subprocess.run([sys.executable, "-c", "import sitecustomize, sys; print(sitecustomize.__file__)"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().startswith(first), r.stderr
+
+
+def test_nnunet_benchmark_flow_with_a_stand_in_for_nnunet(monkeypatch, tmp_path, capsys):
+    """Everything but nnU-Net's own commands: our build, our split handed over, two time-limited trainings and
+    predictions, nnU-Net's files mapped back and scored by the same scorer, the goals against its figures."""
+    import nibabel as nib
+    import numpy as np
+
+    from benchmarks import nnunet_bench, peers
+
+    handed = {}
+
+    def prepare(train, val, work):
+        handed.update(train=[c.case_id for c in train], val=[c.case_id for c in val])
+        return {"plan_and_preprocess_s": 1.0, "plan": {"patch_size": [16, 16, 16]}}
+
+    def stand_in(train, val, test, work, trainer, prepared):  # nnU-Net "predicts" the references, in its numbering
+        assert prepared["plan"] == {"patch_size": [16, 16, 16]}
+        handed.update(test=[c.case_id for c in test])
+        out = work / "predictions"
+        out.mkdir(parents=True)
+        for c in test:
+            ref = nib.load(str(c.seg))
+            lab = np.asanyarray(ref.dataobj).astype(np.uint8)
+            lab[lab == 4] = 3
+            nib.save(nib.Nifti1Image(lab, ref.affine), str(out / f"{c.case_id}.nii.gz"))
+        return {"version": "stand-in", "trainer": trainer, "wall_s": {"plan_and_preprocess_s": 1.0, "train_s": 2.0,
+                                                                      "predict_s": 1.0, "total_s": 4.0},
+                "predictions": str(out)}
+
+    monkeypatch.setattr(peers, "available", lambda: True)
+    monkeypatch.setattr(peers, "_version", lambda: "stand-in")
+    monkeypatch.setattr(peers, "plan_and_preprocess", prepare)
+    monkeypatch.setattr(peers, "training_estimate", lambda work, trainer: {
+        "seconds_per_iteration": 0.1, "iterations_per_epoch": 250, "epochs": 1, "training_s_at_least": 25.0})
+    monkeypatch.setattr(peers, "nnunet_train_predict", stand_in)
+    monkeypatch.setattr(nnunet_bench, "training_minutes", lambda wall, share, build: 0.05 * share)
+    res = nnunet_bench.run(tmp_path / "out", tmp_path / "work", size="tiny")
+    from store import open_store
+
+    splits = open_store(tmp_path / "work" / "store.zarr").splits
+    assert handed == {k: list(splits[k]) for k in ("train", "val", "test")}
+    assert res["means"]["nnU-Net"]["mean_dice"] == 1.0  # the references, mapped back: 3 is 4 again
+    for name in ("W", "W/2"):
+        ours = res["ours"][name]
+        assert ours["epochs"] >= 1 and ours["time_limit_min"] == pytest.approx(0.05 * (1 if name == "W" else 0.5))
+        assert ours["wall_s"]["total_s"] == pytest.approx(sum(v for k, v in ours["wall_s"].items() if k != "total_s"))
+        assert 0 <= res["means"][f"ours at {name}"]["mean_dice"] < 1.0
+    assert res["goals"] == {k: False for k in res["goals"]}
+    saved = json.loads((tmp_path / "out" / "nnunet.json").read_text())
+    assert saved["ours_arm"] == "unet (seed recipe)" and "| nnU-Net v2 stand-in" in saved["table_markdown"]
+    assert (tmp_path / "out" / "nnunet-cases.csv").read_text().count("\n") == 1 + 3 * len(splits["test"])
+    # a trainer that would run past the budget is timed, reported and not started; nothing is compared
+    monkeypatch.setattr(peers, "training_estimate", lambda work, trainer: {
+        "seconds_per_iteration": 40.0, "iterations_per_epoch": 250, "epochs": 1, "training_s_at_least": 10000.0})
+    monkeypatch.setattr(peers, "nnunet_train_predict", lambda *a, **k: pytest.fail("started over the budget"))
+    res = nnunet_bench.run(tmp_path / "out", tmp_path / "w3", size="tiny", budget_min=60)
+    assert res["status"] == "over budget" and "at least 167 min of training" in res["note"]
+    assert "more than the budget of 60 min" in (tmp_path / "out" / "nnunet.md").read_text()
+    monkeypatch.setattr(peers, "available", lambda: False)
+    assert nnunet_bench.run(tmp_path / "out", tmp_path / "w2", size="tiny") is None
+    assert "pip install -e '.[peers]'" in capsys.readouterr().out
