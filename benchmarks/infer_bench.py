@@ -42,6 +42,35 @@ def scoring_times(cases, reps: int) -> dict:
     return {k: summarize(v) for k, v in times.items()}
 
 
+def _exported(model, cfg, run_, cases, ours) -> dict:
+    """The same path per case with the network exported to ONNX and run by onnxruntime, against torch in float32
+    (an exported network has no autocast), the cases in the same order, each measured twice, alternating."""
+    import dataclasses
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {"skipped": "onnxruntime is not installed (pip install -e '.[onnx]')"}
+    from evaluate.exported import OnnxNet
+    from evaluate.inference import LoadedRun
+    from train.export import EnsembleNet, write_network
+
+    fp32 = dataclasses.replace(cfg, amp=False)
+    torch_run = LoadedRun([model], fp32, [], run_.preprocessing, "torch float32", [fp32])
+    with tempfile.TemporaryDirectory() as d:
+        path = write_network(EnsembleNet([model.cpu()]), len(cfg.modalities), cfg.patch_size, Path(d) / "m.onnx",
+                             "onnx")
+        onnx_run = LoadedRun([OnnxNet(path)], fp32, [], run_.preprocessing, "onnxruntime", [fp32])
+        ours(cases[:1], run=onnx_run)  # warm-up: the session's first run
+        times = {"torch": [], "onnxruntime": []}
+        for _ in range(2):
+            times["torch"].append(ours(cases, run=torch_run) / len(cases))
+            times["onnxruntime"].append(ours(cases, run=onnx_run) / len(cases))
+    t, o = min(times["torch"]), min(times["onnxruntime"])
+    return {"torch_s_per_case": t, "onnxruntime_s_per_case": o, "onnxruntime_over_torch": o / t,
+            "runs": times, "goal": "onnxruntime <= torch per case (CPU)"}
+
+
 def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = None, amp: bool = False) -> dict:
     """Seconds per case over the benchmark cohort's folder: ours (NIfTI in, labels in the source geometry out,
     pipelined as ``evaluate predict --source``) vs bare ``sliding_window_inference`` on tensors already on the
@@ -71,11 +100,11 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     autocast, _, amp_desc = amp_context(cfg, device)
     n_tta = {"full": 1, "quick": 2, "tiny": 1}[size]
 
-    def ours(subset, tta=False) -> float:
+    def ours(subset, tta=False, run=run_) -> float:
         with tempfile.TemporaryDirectory() as d:
             jobs = [(c, Path(d) / f"{c.case_id}.nii.gz") for c in subset]
             t0 = time.perf_counter()
-            written, failed = predict_jobs(run_, device, jobs, conv, tta)
+            written, failed = predict_jobs(run, device, jobs, conv, tta)
             seconds = time.perf_counter() - t0
         if failed:
             raise RuntimeError(f"benchmark prediction failed: {failed}")
@@ -103,12 +132,15 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     ratio = per_case["ours (NIfTI -> source-grid labels), pipelined"] / \
         per_case["bare sliding window, tensors on the device"]
     plain_few, tta_few = ours(cases[:n_tta]), ours(cases[:n_tta], tta=True)
+    exported = _exported(model, cfg, run_, cases, ours) if device.type == "cpu" else {
+        "skipped": "onnxruntime runs on the CPU here"}
     res = {"size": size, "grid": list(b.shape), "cases": len(cases), "patch": list(b.patch), "overlap": 0.5,
            "channels": list(b.channels), "device": str(device), "precision": amp_desc,
            "seconds_per_case": per_case, "bare_seconds_each": summarize(bare_s), "ours_over_bare": ratio,
            "goal": "ours within 1.2x of bare sliding_window_inference (CPU), 1.5x (GPU)",
            "tta": {"cases": n_tta, "plain_s": plain_few, "tta_s": tta_few, "tta_over_plain": tta_few / plain_few,
                    "goal": "<= 8.5x"},
+           "exported": exported,
            "scoring_seconds_per_case": scoring_times(cases[:3], 1),
            "scoring_goal": "every family (legacy, brats2023, brats2025) of one full-size case < 2 s (CPU)"}
     write_result(out_dir, "infer", res)
@@ -117,6 +149,9 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     print(f"infer: ours {per_case['ours (NIfTI -> source-grid labels), pipelined']:.2f} s, bare "
           f"{per_case['bare sliding window, tensors on the device']:.2f} s per case over {len(cases)} cases "
           f"({ratio:.2f}x); --tta {res['tta']['tta_over_plain']:.2f}x the plain pass")
+    if "skipped" not in exported:
+        print(f"infer: exported to ONNX, onnxruntime {exported['onnxruntime_s_per_case']:.2f} s per case, torch "
+              f"float32 {exported['torch_s_per_case']:.2f} s ({exported['onnxruntime_over_torch']:.2f}x)")
     sc = res["scoring_seconds_per_case"]
     print("scoring one case: " + ", ".join(f"{k} {v['median']:.2f} s" for k, v in sc.items()))
     return res

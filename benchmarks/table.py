@@ -106,6 +106,10 @@ def render(out: str | Path) -> str:
         if t := i.get("tta"):
             rows.append(f"| infer | --tta / plain pass ({t['cases']} case(s)) | {t['tta_over_plain']:.2f}x | <= 8.5x | "
                         f"{machine(i)} |")
+        if (e := i.get("exported")) and "skipped" not in e:
+            rows.append(f"| infer | exported ONNX model (onnxruntime) / torch float32, s per case | "
+                        f"{e['onnxruntime_s_per_case']:.2f} / {e['torch_s_per_case']:.2f} "
+                        f"({e['onnxruntime_over_torch']:.2f}x) | <= 1x (CPU) | {machine(i)} |")
         if (sc := i.get("scoring_seconds_per_case")) and "all" in sc:
             parts = "; ".join(f"{k} {sc[k]['median']:.2f}" for k in ("legacy", "brats2023", "brats2025"))
             rows.append(f"| infer | scoring one case {'x'.join(map(str, i['grid']))}, all families, s ({parts}) | "

@@ -105,6 +105,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
         "any failed).",
     )
     _model_options(p)
+    p.add_argument("--model", metavar="FILE", help="an exported model (python -m train export: model.onnx through "
+                   "onnxruntime, the onnx extra, or model.ts through torch) instead of --run-dir; its "
+                   "model-card.json and postprocessing.json beside it say how to preprocess and postprocess")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--source", help="a cohort folder: every case folder in it is predicted")
     g.add_argument("--case", help="one case folder, e.g. data/raw/BraTS2021_00000")
@@ -135,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "tune-postprocessing":
             tune_postprocessing(a.run_dir, a.metric, a.store, a.source, a.device, a.tta)
         elif predict and a.case:
-            predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta, not a.no_postprocessing)
+            predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta, not a.no_postprocessing, a.model)
         elif predict:
             rep = predict_folder(a.run_dir, a.source, a.out, a.ensemble, a.device, a.tta,
-                                 postprocessing=not a.no_postprocessing)
+                                 postprocessing=not a.no_postprocessing, model=a.model)
             print(f"predicted {len(rep['written'])}, skipped {len(rep['skipped'])} already written, failed "
                   f"{len(rep['failed'])} -> {a.out}")
             for reason in sorted(rep["failed"].values()):

@@ -26,13 +26,21 @@ def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None =
     tmp.replace(path)
 
 
-def _prepare(run_dir: str, ensemble: bool, device: str):
+def _prepare(run_dir: str, ensemble: bool, device: str, model: str | None = None):
+    """The run (or the exported ``model``: a file from ``python -m train export``) and the device."""
     from train.engine import resolve_device
 
-    from .inference import load_run
+    from .inference import RunError, load_run
 
     dev = resolve_device(device)
-    return load_run(run_dir, ensemble, dev), dev
+    if model is None:
+        return load_run(run_dir, ensemble, dev), dev
+    if ensemble:
+        raise RunError("--ensemble with --model: an exported model is one network already (export a k-fold run "
+                       "with 'python -m train export --ensemble')")
+    from .exported import load_exported
+
+    return load_exported(model, dev), dev
 
 
 def _predictor(run, dev, tta: bool, convention: str, rules=None):
@@ -71,12 +79,14 @@ def _rules(run_dir: str, run, convention: str, postprocessing: bool):
 
 
 def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, device: str = "auto",
-                 tta: bool = False, postprocessing: bool = True) -> Path:
+                 tta: bool = False, postprocessing: bool = True, model: str | None = None) -> Path:
     """Predict a raw case folder and write the labels in its source geometry and label convention, after the
-    run's postprocessing.json when it has one and ``postprocessing``."""
+    run's postprocessing.json when it has one and ``postprocessing``. ``model``: an exported model file instead
+    of the run (its folder holds the postprocessing exported with it)."""
     from prep.discover import discover_case
 
-    run, dev = _prepare(run_dir, ensemble, device)
+    run, dev = _prepare(run_dir, ensemble, device, model)
+    run_dir = str(Path(model).parent) if model else run_dir
     case = discover_case(case_dir, require_seg=False, required=tuple(run.config.modalities))
     convention = _output_convention(run, case.label_convention)
     load, infer, finish = _predictor(run, dev, tta, convention, _rules(run_dir, run, convention, postprocessing))
@@ -90,11 +100,12 @@ def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, 
 
 
 def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, device: str = "auto",
-                   tta: bool = False, progress: bool = True, postprocessing: bool = True) -> dict:
+                   tta: bool = False, progress: bool = True, postprocessing: bool = True,
+                   model: str | None = None) -> dict:
     """Every case folder under ``source`` (BraTS 2021, 2023 or 2024 layout, no seg needed) -> ``out/<case-id>.nii.gz``
     in its source geometry and label convention, as challenge submissions are named. Cases already written are
-    skipped (a killed run resumes); a bad case is reported and the others are predicted. Returns {"written",
-    "skipped", "failed": {case: reason}}."""
+    skipped (a killed run resumes); a bad case is reported and the others are predicted. ``model``: an exported
+    model file instead of the run. Returns {"written", "skipped", "failed": {case: reason}}."""
     from prep.discover import discover
 
     from .inference import RunError
@@ -102,7 +113,8 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     src, dst = Path(source).resolve(), Path(out).resolve()
     if dst == src or src in dst.parents:
         raise RunError(f"--out {out} lies inside --source {source}: choose a folder outside the cohort")
-    run, dev = _prepare(run_dir, ensemble, device)
+    run, dev = _prepare(run_dir, ensemble, device, model)
+    run_dir = str(Path(model).parent) if model else run_dir
     cohort = discover(source, require_seg=False, required=tuple(run.config.modalities))
     failed = dict(cohort.problems)
     if not cohort.cases:

@@ -22,7 +22,7 @@ def tiny_results(tmp_path_factory):
     ("prep", {"workers", "store_over_source", "speedup_1_to_2_workers", "steps_s_per_case (1 worker)", "startup"}),
     ("loader", {"variants", "ratios"}),
     ("train", {"real_loader", "fixed_batch", "real_over_fixed_step_time", "scaling"}),
-    ("infer", {"seconds_per_case", "ours_over_bare", "scoring_seconds_per_case"}),
+    ("infer", {"seconds_per_case", "ours_over_bare", "scoring_seconds_per_case", "exported"}),
 ])
 def test_benchmark_tiny_writes_json_and_png(tiny_results, name, keys):
     data = json.loads((tiny_results / f"{name}.json").read_text())
@@ -32,6 +32,8 @@ def test_benchmark_tiny_writes_json_and_png(tiny_results, name, keys):
         st = data["startup"]
         assert st["cases"] == 3 and st["store_bytes"] > 0
         assert st["fixed_s"] == pytest.approx(st["command_wall_s"]["median"] - 3 * st["per_case_s"])
+    if name == "infer":  # the exported network's path beside torch's
+        assert data["exported"]["onnxruntime_s_per_case"] > 0 and data["exported"]["torch_s_per_case"] > 0
     if name == "loader":
         assert {"seed", "monai", "persistent", "ram", "ram+aug", "none", "none+aug"} <= set(data["variants"])
         assert all(v["samples_per_s"] > 0 for v in data["variants"].values())

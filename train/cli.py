@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         "DiceLoss on sigmoid outputs, AdamW, cosine annealing with warm restarts stepped per epoch); --model, --loss, "
         "--optimizer and --schedule choose others. Early stopping on validation loss, sliding-window validation, "
         "checkpoints best.pt and last.pt (with the architecture to rebuild the network), TensorBoard logs and "
-        "metrics.jsonl (wall seconds with every validation) in --run-dir.",
+        "metrics.jsonl (wall seconds with every validation) in --run-dir. 'python -m train export --help' exports a "
+        "trained run as ONNX or TorchScript.",
     )
     p.add_argument("--store", default="data/brats.zarr", help="store path (default: %(default)s)")
     p.add_argument("--modalities", nargs="+", default=["t1", "t2", "flair"], metavar="M",
@@ -107,6 +108,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     from store import FormatError

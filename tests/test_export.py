@@ -1,0 +1,119 @@
+"""Exported models travel without the training code: ONNX (onnxruntime) and TorchScript files with their model
+card give the torch model's label maps on the test cases; bad exports and mismatched cohorts are one line."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from evaluate.cli import main as eval_main
+from evaluate.exported import load_exported
+from evaluate.inference import load_run
+from train.cli import main as train_main
+from train.export import EnsembleNet, training_command
+
+from .helpers import fake_kfold
+
+TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_store, tmp_path_factory):
+    r = tmp_path_factory.mktemp("export") / "run"
+    assert train_main(["--store", tiny_store, "--run-dir", str(r), *TINY_NET, "--epochs", "2",
+                       "--modalities", "t1", "t2", "flair"]) == 0
+    assert eval_main(["--run-dir", str(r), "--metrics", "legacy"]) == 0  # scores for the card
+    (r / "postprocessing.json").write_text(json.dumps({  # a rule that changes something, so it must travel
+        "convention": "brats2021", "regions": ["TC", "WT", "ET"], "min_component_mm3": {},
+        "et_relabel_below_mm3": 1e9}))
+    return r
+
+
+def _labels(folder):
+    return {p.name: np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+@pytest.mark.parametrize("fmt, file", [("onnx", "model.onnx"), ("torchscript", "model.ts")])
+def test_exported_model_predicts_the_torch_models_labels(run, tiny_cohort, tmp_path, fmt, file, capsys):
+    out = tmp_path / "export"
+    assert train_main(["export", "--run-dir", str(run), "--format", fmt, "--out", str(out)]) == 0
+    card = json.loads((out / "model-card.json").read_text())
+    assert card["file"] == file and card["input"]["modalities"] == ["t1", "t2", "flair"]
+    assert card["input"]["patch_size"] == [16, 16, 16] and card["output"]["regions"] == ["TC", "WT", "ET"]
+    assert card["output"]["label_convention"] == "brats2021" and card["input"]["orientation"] == "RAS"
+    assert card["input"]["spacing_mm"] == json.loads((run / "preprocessing.json").read_text())["params"]["spacing_mm"]
+    assert "dice_wt" in card["scores"]["test"]["means"] and card["postprocessing"]["et_relabel_below_mm3"] == 1e9
+    assert card["training"]["command"].startswith("python -m train ") and "--patch-size 16 16 16" in \
+        card["training"]["command"] and card["project_version"]
+    # logits of the exported network against the torch model's, on a batch of real-sized patches
+    torch_run, exported = load_run(run), load_exported(out / file)
+    x = torch.randn(2, 3, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(exported.models[0](x), torch_run.models[0](x), atol=1e-4)
+    # whole cases: the same label maps as the run folder's (postprocessing included)
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "torch")]) == 0
+    assert eval_main(["predict", "--model", str(out / file), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "exported")]) == 0
+    a, b = _labels(tmp_path / "torch"), _labels(tmp_path / "exported")
+    assert a.keys() == b.keys() and len(a) == 6 and all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(v.any() for v in a.values())
+    if fmt == "onnx":  # the run's postprocessing changes these predictions, and it travelled with the model
+        assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out",
+                          str(tmp_path / "raw"), "--no-postprocessing"]) == 0
+        assert any(not np.array_equal(v, a[k]) for k, v in _labels(tmp_path / "raw").items())
+
+
+def test_a_kfold_ensemble_exports_as_one_network(run, tmp_path):
+    kf = tmp_path / "kf"
+    fake_kfold(run, kf, 2)
+    ck = torch.load(kf / "fold-1" / "best.pt", weights_only=True)  # two different members
+    ck["model"] = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, kf / "fold-1" / "best.pt")
+    assert train_main(["export", "--run-dir", str(kf), "--format", "torchscript", "--ensemble", "--out",
+                       str(tmp_path / "e")]) == 0
+    card = json.loads((tmp_path / "e" / "model-card.json").read_text())
+    assert card["inference"]["ensemble"] and card["kind"] == "ensemble of 2 folds"
+    members = load_run(kf, ensemble=True).models
+    x = torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():  # the sigmoid of the one network is the members' mean probability
+        mean = torch.stack([torch.sigmoid(m(x)) for m in members]).mean(0)
+        assert not torch.allclose(members[0](x), members[1](x))
+        assert torch.allclose(torch.sigmoid(load_exported(tmp_path / "e" / "model.ts").models[0](x)), mean, atol=1e-5)
+        assert torch.allclose(EnsembleNet(members[:1])(x), members[0](x))
+
+
+def test_export_and_predict_bad_input(run, tiny_cohort_2023, tmp_path, capsys):
+    def err(rc_expected, argv, main):
+        assert main(argv) == rc_expected
+        e = capsys.readouterr().err
+        assert len(e.strip().splitlines()) == 1, e
+        return e
+
+    assert "no checkpoint" in err(2, ["export", "--run-dir", str(tmp_path), "--format", "onnx"], train_main)
+    out = tmp_path / "export"
+    assert train_main(["export", "--run-dir", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # a cohort in another label convention (2023 names) than the model's (2021 labels)
+    e = err(2, ["predict", "--model", str(out / "model.onnx"), "--source", str(tiny_cohort_2023), "--out",
+                str(tmp_path / "p")], eval_main)
+    assert "brats2021 labels" in e and "brats2023" in e
+    (out / "model-card.json").rename(out / "card.json")
+    e = err(2, ["predict", "--model", str(out / "model.onnx"), "--source", str(tiny_cohort_2023), "--out",
+                str(tmp_path / "p")], eval_main)
+    assert "model-card.json" in e and "model.onnx" in e
+    e = err(2, ["predict", "--model", str(tmp_path / "nothing.onnx"), "--source", str(tiny_cohort_2023), "--out",
+                str(tmp_path / "p")], eval_main)
+    assert "no such file" in e
+
+
+def test_the_training_command_reproduces_the_configuration(run):
+    from train.cli import build_parser, config_from_args
+    from train.config import TrainConfig
+
+    cfg = TrainConfig.load(run / "config.json")
+    again = config_from_args(build_parser().parse_args(training_command(cfg).split()[3:]))
+    assert {k: v for k, v in again.to_dict().items() if k not in ("resume", "overwrite")} == \
+        {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "overwrite")}

@@ -1,0 +1,188 @@
+"""``python -m train export``: a trained run as a file that runs without this project's training code (ONNX for
+onnxruntime and any ONNX runtime, or TorchScript for torch alone), with ``model-card.json`` beside it saying
+what it expects and what it gives.
+
+The exported network takes a batch of preprocessed patches (B, C, X, Y, Z) of the run's patch size, float32, and
+gives logits (B, R, X, Y, Z) of the run's regions (sigmoid > 0.5 is a region). An ensemble (``--ensemble``: the
+folds of a k-fold run) is exported as one network whose output is the logit of its members' mean probability, so
+the sigmoid of the output is what ``evaluate --ensemble`` averages. ``evaluate predict --model FILE`` predicts raw
+cases with it: the same preprocessing, sliding window and mapping back to the source as a run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+CARD = "model-card.json"
+CARD_VERSION = 1
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported, or an exported model that cannot be used; the message says why."""
+
+
+class EnsembleNet(torch.nn.Module):
+    """Several networks as one: the logit of their mean sigmoid probability (one network: its own logits)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.members) == 1:
+            return self.members[0](x)
+        p = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(0).clamp(1e-7, 1 - 1e-7)
+        return torch.log(p) - torch.log1p(-p)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("brats-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _scores(run_dir: Path) -> dict:
+    """The scorer's means from the run's evaluations (eval/<split>.json), per evaluation."""
+    out = {}
+    for f in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "scores" in data:
+            out[f.stem] = {"cases": data.get("cases"), "model": data.get("model"),
+                           "means": {k: v.get("mean") if isinstance(v, dict) else v for k, v in data["scores"].items()}}
+    return out
+
+
+def model_card(run_dir: Path, run, fmt: str, file_name: str, ensemble: bool) -> dict:
+    """What the exported model expects (modalities in order, spacing, orientation, normalisation, patch size) and
+    gives (regions, label convention), with the run's scores, postprocessing, command and the project version."""
+    cfg = run.config
+    params = run.preprocessing.get("params", {})
+    rules = run_dir / "postprocessing.json"
+    command = training_command(run.configs[0])
+    return {
+        "card_version": CARD_VERSION, "format": fmt, "file": file_name, "project_version": _version(),
+        "run": str(run_dir), "kind": run.kind, "architectures": sorted({c.model for c in run.configs}),
+        "input": {"name": "image", "modalities": list(cfg.modalities), "layout": "B, C, X, Y, Z (float32)",
+                  "patch_size": list(cfg.patch_size), "spacing_mm": params.get("spacing_mm"),
+                  "orientation": params.get("orientation", "RAS"), "normalization": params.get("normalization"),
+                  "crop_margin": params.get("crop_margin")},
+        "output": {"name": "logits", "regions": list(cfg.regions), "layout": "B, R, X, Y, Z (float32, sigmoid > 0.5)",
+                   "label_convention": run.preprocessing.get("label_convention")},
+        "inference": {"sliding_window_overlap": 0.5, "sw_batch_size": cfg.sw_batch_size, "ensemble": ensemble},
+        "preprocessing": run.preprocessing,
+        "postprocessing": json.loads(rules.read_text()) if rules.exists() else None,
+        "scores": _scores(run_dir),
+        "training": {"command": command, "config": {**cfg.to_dict(), "amp": False}},
+    }
+
+
+def write_network(net: torch.nn.Module, channels: int, patch, path: Path, fmt: str) -> Path:
+    """``net`` (on the CPU) as ``fmt`` at ``path``, written aside then renamed: input "image" (B, channels,
+    *patch) float32 with B free, output "logits"."""
+    net = net.eval()
+    x = torch.zeros(1, channels, *patch)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.no_grad():
+        if fmt == "torchscript":
+            torch.jit.trace(net, x, check_trace=False).save(str(tmp))
+        else:
+            torch.onnx.export(net, (x,), str(tmp), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    tmp.replace(path)
+    return path
+
+
+def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None = None) -> tuple[Path, Path]:
+    """Write the run's network (``fmt``: onnx or torchscript) and its model card into ``out`` (default
+    RUN/export); returns (model file, card)."""
+    from evaluate.inference import RunError, load_run
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    try:
+        run = load_run(run_dir, ensemble, "cpu")
+    except RunError as e:
+        raise ExportError(f"cannot export: {e}") from None
+    patches = {tuple(c.patch_size) for c in run.configs}
+    if len(patches) != 1:
+        raise ExportError(f"--ensemble of models with different patch sizes {sorted(patches)} cannot be one network: "
+                          f"export each run by itself")
+    folder = Path(out) if out else run_dir / "export"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FORMATS[fmt]
+    write_network(EnsembleNet(run.models), len(run.config.modalities), run.config.patch_size, path, fmt)
+    rules = run_dir / "postprocessing.json"
+    if rules.exists():  # beside the model, where 'evaluate predict --model' applies it as from a run folder
+        (folder / rules.name).write_bytes(rules.read_bytes())
+    else:
+        (folder / rules.name).unlink(missing_ok=True)
+    card = folder / CARD
+    card.write_text(json.dumps(model_card(run_dir, run, fmt, path.name, bool(ensemble)), indent=2) + "\n")
+    return path, card
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train export",
+        description="Export a trained run's network as ONNX (onnxruntime, any ONNX runtime) or TorchScript (torch "
+        "alone), with model-card.json beside it: the modalities in order, spacing, orientation, normalisation, "
+        "patch size, regions, label convention, postprocessing, the scorer's figures from RUN/eval, the training "
+        "configuration and the project version. 'python -m evaluate predict --model FILE' predicts with it.")
+    p.add_argument("--run-dir", required=True, help="the trained run folder")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="onnx (needs the onnx extra to run it "
+                   "with onnxruntime) or torchscript")
+    p.add_argument("--ensemble", action="store_true", help="a k-fold run's folds as one network (the logit of "
+                   "their mean probability); default: its best fold, or a single run's best.pt")
+    p.add_argument("--out", help="folder for the model and its card (default: RUN/export)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = build_export_parser().parse_args(argv)
+    try:
+        path, card = export_run(a.run_dir, a.format, a.ensemble, a.out)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"python -m train export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {a.run_dir} -> {path} ({path.stat().st_size / 2**20:.1f} MiB), model card {card}")
+    return 0
+
+
+def training_command(cfg) -> str:
+    """The ``python -m train`` command that gives ``cfg`` (a TrainConfig): every flag whose value differs from its
+    default, spelled as the parser spells it."""
+    from .cli import build_parser
+
+    values, parts = cfg.to_dict(), ["python", "-m", "train"]
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest not in values or action.dest in ("resume", "overwrite"):
+            continue
+        v, default = values[action.dest], action.default
+        if isinstance(v, list):
+            v = tuple(v)
+        if isinstance(default, list):
+            default = tuple(default)
+        if v is None or v == default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            parts.append(flag)
+        elif isinstance(v, tuple):
+            parts += [flag, *map(str, v)]
+        else:
+            parts += [flag, str(v)]
+    return " ".join(shlex.quote(x) for x in parts)
