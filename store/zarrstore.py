@@ -655,6 +655,25 @@ def _delete_group(root, path: str) -> None:
         del root[path]
 
 
+def ome_metadata(attrs: dict, has_label: bool) -> dict:
+    """OME-Zarr (NGFF 0.5) multiscales of a case group, so viewers (napari, neuroglancer) place its arrays in
+    RAS millimetres: one level each, ``image`` on axes c, x, y, z and ``label`` on x, y, z, scale = the stored
+    spacing, translation = the stored grid's origin (its affine is axis-aligned RAS: world = origin + index *
+    spacing)."""
+    spacing = [float(v) for v in attrs["spacing_mm"]]
+    origin = [float(row[3]) for row in attrs["stored_affine"][:3]]
+    space = [{"name": n, "type": "space", "unit": "millimeter"} for n in "xyz"]
+
+    def level(path: str, axes: list, scale: list, translation: list) -> dict:
+        return {"name": path, "axes": axes, "datasets": [{"path": path, "coordinateTransformations": [
+            {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]}]}
+
+    multiscales = [level("image", [{"name": "c", "type": "channel"}, *space], [1.0, *spacing], [0.0, *origin])]
+    if has_label:
+        multiscales.append(level("label", space, spacing, origin))
+    return {"version": "0.5", "multiscales": multiscales}
+
+
 def case_group_name(case_id: str, token: str) -> str:
     return f"{CASES_GROUP}/{case_id}.{token}"
 
@@ -688,6 +707,7 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
     checked = [arrays["image"][0]] + ([label] if label is not None else [])
     attrs = dict(attrs, content_crc32=content_checksum(*checked), shape=list(img16.shape[1:]), image_scale=scale)
     attrs = json.loads(json.dumps(attrs))
+    attrs["ome"] = ome_metadata(attrs, label is not None)
     loc = Location(store_path)
     if loc.local:
         folder = Path(store_path, group_name)
