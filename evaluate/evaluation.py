@@ -115,7 +115,7 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
         raw, gt, spacing, grid = label_maps_for_scoring(case, prob, seg, conv, names)
         pred = postprocess.apply(raw, spacing, rules, conv)  # what is written and scored
         grids.add(grid)
-        tasks[cid] = task or task_of(cid)
+        tasks[cid] = task or case.meta.get("task") or task_of(cid)  # the task the build recorded for the case
         found = [] if "brats2023" in families else None
         scores = score_case(pred, gt, conv, spacing, families, case=cid, task=tasks[cid], lesions=found)
         p_reg, g_reg = region_masks(pred, conv), region_masks(gt, conv)
@@ -164,7 +164,8 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
         "grid_note": "source: against the source seg file on its own grid, as BraTS scores; store: on the "
                      "store's grid because the source files are gone or changed",
         "tasks": {t: sum(1 for v in tasks.values() if v == t) for t in sorted(set(tasks.values()))},
-        "task_source": "--task" if task else "each case's id (BraTS-MEN-... -> men; BraTS20xx, BraTS-GLI -> gli)",
+        "task_source": "--task" if task else "the task the build recorded for each case, from its id (BraTS-MEN-... "
+                                            "-> men; BraTS20xx, BraTS-GLI -> gli)",
         "postprocessing": (rules.describe() or ["none: no rule raised the validation score"]) if rules is not None
         else ["none: " + ("--no-postprocessing" if not postprocessing else "the run has no postprocessing.json")],
         "monai_dice_mean": float(monai_dice.aggregate()),

@@ -186,7 +186,7 @@ def _validation_cases(part: Path, store_path, source_dir, dev, tta: bool, progre
 
     def finish(cid, loaded, prob):
         pred, ref, spacing, _ = label_maps_for_scoring(loaded[0], prob, loaded[2], conv, regions)
-        cases.append(ValidationCase(cid, pred, ref, spacing, task_of(cid)))
+        cases.append(ValidationCase(cid, pred, ref, spacing, loaded[0].meta.get("task") or task_of(cid)))
 
     bar = progress_bar(len(ids), f"predict validation ({part.name})", "case", enabled=progress)
     failures = run_pipeline(ids, store_case_reader(store, source_dir), infer, finish, on_done=lambda *_: bar.update())

@@ -34,6 +34,8 @@ class BuildConfig:
     overwrite: bool = False
     crop_margin: int = CROP_MARGIN
     spacing: tuple[float, float, float] = TARGET_SPACING
+    # "grade": every split and fold keeps the HGG/LGG ratio (BraTS 2018-2020 cohorts); None: no strata
+    stratify: str | None = None
     # finished cases are published together at most this often (one root write for many cases: its cost grows
     # with the store, so one write per case would make a large build quadratic); 0 publishes each case alone
     publish_every_s: float = 1.0
@@ -106,9 +108,10 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
             source_files={k: Path(p).name for k, p in files.items()}, source_sha256=sha, geometry=pre.geometry,
             normalization=pre.normalization, label_counts=label_counts, region_counts=region_counts,
             foreground_counts={r: int((fg[:, 0] == i).sum()) for i, r in enumerate(REGIONS)},
-            params_hash=params_hash)
+            params_hash=params_hash, task=case.task, grade=case.grade)
         write_case(store_path, group, pre.encoded, pre.label, fg, record)
-        record = {"group": group, "source_sha256": sha, "params_hash": params_hash, "patient_id": case.patient_id}
+        record = {"group": group, "source_sha256": sha, "params_hash": params_hash, "patient_id": case.patient_id,
+                  "task": case.task, **({"grade": case.grade} if case.grade else {})}
         return {"case_id": cid, "status": "built", "record": record, "label_convention": convention}
     except CaseError as e:
         return {"case_id": cid, "status": "failed", "reason": str(e)}
@@ -237,6 +240,11 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     t0 = time.perf_counter()
     _import_in_background("sklearn.model_selection")
     cohort = discover(cfg.source)
+    grades = {c.patient_id: c.grade for c in cohort.cases}
+    if cfg.stratify == "grade" and (ungraded := [c.case_id for c in cohort.cases if c.grade is None]):
+        raise DiscoveryError(f"--stratify grade: case {ungraded[0]} has no grade ({len(ungraded)} of "
+                             f"{len(cohort.cases)} cases); grades come from HGG/ and LGG/ folders (BraTS 2018-2020 "
+                             f"as downloaded)")
     store_path = str(Path(cfg.store).resolve()) if Location(cfg.store).local else cfg.store
     params = build_params(cfg)
     failed: dict[str, str] = dict(cohort.problems)
@@ -255,7 +263,10 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
             patients = {cid: rec.get("patient_id", cid) for cid, rec in index.items()}
             if not patients:
                 return {}
-            sp = make_splits(patients, cfg.split_seed, base)
+            strata = None
+            if cfg.stratify == "grade":
+                strata = {p: index[c].get("grade") or grades.get(p) or "ungraded" for c, p in patients.items()}
+            sp = make_splits(patients, cfg.split_seed, base, strata)
             sp["settled"] = sp["patients"] if final else (base or {}).get("patients", {})
             return sp
 

@@ -32,8 +32,10 @@ def _synth(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(f"wrote {len(ids)} {cfg.layout} cases of shape {'x'.join(map(str, cfg.shape))} to {cfg.out} "
           f"in {dt:.1f} s ({dt / len(ids):.2f} s per case with {cfg.workers} worker(s))")
-    for cid in ids[:3]:
-        print(f"  {cfg.out / cid}")
+    from .synth import grade_of
+
+    for i, cid in enumerate(ids[:3]):
+        print(f"  {cfg.out / (grade_of(cfg.layout, i) or '') / cid}")
     if len(ids) > 3:
         print(f"  ... and {len(ids) - 3} more")
     if args.preview:
@@ -65,6 +67,9 @@ def _discover(args: argparse.Namespace) -> int:
         "layout": cohort.layout,
         "label_convention": cohort.label_convention,
         "cases": len(cohort.cases),
+        "tasks": sorted({c.task for c in cohort.cases}),
+        "grades": {g: sum(c.grade == g for c in cohort.cases) for g in ("HGG", "LGG") if any(c.grade == g for c in
+                                                                                          cohort.cases)},
         "problems": cohort.problems,
     }
     print(json.dumps(summary, indent=2))
@@ -87,7 +92,7 @@ def _build_store(args: argparse.Namespace) -> int:
         return 2
     cfg = BuildConfig(source=args.source, store=args.store, workers=args.workers, scheduler=args.scheduler,
                       split_seed=args.split_seed, overwrite=args.overwrite, crop_margin=args.crop_margin,
-                      spacing=_spacing(args.spacing), publish_every_s=args.publish_every)
+                      spacing=_spacing(args.spacing), publish_every_s=args.publish_every, stratify=args.stratify)
     if args.publish_every < 0:
         print("prep build-store: error: --publish-every must be 0 or more seconds", file=sys.stderr)
         return 2
@@ -115,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
     s.add_argument("--cases", type=int, default=8, help="number of cases (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed; same seed, byte-identical files (default: 0)")
-    s.add_argument("--layout", choices=["brats2021", "brats2023", "brats2024"], default="brats2021",
+    s.add_argument("--layout", choices=["brats2021", "brats2023", "brats2024", "brats2019"], default="brats2021",
                    help="file naming and label convention: 2021 (1 NCR, 2 ED, 4 ET), 2023 (1 NETC, 2 SNFH, "
-                   "3 ET) or 2024 post-treatment (2023 naming, plus 4 RC: a resection cavity beside residual "
-                   "tumour) (default: %(default)s)")
+                   "3 ET), 2024 post-treatment (2023 naming, plus 4 RC: a resection cavity beside residual "
+                   "tumour), or 2019 as downloaded (2021 naming and labels, BraTS19_ ids, cases in HGG/ and LGG/ "
+                   "folders, one in four LGG) (default: %(default)s)")
     s.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="grid size in voxels; the field of view stays 240x240x155 mm, so smaller grids have "
                    "coarser voxels (default: 240 240 155, 1 mm)")
@@ -134,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "unchanged cases are skipped, a killed build finishes what is left. Bad cases are skipped with a "
         "one-line reason and the exit status is 1.",
     )
-    b.add_argument("--source", default="data/raw", help="cohort folder, BraTS 2021 or 2023 layout "
-                   "(default: %(default)s)")
+    b.add_argument("--source", default="data/raw", help="cohort folder (cases at any depth), BraTS 2018-2021 or "
+                   "2023+ layout (default: %(default)s)")
     b.add_argument("--store", default="data/brats.zarr", help="store path: a folder, or any URL Zarr accepts "
                    "(default: %(default)s)")
     g = b.add_mutually_exclusive_group()
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split and the folds "
                    "(default: %(default)s)")
     b.add_argument("--overwrite", action="store_true", help="replace a store built with other parameters")
+    b.add_argument("--stratify", choices=["grade"], help="grade: keep the HGG/LGG ratio in every split and fold "
+                   "(BraTS 2018-2020 as downloaded, cases under HGG/ and LGG/ folders; every case needs a grade)")
     b.add_argument("--spacing", type=float, nargs="+", default=[1.0], metavar="MM",
                    help="voxel size of the store in mm, one value or three (default: 1); 2 gives the reduced-scale "
                    "cohort for quick experiments")

@@ -1,8 +1,11 @@
 """Case discovery for BraTS folders (2018-2021 and 2023+ layouts).
 
-A case is a folder ``<root>/<case_id>/`` holding ``<case_id>_<suffix>.nii.gz`` (2021: t1, t1ce, t2, flair, seg)
-or ``<case_id>-<suffix>.nii.gz`` (2023: t1n, t1c, t2w, t2f, seg). Modalities are mapped to one vocabulary
-(t1, t1ce, t2, flair). Folders without any BraTS-named NIfTI and files that are not BraTS-named are ignored.
+A case is a folder ``<case_id>/`` holding ``<case_id>_<suffix>.nii.gz`` (2018-2021: t1, t1ce, t2, flair, seg) or
+``<case_id>-<suffix>.nii.gz`` (2023+: t1n, t1c, t2w, t2f, seg), at any depth under the cohort folder: folders
+without BraTS-named NIfTI files are walked into (hidden ones are reported, not entered). A case under a folder
+named ``HGG`` or ``LGG`` (BraTS 2018-2020 as downloaded) keeps that grade. Modalities are mapped to one vocabulary
+(t1, t1ce, t2, flair); the BraTS 2023+ task (GLI, MEN, MET, PED, SSA, GoAT) comes from the case id. Files that are
+not BraTS-named are ignored.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from store.conventions import MODALITIES
+from store.conventions import MODALITIES, task_of
 
 LAYOUTS: dict[str, dict] = {
     "brats2021": {"sep": "_", "suffixes": {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}},
@@ -34,10 +37,16 @@ class CaseFiles:
     layout: str
     images: dict[str, Path]
     seg: Path | None
+    grade: str | None = None  # HGG or LGG: BraTS 2018-2020 cases under a folder of that name
 
     @property
     def label_convention(self) -> str:
         return self.layout
+
+    @property
+    def task(self) -> str:
+        """The BraTS task the case id names (gli for ids of no task)."""
+        return task_of(self.case_id)
 
     @property
     def patient_id(self) -> str:
@@ -90,7 +99,8 @@ def _layout_of(sep: str, suffixes: set[str]) -> str | None:
     return None
 
 
-def discover_case(folder: str | Path, require_seg: bool = True, required=MODALITIES) -> CaseFiles:
+def discover_case(folder: str | Path, require_seg: bool = True, required=MODALITIES,
+                  grade: str | None = None) -> CaseFiles:
     """Discover one case folder; raise DiscoveryError naming the case and the file on bad input.
 
     ``required``: the modalities that must be present (all four by default; inference asks only for the ones
@@ -135,44 +145,79 @@ def discover_case(folder: str | Path, require_seg: bool = True, required=MODALIT
     seg = found.get(SEG_SUFFIX, [None])[0]
     if seg is None and require_seg:
         raise DiscoveryError(f"case {case_id}: missing seg (expected {case_id}{lay['sep']}seg.nii.gz)")
-    return CaseFiles(case_id, layout, {m: images[m] for m in MODALITIES if m in images}, seg)
+    return CaseFiles(case_id, layout, {m: images[m] for m in MODALITIES if m in images}, seg, grade)
+
+
+GRADES = ("HGG", "LGG")
 
 
 def discover(root: str | Path, require_seg: bool = True, required=MODALITIES) -> Cohort:
-    """Find every case under ``root``. Bad cases are collected in ``Cohort.problems``, never silently dropped."""
+    """Find every case under ``root``, at any depth. Bad cases are collected in ``Cohort.problems`` (keyed by the
+    folder's path under ``root``), never silently dropped; a case of another layout or task than the cohort's
+    first is one of them."""
     root = Path(root)
     if not root.is_dir():
         raise DiscoveryError(f"cohort folder {root} does not exist or is not a folder")
     cohort = Cohort(root=root, layout=None)
-    for folder in sorted(root.iterdir()):
-        if folder.is_symlink() and not folder.exists():
-            cohort.problems[folder.name] = (f"case folder {folder.name}: a symbolic link that leads nowhere "
-                                            f"(broken, or a loop)")
-            continue
-        if not folder.is_dir():
-            continue
-        if folder.name.startswith("."):
-            cohort.skipped[folder.name] = "hidden folder"
-            continue
+    where: dict[str, str] = {}  # case id -> the folder it was found in
+    tasks: list[str] = []
+
+    def add(folder: Path, rel: str, grade: str | None) -> None:
         try:
-            if not any(_parse(f.name) for f in folder.iterdir() if f.is_file()):
-                continue  # an unrelated folder
-        except OSError as e:
-            cohort.problems[folder.name] = f"case folder {folder.name}: cannot be listed ({e.strerror or e})"
-            continue
-        try:
-            case = discover_case(folder, require_seg=require_seg, required=required)
+            case = discover_case(folder, require_seg=require_seg, required=required, grade=grade)
         except DiscoveryError as e:
-            cohort.problems[folder.name] = str(e)
-            continue
+            cohort.problems[rel] = str(e)
+            return
+        if case.case_id in where:
+            cohort.problems[rel] = f"case {case.case_id}: found twice, in {where[case.case_id]} and {rel}; keep one"
+            return
         if cohort.layout is None:
             cohort.layout = case.layout
         elif case.layout != cohort.layout:
             cohort.problems[case.case_id] = (
-                f"case {case.case_id}: {case.layout} layout in a {cohort.layout} cohort"
-            )
-            continue
+                f"case {case.case_id}: {case.layout} layout in a {cohort.layout} cohort ({rel}); build each layout "
+                f"into its own store")
+            return
+        if tasks and case.task != tasks[0]:
+            cohort.problems[case.case_id] = (
+                f"case {case.case_id}: task {case.task.upper()} in a {tasks[0].upper()} cohort ({rel}); build each "
+                f"task into its own store (the lesion-wise scorer's parameters differ per task)")
+            return
+        tasks.append(case.task)
+        where[case.case_id] = rel
         cohort.cases.append(case)
+
+    def walk(folder: Path, rel: str, grade: str | None, ancestors: frozenset) -> None:
+        try:
+            children = sorted(folder.iterdir())
+        except OSError as e:
+            cohort.problems[rel or "."] = f"folder {rel or root}: cannot be listed ({e.strerror or e})"
+            return
+        for child in children:
+            name = f"{rel}/{child.name}" if rel else child.name
+            if child.is_symlink() and not child.exists():
+                cohort.problems[name] = f"case folder {name}: a symbolic link that leads nowhere (broken, or a loop)"
+                continue
+            if not child.is_dir():
+                continue
+            if child.name.startswith("."):
+                cohort.skipped[name] = "hidden folder"
+                continue
+            real = child.resolve()
+            if real in ancestors:
+                cohort.problems[name] = f"folder {name}: a symbolic link back to a folder above it (a loop)"
+                continue
+            try:
+                holds_case = any(_parse(f.name) for f in child.iterdir() if f.is_file())
+            except OSError as e:
+                cohort.problems[name] = f"case folder {name}: cannot be listed ({e.strerror or e})"
+                continue
+            if holds_case:
+                add(child, name, grade)
+            else:
+                walk(child, name, child.name.upper() if child.name.upper() in GRADES else grade, ancestors | {real})
+
+    walk(root, "", None, frozenset({root.resolve()}))
     if not cohort.cases and not cohort.problems:
-        raise DiscoveryError(f"no BraTS cases found in {root}")
+        raise DiscoveryError(f"no BraTS cases found in {root} (nor in its subfolders)")
     return cohort

@@ -26,21 +26,32 @@ def _first_split(patients: list[str], rng: np.random.Generator) -> dict[str, str
     return out
 
 
-def _first_folds(patients: list[str], seed: int) -> dict[str, int]:
-    from sklearn.model_selection import KFold
+def _first_folds(patients: list[str], seed: int, strata: dict[str, str] | None = None) -> dict[str, int]:
+    """KFold over ``patients``; with ``strata`` (patient -> group), sklearn's StratifiedKFold, so each fold keeps
+    the groups' ratio (where every group has at least as many patients as there are folds)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     k = min(N_FOLDS, len(patients))
     if k < 2:
         return {}
+    labels = [strata[p] for p in patients] if strata else None
+    if labels and min(labels.count(g) for g in set(labels)) >= k:
+        parts = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(patients, labels)
+    else:
+        parts = KFold(n_splits=k, shuffle=True, random_state=seed).split(patients)
     folds = {}
-    for f, (_, val_idx) in enumerate(KFold(n_splits=k, shuffle=True, random_state=seed).split(patients)):
+    for f, (_, val_idx) in enumerate(parts):
         for i in val_idx:
             folds[patients[i]] = f
     return folds
 
 
-def make_splits(case_patients: dict[str, str], seed: int, previous: dict | None = None) -> dict:
-    """Splits for the cases ``case_patients`` (case id -> patient id).
+def make_splits(case_patients: dict[str, str], seed: int, previous: dict | None = None,
+                strata: dict[str, str] | None = None) -> dict:
+    """Splits for the cases ``case_patients`` (case id -> patient id). ``strata`` (patient -> group, e.g. the
+    grade) keeps each group's ratio in every split and fold: each group is split by itself, its folds drawn
+    stratified, and a later build gives a new patient the split (and fold) furthest below its share among the
+    patients of its own group.
 
     Returns ``{"train": [...], "val": [...], "test": [...], "folds": [{"train", "val"}...], "seed", "ratios",
     "patients": {patient: {"split", "fold"}}}`` with case ids sorted inside each list.
@@ -50,20 +61,24 @@ def make_splits(case_patients: dict[str, str], seed: int, previous: dict | None 
     known = {p: prev[p] for p in patients if p in prev}
     new = [p for p in patients if p not in known]
     rng = np.random.default_rng(seed)
+    group = (lambda p: strata[p]) if strata else (lambda p: "")
     if not known:
-        split_of = _first_split(patients, rng)
+        split_of = {}
+        for g in sorted({group(p) for p in patients}):
+            split_of.update(_first_split([p for p in patients if group(p) == g], rng))
         trval = sorted(p for p in patients if split_of[p] != "test")
-        fold_of = _first_folds(trval, seed)
+        fold_of = _first_folds(trval, seed, strata)
     else:
         split_of = {p: rec["split"] for p, rec in known.items()}
         fold_of = {p: rec["fold"] for p, rec in known.items() if rec.get("fold") is not None}
         n_folds = max(fold_of.values(), default=-1) + 1
         for p in [new[i] for i in rng.permutation(len(new))]:
-            total = len(split_of) + 1
-            deficit = {s: RATIOS[s] * total - sum(v == s for v in split_of.values()) for s in RATIOS}
+            peers = [q for q in split_of if group(q) == group(p)]
+            total = len(peers) + 1
+            deficit = {s: RATIOS[s] * total - sum(split_of[q] == s for q in peers) for s in RATIOS}
             split_of[p] = max(RATIOS, key=lambda s: (deficit[s], RATIOS[s]))
             if split_of[p] != "test" and n_folds:
-                sizes = [sum(v == f for v in fold_of.values()) for f in range(n_folds)]
+                sizes = [sum(fold_of.get(q) == f for q in peers) for f in range(n_folds)]
                 fold_of[p] = int(np.argmin(sizes))
     n_folds = max(fold_of.values(), default=-1) + 1
     by_patient: dict[str, list[str]] = {}
@@ -80,5 +95,8 @@ def make_splits(case_patients: dict[str, str], seed: int, previous: dict | None 
     ]
     out["seed"] = seed
     out["ratios"] = RATIOS
+    if strata:
+        out["stratified"] = {g: {s: sum(split_of[p] == s for p in patients if group(p) == g) for s in RATIOS}
+                             for g in sorted({group(p) for p in patients})}
     out["patients"] = {**prev, **{p: {"split": split_of[p], "fold": fold_of.get(p)} for p in patients}}
     return out

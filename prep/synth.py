@@ -58,15 +58,31 @@ class SynthConfig:
     workers: int = 1
 
 
+LAYOUT_CHOICES = ("brats2021", "brats2023", "brats2024", "brats2019")
+
+
 def case_id(layout: str, index: int) -> str:
     if layout == "brats2021":
         return f"BraTS2021_{index:05d}"
+    if layout == "brats2019":
+        return f"BraTS19_SYN_{index:05d}_1"
     return f"BraTS-GLI-{index:05d}-{'100' if layout == 'brats2024' else '000'}"  # 2024: a post-treatment timepoint
 
 
+def convention_of(layout: str) -> str:
+    """The label convention of a synthetic layout (BraTS 2018-2020 label as 2021 does: 1, 2, 4)."""
+    return "brats2021" if layout == "brats2019" else layout
+
+
 def file_layout(layout: str) -> str:
-    """The file naming of a label convention's cohorts (BraTS 2024 names its files as 2023 does)."""
-    return "brats2023" if layout == "brats2024" else layout
+    """The file naming of a layout's cohorts (BraTS 2024 names its files as 2023 does, 2018-2020 as 2021)."""
+    return {"brats2024": "brats2023", "brats2019": "brats2021"}.get(layout, layout)
+
+
+def grade_of(layout: str, index: int) -> str | None:
+    """BraTS 2018-2020 cohorts come as HGG/ and LGG/ folders; one synthetic case in four is LGG (BraTS 2019: 76 of
+    335)."""
+    return ("LGG" if index % 4 == 3 else "HGG") if layout == "brats2019" else None
 
 
 def brats_affine(shape: tuple[int, int, int]) -> np.ndarray:
@@ -391,7 +407,7 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
     csf_full[idx] = csf
     brain = (pos >= 0)
     enhancing = tp.enhancing
-    conv = LABEL_CONVENTIONS[layout]
+    conv = LABEL_CONVENTIONS[convention_of(layout)]
     label = np.zeros(shape, np.uint8)
     parts = []  # per lesion: where it is and how much of each tissue every voxel holds, for the intensities
     for k, (lp, centre) in enumerate(zip(lesions, centres)):
@@ -475,7 +491,8 @@ def write_case(out: Path, index: int, seed: int, shape=FULL_SHAPE, layout: str =
     """Generate case ``index`` and write it in the BraTS layout under ``out``; returns the case id."""
     cid = case_id(layout, index)
     images, label, affine = make_case(index, seed, shape, layout)
-    folder = Path(out) / cid
+    grade = grade_of(layout, index)
+    folder = Path(out) / grade / cid if grade else Path(out) / cid
     folder.mkdir(parents=True, exist_ok=True)
     lay = LAYOUTS[file_layout(layout)]
     names = {v: k for k, v in lay["suffixes"].items()}
@@ -501,8 +518,8 @@ def synth_cohort(cfg: SynthConfig, progress: bool = True) -> list[str]:
 
     from store.progress import progress_bar
 
-    if cfg.layout not in LABEL_CONVENTIONS:
-        raise ValueError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LABEL_CONVENTIONS)}")
+    if cfg.layout not in LAYOUT_CHOICES:
+        raise ValueError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LAYOUT_CHOICES)}")
     if cfg.cases < 1:
         raise ValueError("--cases must be at least 1")
     if len(cfg.shape) != 3 or min(cfg.shape) < 8:

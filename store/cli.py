@@ -28,8 +28,23 @@ def print_info(path: str) -> int:
     print(f"cases      {n}" + (f" ({len(s.failures)} failed in the last build)" if s.failures else ""))
     print(f"modalities {', '.join(s.modalities)}")
     print(f"labels     {s.label_convention}")
+    from .conventions import task_of
+
+    index = s.attrs.get("index", {})
+    tasks: dict[str, int] = {}
+    grades: dict[str, int] = {}
+    for cid, rec in index.items():
+        t = rec.get("task") or task_of(cid)
+        tasks[t] = tasks.get(t, 0) + 1
+        if rec.get("grade"):
+            grades[rec["grade"]] = grades.get(rec["grade"], 0) + 1
+    print("tasks      " + ", ".join(f"{t.upper()} {k}" for t, k in sorted(tasks.items())))
+    if grades:
+        print("grades     " + ", ".join(f"{g} {k}" for g, k in sorted(grades.items())))
     print(f"splits     train {len(sp['train'])}, val {len(sp['val'])}, test {len(sp['test'])}, "
           f"{len(sp['folds'])} folds over train+val")
+    for g, per in (sp.get("stratified") or {}).items():
+        print(f"  {g:<8} " + ", ".join(f"{k} {v}" for k, v in per.items()) + " (patients, stratified)")
     print(f"on disk    {_human(size)}" + (f" ({_human(size // n)} per case)" if size and n else ""))
     return 0
 

@@ -116,3 +116,17 @@ def convention_for_labels(convention: str, values) -> str:
 def compatible(store_convention: str, other: str) -> bool:
     """True when label maps of ``other`` can be read in ``store_convention`` (the same, or superseded by it)."""
     return other == store_convention or SUPERSEDED_BY.get(other) == store_convention
+
+
+# BraTS 2023+ tasks, as their case ids name them (BraTS-MEN-00004-000): adult glioma, meningioma, metastases,
+# paediatric tumours, sub-Saharan Africa glioma, and the generalisability challenge across them. Ids of no task
+# (BraTS2021_00000, BraTS19_..., a cohort of one's own) are glioma.
+TASKS = ("gli", "men", "met", "ped", "ssa", "goat")
+
+
+def task_of(case_id: str) -> str:
+    """The BraTS task a case id names: BraTS-MEN-... -> men, BraTS-GoAT-... -> goat; anything else gli."""
+    parts = case_id.split("-")
+    if len(parts) > 1 and parts[0].lower() == "brats" and parts[1].lower() in TASKS:
+        return parts[1].lower()
+    return "gli"

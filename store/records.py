@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .conventions import LABEL_CONVENTIONS, MODALITIES
+from .conventions import LABEL_CONVENTIONS, MODALITIES, TASKS
 from .format import FormatError
 
 GEOMETRY_KEYS = ("source_affine", "source_shape", "resampled_affine", "resampled_shape", "crop_box",
@@ -26,6 +26,8 @@ class CaseRecord:
     region_counts: dict  # region -> voxels
     foreground_counts: dict  # region -> rows of the foreground array
     params_hash: str
+    task: str = "gli"  # the BraTS task the case id names (gli, men, met, ped, ssa, goat)
+    grade: str | None = None  # HGG or LGG for BraTS 2018-2020 cases from folders of that name
 
     def validate(self) -> None:
         """Refuse a record the format cannot hold, naming the case and the field."""
@@ -51,6 +53,10 @@ class CaseRecord:
                 bad(f"geometry.{k}", "must have 3 entries")
         if set(self.normalization) != set(self.modalities):
             bad("normalization", "must have one entry per modality")
+        if self.task not in TASKS:
+            bad("task", f"must be one of {', '.join(TASKS)}")
+        if self.grade not in (None, "HGG", "LGG"):
+            bad("grade", "must be HGG, LGG or absent")
 
     def to_attrs(self) -> dict:
         """The case attributes as FORMAT.md spells them (geometry keys at the top level)."""

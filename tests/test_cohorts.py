@@ -1,0 +1,121 @@
+"""Every BraTS-family cohort a user brings: nested folders, BraTS 2018-2020 as downloaded (HGG/ and LGG/, grade kept
+and stratified on), BraTS 2023+ task prefixes recorded per case and in the store and used by the scorer; mixed
+cohorts are one line per case and the others go on."""
+
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from evaluate.cli import main as eval_main
+from prep.build import BuildConfig, build_store, run_cli
+from prep.cli import main as prep_main
+from prep.discover import discover
+from store import open_store
+from store.cli import main as store_main
+from train.cli import main as train_main
+
+from .conftest import TINY
+from .helpers import synth_spacing, write_case
+
+TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def cohort2019(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b19") / "MICCAI_BraTS_2019_Data_Training"
+    assert prep_main(["synth", "--layout", "brats2019", "--cases", "13", "--shape", *map(str, TINY), "--out",
+                      str(out)]) == 0
+    return out
+
+
+def test_nested_folders_hidden_duplicates_and_loops(tmp_path):
+    write_case(tmp_path / "site-a" / "batch-1", "BraTS2021_00001")
+    write_case(tmp_path / "site-b", "BraTS2021_00002")
+    write_case(tmp_path / "site-b" / ".trash", "BraTS2021_00003")
+    write_case(tmp_path / "site-c" / "copy", "BraTS2021_00002")  # the same id again
+    os.symlink(tmp_path / "site-a", tmp_path / "site-a" / "batch-1" / "up")  # a loop back to an ancestor... inside
+    os.symlink(tmp_path, tmp_path / "site-b" / "root")  # ...and to the cohort folder itself
+    c = discover(tmp_path)
+    assert [x.case_id for x in c.cases] == ["BraTS2021_00001", "BraTS2021_00002"]
+    assert c.skipped == {"site-b/.trash": "hidden folder"}
+    assert "found twice, in site-b/BraTS2021_00002 and site-c/copy/BraTS2021_00002" in \
+        c.problems["site-c/copy/BraTS2021_00002"]
+    assert "a loop" in c.problems["site-b/root"]
+
+
+def test_brats2019_as_downloaded_keeps_grades_and_stratifies(cohort2019, tmp_path, capsys):
+    c = discover(cohort2019)
+    assert len(c.cases) == 13 and c.layout == "brats2021" and {x.task for x in c.cases} == {"gli"}
+    grades = {x.case_id: x.grade for x in c.cases}
+    assert sum(g == "LGG" for g in grades.values()) == 3 and all(
+        (cohort2019 / g / cid).is_dir() for cid, g in grades.items())
+    store = tmp_path / "s.zarr"
+    rep = build_store(BuildConfig(source=str(cohort2019), store=str(store), workers=0, spacing=synth_spacing(TINY),
+                                  stratify="grade"), progress=False)
+    assert rep.ok and len(rep.built) == 13
+    s = open_store(store)
+    assert {cid: s.case(cid).meta["grade"] for cid in s.case_ids} == grades
+    assert {rec["grade"] for rec in s.attrs["index"].values()} == {"HGG", "LGG"}
+    strat = s.splits["stratified"]
+    # each grade split by itself: 0.75 / 0.15 / 0.10 of 10 HGG and of 3 LGG patients
+    assert strat == {"HGG": {"train": 7, "val": 2, "test": 1}, "LGG": {"train": 3, "val": 0, "test": 0}}
+    assert {grades[c] for c in s.splits["val"] + s.splits["test"]} == {"HGG"}
+    assert store_main(["info", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "grades     HGG 10, LGG 3" in out and "tasks      GLI 13" in out and "(patients, stratified)" in out
+    # trains briefly and predicts in its own convention, reading the nested cohort
+    run = tmp_path / "run"
+    assert train_main(["--store", str(store), "--run-dir", str(run), *TINY_NET]) == 0
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(cohort2019), "--out",
+                      str(tmp_path / "pred")]) == 0
+    written = sorted((tmp_path / "pred").glob("*.nii.gz"))
+    assert len(written) == 13
+    assert set(np.unique(np.asarray(nib.load(str(written[0])).dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
+def test_stratifying_a_cohort_without_grades_is_one_line(tiny_cohort, tmp_path, capsys):
+    rc = run_cli(BuildConfig(source=str(tiny_cohort), store=str(tmp_path / "s.zarr"), workers=0, stratify="grade"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--stratify grade: case BraTS2021_00000 has no grade" in err and "HGG/ and LGG/" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _as_task(src, dst, task: str):
+    """A BraTS 2023 cohort renamed into another task's ids (BraTS-GLI-... -> BraTS-MEN-...)."""
+    for case in sorted(p for p in src.iterdir() if p.is_dir()):
+        new = case.name.replace("-GLI-", f"-{task}-")
+        (dst / new).mkdir(parents=True)
+        for f in case.iterdir():
+            shutil.copy(f, dst / new / f.name.replace(case.name, new))
+
+
+def test_tasks_are_recorded_and_scored_with_their_parameters(tiny_cohort_2023, tmp_path, capsys):
+    gli = tmp_path / "gli"  # enough cases for a validation and a test case
+    assert prep_main(["synth", "--layout", "brats2023", "--cases", "10", "--shape", *map(str, TINY), "--out",
+                      str(gli)]) == 0
+    men = tmp_path / "men"
+    _as_task(gli, men, "MEN")
+    store = tmp_path / "men.zarr"
+    assert build_store(BuildConfig(source=str(men), store=str(store), workers=0, spacing=synth_spacing(TINY)),
+                       progress=False).ok
+    s = open_store(store)
+    assert {s.case(c).meta["task"] for c in s.case_ids} == {"men"}
+    assert {r["task"] for r in s.attrs["index"].values()} == {"men"}
+    run = tmp_path / "run"
+    assert train_main(["--store", str(store), "--run-dir", str(run), *TINY_NET]) == 0
+    assert eval_main(["--run-dir", str(run), "--metrics", "brats2023"]) == 0
+    import json
+
+    assert set(json.loads((run / "eval" / "test.json").read_text())["tasks"]) == {"men"}
+    # a cohort mixing tasks: the odd case is one line, the others are built
+    mixed = tmp_path / "mixed"
+    shutil.copytree(men, mixed)
+    _as_task(tiny_cohort_2023, tmp_path / "ped", "PED")
+    first = sorted((tmp_path / "ped").iterdir())[0]
+    shutil.copytree(first, mixed / first.name)
+    c = discover(mixed)
+    assert len(c.cases) == 10 and list(c.problems) == [first.name]
+    assert "task PED in a MEN cohort" in c.problems[first.name] and "its own store" in c.problems[first.name]
