@@ -57,7 +57,13 @@ def label_maps_for_scoring(case, prob: np.ndarray, seg, conv: str, names) -> tup
 
     if seg is not None:
         pred = label_map(regions_on_source(prob, case.geometry), conv, names)
-        return pred, _load_label(*seg), spacing_of(case.geometry["source_affine"]), "source"
+        ref = _load_label(*seg)
+        if mapping := case.meta.get("source_labels"):  # MSD's values, as the build mapped them
+            lut = np.zeros(256, np.uint8)
+            for k, v in mapping.items():
+                lut[int(k)] = v
+            ref = lut[ref]
+        return pred, ref, spacing_of(case.geometry["source_affine"]), "source"
     return regions_to_label(prob > 0.5, conv, names), case.label(), case.spacing, "store"
 
 

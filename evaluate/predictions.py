@@ -26,6 +26,17 @@ def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None =
     tmp.replace(path)
 
 
+def to_source_labels(label: np.ndarray, case) -> np.ndarray:
+    """A label map back in the case's own values where its source labels differ from the convention's (an MSD
+    case: BraTS 2021's 2 oedema is MSD's 1, 1 non-enhancing core its 2, 4 enhancing its 3)."""
+    if not getattr(case, "source_labels", None):
+        return label
+    lut = np.zeros(256, np.uint8)
+    for source, stored in case.source_labels.items():
+        lut[int(stored)] = int(source)
+    return lut[label]
+
+
 def _prepare(run_dir: str, ensemble: bool, device: str, model: str | None = None):
     """The run (or the exported ``model``: a file from ``python -m train export``) and the device."""
     from train.engine import resolve_device
@@ -66,7 +77,7 @@ def _predictor(run, dev, tta: bool, convention: str, rules=None):
         case, out = job
         label = label_map(regions_on_source(prob, pre.geometry), convention, run.config.regions)
         label = apply(label, spacing_of(pre.geometry["source_affine"]), rules, convention)
-        write_label_nifti(label, pre.geometry["source_affine"], out, case.images[mods[0]])
+        write_label_nifti(to_source_labels(label, case), pre.geometry["source_affine"], out, case.images[mods[0]])
         return label
 
     return load, infer, finish

@@ -88,7 +88,8 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
     cid = case.case_id
     try:
         files = {**case.images, **({"seg": case.seg} if case.seg is not None else {})}
-        sha = {k: sha256_file(p) for k, p in files.items()}
+        digests = {str(p): sha256_file(p) for p in {str(p) for p in files.values()}}  # an MSD 4D file once
+        sha = {k: digests[str(p)] for k, p in files.items()}
         params_hash = _hash(params)[:16]
         token = _hash([sha, params_hash])[:12]
         group = case_group_name(cid, token)
@@ -105,13 +106,14 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
             label_counts, region_counts, fg = {}, {}, np.zeros((0, 4), np.int32)
         record = CaseRecord(
             case_id=cid, patient_id=case.patient_id, modalities=tuple(MODALITIES), label_convention=convention,
-            source_files={k: Path(p).name for k, p in files.items()}, source_sha256=sha, geometry=pre.geometry,
+            source_files={k: case.source_name(p) for k, p in files.items()}, source_sha256=sha, geometry=pre.geometry,
             normalization=pre.normalization, label_counts=label_counts, region_counts=region_counts,
             foreground_counts={r: int((fg[:, 0] == i).sum()) for i, r in enumerate(REGIONS)},
-            params_hash=params_hash, task=case.task, grade=case.grade)
+            params_hash=params_hash, task=case.task, grade=case.grade, source_labels=case.source_labels,
+            layout=case.layout)
         write_case(store_path, group, pre.encoded, pre.label, fg, record)
         record = {"group": group, "source_sha256": sha, "params_hash": params_hash, "patient_id": case.patient_id,
-                  "task": case.task, **({"grade": case.grade} if case.grade else {})}
+                  "task": case.task, "layout": case.layout, **({"grade": case.grade} if case.grade else {})}
         return {"case_id": cid, "status": "built", "record": record, "label_convention": convention}
     except CaseError as e:
         return {"case_id": cid, "status": "failed", "reason": str(e)}

@@ -35,10 +35,13 @@ def _synth(args: argparse.Namespace) -> int:
     from .synth import grade_of
 
     for i, cid in enumerate(ids[:3]):
-        print(f"  {cfg.out / (grade_of(cfg.layout, i) or '') / cid}")
+        where = ("imagesTs" if i % 5 == 4 else "imagesTr") if cfg.layout == "msd" else grade_of(cfg.layout, i) or ""
+        print(f"  {cfg.out / where / cid}")
     if len(ids) > 3:
         print(f"  ... and {len(ids) - 3} more")
-    if args.preview:
+    if args.preview and cfg.layout == "msd":
+        print("preview: drawn for the BraTS layouts only (an MSD case is one 4D file)")
+    elif args.preview:
         from .discover import discover
         from .preview import save_case_preview
         from .synth import tumour_params
@@ -120,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
     s.add_argument("--cases", type=int, default=8, help="number of cases (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed; same seed, byte-identical files (default: 0)")
-    s.add_argument("--layout", choices=["brats2021", "brats2023", "brats2024", "brats2019"], default="brats2021",
+    s.add_argument("--layout", choices=["brats2021", "brats2023", "brats2024", "brats2019", "msd"], default="brats2021",
                    help="file naming and label convention: 2021 (1 NCR, 2 ED, 4 ET), 2023 (1 NETC, 2 SNFH, "
                    "3 ET), 2024 post-treatment (2023 naming, plus 4 RC: a resection cavity beside residual "
                    "tumour), or 2019 as downloaded (2021 naming and labels, BraTS19_ ids, cases in HGG/ and LGG/ "
-                   "folders, one in four LGG) (default: %(default)s)")
+                   "folders, one in four LGG), or msd: the Medical Segmentation Decathlon's Task01_BrainTumour "
+                   "(dataset.json, imagesTr/BRATS_001.nii.gz 4D FLAIR, T1w, t1gd, T2w, labelsTr/ 1 oedema, 2 "
+                   "non-enhancing, 3 enhancing; one case in five unlabelled in imagesTs/) (default: %(default)s)")
     s.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="grid size in voxels; the field of view stays 240x240x155 mm, so smaller grids have "
                    "coarser voxels (default: 240 240 155, 1 mm)")

@@ -5,11 +5,14 @@ A case is a folder ``<case_id>/`` holding ``<case_id>_<suffix>.nii.gz`` (2018-20
 without BraTS-named NIfTI files are walked into (hidden ones are reported, not entered). A case under a folder
 named ``HGG`` or ``LGG`` (BraTS 2018-2020 as downloaded) keeps that grade. Modalities are mapped to one vocabulary
 (t1, t1ce, t2, flair); the BraTS 2023+ task (GLI, MEN, MET, PED, SSA, GoAT) comes from the case id. Files that are
-not BraTS-named are ignored.
+not BraTS-named are ignored. The Medical Segmentation Decathlon's Task01_BrainTumour (``dataset.json``,
+``imagesTr/`` 4D images, ``labelsTr/``, ``imagesTs/``) is read as well: its channels split into the four
+modalities by ``dataset.json``'s order, its labels mapped to the BraTS 2021 convention by their names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +41,27 @@ class CaseFiles:
     images: dict[str, Path]
     seg: Path | None
     grade: str | None = None  # HGG or LGG: BraTS 2018-2020 cases under a folder of that name
+    # the Medical Segmentation Decathlon (layout "msd"): every modality is a channel of one 4D file
+    channels: dict | None = None  # modality -> channel index in the 4D image
+    n_channels: int | None = None  # the channels dataset.json lists
+    source_labels: dict | None = None  # source label value -> its BraTS 2021 value (MSD's 1 oedema -> 2, ...)
+    root: Path | None = None  # the cohort folder it was found under (None: a case folder given by itself)
+
+    def source_name(self, path: Path) -> str:
+        """How the store records one of the case's files: its name where it lies in ``<root>/<case_id>/``, else
+        its path relative to the cohort folder (nested cohorts, MSD's imagesTr/ and labelsTr/)."""
+        path = Path(path)
+        if self.root is None or path.parent.name == self.case_id and path.parent.parent == self.root:
+            return path.name
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.name
 
     @property
     def label_convention(self) -> str:
-        return self.layout
+        """The convention of the labels as read (MSD labels are mapped to BraTS 2021's)."""
+        return "brats2021" if self.layout == "msd" else self.layout
 
     @property
     def task(self) -> str:
@@ -66,7 +86,7 @@ class Cohort:
 
     @property
     def label_convention(self) -> str | None:
-        return self.layout
+        return "brats2021" if self.layout == "msd" else self.layout
 
     def raise_for_problems(self) -> None:
         if self.problems:
@@ -149,6 +169,65 @@ def discover_case(folder: str | Path, require_seg: bool = True, required=MODALIT
 
 
 GRADES = ("HGG", "LGG")
+# the Medical Segmentation Decathlon's Task01_BrainTumour (MONAI's BraTS tutorial data): dataset.json's names
+MSD_MODALITIES = {"flair": "flair", "t1w": "t1", "t1": "t1", "t1gd": "t1ce", "t1ce": "t1ce", "t1c": "t1ce",
+                  "t2w": "t2", "t2": "t2"}
+MSD_LABELS = {"background": 0, "edema": 2, "oedema": 2, "non-enhancing tumor": 1, "non-enhancing tumour": 1,
+              "enhancing tumor": 4, "enhancing tumour": 4}
+MSD_FIX = ("a Task01_BrainTumour dataset.json names the four modalities (FLAIR, T1w, t1gd, T2w) and the labels "
+           "background, edema, non-enhancing tumor, enhancing tumour")
+
+
+def is_msd(folder: Path) -> bool:
+    return (folder / "dataset.json").is_file() and (folder / "imagesTr").is_dir()
+
+
+def msd_conventions(folder: Path) -> tuple[dict, int, dict]:
+    """(modality -> channel, channel count, source label -> BraTS 2021 label) from an MSD dataset.json; a
+    DiscoveryError naming the file and the fix for anything else."""
+    import json
+
+    path = folder / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+        modality, labels = meta["modality"], meta["labels"]
+        channels = {MSD_MODALITIES[str(v).strip().lower()]: int(k) for k, v in modality.items()
+                    if str(v).strip().lower() in MSD_MODALITIES}
+        unknown_labels = [v for v in labels.values() if str(v).strip().lower() not in MSD_LABELS]
+        lut = {int(k): MSD_LABELS[str(v).strip().lower()] for k, v in labels.items()
+               if str(v).strip().lower() in MSD_LABELS}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DiscoveryError(f"{path}: not a readable MSD dataset.json ({type(e).__name__}: {e}); {MSD_FIX}") from None
+    if sorted(channels) != sorted(MODALITIES) or len(channels) != len(modality):
+        raise DiscoveryError(f"{path}: modalities {list(modality.values())} are not the four BraTS modalities; "
+                             f"{MSD_FIX}")
+    if unknown_labels or sorted(lut.values()) != [0, 1, 2, 4]:
+        raise DiscoveryError(f"{path}: labels {list(labels.values())} are not the BraTS tumour labels "
+                             f"(unknown: {unknown_labels or 'none'}); {MSD_FIX}")
+    return channels, len(modality), {str(k): v for k, v in sorted(lut.items())}
+
+
+def discover_msd(folder: Path, rel: str, require_seg: bool, add, cohort: Cohort) -> None:
+    """The cases of an MSD dataset folder: ``imagesTr/<case>.nii.gz`` (4D) with ``labelsTr/<case>.nii.gz``, and
+    with ``require_seg`` False also ``imagesTs`` (no labels). ``add(case, rel)`` takes each case."""
+    channels, n, lut = msd_conventions(folder)
+    parts = [("imagesTr", "labelsTr")] + ([] if require_seg else [("imagesTs", None)])
+    if require_seg and (folder / "imagesTs").is_dir():
+        cohort.skipped[f"{rel}/imagesTs" if rel else "imagesTs"] = (
+            "unlabelled test cases: 'python -m evaluate predict' reads them")
+    for images, labels in parts:
+        for f in sorted((folder / images).glob("*.nii*")) if (folder / images).is_dir() else []:
+            m = _NIFTI.match(f.name)
+            if f.name.startswith(".") or not m:  # macOS's ._ files come with the MSD archive
+                continue
+            cid, where = m.group("stem"), f"{rel}/{images}/{f.name}" if rel else f"{images}/{f.name}"
+            seg = folder / labels / f.name if labels else None
+            if seg is not None and not seg.is_file():
+                if require_seg:
+                    cohort.problems[where] = f"case {cid}: missing label {labels}/{f.name}"
+                    continue
+                seg = None
+            add(CaseFiles(cid, "msd", {mod: f for mod in MODALITIES}, seg, None, channels, n, lut), where)
 
 
 def discover(root: str | Path, require_seg: bool = True, required=MODALITIES) -> Cohort:
@@ -162,12 +241,16 @@ def discover(root: str | Path, require_seg: bool = True, required=MODALITIES) ->
     where: dict[str, str] = {}  # case id -> the folder it was found in
     tasks: list[str] = []
 
-    def add(folder: Path, rel: str, grade: str | None) -> None:
-        try:
-            case = discover_case(folder, require_seg=require_seg, required=required, grade=grade)
-        except DiscoveryError as e:
-            cohort.problems[rel] = str(e)
-            return
+    def add(folder: Path | CaseFiles, rel: str, grade: str | None = None) -> None:
+        if isinstance(folder, CaseFiles):
+            case = folder
+        else:
+            try:
+                case = discover_case(folder, require_seg=require_seg, required=required, grade=grade)
+            except DiscoveryError as e:
+                cohort.problems[rel] = str(e)
+                return
+        case = dataclasses.replace(case, root=root)
         if case.case_id in where:
             cohort.problems[rel] = f"case {case.case_id}: found twice, in {where[case.case_id]} and {rel}; keep one"
             return
@@ -214,10 +297,15 @@ def discover(root: str | Path, require_seg: bool = True, required=MODALITIES) ->
                 continue
             if holds_case:
                 add(child, name, grade)
+            elif is_msd(child):
+                discover_msd(child, name, require_seg, add, cohort)
             else:
                 walk(child, name, child.name.upper() if child.name.upper() in GRADES else grade, ancestors | {real})
 
-    walk(root, "", None, frozenset({root.resolve()}))
+    if is_msd(root):  # the MSD folder itself (Task01_BrainTumour)
+        discover_msd(root, "", require_seg, add, cohort)
+    else:
+        walk(root, "", None, frozenset({root.resolve()}))
     if not cohort.cases and not cohort.problems:
         raise DiscoveryError(f"no BraTS cases found in {root} (nor in its subfolders)")
     return cohort

@@ -61,18 +61,31 @@ class Preprocessed:
         return [1.0 / self.normalization[m]["std"] if self.normalization[m]["std"] else 0.0 for m in self.modalities]
 
 
-def _load(case_id: str, path: Path, what: str):
-    """Read one NIfTI fully (so that truncation shows here); returns (array, affine)."""
+def _load(case_id: str, path: Path, what: str, channel: int | None = None, n_channels: int | None = None,
+          cache: dict | None = None):
+    """Read one NIfTI fully (so that truncation shows here); returns (array, affine). ``channel``: the volume of
+    a 4D file to take (MSD images hold every modality), which must have ``n_channels``; ``cache`` keeps a 4D
+    file read once for its other channels."""
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        if cache is not None and path in cache:
+            data, affine = cache[path]
+        else:
+            img = nib.load(str(path))
+            data, affine = np.asanyarray(img.dataobj), img.affine
+            if cache is not None:
+                cache[path] = (data, affine)
     except Exception as e:  # nibabel raises many kinds for truncated or corrupt files
         raise CaseError(f"case {case_id}: corrupt or unreadable file {path.name} ({type(e).__name__}: {e})") from e
     if data.dtype.fields is not None or data.dtype.kind not in "biuf":
         raise CaseError(f"case {case_id}: {what} file {path.name} holds {data.dtype} voxels (an RGB or other "
                         f"non-scalar image); expected one intensity per voxel")
+    if channel is not None:
+        if data.ndim != 4 or data.shape[3] != n_channels:
+            raise CaseError(f"case {case_id}: {path.name} has shape {data.shape}, dataset.json lists {n_channels} "
+                            f"channels (X, Y, Z, {n_channels}): a file of another dataset, or a damaged one")
+        data = data[..., channel]
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -80,18 +93,19 @@ def _load(case_id: str, path: Path, what: str):
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise CaseError(f"case {case_id}: {what} file {path.name} has {bad} NaN/Inf voxels")
-    return data, img.affine.astype(np.float64)
+    return data, np.asarray(affine, dtype=np.float64)
 
 
 def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True):
     """Load and validate a case's files: images (one (X, Y, Z) array per modality, in its source dtype; not
     stacked, as the exact path copies only the cropped brain), label or None, source affine, and the label's
     convention (the case's, or the one superseding it where the values need it: BraTS 2024's label 4)."""
-    arrays, affines = [], []
+    arrays, affines, cache = [], [], {}
     for m in modalities:
         if m not in case.images:
             raise CaseError(f"case {case.case_id}: missing modality {m}")
-        a, aff = _load(case.case_id, case.images[m], m)
+        channel = case.channels[m] if case.channels else None
+        a, aff = _load(case.case_id, case.images[m], m, channel, case.n_channels, cache)
         arrays.append(a)
         affines.append(aff)
     ref_shape, ref_aff = arrays[0].shape, affines[0]
@@ -111,6 +125,15 @@ def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True
             raise CaseError(f"case {case.case_id}: {case.seg.name} does not match the images' grid")
         if label.dtype.kind == "f" and not np.array_equal(label, np.round(label)):
             raise CaseError(f"case {case.case_id}: {case.seg.name} holds non-integer labels")
+        if case.source_labels:  # MSD's values to BraTS 2021's, by dataset.json's label names
+            stray = sorted(_values(label) - {int(k) for k in case.source_labels})
+            if stray:
+                raise CaseError(f"case {case.case_id}: {case.seg.name} has labels {stray} that dataset.json does "
+                                f"not name")
+            lut = np.zeros(256, np.uint8)
+            for k, v in case.source_labels.items():
+                lut[int(k)] = v
+            label = lut[label.astype(np.uint8)]
         try:
             convention = convention_for_labels(case.label_convention, _values(label))
         except ConventionError as e:

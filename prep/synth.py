@@ -58,10 +58,21 @@ class SynthConfig:
     workers: int = 1
 
 
-LAYOUT_CHOICES = ("brats2021", "brats2023", "brats2024", "brats2019")
+LAYOUT_CHOICES = ("brats2021", "brats2023", "brats2024", "brats2019", "msd")
+# the Medical Segmentation Decathlon's Task01_BrainTumour: one 4D image per case in this channel order, and labels
+# 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour (BraTS 2021's 2, 1, 4)
+MSD_ORDER = ("flair", "t1", "t1ce", "t2")
+MSD_FROM_2021 = {0: 0, 2: 1, 1: 2, 4: 3}
+MSD_DATASET = {
+    "name": "BRATS", "description": "Gliomas segmentation tumour and oedema in on brain images (synthetic)",
+    "tensorImageSize": "4D", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+    "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+}
 
 
 def case_id(layout: str, index: int) -> str:
+    if layout == "msd":
+        return f"BRATS_{index + 1:03d}"
     if layout == "brats2021":
         return f"BraTS2021_{index:05d}"
     if layout == "brats2019":
@@ -71,7 +82,7 @@ def case_id(layout: str, index: int) -> str:
 
 def convention_of(layout: str) -> str:
     """The label convention of a synthetic layout (BraTS 2018-2020 label as 2021 does: 1, 2, 4)."""
-    return "brats2021" if layout == "brats2019" else layout
+    return "brats2021" if layout in ("brats2019", "msd") else layout
 
 
 def file_layout(layout: str) -> str:
@@ -491,6 +502,8 @@ def write_case(out: Path, index: int, seed: int, shape=FULL_SHAPE, layout: str =
     """Generate case ``index`` and write it in the BraTS layout under ``out``; returns the case id."""
     cid = case_id(layout, index)
     images, label, affine = make_case(index, seed, shape, layout)
+    if layout == "msd":  # one case in five unlabelled, in imagesTs, as the MSD ships its test cases
+        return _write_msd_case(Path(out), cid, images, label, affine, test=index % 5 == 4)
     grade = grade_of(layout, index)
     folder = Path(out) / grade / cid if grade else Path(out) / cid
     folder.mkdir(parents=True, exist_ok=True)
@@ -503,6 +516,26 @@ def write_case(out: Path, index: int, seed: int, shape=FULL_SHAPE, layout: str =
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_bytes(_nifti_bytes(arr, aff))
         os.replace(tmp, path)  # never a half-written file under the final name
+    return cid
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # never a half-written file under the final name
+
+
+def _write_msd_case(out: Path, cid: str, images: dict, label: np.ndarray, affine, test: bool) -> str:
+    """An MSD Task01 case: imagesTr/<id>.nii.gz (X, Y, Z, 4) float32 in ``MSD_ORDER``, labelsTr/<id>.nii.gz in
+    MSD's values; a test case only imagesTs/<id>.nii.gz."""
+    stack = np.stack([images[m] for m in MSD_ORDER], axis=-1).astype(np.float32)
+    _write_atomic(out / ("imagesTs" if test else "imagesTr") / f"{cid}.nii.gz", _nifti_bytes(stack, affine))
+    if not test:
+        lut = np.zeros(256, np.uint8)
+        for k, v in MSD_FROM_2021.items():
+            lut[k] = v
+        _write_atomic(out / "labelsTr" / f"{cid}.nii.gz", _nifti_bytes(lut[label], affine))
     return cid
 
 
@@ -525,6 +558,15 @@ def synth_cohort(cfg: SynthConfig, progress: bool = True) -> list[str]:
     if len(cfg.shape) != 3 or min(cfg.shape) < 8:
         raise ValueError(f"--shape needs three sizes of at least 8 voxels, got {cfg.shape}")
     cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.layout == "msd":
+        import json
+
+        test = [case_id("msd", i) for i in range(cfg.cases) if i % 5 == 4]
+        train = [case_id("msd", i) for i in range(cfg.cases) if i % 5 != 4]
+        meta = {**MSD_DATASET, "numTraining": len(train), "numTest": len(test),
+                "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in train],
+                "test": [f"./imagesTs/{c}.nii.gz" for c in test]}
+        _write_atomic(cfg.out / "dataset.json", json.dumps(meta, indent=4).encode())
     args = [(cfg.out, i, cfg.seed, cfg.shape, cfg.layout) for i in range(cfg.cases)]
     bar = progress_bar(cfg.cases, "synth", "case", enabled=progress)
     ids = []

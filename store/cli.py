@@ -33,11 +33,16 @@ def print_info(path: str) -> int:
     index = s.attrs.get("index", {})
     tasks: dict[str, int] = {}
     grades: dict[str, int] = {}
+    layouts: dict[str, int] = {}
     for cid, rec in index.items():
+        if rec.get("layout"):
+            layouts[rec["layout"]] = layouts.get(rec["layout"], 0) + 1
         t = rec.get("task") or task_of(cid)
         tasks[t] = tasks.get(t, 0) + 1
         if rec.get("grade"):
             grades[rec["grade"]] = grades.get(rec["grade"], 0) + 1
+    if layouts:
+        print("layouts    " + ", ".join(f"{k} {v}" for k, v in sorted(layouts.items())))
     print("tasks      " + ", ".join(f"{t.upper()} {k}" for t, k in sorted(tasks.items())))
     if grades:
         print("grades     " + ", ".join(f"{g} {k}" for g, k in sorted(grades.items())))

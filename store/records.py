@@ -18,7 +18,7 @@ class CaseRecord:
     patient_id: str
     modalities: tuple[str, ...]
     label_convention: str | None
-    source_files: dict  # modality or "seg" -> file name
+    source_files: dict  # modality or "seg" -> file name (in <cohort>/<case_id>/), else path from the cohort folder
     source_sha256: dict  # modality or "seg" -> sha256 of that file
     geometry: dict  # GEOMETRY_KEYS: what maps the stored grid back to the source
     normalization: dict  # modality -> {"mean", "std"} in source units
@@ -28,6 +28,8 @@ class CaseRecord:
     params_hash: str
     task: str = "gli"  # the BraTS task the case id names (gli, men, met, ped, ssa, goat)
     grade: str | None = None  # HGG or LGG for BraTS 2018-2020 cases from folders of that name
+    source_labels: dict | None = None  # source seg value (str) -> stored value, where they differ (MSD)
+    layout: str | None = None  # the source's file layout: brats2021 (2018-2021 naming), brats2023, msd
 
     def validate(self) -> None:
         """Refuse a record the format cannot hold, naming the case and the field."""

@@ -306,7 +306,8 @@ class Case:
         name = self.meta["source_files"].get(kind)
         if not root or not name:
             return None
-        path = Path(root) / self.case_id / name
+        # a name: in <root>/<case_id>/; a relative path: from the cohort folder (nested cohorts, MSD)
+        path = Path(root) / name if "/" in name else Path(root) / self.case_id / name
         try:
             data = path.read_bytes()
         except OSError:

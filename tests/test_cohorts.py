@@ -2,7 +2,9 @@
 and stratified on), BraTS 2023+ task prefixes recorded per case and in the store and used by the scorer; mixed
 cohorts are one line per case and the others go on."""
 
+import json
 import os
+import re
 import shutil
 
 import nibabel as nib
@@ -107,8 +109,6 @@ def test_tasks_are_recorded_and_scored_with_their_parameters(tiny_cohort_2023, t
     run = tmp_path / "run"
     assert train_main(["--store", str(store), "--run-dir", str(run), *TINY_NET]) == 0
     assert eval_main(["--run-dir", str(run), "--metrics", "brats2023"]) == 0
-    import json
-
     assert set(json.loads((run / "eval" / "test.json").read_text())["tasks"]) == {"men"}
     # a cohort mixing tasks: the odd case is one line, the others are built
     mixed = tmp_path / "mixed"
@@ -119,3 +119,74 @@ def test_tasks_are_recorded_and_scored_with_their_parameters(tiny_cohort_2023, t
     c = discover(mixed)
     assert len(c.cases) == 10 and list(c.problems) == [first.name]
     assert "task PED in a MEN cohort" in c.problems[first.name] and "its own store" in c.problems[first.name]
+
+
+@pytest.fixture(scope="module")
+def msd(tmp_path_factory):
+    """A synthetic Task01_BrainTumour: 11 cases, 9 labelled in imagesTr/labelsTr, 2 in imagesTs."""
+    root = tmp_path_factory.mktemp("msd")
+    assert prep_main(["synth", "--layout", "msd", "--cases", "11", "--shape", *map(str, TINY), "--out",
+                      str(root / "Task01_BrainTumour")]) == 0
+    return root
+
+
+def test_msd_task01_builds_trains_and_predicts_in_its_own_convention(msd, tmp_path, capsys):
+    c = discover(msd)
+    assert len(c.cases) == 9 and c.layout == "msd" and c.label_convention == "brats2021"
+    assert c.skipped == {"Task01_BrainTumour/imagesTs": "unlabelled test cases: 'python -m evaluate predict' reads "
+                                                         "them"}
+    assert len(discover(msd, require_seg=False).cases) == 11
+    store = tmp_path / "msd.zarr"
+    assert build_store(BuildConfig(source=str(msd), store=str(store), workers=0, spacing=synth_spacing(TINY)),
+                       progress=False).ok
+    # the same generator and seed in the BraTS 2021 layout: the channels and labels must land where those do
+    ref_root = tmp_path / "b21"
+    assert prep_main(["synth", "--cases", "4", "--shape", *map(str, TINY), "--out", str(ref_root)]) == 0
+    ref = tmp_path / "b21.zarr"
+    assert build_store(BuildConfig(source=str(ref_root), store=str(ref), workers=0, spacing=synth_spacing(TINY)),
+                       progress=False).ok
+    s, r = open_store(store), open_store(ref)
+    for i in range(4):
+        a, b = s.case(f"BRATS_{i + 1:03d}"), r.case(f"BraTS2021_{i:05d}")
+        assert a.meta["source_labels"] == {"0": 0, "1": 2, "2": 1, "3": 4} and a.meta["layout"] == "msd"
+        assert a.meta["source_files"]["t2"] == f"Task01_BrainTumour/imagesTr/BRATS_{i + 1:03d}.nii.gz"
+        assert np.array_equal(a.label(), b.label())
+        assert np.allclose(a.image(), b.image(), atol=0.02)  # float sources: stored in 1/32000 of their range
+    # trains briefly, scores against the MSD labels mapped, predicts imagesTs too, in MSD's values
+    run = tmp_path / "run"
+    assert train_main(["--store", str(store), "--run-dir", str(run), *TINY_NET]) == 0
+    assert eval_main(["--run-dir", str(run), "--metrics", "legacy"]) == 0
+    assert json.loads((run / "eval" / "test.json").read_text())["grid"] == "source"
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(msd), "--out", str(tmp_path / "pred")]) == 0
+    written = sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz"))
+    assert written == [f"BRATS_{i:03d}.nii.gz" for i in range(1, 12)]
+    from evaluate.predictions import to_source_labels
+
+    case = next(x for x in discover(msd).cases if x.case_id == "BRATS_001")
+    assert to_source_labels(np.array([0, 1, 2, 4], np.uint8), case).tolist() == [0, 2, 1, 3]
+    values = set()
+    for name in written:
+        values |= set(np.unique(np.asarray(nib.load(str(tmp_path / "pred" / name)).dataobj)).tolist())
+    assert values <= {0, 1, 2, 3} and len(values) > 1
+
+
+def test_msd_bad_input_is_one_line(msd, tmp_path):
+    from prep.discover import DiscoveryError
+
+    bad = tmp_path / "Task01_BrainTumour"
+    shutil.copytree(msd / "Task01_BrainTumour", bad)
+    meta = json.loads((bad / "dataset.json").read_text())
+    for change, message in (({"modality": {"0": "FLAIR", "1": "T1w", "2": "T2w"}}, "not the four BraTS modalities"),
+                            ({"labels": {**meta["labels"], "3": "cyst"}}, "unknown: ['cyst']")):
+        (bad / "dataset.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(DiscoveryError, match=re.escape(message)) as e:
+            discover(tmp_path)
+        assert str(bad / "dataset.json") in str(e.value) and "\n" not in str(e.value)
+    (bad / "dataset.json").write_text(json.dumps(meta))
+    # a 4D image with three channels: that case fails, naming its file; the others are built
+    img = nib.load(str(bad / "imagesTr" / "BRATS_001.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :3], img.affine), str(bad / "imagesTr" / "BRATS_001.nii.gz"))
+    rep = build_store(BuildConfig(source=str(tmp_path), store=str(tmp_path / "s.zarr"), workers=0,
+                                  spacing=synth_spacing(TINY)), progress=False)
+    assert list(rep.failed) == ["BRATS_001"] and len(rep.built) == 8
+    assert "BRATS_001.nii.gz has shape" in rep.failed["BRATS_001"] and "lists 4 channels" in rep.failed["BRATS_001"]
