@@ -94,6 +94,17 @@ def render(out: str | Path) -> str:
             rows.append(f"| scale | --cache none patches/s, local S3 server / local disk ({r['loader_threads']} "
                         f"threads, 3x96^3) | {r['s3_over_local']:.2f}x ({r['s3_patches_per_s']['median']:.1f} vs "
                         f"{r['local_patches_per_s']['median']:.1f}) | >= 0.5x | {machine(sc)} |")
+    if rd := _load(out, "readers"):
+        loc = rd["local"]
+        rows.append("| readers | --cache none patches/s, 2 loader threads (" + ", ".join(loc) + f"), "
+                    f"4x{'x'.join(map(str, rd['patch']))} | " + " / ".join(
+                        f"{v['none_2_threads']['median']:.1f}" for v in loc.values()) + f" | | {machine(rd)} |")
+        rows.append("| readers | ram cache fill, s (" + ", ".join(loc) + ") | " + " / ".join(
+            f"{v['ram_fill_s']['median']:.2f}" for v in loc.values()) + f" | | {machine(rd)} |")
+        if s3 := (rd.get("object_storage") or {}).get("readers"):
+            rows.append("| readers | local S3 server: patches/s; requests per patch (" + ", ".join(s3) + ") | " +
+                        " / ".join(f"{v['s3_patches_per_s']['median']:.1f}; {v['s3_requests_per_patch']['median']:.1f}"
+                                   for v in s3.values()) + f" | | {machine(rd)} |")
     if i := _load(out, "infer"):
         s = i["seconds_per_case"]
         ours = next(v for k, v in s.items() if k.startswith("ours"))
