@@ -96,9 +96,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def build_predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m evaluate predict",
-        description="Predict raw case folders (BraTS 2021, 2023 or 2024 layout, seg not needed): the same "
-        "preprocessing as build-store, inference, then back to the source grid (uncrop, inverse resampling, "
-        "inverse orientation); labels in the source convention, written with the source affine and shape. "
+        description="Predict raw case folders (BraTS 2018-2024 layouts at any depth, or an MSD Task01 folder with "
+        "its imagesTs; seg not needed): the same preprocessing as build-store, inference, then back to the source "
+        "grid (uncrop, inverse resampling, inverse orientation); labels in the source convention (MSD's values for "
+        "MSD cohorts), written with the source affine and shape. "
         "--source DIR predicts every case of a cohort into --out DIR as <case-id>.nii.gz (as challenge "
         "submissions are named), reading and writing in threads while the model works; cases already written "
         "are skipped, so a killed run resumes; a bad case is reported and the others are predicted (exit 1 if "

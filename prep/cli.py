@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one-line reason and the exit status is 1.",
     )
     b.add_argument("--source", default="data/raw", help="cohort folder (cases at any depth), BraTS 2018-2021 or "
-                   "2023+ layout (default: %(default)s)")
+                   "2023+ layout, or an MSD Task01_BrainTumour folder (default: %(default)s)")
     b.add_argument("--store", default="data/brats.zarr", help="store path: a folder, or any URL Zarr accepts "
                    "(default: %(default)s)")
     g = b.add_mutually_exclusive_group()
@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_build_store)
 
     d = sub.add_parser("discover", help="list and validate the cases in a cohort folder",
-                       description="Find the cases in a BraTS 2021 or 2023 folder and report every bad case.")
+                       description="Find the cases in a cohort folder (BraTS 2018-2024 at any depth, MSD Task01) "
+                       "and report every bad case, the tasks and the grades.")
     d.add_argument("--source", default="data/raw", help="cohort folder (default: %(default)s)")
     d.add_argument("--no-seg", action="store_true", help="segmentations are not required (unlabelled data)")
     d.set_defaults(func=_discover)
