@@ -252,7 +252,9 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     failed: dict[str, str] = dict(cohort.problems)
     built, skipped = [], []
     # the cluster starts (worker processes spawn and import) while the store is opened and cleaned
-    in_process = cfg.workers == 0 and not cfg.scheduler
+    # one case (or none) on a local cluster: the command's own process builds it, since starting a worker costs
+    # more than the case (about 0.5 s of a 3 s command here) and there is nothing to run beside it
+    in_process = not cfg.scheduler and (cfg.workers == 0 or len(cohort.cases) <= 1)
     connection = contextlib.nullcontext() if in_process else _Connection(cfg)
     with connection, StoreWriter(store_path, MODALITIES, cohort.label_convention, params,
                                  overwrite=cfg.overwrite) as writer:

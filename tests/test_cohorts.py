@@ -190,3 +190,18 @@ def test_msd_bad_input_is_one_line(msd, tmp_path):
                                   spacing=synth_spacing(TINY)), progress=False)
     assert list(rep.failed) == ["BRATS_001"] and len(rep.built) == 8
     assert "BRATS_001.nii.gz has shape" in rep.failed["BRATS_001"] and "lists 4 channels" in rep.failed["BRATS_001"]
+
+
+def test_a_single_case_is_built_without_starting_a_cluster(tmp_path, monkeypatch):
+    """One case: the command's own process builds it (a worker's start costs more than the case)."""
+    import prep.build as build
+
+    write_case(tmp_path / "raw", "BraTS2021_00000")
+    monkeypatch.setattr(build, "_Connection", lambda cfg: pytest.fail("a cluster was started for one case"))
+    rep = build_store(BuildConfig(source=str(tmp_path / "raw"), store=str(tmp_path / "s.zarr"), workers=2),
+                      progress=False)
+    assert rep.ok and rep.built == ["BraTS2021_00000"]
+    write_case(tmp_path / "raw", "BraTS2021_00001")
+    with pytest.raises(pytest.fail.Exception, match="a cluster was started"):  # two cases: the cluster again
+        build_store(BuildConfig(source=str(tmp_path / "raw"), store=str(tmp_path / "s.zarr"), workers=2),
+                    progress=False)
