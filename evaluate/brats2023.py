@@ -24,7 +24,7 @@ import numpy as np
 
 from store.conventions import task_of  # noqa: F401 (the task of a case id, re-exported for the scorer's callers)
 
-from .metrics import bounding_box, directed_hd95
+from .metrics import bounding_box, directed_hd95, voxel_mm3
 
 HD95_PENALTY_MM = 374.0
 # task -> (dilation iterations, lesion volume threshold in mm^3), as the challenge set them per task; GoAT (the
@@ -70,7 +70,7 @@ def region_scores(pred: np.ndarray, ref: np.ndarray, spacing, task: str = "gli",
     # the bounding box of both, wide enough for every dilation: the same components, hits and distances
     box = bounding_box(p | g, dil + 1)
     p, g = p[box], g[box]
-    voxel_mm3 = float(np.prod(np.broadcast_to(np.asarray(spacing, float), (3,))))
+    voxel = voxel_mm3(spacing)
     st18 = _struct18()
     plab, n_pred = label(p, _STRUCT26)
     merged = np.zeros(g.shape, np.int32)
@@ -87,7 +87,7 @@ def region_scores(pred: np.ndarray, ref: np.ndarray, spacing, task: str = "gli",
         grown = np.zeros_like(m)
         grown[b] = binary_dilation(m[b], st18, iterations=dil)
         hits = tuple(int(v) for v in np.unique(plab[grown]) if v)
-        volume = float(m.sum()) * voxel_mm3
+        volume = float(m.sum()) * voxel
         if hits:
             pm = np.isin(plab, hits)
             dice = 2.0 * float((pm & m).sum()) / float(pm.sum() + m.sum())
@@ -113,7 +113,7 @@ def region_scores(pred: np.ndarray, ref: np.ndarray, spacing, task: str = "gli",
         sizes = np.bincount(plab.ravel(), minlength=n_pred + 1)
         for j in range(1, n_pred + 1):
             hit = j in hit_by
-            lesions.append(Lesion("predicted", j, float(sizes[j]) * voxel_mm3, "hit" if hit else "false positive",
+            lesions.append(Lesion("predicted", j, float(sizes[j]) * voxel, "hit" if hit else "false positive",
                                   tuple(sorted(hit_by.get(j, ()))), None if hit else 0.0,
                                   None if hit else HD95_PENALTY_MM))
     return out

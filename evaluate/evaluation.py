@@ -51,7 +51,7 @@ def store_case_reader(store, source_dir: str | None = None):
 def label_maps_for_scoring(case, prob: np.ndarray, seg, conv: str, names) -> tuple:
     """(prediction, reference, spacing mm, grid): the final label map on the source grid (what is written) and
     the source seg, as BraTS scores; on the store's grid where the source files are gone or changed."""
-    from store.conventions import regions_to_label
+    from store.conventions import regions_to_label, relabel
 
     from .inference import label_map, regions_on_source, spacing_of
 
@@ -59,10 +59,7 @@ def label_maps_for_scoring(case, prob: np.ndarray, seg, conv: str, names) -> tup
         pred = label_map(regions_on_source(prob, case.geometry), conv, names)
         ref = _load_label(*seg)
         if mapping := case.meta.get("source_labels"):  # MSD's values, as the build mapped them
-            lut = np.zeros(256, np.uint8)
-            for k, v in mapping.items():
-                lut[int(k)] = v
-            ref = lut[ref]
+            ref = relabel(ref, mapping)
         return pred, ref, spacing_of(case.geometry["source_affine"]), "source"
     return regions_to_label(prob > 0.5, conv, names), case.label(), case.spacing, "store"
 
@@ -83,7 +80,7 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
     from train.engine import resolve_device
 
     from . import postprocess
-    from .brats2023 import TASKS, task_of
+    from .brats2023 import TASKS
     from .inference import load_run, predict_probabilities
     from .pictures import save_overlay
     from .pipeline import run_pipeline
@@ -121,7 +118,7 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
         raw, gt, spacing, grid = label_maps_for_scoring(case, prob, seg, conv, names)
         pred = postprocess.apply(raw, spacing, rules, conv)  # what is written and scored
         grids.add(grid)
-        tasks[cid] = task or case.meta.get("task") or task_of(cid)  # the task the build recorded for the case
+        tasks[cid] = task or case.task
         found = [] if "brats2023" in families else None
         scores = score_case(pred, gt, conv, spacing, families, case=cid, task=tasks[cid], lesions=found)
         p_reg, g_reg = region_masks(pred, conv), region_masks(gt, conv)

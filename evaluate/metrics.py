@@ -38,6 +38,11 @@ def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
     return dt[a_border]
 
 
+def voxel_mm3(spacing) -> float:
+    """The volume of one voxel of a 3D grid, in mm^3 (``spacing``: one size or three)."""
+    return float(np.prod(np.broadcast_to(np.asarray(spacing, float), (3,))))
+
+
 def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     """Slices of the bounding box of a non-empty mask widened by ``margin`` voxels, clipped to the array."""
     idx = np.argwhere(mask)

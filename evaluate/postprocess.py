@@ -25,6 +25,7 @@ import numpy as np
 from store.conventions import compatible, region_masks, regions_to_label
 
 from .inference import RunError
+from .metrics import voxel_mm3
 
 FILE = "postprocessing.json"
 COMPONENT_GRID_MM3 = (0, 10, 25, 50, 100, 200, 500, 1000)
@@ -73,7 +74,7 @@ def apply(label: np.ndarray, spacing, rules: Rules | None, convention: str | Non
     names = rules.regions
     where = {n: i for i, n in enumerate(names)}
     r = region_masks(label, conv, names)
-    voxel_mm3 = float(np.prod(np.broadcast_to(np.asarray(spacing, float), (3,))))
+    voxel = voxel_mm3(spacing)
     for region in ORDER:
         k = rules.min_component_mm3.get(region, 0)
         if not k or region not in where:
@@ -81,14 +82,14 @@ def apply(label: np.ndarray, spacing, rules: Rules | None, convention: str | Non
         lab, n = components(r[where[region]], np.ones((3, 3, 3), bool))
         if not n:
             continue
-        small = np.bincount(lab.ravel()) * voxel_mm3 < k
+        small = np.bincount(lab.ravel()) * voxel < k
         small[0] = False
         gone = small[lab]
         for inner in REMOVES[region]:
             if inner in where:
                 r[where[inner]] &= ~gone
     v = rules.et_relabel_below_mm3
-    if v and "ET" in where and 0 < r[where["ET"]].sum() * voxel_mm3 < v:
+    if v and "ET" in where and 0 < r[where["ET"]].sum() * voxel < v:
         r[where["ET"]] = False  # still in TC: non-enhancing core
     return regions_to_label(r, conv, names)
 
@@ -169,7 +170,6 @@ def _validation_cases(part: Path, store_path, source_dir, dev, tta: bool, progre
     from store.progress import progress_bar
     from train.experiment import splits_for
 
-    from .brats2023 import task_of
     from .evaluation import check_run_on_store, label_maps_for_scoring, store_case_reader
     from .inference import load_run, predict_probabilities
     from .pipeline import run_pipeline
@@ -186,7 +186,7 @@ def _validation_cases(part: Path, store_path, source_dir, dev, tta: bool, progre
 
     def finish(cid, loaded, prob):
         pred, ref, spacing, _ = label_maps_for_scoring(loaded[0], prob, loaded[2], conv, regions)
-        cases.append(ValidationCase(cid, pred, ref, spacing, loaded[0].meta.get("task") or task_of(cid)))
+        cases.append(ValidationCase(cid, pred, ref, spacing, loaded[0].task))
 
     bar = progress_bar(len(ids), f"predict validation ({part.name})", "case", enabled=progress)
     failures = run_pipeline(ids, store_case_reader(store, source_dir), infer, finish, on_done=lambda *_: bar.update())

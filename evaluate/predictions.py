@@ -29,12 +29,11 @@ def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None =
 def to_source_labels(label: np.ndarray, case) -> np.ndarray:
     """A label map back in the case's own values where its source labels differ from the convention's (an MSD
     case: BraTS 2021's 2 oedema is MSD's 1, 1 non-enhancing core its 2, 4 enhancing its 3)."""
+    from store.conventions import relabel
+
     if not getattr(case, "source_labels", None):
         return label
-    lut = np.zeros(256, np.uint8)
-    for source, stored in case.source_labels.items():
-        lut[int(stored)] = int(source)
-    return lut[label]
+    return relabel(label, {stored: source for source, stored in case.source_labels.items()})
 
 
 def _prepare(run_dir: str, ensemble: bool, device: str, model: str | None = None):

@@ -45,8 +45,6 @@ CONVENTIONS = {
                  "smallest voxel side",
     "labels": "every score is computed from the label maps: the prediction as written to NIfTI, the reference seg",
 }
-# column prefix of each family; legacy keeps the plain dice_tc / hd95_tc names
-PREFIX = {"legacy": "", "brats2023": "brats2023_", "brats2025": "brats2025_"}
 BRATS2023_FIELDS = ("dice", "hd95", "tp", "fp", "fn")
 
 

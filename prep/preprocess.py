@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from store.conventions import MODALITIES, REGIONS, ConventionError, convention_for_labels, label_values, region_masks
+from store.conventions import (
+    MODALITIES,
+    REGIONS,
+    ConventionError,
+    convention_for_labels,
+    label_values,
+    region_masks,
+    relabel,
+)
 from store.zarrstore import (
     EncodedImage,
     encode_image,
@@ -130,10 +138,7 @@ def load_sources(case: CaseFiles, modalities=MODALITIES, with_label: bool = True
             if stray:
                 raise CaseError(f"case {case.case_id}: {case.seg.name} has labels {stray} that dataset.json does "
                                 f"not name")
-            lut = np.zeros(256, np.uint8)
-            for k, v in case.source_labels.items():
-                lut[int(k)] = v
-            label = lut[label.astype(np.uint8)]
+            label = relabel(label, case.source_labels)
         try:
             convention = convention_for_labels(case.label_convention, _values(label))
         except ConventionError as e:

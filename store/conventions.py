@@ -118,6 +118,15 @@ def compatible(store_convention: str, other: str) -> bool:
     return other == store_convention or SUPERSEDED_BY.get(other) == store_convention
 
 
+def relabel(label: np.ndarray, mapping: dict) -> np.ndarray:
+    """``label`` (uint8 values) with each value ``k`` of ``mapping`` (keys int or str) replaced by ``mapping[k]``;
+    values it does not name become 0."""
+    lut = np.zeros(256, np.uint8)
+    for k, v in mapping.items():
+        lut[int(k)] = int(v)
+    return lut[np.asarray(label, np.uint8)]
+
+
 # BraTS 2023+ tasks, as their case ids name them (BraTS-MEN-00004-000): adult glioma, meningioma, metastases,
 # paediatric tumours, sub-Saharan Africa glioma, and the generalisability challenge across them. Ids of no task
 # (BraTS2021_00000, BraTS19_..., a cohort of one's own) are glioma.

@@ -281,6 +281,13 @@ class Case:
         return "label" in self._group
 
     @property
+    def task(self) -> str:
+        """The BraTS task the build recorded for this case (stores from before that record: from its id)."""
+        from .conventions import task_of
+
+        return self.meta.get("task") or task_of(self.case_id)
+
+    @property
     def label_convention(self) -> str:
         """This case's label convention (a store's cases may be in a convention its own supersedes)."""
         return self.meta["label_convention"]
