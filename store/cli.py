@@ -28,19 +28,14 @@ def print_info(path: str) -> int:
     print(f"cases      {n}" + (f" ({len(s.failures)} failed in the last build)" if s.failures else ""))
     print(f"modalities {', '.join(s.modalities)}")
     print(f"labels     {s.label_convention}")
+    from collections import Counter
+
     from .conventions import task_of
 
     index = s.attrs.get("index", {})
-    tasks: dict[str, int] = {}
-    grades: dict[str, int] = {}
-    layouts: dict[str, int] = {}
-    for cid, rec in index.items():
-        if rec.get("layout"):
-            layouts[rec["layout"]] = layouts.get(rec["layout"], 0) + 1
-        t = rec.get("task") or task_of(cid)
-        tasks[t] = tasks.get(t, 0) + 1
-        if rec.get("grade"):
-            grades[rec["grade"]] = grades.get(rec["grade"], 0) + 1
+    layouts = Counter(rec["layout"] for rec in index.values() if rec.get("layout"))
+    tasks = Counter(rec.get("task") or task_of(cid) for cid, rec in index.items())
+    grades = Counter(rec["grade"] for rec in index.values() if rec.get("grade"))
     if layouts:
         print("layouts    " + ", ".join(f"{k} {v}" for k, v in sorted(layouts.items())))
     print("tasks      " + ", ".join(f"{t.upper()} {k}" for t, k in sorted(tasks.items())))

@@ -63,26 +63,18 @@ def kvstore_spec(location, key: str) -> dict:
     return spec
 
 
-class TensorstoreReader:
-    """Region reads of one zarr v3 array through tensorstore, one read per region (its chunks decoded, and on
-    object storage fetched, concurrently by tensorstore itself)."""
+class _WholeRegionReader:
+    """The reader interface over an engine that reads a whole region in one call (``read``): one piece per
+    region, nothing to fetch ahead."""
 
     fast = True
     remote = None
 
-    def __init__(self, kvstore: dict):
-        import tensorstore as ts
-
-        self.path = kvstore.get("path")
-        self._ts = ts.open({"driver": "zarr3", "kvstore": kvstore}, read=True, context=_ts_context()).result()
-        self.shape = tuple(self._ts.shape)
-        self.dtype = np.dtype(self._ts.dtype.numpy_dtype)
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        raise NotImplementedError
 
     def fetch(self, regions):
         return None
-
-    def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        return self._ts[region].read().result()
 
     def blocks(self, region: tuple[slice, ...], at=None, fetched=None):
         """The whole region as one piece: (values, src, dst) as ``ChunkReader.blocks`` gives them."""
@@ -97,20 +89,29 @@ class TensorstoreReader:
         return out
 
 
-class ZarrReader:
-    """Region reads through zarr-python (with the zarrs codec pipeline, which ``use_zarrs`` switches on)."""
+class TensorstoreReader(_WholeRegionReader):
+    """Region reads of one zarr v3 array through tensorstore, one read per region (its chunks decoded, and on
+    object storage fetched, concurrently by tensorstore itself)."""
 
-    fast = True
-    remote = None
+    def __init__(self, kvstore: dict):
+        import tensorstore as ts
+
+        self.path = kvstore.get("path")
+        self._ts = ts.open({"driver": "zarr3", "kvstore": kvstore}, read=True, context=_ts_context()).result()
+        self.shape = tuple(self._ts.shape)
+        self.dtype = np.dtype(self._ts.dtype.numpy_dtype)
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        return self._ts[region].read().result()
+
+
+class ZarrReader(_WholeRegionReader):
+    """Region reads through zarr-python (with the zarrs codec pipeline, which ``use_zarrs`` switches on)."""
 
     def __init__(self, array):
         self.array = array
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
-
-    fetch = TensorstoreReader.fetch
-    blocks = TensorstoreReader.blocks
-    read_into = TensorstoreReader.read_into
 
     def read(self, region):
         return np.asarray(self.array[region])

@@ -366,6 +366,7 @@ class Trainer:
         self.summary = {"best_val_loss": math.inf, "best_epoch": None, "best_dice": None}
         self.wall_before = 0.0  # a resumed run's wall seconds before this process
         self.time_share = 0.0  # with --time-limit, the share of it spent (rank 0's clock), for the schedule
+        self.val_seconds = 0.0  # the last validation's duration, for the time-limit decision
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -521,8 +522,6 @@ class Trainer:
     def wall_seconds(self) -> float:
         """Seconds since training started (set-up included), across resumes."""
         return self.wall_before + time.perf_counter() - self.t_start
-
-    val_seconds = 0.0  # the last validation's duration
 
     def _next_epoch_passes_limit(self, train_seconds: float, epoch: int) -> bool:
         """Whether another epoch like this one (and its validation, when it would validate) would end past
