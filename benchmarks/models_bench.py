@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluate.report import bootstrap_ci
+from store.conventions import REGIONS
 
 from .report import save_png, write_result
 
@@ -41,7 +42,6 @@ SCALES = {  # grid, cases, minutes per run, seeds
     "quick": ((120, 120, 78), 8, 0.15, (0,)),
     "full": ((120, 120, 78), 120, 3.0, (0, 1, 2)),
 }
-REGIONS = ("TC", "WT", "ET")
 
 
 def make_cohort(work: Path, shape, n: int) -> tuple[Path, tuple]:

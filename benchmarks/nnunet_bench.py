@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,23 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from evaluate.report import bootstrap_ci
+from store.conventions import REGIONS
 
 from . import peers
 from .report import write_result
 
-REGIONS = ("TC", "WT", "ET")
 PREDICT_RESERVE_S = 60.0  # kept for our prediction when the time limit is set; the real figure is reported
 
 
 def _timed(cmd: list[str], log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {rc}); see {log}")
-    return time.perf_counter() - t0
+    """One of our commands timed whole, its output appended to ``log`` (as nnU-Net's are)."""
+    return peers._run(cmd, dict(os.environ), log)
 
 
 def best_arm(results: Path) -> str:
@@ -60,7 +54,6 @@ def score_folder(pred_dir: Path, cases, convention_of_pred=None) -> dict[str, di
     numbering), or None."""
     import nibabel as nib
 
-    from evaluate.brats2023 import task_of
     from evaluate.inference import spacing_of
     from evaluate.scoring import score_case
 
@@ -72,7 +65,7 @@ def score_folder(pred_dir: Path, cases, convention_of_pred=None) -> dict[str, di
         if convention_of_pred is not None:
             pred = convention_of_pred(pred)
         rows[c.case_id] = score_case(pred, ref, c.label_convention, spacing_of(ref_img.affine),
-                                     families=("legacy", "brats2023"), case=c.case_id, task=task_of(c.case_id))
+                                     families=("legacy", "brats2023"), case=c.case_id, task=c.task)
     return rows
 
 

@@ -10,7 +10,6 @@ first-batch latency (``--cache none``). Then patches/s with ``--cache none`` fro
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -85,9 +84,10 @@ def _remote(b, batches: int) -> dict:
 
     from .s3server import local_s3_server
 
-    log = Path(tempfile.mkdtemp()) / "requests.log"
     readers = {}
-    with local_s3_server(access_key="bench", secret_key="bench", log=log):
+    with tempfile.TemporaryDirectory() as logs, local_s3_server(access_key="bench", secret_key="bench",
+                                                                log=Path(logs) / "requests.log"):
+        log = Path(logs) / "requests.log"
         s3fs.S3FileSystem().mkdir("bench")
         url = "s3://bench/store.zarr"
         rep = build_store(BuildConfig(source=str(b.raw), store=url, workers=0, spacing=b.spacing), progress=False)
@@ -107,7 +107,6 @@ def _remote(b, batches: int) -> dict:
             readers[name] = {"local_patches_per_s": summarize(r["local"]), "s3_patches_per_s": summarize(r["remote"]),
                              "s3_requests_per_patch": summarize(r["per_patch"]),
                              "s3_over_local": statistics.median(r["remote"]) / statistics.median(r["local"])}
-    shutil.rmtree(log.parent, ignore_errors=True)
     return {"patch": [96, 96, 96], "channels": 3, "loader_threads": 2, "cases": len(ids), **readers["project"],
             "readers": readers,
             "server": "moto standalone server on 127.0.0.1 (serves about 125 requests/s on one core here)",
