@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "panoptica: one-to-one matching, lesion-wise Dice of matched lesions, detection F1, global "
                    "Dice/NSD/HD95). Default: all three")
     p.add_argument("--task", choices=TASKS, default=None,
-                   help="the BraTS task whose brats2023 dilation and volume threshold apply (gli, ssa, ped: 3 voxels, "
-                   "50 mm^3; men: 1, 50 mm^3; met: 1, 2 mm^3). Default: each case's own, from its id (BraTS-MEN-... "
-                   "-> men; BraTS20xx_... and BraTS-GLI-... -> gli)")
+                   help="the BraTS task whose brats2023 dilation and volume threshold apply (gli, ssa, ped, goat: 3 "
+                   "voxels, 50 mm^3; men: 1, 50 mm^3; met: 1, 2 mm^3). Default: each case's own, as the build "
+                   "recorded it from its id (BraTS-MEN-... -> men; BraTS20xx_..., BraTS19_... and BraTS-GLI-... -> "
+                   "gli)")
     _postprocessing_option(p)
     return p
 
