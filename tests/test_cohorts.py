@@ -190,6 +190,15 @@ def test_msd_bad_input_is_one_line(msd, tmp_path):
                                   spacing=synth_spacing(TINY)), progress=False)
     assert list(rep.failed) == ["BRATS_001"] and len(rep.built) == 8
     assert "BRATS_001.nii.gz has shape" in rep.failed["BRATS_001"] and "lists 4 channels" in rep.failed["BRATS_001"]
+    # a label value dataset.json does not name: that case fails, naming its file
+    seg = nib.load(str(bad / "labelsTr" / "BRATS_002.nii.gz"))
+    lab = np.asarray(seg.dataobj).copy()
+    lab[0, 0, 0] = 5
+    nib.save(nib.Nifti1Image(lab, seg.affine), str(bad / "labelsTr" / "BRATS_002.nii.gz"))
+    rep = build_store(BuildConfig(source=str(tmp_path), store=str(tmp_path / "s2.zarr"), workers=0,
+                                  spacing=synth_spacing(TINY)), progress=False)
+    assert "BRATS_002" in rep.failed and "BRATS_002.nii.gz has labels [5] that dataset.json does not name" in \
+        rep.failed["BRATS_002"]
 
 
 def test_a_single_case_is_built_without_starting_a_cluster(tmp_path, monkeypatch):

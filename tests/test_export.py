@@ -107,6 +107,38 @@ def test_export_and_predict_bad_input(run, tiny_cohort_2023, tmp_path, capsys):
     e = err(2, ["predict", "--model", str(tmp_path / "nothing.onnx"), "--source", str(tiny_cohort_2023), "--out",
                 str(tmp_path / "p")], eval_main)
     assert "no such file" in e
+    # a damaged card, and a card that describes another file
+    (out / "model-card.json").write_text("{not json")
+    e = err(2, ["predict", "--model", str(out / "model.onnx"), "--case", str(next(tiny_cohort_2023.iterdir())),
+                "--out", str(tmp_path / "p.nii.gz")], eval_main)
+    assert "model-card.json is damaged" in e and "export the run again" in e
+    (out / "model-card.json").write_text(json.dumps({**json.loads((out / "card.json").read_text()),
+                                                     "file": "model.ts"}))
+    e = err(2, ["predict", "--model", str(out / "model.onnx"), "--case", str(next(tiny_cohort_2023.iterdir())),
+                "--out", str(tmp_path / "p.nii.gz")], eval_main)
+    assert "describes model.ts, not model.onnx" in e
+    # --ensemble with an exported model, and an ONNX model asked to run on a GPU
+    (out / "card.json").rename(out / "model-card.json")
+    e = err(2, ["predict", "--model", str(out / "model.onnx"), "--ensemble", "--source", str(tiny_cohort_2023),
+                "--out", str(tmp_path / "p")], eval_main)
+    assert "--ensemble with --model" in e and "python -m train export --ensemble" in e
+    from evaluate.inference import RunError
+
+    with pytest.raises(RunError, match="ONNX models run on the CPU here"):
+        load_exported(out / "model.onnx", "cuda")
+
+
+def test_an_ensemble_of_different_patch_sizes_is_not_exported(run, tmp_path, capsys):
+    kf = tmp_path / "kf"
+    fake_kfold(run, kf, 2)
+    ck = torch.load(kf / "fold-1" / "best.pt", weights_only=True)
+    ck["config"]["patch_size"] = [32, 32, 32]
+    torch.save(ck, kf / "fold-1" / "best.pt")
+    assert train_main(["export", "--run-dir", str(kf), "--format", "onnx", "--ensemble", "--out",
+                       str(tmp_path / "e")]) == 2
+    e = capsys.readouterr().err
+    assert "different patch sizes" in e and "export each run by itself" in e and len(e.strip().splitlines()) == 1
+    assert not (tmp_path / "e" / "model.onnx").exists()
 
 
 def test_the_training_command_reproduces_the_configuration(run):
