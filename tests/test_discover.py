@@ -92,6 +92,8 @@ def test_mixed_naming_within_a_case_and_across_cases(tmp_path):
     _case(root, "BraTS-GLI-00001-000", FILES_2023, sep="-")
     cohort = discover(root)
     assert len(cohort.cases) == 1 and len(cohort.problems) == 1
+    (reason,) = cohort.problems.values()
+    assert "layout in a" in reason and "build each layout into its own store" in reason
 
 
 def test_empty_or_missing_root(tmp_path):
