@@ -129,10 +129,10 @@ class _PeakRss:
 
 
 def reader_axis(store, ids, patch, reps: int, size: str, device) -> dict:
-    """Each installed Zarr engine (``store.engines``) on the same patches: ``--cache none`` delivery (patches/s,
+    """Each installed Zarr engine (``benchmarks.engines``) on the same patches: ``--cache none`` delivery (patches/s,
     same seed so the same regions) with 1 and 2 loader threads, and the seconds to fill the ``ram`` cache. The
     engines take turns within each repeat, so that no engine gains from running later (a warmer machine)."""
-    from store.engines import available, reading_with
+    from .engines import available, reading_with
     from train.loader import TrainLoader
 
     names = available()

@@ -37,7 +37,7 @@ def _warm() -> bool:
     import zarr  # noqa: F401
 
     import prep.preprocess  # noqa: F401
-    import store.zarrstore  # noqa: F401
+    import store.writer  # noqa: F401
 
     return True
 
@@ -50,7 +50,8 @@ def _steps(case, store_path: str, params: dict) -> dict:
     import numpy as np
 
     from prep.build import process_case
-    from prep.preprocess import label_statistics, preprocess, sha256_file
+    from prep.preprocess import label_statistics, preprocess
+    from store.encoding import sha256_file
     from store.fastread import layout
     from store.fastwrite import array_metadata, chunk_bytes, compressor
     from store.format import CURRENT
@@ -165,7 +166,7 @@ def run(out_dir: Path, size: str = "full", peers: bool = False) -> dict:
     from prep.synth import FOV_MM, FULL_SHAPE, SynthConfig, synth_cohort
     from store import open_store
     from store.conventions import MODALITIES
-    from store.zarrstore import StoreWriter
+    from store.writer import StoreWriter
 
     # quick/tiny: a coarser cohort stored at its own voxel size, so it takes the no-resampling path as 1 mm does
     shape = {"full": FULL_SHAPE, "quick": (120, 120, 62), "tiny": (40, 40, 28)}[size]

@@ -1,4 +1,4 @@
-"""The Zarr engines side by side on the loader's own work (``store.engines``): ``--cache none`` 4-channel patches/s
+"""The Zarr engines side by side on the loader's own work (``benchmarks.engines``): ``--cache none`` 4-channel patches/s
 with 1 and 2 loader threads and the ``ram`` cache fill of the benchmark cohort (``loader_bench.reader_axis``), and
 against a local S3 server 3-channel 96^3 patches/s with the requests per patch (``scale_bench._remote``); the same
 regions for every engine, in one run. And the writer: one case's image and label written by the build's own writer

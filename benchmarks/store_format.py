@@ -35,7 +35,7 @@ def _read_times(reader, scale, rng, patches: int = 5) -> tuple[float, list[float
     (all channels), through the project's own decode."""
     import torch
 
-    from store.zarrstore import decode_into
+    from store.encoding import decode_into
 
     channels, shp = list(range(reader.shape[0])), np.array(reader.shape[1:])
     t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def _layouts(pre: list, src_bytes: list) -> tuple[list, str]:
     from store.fastread import ChunkReader
     from store.fastwrite import array_metadata, shard_shape, write_array
     from store.format import CURRENT
-    from store.zarrstore import encode_image
+    from store.encoding import encode_image
 
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -21,7 +21,9 @@ import numpy as np
 from store.conventions import MODALITIES, REGIONS
 
 from .discover import CaseFiles, DiscoveryError, discover
-from .preprocess import CROP_MARGIN, TARGET_SPACING, CaseError, label_statistics, preprocess, sha256_file
+from store.encoding import sha256_file
+
+from .preprocess import CROP_MARGIN, TARGET_SPACING, CaseError, label_statistics, preprocess
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def process_case(case: CaseFiles, store_path: str, params: dict, previous: dict 
     Returns {"case_id", "status": built|skipped|failed, "record" or "reason"}; never raises for a bad case.
     """
     from store.records import CaseRecord
-    from store.zarrstore import case_group_name, write_case
+    from store.writer import case_group_name, write_case
 
     cid = case.case_id
     try:
@@ -235,7 +237,7 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     build (``settled``); a killed build resumed gives the splits an uninterrupted one would."""
     from store.location import Location
     from store.progress import progress_bar
-    from store.zarrstore import StoreWriter
+    from store.writer import StoreWriter
 
     from .splits import make_splits
 

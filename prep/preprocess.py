@@ -31,12 +31,7 @@ from store.conventions import (
     region_masks,
     relabel,
 )
-from store.zarrstore import (
-    EncodedImage,
-    encode_image,
-    encode_integer_source,
-    sha256_file,  # noqa: F401 (re-exported: the build and its tests hash with it)
-)
+from store.encoding import EncodedImage, encode_image, encode_integer_source
 
 from .discover import CaseFiles
 
@@ -264,7 +259,7 @@ def preprocess(case: CaseFiles, modalities=MODALITIES, with_label: bool = True, 
     ``encode``: return the image in the store's int16 encoding (``encoded``; ``image`` is None). Where the
     sources are integers on an axis-aligned grid at the target spacing (BraTS files at 1 mm), no float image is
     made at all: the z-score of an integer source in source units is an integer shift per channel
-    (``store.zarrstore.encode_integer_source``), done on the cropped, oriented integers."""
+    (``store.encoding.encode_integer_source``), done on the cropped, oriented integers."""
     arrays, label, src_aff, convention = load_sources(case, modalities, with_label)
     src_shape = arrays[0].shape
     integer = all(a.dtype.kind in "iu" for a in arrays)
@@ -434,5 +429,5 @@ def label_statistics(label: np.ndarray, convention: str, rng: np.random.Generato
     return label_counts, region_counts, np.concatenate(coords).astype(np.int32)
 
 
-__all__ = ["CaseError", "Preprocessed", "integer_nonzero_stats", "label_statistics", "preprocess", "sha256_file",
+__all__ = ["CaseError", "Preprocessed", "integer_nonzero_stats", "label_statistics", "preprocess",
            "to_source_grid"]

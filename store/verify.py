@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from .conventions import REGIONS, label_values
+from .encoding import content_checksum
 from .format import CURRENT
-from .zarrstore import Store, content_checksum
+from .reader import Store
 
 
 def verify_case(store: Store, case_id: str) -> list[str]:

@@ -17,7 +17,7 @@ import sys
 def main(source: str, store: str, point: str) -> None:
     import store.fastwrite as fastwrite
     import store.location as location
-    import store.zarrstore as zarrstore
+    import store.writer as writer
     from prep.build import BuildConfig, build_store
 
     calls = {"write_array": 0, "replace": 0, "commit": 0}
@@ -52,7 +52,7 @@ def main(source: str, store: str, point: str) -> None:
 
         location.os = _Os()
     elif point == "after-publish":
-        real_commit = zarrstore.StoreWriter.commit
+        real_commit = writer.StoreWriter.commit
 
         def commit(self, *a, **k):
             real_commit(self, *a, **k)
@@ -60,7 +60,7 @@ def main(source: str, store: str, point: str) -> None:
             if calls["commit"] == 2:
                 die()
 
-        zarrstore.StoreWriter.commit = commit
+        writer.StoreWriter.commit = commit
     from tests.conftest import TINY
     from tests.helpers import synth_spacing
 

@@ -193,7 +193,7 @@ def test_disk_full_writing_a_case_is_that_case_failing(tiny_cohort, tmp_path, mo
 def test_a_second_build_on_a_store_being_built_is_refused(tiny_cohort, tmp_path, capsys):
     from prep.build import build_params
     from store.conventions import MODALITIES
-    from store.zarrstore import StoreWriter
+    from store.writer import StoreWriter
 
     path = tmp_path / "l.zarr"
     cfg = BuildConfig(source=str(tiny_cohort), store=str(path), workers=0, spacing=synth_spacing(TINY))

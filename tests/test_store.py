@@ -437,7 +437,7 @@ def test_integer_encoding_equals_encoding_the_zscores(dtype):
     """The build's integer path (statistics from integer sums, an integer shift per channel) stores what encoding
     the float z-scores in source units stores, for every integer source type, a constant channel included."""
     from prep.preprocess import integer_nonzero_stats, normalize_nonzero
-    from store.zarrstore import encode_image, encode_integer_source
+    from store.encoding import encode_image, encode_integer_source
 
     rng = np.random.default_rng(1)
     hi = 250 if dtype == "uint8" else 3000
@@ -464,7 +464,7 @@ def test_integer_stats_refuse_sums_that_could_overflow():
 
 
 def test_integer_encoding_refuses_what_does_not_fit():
-    from store.zarrstore import encode_integer_source
+    from store.encoding import encode_integer_source
 
     x = np.zeros((1, 4, 4, 4), np.uint16)
     x[0, 0, 0, :3] = [10, 100, 100]
@@ -477,7 +477,7 @@ def test_build_paths_store_the_same_values(tmp_path):
     """preprocess(encode=True) on integer 1 mm sources (no float image made) gives what encoding the float
     preprocessing gives; sources that do not fit the source-unit encoding take the float path."""
     from prep.preprocess import preprocess
-    from store.zarrstore import encode_image
+    from store.encoding import encode_image
 
     write_case(tmp_path / "a", "BraTS2021_00000")
     case = discover(tmp_path / "a").cases[0]

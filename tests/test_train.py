@@ -121,7 +121,7 @@ def test_store_without_labels_is_refused(tmp_path, capsys):
     assert discover(tmp_path / "raw").problems  # discovery needs seg by default; build unlabelled cases directly
     from prep.build import build_params, process_case
     from store.conventions import MODALITIES
-    from store.zarrstore import StoreWriter
+    from store.writer import StoreWriter
 
     store = str(tmp_path / "s.zarr")
     params = build_params(BuildConfig())

@@ -1,33 +1,26 @@
-"""The Zarr engines a case's arrays can be read with, behind the interface of ``fastread.ChunkReader``
-(``blocks``, ``read``, ``read_into``, ``fetch``, ``remote``, ``fast``), so the loader benchmarks can put them side
-by side on the same regions:
+"""The Zarr engines the benchmarks put beside the project's reader, behind the interface of
+``store.fastread.ChunkReader`` (``blocks``, ``read``, ``read_into``, ``fetch``, ``remote``, ``fast``), so the loader
+benchmarks measure them on the same regions:
 
-- ``project``: ``store.fastread.ChunkReader``, this project's hand-written shard reader (the default);
+- ``project``: ``store.fastread.ChunkReader``, this project's hand-written shard reader (what the store reads with);
 - ``tensorstore``: Google's C++ Zarr v3 engine (``zarr3`` driver over its ``file`` key-value store);
 - ``zarrs``: zarr-python with the zarrs codec pipeline (Rust), zarr-python's own read path otherwise.
 
-``BRATS_STORE_READER`` chooses one for a process (benchmarks and tests; tensorstore and zarrs come with the
-``dev`` extra). Every engine reads the same bytes into the same values.
+``reading_with(name)`` chooses one for the cases opened inside it (``store.reader.reading_with``: the benchmark,
+not the store, decides what it measures); tensorstore and zarrs come with the ``dev`` extra. Every engine reads
+the same bytes into the same values.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
 import numpy as np
 
 ENGINES = ("project", "tensorstore", "zarrs")
-ENV = "BRATS_STORE_READER"
-
-
-def engine() -> str:
-    name = os.environ.get(ENV, "project") or "project"
-    if name not in ENGINES:
-        raise ValueError(f"{ENV}={name!r}: the store readers are {', '.join(ENGINES)}")
-    return name
-
 
 _context = None
 _context_lock = threading.Lock()
@@ -126,19 +119,18 @@ def available() -> list[str]:
 
 @contextlib.contextmanager
 def reading_with(name: str):
-    """Cases opened inside read through engine ``name`` (``BRATS_STORE_READER`` and zarr's codec pipeline set
-    for the block, restored after)."""
+    """Cases opened inside read through engine ``name`` (zarr's codec pipeline restored after)."""
     import zarr
 
-    before_env, before_pipeline = os.environ.get(ENV), zarr.config.get("codec_pipeline.path")
-    os.environ[ENV] = name
+    from store.reader import reading_with as store_reading_with
+
+    if name not in ENGINES:
+        raise ValueError(f"engine {name!r}: the store readers are {', '.join(ENGINES)}")
+    before_pipeline = zarr.config.get("codec_pipeline.path")
     try:
-        yield
+        with store_reading_with(None if name == "project" else functools.partial(reader, name)):
+            yield
     finally:
-        if before_env is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before_env
         zarr.config.set({"codec_pipeline.path": before_pipeline})
 
 
