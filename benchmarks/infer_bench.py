@@ -52,8 +52,8 @@ def _exported(model, cfg, run_, cases, ours) -> dict:
     if importlib.util.find_spec("onnxruntime") is None:
         return {"skipped": "onnxruntime is not installed (pip install -e '.[onnx]')"}
     from evaluate.exported import OnnxNet
-    from evaluate.inference import LoadedRun
     from train.export import EnsembleNet, write_network
+    from train.runs import LoadedRun
 
     fp32 = dataclasses.replace(cfg, amp=False)
     torch_run = LoadedRun([model], fp32, [], run_.preprocessing, "torch float32", [fp32])
@@ -80,19 +80,20 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     import torch
     from monai.inferers import sliding_window_inference
 
-    from evaluate.inference import LoadedRun
     from evaluate.predictions import predict_jobs
     from prep.discover import discover
     from prep.preprocess import preprocess
     from train.config import TrainConfig
-    from train.engine import amp_context, build_model
+    from train.device import amp_context
+    from train.models import build
+    from train.runs import LoadedRun
 
     b = bench_inputs(work, size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mods = ("t1", "t1ce", "t2", "flair")
     cfg = TrainConfig(modalities=mods, patch_size=b.patch, channels=b.channels, amp=amp)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device).eval()
+    model = build(cfg).to(device).eval()
     cases = discover(b.raw).cases
     conv = cases[0].label_convention
     run_ = LoadedRun([model], cfg, [], {"params": {"spacing_mm": list(b.spacing), "crop_margin": 2},

@@ -132,8 +132,9 @@ def reader_axis(store, ids, patch, reps: int, size: str, device) -> dict:
     """Each installed Zarr engine (``benchmarks.engines``) on the same patches: ``--cache none`` delivery (patches/s,
     same seed so the same regions) with 1 and 2 loader threads, and the seconds to fill the ``ram`` cache. The
     engines take turns within each repeat, so that no engine gains from running later (a warmer machine)."""
-    from .engines import available, reading_with
     from train.loader import TrainLoader
+
+    from .engines import available, reading_with
 
     names = available()
     runs: dict[str, dict[str, list]] = {n: {"none_1_threads": [], "none_2_threads": [], "ram_fill_s": []}

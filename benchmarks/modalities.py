@@ -64,7 +64,7 @@ def _postprocessing_gains(before: dict, after: dict, test_ids, seeds, regions) -
 def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epochs: int | None = None,
         cases: int | None = None, seeds: tuple[int, ...] | None = None, amp: bool = False) -> dict:
     from evaluate.evaluation import evaluate_split
-    from evaluate.postprocess import tune_postprocessing
+    from evaluate.tuning import tune_postprocessing
     from prep.build import BuildConfig, build_store
     from prep.synth import FOV_MM, SynthConfig, synth_cohort
     from store import open_store

@@ -76,8 +76,8 @@ def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] |
     from evaluate.evaluation import evaluate_split
     from prep.build import BuildConfig, build_store
     from store import open_store
-    from train.cli import build_parser, config_from_args
     from train.models import build, parameter_count
+    from train.options import build_parser, config_from_args
 
     scale = "quick" if quick else "full"
     shape, n, scale_minutes, scale_seeds = SCALES[scale]

@@ -54,7 +54,7 @@ def score_folder(pred_dir: Path, cases, convention_of_pred=None) -> dict[str, di
     numbering), or None."""
     import nibabel as nib
 
-    from evaluate.inference import spacing_of
+    from evaluate.cases import spacing_of
     from evaluate.scoring import score_case
 
     rows = {}

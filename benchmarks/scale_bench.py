@@ -80,8 +80,8 @@ def _remote(b, batches: int) -> dict:
         return {"skipped": "needs s3fs and moto[server]: pip install -e '.[dev]'"}
     from prep.build import BuildConfig, build_store
     from store import open_store
-    from .engines import available, reading_with
 
+    from .engines import available, reading_with
     from .s3server import local_s3_server
 
     readers = {}

@@ -124,10 +124,10 @@ def _layouts(pre: list, src_bytes: list) -> tuple[list, str]:
     case, whole-case and 4 x 128^3 patch reads."""
     import zarr
 
+    from store.encoding import encode_image
     from store.fastread import ChunkReader
     from store.fastwrite import array_metadata, shard_shape, write_array
     from store.format import CURRENT
-    from store.encoding import encode_image
 
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -61,8 +61,11 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
     from store import open_store
     from train.augment import BatchAugment
     from train.config import TrainConfig
-    from train.engine import amp_context, build_model, label_to_regions, make_loss, train_step
+    from train.device import amp_context
+    from train.engine import train_step
     from train.loader import TrainLoader
+    from train.models import build, make_loss
+    from train.validation import label_to_regions
 
     b = bench_inputs(work, size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,7 +74,7 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
     cfg = TrainConfig(store=b.store, patch_size=b.patch, batch_size=2, channels=b.channels, amp=amp)
     store = open_store(b.store)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model = build(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = make_loss(cfg)  # the trainer's own loss and step
     autocast, scaler, amp_desc = amp_context(cfg, device)

@@ -22,16 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from store.conventions import task_of  # noqa: F401 (the task of a case id, re-exported for the scorer's callers)
-
 from .metrics import bounding_box, directed_hd95, voxel_mm3
 
 HD95_PENALTY_MM = 374.0
 # task -> (dilation iterations, lesion volume threshold in mm^3), as the challenge set them per task; GoAT (the
-# generalisability challenge over the glioma-like tasks) is scored as glioma
+# generalisability challenge over the glioma-like tasks) is scored as glioma; one entry per store.conventions.TASKS
 TASK_PARAMS = {"gli": (3, 50.0), "ssa": (3, 50.0), "ped": (3, 50.0), "men": (1, 50.0), "met": (1, 2.0),
                "goat": (3, 50.0)}
-TASKS = tuple(TASK_PARAMS)
 REGIONS = ("ET", "TC", "WT")  # the scorer's regions, in the order it reports them
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .brats2023 import TASKS
+from store.conventions import TASKS
+
 from .scoring import FAMILIES  # numpy and the conventions only: --help stays fast
 
 
@@ -130,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     from prep.discover import DiscoveryError
     from prep.preprocess import CaseError
     from store import FormatError
+    from train.runs import RunError
 
     from .evaluation import evaluate_split
-    from .inference import RunError
-    from .postprocess import tune_postprocessing
     from .predictions import predict_case, predict_folder
+    from .tuning import tune_postprocessing
 
     try:
         if command == "tune-postprocessing":

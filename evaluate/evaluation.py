@@ -6,89 +6,130 @@ source seg file (read once), or on the stored grid where the source files are go
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
 
 from .scoring import FAMILIES as FAMILIES_DEFAULT
 
-
-def _load_label(path: Path, data: bytes) -> np.ndarray:
-    """A label NIfTI from bytes already read (no second read of the file)."""
-    import nibabel as nib
-
-    raw = gzip.decompress(data) if path.name.endswith(".gz") else data
-    return np.asanyarray(nib.Nifti1Image.from_bytes(raw).dataobj).astype(np.uint8)
-
-
-def check_run_on_store(run, store) -> str:
-    """The store's label convention, once the run's model can be evaluated on it (modalities, labels)."""
-    from store.conventions import compatible
-
-    from .inference import RunError
-
-    missing = [m for m in run.config.modalities if m not in store.modalities]
-    if missing:
-        raise ValueError(f"the model reads {', '.join(missing)}, which the store lacks")
-    conv = store.label_convention
-    trained = run.preprocessing.get("label_convention")
-    if trained and not (compatible(conv, trained) or compatible(trained, conv)):
-        raise RunError(f"the run was trained on {trained} labels, the store {store.path} holds {conv} labels")
-    return conv
+TTA_NOTE = "mean of the sigmoid outputs over the 8 mirrorings of the spatial axes"
+GRID_NOTE = ("source: against the source seg file on its own grid, as BraTS scores; store: on the store's grid "
+             "because the source files are gone or changed")
+TASK_NOTE = ("the task the build recorded for each case, from its id (BraTS-MEN-... -> men; BraTS20xx, BraTS-GLI -> "
+             "gli)")
+MONAI_DICE_NOTE = ("MONAI DiceMetric(include_background=True, reduction='mean') over TC, WT, ET of the same label "
+                   "maps, empty ground truth ignored, as the seed reported it")
+CASE_COLUMNS = ("task", "grid", "voxels_gt_wt", "voxels_pred_wt")  # after the scores in <split>.csv
 
 
-def store_case_reader(store, source_dir: str | None = None):
-    """``load(case_id) -> (case, image, seg)`` for ``run_pipeline``: the store's case once, the source seg once."""
+class SplitScorer:
+    """The per-case work of one evaluation, run by ``run_pipeline``: ``infer`` on the model's thread, ``finish``
+    (labels on the source grid, scores, prediction file, pictures) on the writer's. It collects each case's
+    scores after postprocessing (``rows``), before it (``unprocessed``, only where a rule is in force) and its
+    brats2023 lesions."""
 
-    def load(cid):
-        case = store.case(cid)
-        return case, case.image(), case.read_source("seg", source_dir)
+    def __init__(self, run, store, ids, dev, conv: str, families, rules, out_dir: Path, task: str | None,
+                 tta: bool, save_predictions: bool):
+        from monai.metrics import DiceMetric
+        from torch.utils.tensorboard import SummaryWriter
 
-    return load
+        self.run, self.store, self.ids, self.dev, self.conv = run, store, list(ids), dev, conv
+        self.families, self.rules, self.out_dir, self.task = families, rules, out_dir, task
+        self.tta, self.save_predictions = tta, save_predictions
+        self.suffix = "-tta" if tta else ""
+        self.names = tuple(run.config.regions)
+        self.model_channels = [store.modalities.index(m) for m in run.config.modalities]
+        # the pictures' channel: FLAIR where the store has it
+        self.picture_channel = "flair" if "flair" in store.modalities else run.config.modalities[0]
+        self.rows: dict = {}
+        self.unprocessed: dict = {}
+        self.lesion_rows: dict = {}
+        self.grids: set = set()
+        self.tasks: dict = {}
+        self.monai_dice = DiceMetric(include_background=True, reduction="mean")
+        self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def infer(self, loaded) -> np.ndarray:
+        """Sigmoid probabilities (R, X, Y, Z) on the stored grid of a loaded (case, image, seg)."""
+        from .inference import predict_probabilities
+
+        return predict_probabilities(self.run, loaded[1][self.model_channels], self.dev, self.tta)
+
+    def finish(self, cid: str, loaded, prob: np.ndarray) -> None:
+        """The writer thread's part: the label maps on the source grid, scores, the prediction file, pictures."""
+        from .cases import label_maps_for_scoring
+        from .postprocess import apply
+
+        case, image, seg = loaded
+        raw, gt, spacing, grid = label_maps_for_scoring(case, prob, seg, self.conv, self.names)
+        pred = apply(raw, spacing, self.rules, self.conv)  # what is written and scored
+        self.grids.add(grid)
+        self.tasks[cid] = self.task or case.task
+        self._score(cid, raw, pred, gt, spacing, grid)
+        if self.save_predictions:
+            from .cases import write_label_nifti
+
+            write_label_nifti(pred, case.geometry["source_affine"], self.out_dir / f"pred{self.suffix}" /
+                              f"{cid}.nii.gz", seg[0] if seg is not None else None)
+        self._draw(cid, case, image, prob)
+
+    def _score(self, cid: str, raw, pred, gt, spacing, grid: str) -> None:
+        """Every family's scores of the postprocessed label map (and of the raw one, where a rule is in force),
+        the lesions, and MONAI's Dice, into the collected rows."""
+        import torch
+
+        from store.conventions import region_masks
+
+        from .scoring import score_case
+
+        task = self.tasks[cid]
+        lesions = [] if "brats2023" in self.families else None
+        scores = score_case(pred, gt, self.conv, spacing, self.families, case=cid, task=task, lesions=lesions)
+        p_reg, g_reg = region_masks(pred, self.conv), region_masks(gt, self.conv)
+        case_info = {"task": task, "grid": grid, "voxels_gt_wt": int(g_reg[1].sum()),
+                     "voxels_pred_wt": int(p_reg[1].sum())}
+        self.rows[cid] = {"case": cid, **scores, **case_info}
+        if self.rules is not None and self.rules.describe():
+            self.unprocessed[cid] = {"case": cid, **score_case(raw, gt, self.conv, spacing, self.families, case=cid,
+                                                               task=task),
+                                     **case_info, "voxels_pred_wt": int(region_masks(raw, self.conv, ("WT",))[0].sum())}
+        self.lesion_rows[cid] = [{"case": cid, "region": region, **vars(lesion)} for region, lesion in (lesions or [])]
+        self.monai_dice(torch.from_numpy(p_reg[None].astype(np.float32)),
+                        torch.from_numpy(g_reg[None].astype(np.float32)))
+
+    def _draw(self, cid: str, case, image: np.ndarray, prob: np.ndarray) -> None:
+        """The overlay PNG and TensorBoard slices, on the stored grid (RAS), from the stored-grid label map."""
+        from store.conventions import region_masks, regions_to_label
+
+        from .pictures import save_overlay
+        from .postprocess import apply
+
+        shown = image[self.store.modalities.index(self.picture_channel)]
+        store_gt = region_masks(case.label(), self.conv)
+        store_pred = region_masks(apply(regions_to_label(prob > 0.5, self.conv, self.names), case.spacing,
+                                        self.rules, self.conv), self.conv)
+        # the brain: nonzero in any channel (a voxel at its channel's mean is stored as 0, see FORMAT.md)
+        save_overlay(shown, store_gt, store_pred, self.out_dir / f"png{self.suffix}" / f"{cid}.png",
+                     f"{cid} ({self.picture_channel})", brain=(image != 0).any(0))
+        z = shown.shape[2] // 2
+        for name, vol in (("input", shown), ("label_WT", store_gt[1]), ("pred_WT", prob[1])):
+            sl = np.asarray(vol[:, :, z], np.float32)
+            rng = float(sl.max() - sl.min()) or 1.0
+            self.tb.add_image(f"{cid}/{name}", (sl - sl.min()) / rng, self.ids.index(cid), dataformats="HW")
+
+    def close(self) -> None:
+        self.tb.close()
 
 
-def label_maps_for_scoring(case, prob: np.ndarray, seg, conv: str, names) -> tuple:
-    """(prediction, reference, spacing mm, grid): the final label map on the source grid (what is written) and
-    the source seg, as BraTS scores; on the store's grid where the source files are gone or changed."""
-    from store.conventions import regions_to_label, relabel
-
-    from .inference import label_map, regions_on_source, spacing_of
-
-    if seg is not None:
-        pred = label_map(regions_on_source(prob, case.geometry), conv, names)
-        ref = _load_label(*seg)
-        if mapping := case.meta.get("source_labels"):  # MSD's values, as the build mapped them
-            ref = relabel(ref, mapping)
-        return pred, ref, spacing_of(case.geometry["source_affine"]), "source"
-    return regions_to_label(prob > 0.5, conv, names), case.label(), case.spacing, "store"
-
-
-def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "test", ensemble: bool = False,
-                   save_predictions: bool = False, source_dir: str | None = None, device: str = "auto",
-                   metrics=FAMILIES_DEFAULT, progress: bool = True, tta: bool = False, task: str | None = None,
-                   postprocessing: bool = True) -> dict:
-    """Score a run on a split of its store (see the module's docstring). ``task`` fixes the brats2023 task
-    (default: each case's own, from its id); ``postprocessing`` applies RUN/postprocessing.json when present."""
-    import torch
-    from monai.metrics import DiceMetric
-    from torch.utils.tensorboard import SummaryWriter
-
+def _open_split(run_dir: str, store_path, split: str, ensemble, device: str, task):
+    """(device, run, store, case ids, label convention) of an evaluation, its bad inputs refused."""
     from store import open_store
-    from store.conventions import REGIONS, region_masks, regions_to_label
-    from store.progress import progress_bar
-    from train.engine import resolve_device
+    from store.conventions import TASKS
+    from train.device import resolve_device
+    from train.runs import load_run
 
-    from . import postprocess
-    from .brats2023 import TASKS
-    from .inference import load_run, predict_probabilities
-    from .pictures import save_overlay
-    from .pipeline import run_pipeline
-    from .predictions import write_label_nifti
-    from .report import paired_gains, print_table, save_score_figure, summarize, write_lesions, write_reports
-    from .scoring import legacy_regions, parse_metrics, score_case, score_columns
+    from .cases import check_run_on_store
 
-    families = parse_metrics(metrics)
     if task is not None and task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
     dev = resolve_device(device)
@@ -99,92 +140,84 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
     ids = store.splits[split]
     if not ids:
         raise ValueError(f"the store's {split} split is empty")
-    conv = check_run_on_store(run, store)
-    names = tuple(run.config.regions)
-    rules = postprocess.load_rules(run_dir, conv, names) if postprocessing else None
+    return dev, run, store, ids, check_run_on_store(run, store)
+
+
+def _summary(scorer: SplitScorer, run_dir: str, split: str, rows: list, score_cols: list, task, postprocessing: bool):
+    """The evaluation's JSON record: what was scored, how, and the scores' statistics."""
+    from .report import summarize
+
+    run, rules, tasks = scorer.run, scorer.rules, scorer.tasks
+    if rules is not None:
+        shown_rules = rules.describe() or ["none: no rule raised the validation score"]
+    else:
+        why = "--no-postprocessing" if not postprocessing else "the run has no postprocessing.json"
+        shown_rules = [f"none: {why}"]
+    return {
+        "run_dir": str(run_dir), "models": run.kind, "checkpoints": [str(p) for p in run.checkpoints],
+        "split": split, "cases": len(rows), "modalities": list(run.config.modalities), "label_convention": scorer.conv,
+        "test_time_augmentation": TTA_NOTE if scorer.tta else "none",
+        "metrics": list(scorer.families), "grid": scorer.grids.pop() if len(scorer.grids) == 1 else "mixed",
+        "grid_note": GRID_NOTE,
+        "tasks": {t: sum(1 for v in tasks.values() if v == t) for t in sorted(set(tasks.values()))},
+        "task_source": "--task" if task else TASK_NOTE,
+        "postprocessing": shown_rules,
+        "monai_dice_mean": float(scorer.monai_dice.aggregate()),
+        "monai_dice_note": MONAI_DICE_NOTE,
+        "scores": summarize(rows, score_cols),
+    }
+
+
+def _write_outputs(scorer: SplitScorer, stem: str, rows: list, unprocessed: list, score_cols: list,
+                   summary: dict) -> None:
+    """<stem>.csv and .json, the scores before postprocessing where a rule changed them, the lesions CSV and the
+    before/after figure."""
+    from .report import paired_gains, save_score_figure, summarize, write_lesions, write_reports
+
+    columns = ["case", *score_cols, *CASE_COLUMNS]
+    if unprocessed is not rows:
+        summary["scores_before_postprocessing"] = summarize(unprocessed, score_cols)
+        summary["postprocessing_gain"] = paired_gains(unprocessed, rows, score_cols)
+        write_reports(scorer.out_dir, f"{stem}-before-postprocessing", unprocessed, columns, None)
+    write_reports(scorer.out_dir, stem, rows, columns, summary)
+    if "brats2023" in scorer.families:
+        write_lesions(scorer.out_dir / f"{stem}-lesions.csv", [r for c in scorer.ids for r in scorer.lesion_rows[c]])
+    save_score_figure(scorer.out_dir / f"{stem}-scores.png", unprocessed, rows, scorer.families, scorer.conv)
+
+
+def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "test", ensemble: bool = False,
+                   save_predictions: bool = False, source_dir: str | None = None, device: str = "auto",
+                   metrics=FAMILIES_DEFAULT, progress: bool = True, tta: bool = False, task: str | None = None,
+                   postprocessing: bool = True) -> dict:
+    """Score a run on a split of its store (see the module's docstring). ``task`` fixes the brats2023 task
+    (default: each case's own, from its id); ``postprocessing`` applies RUN/postprocessing.json when present."""
+    from store.conventions import REGIONS, trainable_regions
+    from store.progress import progress_bar
+
+    from .cases import store_case_reader
+    from .pipeline import run_pipeline
+    from .postprocess import load_rules
+    from .report import print_table
+    from .scoring import parse_metrics, score_columns
+
+    families = parse_metrics(metrics)
+    dev, run, store, ids, conv = _open_split(run_dir, store_path, split, ensemble, device, task)
+    rules = load_rules(run_dir, conv, tuple(run.config.regions)) if postprocessing else None
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, before, lesion_rows, grids, tasks = {}, {}, {}, set(), {}
-    monai_dice = DiceMetric(include_background=True, reduction="mean")
-    tb = SummaryWriter(str(out_dir / "tb"))
-    model_channels = [store.modalities.index(m) for m in run.config.modalities]
-    shown = "flair" if "flair" in store.modalities else run.config.modalities[0]  # the pictures' channel
-
-    def infer(loaded):
-        return predict_probabilities(run, loaded[1][model_channels], dev, tta)
-
-    def finish(cid, loaded, prob):  # the writer thread: labels on the source grid, scores, files, pictures
-        case, every, seg = loaded
-        raw, gt, spacing, grid = label_maps_for_scoring(case, prob, seg, conv, names)
-        pred = postprocess.apply(raw, spacing, rules, conv)  # what is written and scored
-        grids.add(grid)
-        tasks[cid] = task or case.task
-        found = [] if "brats2023" in families else None
-        scores = score_case(pred, gt, conv, spacing, families, case=cid, task=tasks[cid], lesions=found)
-        p_reg, g_reg = region_masks(pred, conv), region_masks(gt, conv)
-        extra = {"task": tasks[cid], "grid": grid, "voxels_gt_wt": int(g_reg[1].sum()),
-                 "voxels_pred_wt": int(p_reg[1].sum())}
-        rows[cid] = {"case": cid, **scores, **extra}
-        if rules is not None and rules.describe():
-            before[cid] = {"case": cid, **score_case(raw, gt, conv, spacing, families, case=cid, task=tasks[cid]),
-                           **extra, "voxels_pred_wt": int(region_masks(raw, conv, ("WT",))[0].sum())}
-        lesion_rows[cid] = [{"case": cid, "region": region, **vars(lesion)} for region, lesion in (found or [])]
-        monai_dice(torch.from_numpy(p_reg[None].astype(np.float32)), torch.from_numpy(g_reg[None].astype(np.float32)))
-        if save_predictions:
-            write_label_nifti(pred, case.geometry["source_affine"], out_dir / f"pred{suffix}" / f"{cid}.nii.gz",
-                              seg[0] if seg is not None else None)
-        # pictures on the stored grid (RAS), regions of the stored-grid label map: FLAIR when the store has it
-        flair = every[store.modalities.index(shown)]
-        store_gt = region_masks(case.label(), conv)
-        store_pred = region_masks(postprocess.apply(regions_to_label(prob > 0.5, conv, names), case.spacing, rules,
-                                                    conv), conv)
-        # the brain: nonzero in any channel (a voxel at its channel's mean is stored as 0, see FORMAT.md)
-        save_overlay(flair, store_gt, store_pred, out_dir / f"png{suffix}" / f"{cid}.png", f"{cid} ({shown})",
-                     brain=(every != 0).any(0))
-        z = flair.shape[2] // 2
-        for name, vol in (("input", flair), ("label_WT", store_gt[1]), ("pred_WT", prob[1])):
-            sl = np.asarray(vol[:, :, z], np.float32)
-            rng = float(sl.max() - sl.min()) or 1.0
-            tb.add_image(f"{cid}/{name}", (sl - sl.min()) / rng, ids.index(cid), dataformats="HW")
-
-    suffix = "-tta" if tta else ""
+    scorer = SplitScorer(run, store, ids, dev, conv, families, rules, out_dir, task, tta, save_predictions)
     bar = progress_bar(len(ids), f"evaluate {split}", "case", enabled=progress)
-    failures = run_pipeline(ids, store_case_reader(store, source_dir), infer, finish, on_done=lambda *_: bar.update())
+    failures = run_pipeline(ids, store_case_reader(store, source_dir), scorer.infer, scorer.finish,
+                            on_done=lambda *_: bar.update())
     bar.close()
     if failures:  # a case that cannot be scored is an error: the table would silently cover fewer cases
         raise failures[0][1]
-    rows = [rows[c] for c in ids]
-    before = [before[c] for c in ids] if before else rows
-    tb.close()
+    rows = [scorer.rows[c] for c in ids]
+    unprocessed = [scorer.unprocessed[c] for c in ids] if scorer.unprocessed else rows
+    scorer.close()
     score_cols = score_columns(conv, families)
-    columns = ["case", *score_cols, "task", "grid", "voxels_gt_wt", "voxels_pred_wt"]
-    summary = {
-        "run_dir": str(run_dir), "models": run.kind, "checkpoints": [str(p) for p in run.checkpoints],
-        "split": split, "cases": len(rows), "modalities": list(run.config.modalities), "label_convention": conv,
-        "test_time_augmentation": "mean of the sigmoid outputs over the 8 mirrorings of the spatial axes" if tta
-        else "none",
-        "metrics": list(families), "grid": grids.pop() if len(grids) == 1 else "mixed",
-        "grid_note": "source: against the source seg file on its own grid, as BraTS scores; store: on the "
-                     "store's grid because the source files are gone or changed",
-        "tasks": {t: sum(1 for v in tasks.values() if v == t) for t in sorted(set(tasks.values()))},
-        "task_source": "--task" if task else "the task the build recorded for each case, from its id (BraTS-MEN-... "
-                                            "-> men; BraTS20xx, BraTS-GLI -> gli)",
-        "postprocessing": (rules.describe() or ["none: no rule raised the validation score"]) if rules is not None
-        else ["none: " + ("--no-postprocessing" if not postprocessing else "the run has no postprocessing.json")],
-        "monai_dice_mean": float(monai_dice.aggregate()),
-        "monai_dice_note": "MONAI DiceMetric(include_background=True, reduction='mean') over TC, WT, ET of the same "
-                           "label maps, empty ground truth ignored, as the seed reported it",
-        "scores": summarize(rows, score_cols),
-    }
-    stem = f"{split}{suffix}"
-    if before is not rows:
-        summary["scores_before_postprocessing"] = summarize(before, score_cols)
-        summary["postprocessing_gain"] = paired_gains(before, rows, score_cols)
-        write_reports(out_dir, f"{stem}-before-postprocessing", before, columns, None)
-    write_reports(out_dir, stem, rows, columns, summary)
-    if "brats2023" in families:
-        write_lesions(out_dir / f"{stem}-lesions.csv", [r for c in ids for r in lesion_rows[c]])
-    save_score_figure(out_dir / f"{stem}-scores.png", before, rows, families, conv)
-    regions = list(legacy_regions(conv)) if "legacy" in families else list(REGIONS)
+    summary = _summary(scorer, run_dir, split, rows, score_cols, task, postprocessing)
+    _write_outputs(scorer, f"{split}{scorer.suffix}", rows, unprocessed, score_cols, summary)
+    regions = list(trainable_regions(conv)) if "legacy" in families else list(REGIONS)
     print_table(rows, summary, regions)
     return summary

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inference import LoadedRun, RunError
+from train.runs import LoadedRun, RunError
 
 ONNX_HINT = "pip install -e '.[onnx]' (onnxruntime)"
 

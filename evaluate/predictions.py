@@ -7,40 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
+from train.runs import RunError
 
-def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None = None) -> None:
-    """Write a uint8 label map with ``affine`` (qform/sform codes copied from ``like`` when given), atomically."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(label.astype(np.uint8), np.asarray(affine, float))
-    codes = (1, 1)
-    if like is not None and like.exists():
-        ref = nib.load(str(like))
-        codes = (int(ref.header["qform_code"]) or 1, int(ref.header["sform_code"]) or 1)
-    img.set_qform(np.asarray(affine, float), code=codes[0])
-    img.set_sform(np.asarray(affine, float), code=codes[1])
-    img.header.set_xyzt_units("mm", "sec")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+from .cases import write_label_nifti
 
 
-def to_source_labels(label: np.ndarray, case) -> np.ndarray:
-    """A label map back in the case's own values where its source labels differ from the convention's (an MSD
-    case: BraTS 2021's 2 oedema is MSD's 1, 1 non-enhancing core its 2, 4 enhancing its 3)."""
-    from store.conventions import relabel
-
-    if not getattr(case, "source_labels", None):
-        return label
-    return relabel(label, {stored: source for source, stored in case.source_labels.items()})
-
-
-def _prepare(run_dir: str, ensemble: bool, device: str, model: str | None = None):
-    """The run (or the exported ``model``: a file from ``python -m train export``) and the device."""
-    from train.engine import resolve_device
-
-    from .inference import RunError, load_run
+def _model_and_device(run_dir: str, ensemble: bool, device: str, model: str | None = None):
+    """The run's loaded models (or the exported ``model``: a file from ``python -m train export``) and the
+    device."""
+    from train.device import resolve_device
+    from train.runs import load_run
 
     dev = resolve_device(device)
     if model is None:
@@ -57,8 +33,10 @@ def _predictor(run, dev, tta: bool, convention: str, rules=None):
     """(load, infer, finish) for ``run_pipeline``: preprocess as the run's store was built, predict, write the
     label map in the case's source geometry, after the run's postprocessing ``rules`` (postprocess.Rules)."""
     from prep.preprocess import preprocess
+    from store.conventions import regions_to_label
 
-    from .inference import label_map, predict_probabilities, regions_on_source, spacing_of
+    from .cases import regions_on_source, spacing_of, to_source_labels
+    from .inference import predict_probabilities
     from .postprocess import apply
 
     mods = tuple(run.config.modalities)
@@ -74,7 +52,7 @@ def _predictor(run, dev, tta: bool, convention: str, rules=None):
 
     def finish(job, pre, prob):
         case, out = job
-        label = label_map(regions_on_source(prob, pre.geometry), convention, run.config.regions)
+        label = regions_to_label(regions_on_source(prob, pre.geometry), convention, run.config.regions)
         label = apply(label, spacing_of(pre.geometry["source_affine"]), rules, convention)
         write_label_nifti(to_source_labels(label, case), pre.geometry["source_affine"], out, case.images[mods[0]])
         return label
@@ -82,7 +60,8 @@ def _predictor(run, dev, tta: bool, convention: str, rules=None):
     return load, infer, finish
 
 
-def _rules(run_dir: str, run, convention: str, postprocessing: bool):
+def _postprocessing_rules(run_dir: str, run, convention: str, postprocessing: bool):
+    """The rules of ``run_dir``'s postprocessing.json for the run's regions (None with ``postprocessing`` off)."""
     from .postprocess import load_rules
 
     return load_rules(run_dir, convention, run.config.regions) if postprocessing else None
@@ -95,11 +74,12 @@ def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, 
     of the run (its folder holds the postprocessing exported with it)."""
     from prep.discover import discover_case
 
-    run, dev = _prepare(run_dir, ensemble, device, model)
+    run, dev = _model_and_device(run_dir, ensemble, device, model)
     run_dir = str(Path(model).parent) if model else run_dir
     case = discover_case(case_dir, require_seg=False, required=tuple(run.config.modalities))
     convention = _output_convention(run, case.label_convention)
-    load, infer, finish = _predictor(run, dev, tta, convention, _rules(run_dir, run, convention, postprocessing))
+    rules = _postprocessing_rules(run_dir, run, convention, postprocessing)
+    load, infer, finish = _predictor(run, dev, tta, convention, rules)
     path = Path(out)
     pre = load((case, path))
     label = finish((case, path), pre, infer(pre))
@@ -118,12 +98,10 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     model file instead of the run. Returns {"written", "skipped", "failed": {case: reason}}."""
     from prep.discover import discover
 
-    from .inference import RunError
-
     src, dst = Path(source).resolve(), Path(out).resolve()
     if dst == src or src in dst.parents:
         raise RunError(f"--out {out} lies inside --source {source}: choose a folder outside the cohort")
-    run, dev = _prepare(run_dir, ensemble, device, model)
+    run, dev = _model_and_device(run_dir, ensemble, device, model)
     run_dir = str(Path(model).parent) if model else run_dir
     cohort = discover(source, require_seg=False, required=tuple(run.config.modalities))
     failed = dict(cohort.problems)
@@ -135,7 +113,7 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     for case in cohort.cases:
         path = dst / f"{case.case_id}.nii.gz"
         (skipped.append(case.case_id) if path.exists() else jobs.append((case, path)))
-    rules = _rules(run_dir, run, convention, postprocessing)
+    rules = _postprocessing_rules(run_dir, run, convention, postprocessing)
     written, errors = predict_jobs(run, dev, jobs, convention, tta, progress, rules)
     failed.update(errors)
     return {"written": written, "skipped": skipped, "failed": failed, "ignored": dict(cohort.skipped)}
@@ -169,8 +147,6 @@ def _output_convention(run, case_convention: str) -> str:
     """The label convention to write a case's prediction in: the case's own file naming decides (2021 vs
     2023), the run's training labels decide between 2023 and its superset 2024 (a model that outputs RC)."""
     from store.conventions import SUPERSEDED_BY, compatible
-
-    from .inference import RunError
 
     trained = run.preprocessing.get("label_convention") or case_convention
     if compatible(trained, case_convention):

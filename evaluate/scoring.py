@@ -78,13 +78,9 @@ def check_labels(label: np.ndarray, convention: str, what: str) -> None:
                            f"{list(label_values(convention))}")
 
 
-def legacy_regions(convention: str) -> tuple[str, ...]:
-    return trainable_regions(convention)
-
-
 def legacy_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing) -> dict:
     """{"dice_tc": ..., "hd95_tc": ..., ...} per legacy region of two label maps."""
-    names = legacy_regions(convention)
+    names = trainable_regions(convention)
     p, g = region_masks(pred, convention, names), region_masks(ref, convention, names)
     out = {}
     for i, n in enumerate(names):
@@ -143,7 +139,7 @@ def score_columns(convention: str, families=FAMILIES) -> list[str]:
     """The score columns of ``score_case`` for a convention, in a stable order."""
     cols = []
     if "legacy" in families:
-        names = [n.lower() for n in legacy_regions(convention)]
+        names = [n.lower() for n in trainable_regions(convention)]
         cols += [f"dice_{n}" for n in names] + [f"hd95_{n}" for n in names]
     if "brats2023" in families:
         for k in BRATS2023_FIELDS:

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from store.conventions import MODALITIES, REGIONS
-
-from .discover import CaseFiles, DiscoveryError, discover
 from store.encoding import sha256_file
 
+from .discover import CaseFiles, DiscoveryError, discover
 from .preprocess import CROP_MARGIN, TARGET_SPACING, CaseError, label_statistics, preprocess
 
 

@@ -17,14 +17,16 @@ def _validate(store_path: str) -> int:
 
     from store import open_store
     from train.config import TrainConfig
+    from train.device import amp_context
     from train.distributed import Dist
-    from train.engine import amp_context, build_model, make_loss, validate
+    from train.models import build, make_loss
+    from train.validation import validate
 
     dist = Dist.from_env(timeout_s=60)
     dist.init(use_cuda=False)
     cfg = TrainConfig(store=store_path, channels=(4, 8, 16), patch_size=(16, 16, 16), device="cpu")
     torch.manual_seed(1)
-    model = build_model(cfg)
+    model = build(cfg)
     store = open_store(store_path)
     autocast, _, _ = amp_context(cfg, torch.device("cpu"))
     ids = store.splits["train"]  # more cases than ranks, an odd number of them

@@ -9,9 +9,9 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 
-from evaluate.brats2023 import HD95_PENALTY_MM, TASK_PARAMS, region_scores, task_of
+from evaluate.brats2023 import HD95_PENALTY_MM, TASK_PARAMS, region_scores
 from evaluate.scoring import brats2023_scores
-from store.conventions import region_masks
+from store.conventions import region_masks, task_of
 
 SHAPE = (56, 48, 32)
 
@@ -149,6 +149,12 @@ def test_regions_of_each_label_convention(convention, labels):
         p, g = region_masks(pred, convention, (region,))[0], region_masks(ref, convention, (region,))[0]
         assert got[f"brats2023_dice_{region.lower()}"] == pytest.approx(_independent(p, g, (1, 1, 1), 3, 50)[0])
     assert got["brats2023_tp_wt"] == 2 and got["brats2023_fn_wt"] == 0
+
+
+def test_every_task_the_store_records_has_the_scorers_parameters():
+    from store.conventions import TASKS
+
+    assert set(TASK_PARAMS) == set(TASKS)
 
 
 def test_task_from_the_case_id():

@@ -160,7 +160,7 @@ def test_msd_task01_builds_trains_and_predicts_in_its_own_convention(msd, tmp_pa
     assert eval_main(["predict", "--run-dir", str(run), "--source", str(msd), "--out", str(tmp_path / "pred")]) == 0
     written = sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz"))
     assert written == [f"BRATS_{i:03d}.nii.gz" for i in range(1, 12)]
-    from evaluate.predictions import to_source_labels
+    from evaluate.cases import to_source_labels
 
     case = next(x for x in discover(msd).cases if x.case_id == "BRATS_001")
     assert to_source_labels(np.array([0, 1, 2, 4], np.uint8), case).tolist() == [0, 2, 1, 3]

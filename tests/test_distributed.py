@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from train.checks import ConfigError, case_cache_bytes, check_cache_memory, check_gpu_ranks
 from train.cli import main as train_main
 from train.config import TrainConfig
 from train.distributed import Dist
-from train.engine import ConfigError, case_cache_bytes, check_cache_memory, check_gpu_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--batch-size", "2", "--workers", "0",

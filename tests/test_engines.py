@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from store import open_store
 from benchmarks.engines import ENGINES, reading_with
+from store import open_store
 
 ARRAYS = ("image", "label", "foreground")
 READER_CLASS = {"project": "ChunkReader", "tensorstore": "TensorstoreReader", "zarrs": "ZarrReader"}

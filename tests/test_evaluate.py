@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 from medpy.metric.binary import hd95 as medpy_hd95
 
+from evaluate.cases import regions_on_source
 from evaluate.cli import main as eval_main
-from evaluate.inference import load_run, predict_probabilities, regions_on_source
+from evaluate.inference import predict_probabilities
 from evaluate.metrics import HD95_EMPTY_PENALTY_MM, dice, hd95
 from prep.discover import discover
 from prep.preprocess import preprocess
 from store import open_store
 from store.conventions import region_masks
 from train.cli import main as train_main
+from train.runs import load_run
 
 from .helpers import fake_kfold, lps_affine, oblique_affine, write_case
 

@@ -10,9 +10,10 @@ import torch
 
 from evaluate.cli import main as eval_main
 from evaluate.exported import load_exported
-from evaluate.inference import load_run
 from train.cli import main as train_main
-from train.export import EnsembleNet, training_command
+from train.export import EnsembleNet
+from train.options import training_command
+from train.runs import load_run
 
 from .helpers import fake_kfold
 
@@ -122,7 +123,7 @@ def test_export_and_predict_bad_input(run, tiny_cohort_2023, tmp_path, capsys):
     e = err(2, ["predict", "--model", str(out / "model.onnx"), "--ensemble", "--source", str(tiny_cohort_2023),
                 "--out", str(tmp_path / "p")], eval_main)
     assert "--ensemble with --model" in e and "python -m train export --ensemble" in e
-    from evaluate.inference import RunError
+    from train.runs import RunError
 
     with pytest.raises(RunError, match="ONNX models run on the CPU here"):
         load_exported(out / "model.onnx", "cuda")
@@ -142,8 +143,8 @@ def test_an_ensemble_of_different_patch_sizes_is_not_exported(run, tmp_path, cap
 
 
 def test_the_training_command_reproduces_the_configuration(run):
-    from train.cli import build_parser, config_from_args
     from train.config import TrainConfig
+    from train.options import build_parser, config_from_args
 
     cfg = TrainConfig.load(run / "config.json")
     again = config_from_args(build_parser().parse_args(training_command(cfg).split()[3:]))

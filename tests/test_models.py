@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from evaluate.cli import main as eval_main
-from evaluate.inference import RunError, load_run
 from train.cli import main as train_main
 from train.config import TrainConfig
 from train.models import MODELS, make_loss, record
+from train.runs import RunError, load_run
 
 BASE = ["--patch-size", "16", "16", "16", "--workers", "0", "--epochs", "2", "--lr", "0.01"]
 SMALL = {"unet": ["--channels", "4", "8", "16"], "segresnet": ["--channels", "8", "16", "32"],

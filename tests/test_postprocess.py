@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from evaluate.cli import main as eval_main
-from evaluate.postprocess import PostprocessingError, Rules, ValidationCase, apply, load_rules, tune
+from evaluate.postprocess import PostprocessingError, Rules, apply, load_rules
+from evaluate.tuning import ValidationCase, tune
 from store import open_store
 from train.cli import main as train_main
 
@@ -75,7 +76,7 @@ def test_search_keeps_only_rules_that_raise_the_score():
     assert record["score_after"] > record["score_before"]
     # the three islands (8, 64 and 64 voxels) are WT false positives: the smallest grid value above 64 mm^3
     assert rules.min_component_mm3["WT"] == 100 and rules.describe() == ["WT components under 100 mm^3 removed"]
-    from evaluate.postprocess import case_objective
+    from evaluate.tuning import case_objective
     assert record["score_after"] == pytest.approx(np.mean([
         case_objective(apply(c.pred, c.spacing, rules), c.ref, "brats2021", c.spacing, "gli", "brats2023")
         for c in cases]))

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from evaluate.cli import main as eval_main
-from evaluate.inference import MIRRORS, load_run, predict_probabilities
+from evaluate.inference import MIRRORS, predict_probabilities
 from evaluate.pipeline import run_pipeline
 from train.cli import main as train_main
+from train.runs import load_run
 
 from .helpers import fake_kfold
 
@@ -59,7 +60,8 @@ def test_run_pipeline_keeps_going_past_failures_and_overlaps_stages():
 
 def test_tta_averages_the_eight_mirrorings(run, tiny_store):
     from store import open_store
-    from train.engine import amp_context, sliding_window_logits
+    from train.device import amp_context
+    from train.validation import sliding_window_logits
 
     assert len(MIRRORS) == 8 and len(set(MIRRORS)) == 8
     loaded = load_run(run)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from train.checkpoints import CheckpointError, load_checkpoint, save_atomic
 from train.cli import main as train_main
-from train.engine import CheckpointError, load_checkpoint, save_atomic
 
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--batch-size", "2", "--workers", "0"]
 
@@ -37,7 +37,7 @@ def test_one_epoch_end_to_end(tiny_store, tmp_path, capsys):
     assert best["config"]["modalities"] == ["t1", "t2", "flair"] and "model" in best
     out = capsys.readouterr().out
     assert "Dice TC" in out and "NC" not in out.replace("NCR", "")
-    from train.engine import cpu_has_bf16
+    from train.device import cpu_has_bf16
 
     # --amp says what it does: bf16 autocast on a GPU; on the CPU, bf16 autocast or plainly float32 where bf16
     # would be emulated

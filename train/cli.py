@@ -5,106 +5,9 @@ Launch with ``torchrun --nproc-per-node N -m train ...`` for DistributedDataPara
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .models import LOSSES, MODELS, OPTIMIZERS, SCHEDULES  # no torch: --help stays fast
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train",
-        description="Train a MONAI 3D network (TC, WT, ET) on a brats-zarr store: by default the seed's recipe (UNet, "
-        "DiceLoss on sigmoid outputs, AdamW, cosine annealing with warm restarts stepped per epoch); --model, --loss, "
-        "--optimizer and --schedule choose others. Early stopping on validation loss, sliding-window validation, "
-        "checkpoints best.pt and last.pt (with the architecture to rebuild the network), TensorBoard logs and "
-        "metrics.jsonl (wall seconds with every validation) in --run-dir. 'python -m train export --help' exports a "
-        "trained run as ONNX or TorchScript.",
-    )
-    p.add_argument("--store", default="data/brats.zarr", help="store path (default: %(default)s)")
-    p.add_argument("--modalities", nargs="+", default=["t1", "t2", "flair"], metavar="M",
-                   help="input channels among t1 t1ce t2 flair (default: t1 t2 flair)")
-    p.add_argument("--regions", nargs="+", metavar="R",
-                   help="output channels: TC WT ET (default), and RC (resection cavity) on a BraTS 2024 store")
-    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16 "
-                   "with a GradScaler on CUDA; on the CPU bf16 autocast where the CPU has native bf16, else it says "
-                   "so and runs in float32")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: %(default)s)")
-    p.add_argument("--patience", type=int, default=10,
-                   help="validations without a better loss before stopping (default: %(default)s)")
-    p.add_argument("--min-delta", type=float, default=0.0,
-                   help="a validation loss must beat the best by more than this to count (default: 0)")
-    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default: %(default)s)")
-    p.add_argument("--patch-size", type=int, nargs=3, default=[128, 128, 128], metavar=("X", "Y", "Z"),
-                   help="training patch and sliding-window size in voxels (default: 128 128 128)")
-    p.add_argument("--batch-size", type=int, default=2, help="patches per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
-    p.add_argument("--cache", choices=["ram", "none", "gpu"], default="ram",
-                   help="ram: decoded cases in shared memory; none: patches read from the Zarr chunks; gpu: cases "
-                   "resident on the device (default: %(default)s)")
-    p.add_argument("--cache-rate", type=float, default=1.0, help="share of cases the ram cache holds (default: 1)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="loader threads assembling batches ahead of the step; 0 assembles each batch in the "
-                   "training loop (default: %(default)s)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--fold", type=int, help="train fold K of the store's k folds (into the run folder)")
-    g.add_argument("--folds", type=int, help="train every fold 0..N-1 into RUN_DIR/fold-K and write kfold.json")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: CUDA when present (default: %(default)s)")
-    p.add_argument("--run-dir", default="runs/default", help="output folder (default: %(default)s)")
-    g2 = p.add_mutually_exclusive_group()
-    g2.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
-    g2.add_argument("--overwrite", action="store_true",
-                    help="--run-dir holds an earlier run: move it aside to RUN_DIR.old-N (nothing is deleted) and "
-                    "start over; without --resume or --overwrite a used run folder is refused")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and augmentation (default: 0)")
-    p.add_argument("--model", choices=list(MODELS), default="unet",
-                   help="the network (MONAI): " + "; ".join(f"{k}: {v.note}" for k, v in MODELS.items())
-                   + " (default: %(default)s)")
-    p.add_argument("--channels", type=int, nargs="+", default=None,
-                   help="model size: unet and dynunet, feature channels per level (the count is the depth); "
-                   "segresnet, channels doubling per level from its init_filters; swinunetr, one feature size (a "
-                   "multiple of 12). Defaults: " + "; ".join(f"{k} {' '.join(map(str, v.default_channels))}"
-                                                            for k, v in MODELS.items()))
-    p.add_argument("--deep-supervision", action="store_true",
-                   help="dynunet only: the loss also over the decoder's lower-resolution outputs, weights halving "
-                   "per level, as nnU-Net weighs them")
-    p.add_argument("--loss", choices=LOSSES, default="dice",
-                   help="on sigmoid outputs per region: dice (the seed's), dicece (Dice + binary cross-entropy, as "
-                   "nnU-Net), dicefocal (default: %(default)s)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                   help="adamw (the seed's) or sgd (Nesterov, momentum 0.99, as nnU-Net) (default: %(default)s)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine-restarts",
-                   help="learning rate per epoch: cosine-restarts (the seed's, T_0 10), poly (lr x (1 - epoch / "
-                   "epochs)^0.9, as nnU-Net), cosine (one cosine over --epochs) (default: %(default)s)")
-    p.add_argument("--time-limit", type=float, metavar="MIN",
-                   help="minutes of wall time: training stops cleanly (validation run, checkpoints written) when "
-                   "the next epoch would pass the limit, so runs compare at equal time (default: none)")
-    p.add_argument("--max-val-cases", type=int, help="validate on at most this many cases (quick runs)")
-    p.add_argument("--steps-per-epoch", type=int, metavar="N",
-                   help="optimizer steps per epoch on every process (default: training cases / (processes x "
-                   "batch size), rounded up, so each case is seen about once per epoch)")
-    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
-                   help="under torchrun: seconds a collective may wait for the other processes before the job "
-                   "stops with an error naming the rank and the step (default: %(default)s)")
-    return p
-
-
-def config_from_args(args: argparse.Namespace):
-    from .config import TrainConfig
-
-    return TrainConfig(
-        store=args.store, modalities=tuple(args.modalities), regions=tuple(args.regions or TrainConfig.regions),
-        run_dir=args.run_dir, epochs=args.epochs,
-        patience=args.patience, min_delta=args.min_delta, val_every=args.val_every, patch_size=tuple(args.patch_size),
-        batch_size=args.batch_size, lr=args.lr, amp=args.amp, cache=args.cache, cache_rate=args.cache_rate,
-        workers=args.workers, fold=args.fold, folds=args.folds, device=args.device, resume=args.resume,
-        overwrite=args.overwrite,
-        seed=args.seed, channels=tuple(args.channels or MODELS[args.model].default_channels),
-        max_val_cases=args.max_val_cases, steps_per_epoch=args.steps_per_epoch, dist_timeout=args.dist_timeout,
-        model=args.model, deep_supervision=args.deep_supervision, loss=args.loss, optimizer=args.optimizer,
-        schedule=args.schedule, time_limit=args.time_limit,
-    )
+from .options import build_parser, config_from_args  # no torch: --help stays fast
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     from store import FormatError
 
+    from .checkpoints import CheckpointError
+    from .checks import ConfigError
     from .distributed import CollectiveError, Dist
-    from .engine import CheckpointError, ConfigError
     from .experiment import check_flags, run
 
     dist = Dist.from_env(timeout_s=cfg.dist_timeout if cfg.dist_timeout > 0 else 300.0)

@@ -1,155 +1,28 @@
-"""Training: the seed's recipe (MONAI UNet, DiceLoss, AdamW, cosine warm restarts per epoch, early stopping
-on validation loss) with mixed precision, device augmentation, atomic resumable checkpoints, TensorBoard,
-k-fold and DistributedDataParallel."""
+"""The trainer: one model trained into a run folder by the seed's recipe (MONAI UNet, DiceLoss, AdamW, cosine warm
+restarts per epoch, early stopping on validation loss) or the one its config names, with mixed precision,
+augmentation on the device, resumable checkpoints, TensorBoard and DistributedDataParallel (``Trainer``). Its
+pieces live beside it: input checks (checks.py), checkpoint files (checkpoints.py), device and precision
+(device.py), validation (validation.py), run folders (runs.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from store.conventions import REGIONS, region_masks, trainable_regions
-
+from .checkpoints import load_checkpoint, save_atomic, sweep_temporary
+from .checks import ConfigError, check_cache_memory, check_gpu_ranks, check_inputs
 from .config import TrainConfig
+from .device import amp_context, resolve_device
 from .distributed import Dist
 from .models import record as model_record
-
-
-class ConfigError(ValueError):
-    """Bad input found before any work starts."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and why."""
-
+from .validation import label_to_regions, validate
 
 # ------------------------------------------------------------------------------------------------ pieces
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The network ``--model`` names, sized by ``--channels`` (train.models)."""
-    from .models import build
-
-    return build(cfg)
-
-
-def label_to_regions(label: torch.Tensor, convention: str, regions=REGIONS) -> torch.Tensor:
-    """uint8 label (B, 1, X, Y, Z) -> float regions (B, R, X, Y, Z), by store.conventions' one rule."""
-    return region_masks(label, convention, regions).float()
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated
-    and several times slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_context(cfg: TrainConfig, device: torch.device):
-    """(autocast context factory, GradScaler or None, description)."""
-    if not cfg.amp:
-        return contextlib.nullcontext, None, "float32"
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None, "bf16 autocast (CUDA)"
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda"), \
-            "fp16 autocast + GradScaler (CUDA)"
-    if cpu_has_bf16():
-        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None, "bf16 autocast (CPU)"
-    return contextlib.nullcontext, None, "float32: --amp asked for, but this CPU has no native bf16"
-
-
-def save_atomic(obj, path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: a checkpoint is never half-written, and a failed save (a
-    full disk, say) leaves the previous checkpoint whole and no temporary file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch reports a full disk as "unexpected pos ..."
-            import shutil
-
-            free = shutil.disk_usage(path.parent).free
-            raise CheckpointError(f"could not write checkpoint {path}: {_os_reason(e)} ({free / 2**20:.0f} MiB "
-                                  f"free there); the previous checkpoint is kept") from None
-        raise
-
-
-def _os_reason(e: BaseException) -> str:
-    import errno
-
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "unexpected pos" in str(e):
-        return "no space left on device"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def sweep_temporary(run_dir: Path) -> list[Path]:
-    """Remove temporary checkpoint files a killed save left (``.<name>.pt.tmp<pid>``)."""
-    gone = []
-    for f in run_dir.glob(".*.pt.tmp*"):
-        f.unlink(missing_ok=True)
-        gone.append(f)
-    return gone
-
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "kfold.json")
-
-
-def holds_run(run_dir: Path) -> bool:
-    """True when ``run_dir`` holds (part of) a training run: checkpoints, metrics, or k-fold folders."""
-    return any((run_dir / f).exists() for f in RUN_FILES) or any(
-        (d / f).exists() for d in run_dir.glob("fold-*") for f in RUN_FILES)
-
-
-def move_aside(run_dir: Path) -> Path:
-    """Rename an earlier run's folder to ``<run_dir>.old-N`` (the first free N): nothing is deleted."""
-    n = 1
-    while (aside := run_dir.with_name(f"{run_dir.name}.old-{n}")).exists():
-        n += 1
-    os.replace(run_dir, aside)
-    return aside
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never code.
-
-    A file holding anything else (a pickled object, possibly crafted to run code) is refused for safety, and a
-    damaged file is named; neither error suggests loading it unsafely."""
-    import pickle
-    import zipfile
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain containers; it was "
-                              f"refused for safety (this project never loads code from a checkpoint)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 class EarlyStopping:
@@ -180,70 +53,10 @@ class EarlyStopping:
         self.best, self.bad = float(s["best"]), int(s["bad"])
 
 
-
-def make_loss(cfg: TrainConfig):
-    """``--loss`` on sigmoid outputs (the seed's: MONAI DiceLoss, background included, smoothing 1e-5), over
-    the deep supervision outputs too where the model has them (train.models)."""
-    from .models import make_loss as loss_of
-
-    return loss_of(cfg)
-
-
 def steps_per_epoch(cfg: TrainConfig, n_train: int, world: int) -> int:
     """Optimizer steps per epoch, the same on every rank: ``--steps-per-epoch``, else enough for each training
     case to be seen about once per epoch over all ranks."""
     return cfg.steps_per_epoch or max(1, math.ceil(n_train / (world * cfg.batch_size)))
-
-
-# ------------------------------------------------------------------------------------------------ validation
-
-
-def sliding_window_logits(model, image: torch.Tensor, cfg: TrainConfig, autocast) -> torch.Tensor:
-    """Logits (B, 3, X, Y, Z) of a whole image by MONAI's sliding window (roi = patch size, overlap 0.5)."""
-    from monai.inferers import sliding_window_inference
-
-    with torch.no_grad(), autocast():
-        out = sliding_window_inference(image, roi_size=cfg.patch_size, sw_batch_size=cfg.sw_batch_size,
-                                       predictor=model, overlap=0.5)
-    return out.float()
-
-
-def validate(model, store, case_ids: list[str], cfg: TrainConfig, device, autocast, loss_fn,
-             dist: Dist | None = None) -> dict:
-    """Validation loss and Dice per region (TC, WT, ET; sigmoid > 0.5), means over ``case_ids``.
-
-    With several ranks each scores its share of the cases and the sums are reduced, so every rank returns the
-    same figures, those one process would compute (MONAI's compute_dice per case, as DiceMetric defines it).
-    ``_example`` is (image, target, prediction) of this rank's first case, or None."""
-    from monai.metrics import compute_dice
-
-    dist = dist or Dist()
-    model.eval()
-    names = tuple(cfg.regions)
-    n = len(names)
-    sums = np.zeros(2 + 2 * n)  # loss sum, case count, Dice sums, Dice counts (NaN-free cases)
-    first = None
-    for cid in dist.share(case_ids):
-        case = store.case(cid)
-        img = torch.from_numpy(case.image(cfg.modalities))[None].to(device)
-        target = label_to_regions(torch.from_numpy(case.label())[None, None].to(device), store.label_convention,
-                                  names)
-        logits = sliding_window_logits(model, img, cfg, autocast)
-        pred = (torch.sigmoid(logits) > 0.5).float()
-        d = compute_dice(pred, target, include_background=True, ignore_empty=False)[0].cpu().numpy()
-        sums[0] += float(loss_fn(logits, target))
-        sums[1] += 1
-        sums[2:2 + n] += np.nan_to_num(d)
-        sums[2 + n:] += ~np.isnan(d)
-        if first is None:
-            first = (img[0].cpu(), target[0].cpu(), pred[0].cpu())
-    dist.position = dist.position.split(",")[0] + ", validation"
-    total = np.asarray(dist.sum(sums, "the validation reduction", device=None))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = total[2:2 + n] / total[2 + n:]
-    out = {"val_loss": float(total[0] / total[1]), "dice": {r: float(v) for r, v in zip(names, dice)},
-           "dice_mean": float(np.nanmean(dice)), "val_cases": int(total[1]), "_example": first}
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -284,68 +97,6 @@ def _middle(volume: torch.Tensor) -> np.ndarray:
     v = volume[:, :, volume.shape[2] // 2].float().numpy()
     lo, hi = float(v.min()), float(v.max())
     return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-
-
-def case_cache_bytes(shape, n_modalities: int) -> int:
-    """Bytes one decoded case takes in the ram or gpu cache: float16 channels plus the uint8 label."""
-    return (2 * n_modalities + 1) * int(np.prod(shape))
-
-
-def check_inputs(cfg: TrainConfig, store, train_ids: list[str], val_ids: list[str]) -> None:
-    """Every bad input named by the CLI contract, before any work starts."""
-    from .loader import CACHE_MODES, modality_error
-
-    if err := modality_error(store, cfg.modalities):
-        raise ConfigError(err)
-    allowed = trainable_regions(store.label_convention)
-    if bad := [r for r in cfg.regions if r not in allowed]:
-        raise ConfigError(f"--regions {' '.join(bad)}: a {store.label_convention} store trains "
-                          f"{', '.join(allowed)}")
-    if not train_ids:
-        raise ConfigError("no training cases in this split")
-    if not val_ids:
-        raise ConfigError("no validation cases in this split (the store's 'val' is empty); use --fold K")
-    unlabelled = [c for c in train_ids + val_ids if not store.case(c).has_label]
-    if unlabelled:
-        raise ConfigError(f"the store holds no labels for {len(unlabelled)} training/validation cases "
-                          f"(e.g. {unlabelled[0]}); training needs labels")
-    shapes = [store.case(c).shape for c in train_ids]
-    if not any(all(s >= p for s, p in zip(shape, cfg.patch_size)) for shape in shapes):
-        largest = max(shapes, key=lambda s: np.prod(s))
-        raise ConfigError(f"--patch-size {' '.join(map(str, cfg.patch_size))} is larger than every training case "
-                          f"(largest {'x'.join(map(str, largest))}); choose a smaller patch")
-    if cfg.cache not in CACHE_MODES:
-        raise ConfigError(f"--cache must be ram, none or gpu, not {cfg.cache!r}")
-
-
-def check_gpu_ranks(cfg: TrainConfig, dist: Dist, device_count: int) -> None:
-    """``--cache gpu`` (indeed any CUDA run) needs one GPU per process on the node."""
-    if cfg.cache == "gpu" and dist.local_world > device_count:
-        raise ConfigError(f"--cache gpu with {dist.local_world} processes on this node, which has {device_count} "
-                          f"GPU(s): start at most {device_count} processes per node (--nproc-per-node)")
-
-
-def check_cache_memory(cfg: TrainConfig, store, train_ids: list[str], dist: Dist,
-                       available: int | None) -> int:
-    """Refuse a ``--cache ram`` cohort that would not fit in this node's memory, before anything is cached.
-
-    Needed: every case the node's ranks cache (their shards, ``cache_rate`` of each), as float16
-    channels plus the uint8 label. ``available``: the least MemAvailable any of the node's ranks saw. Returns
-    the bytes needed on the node."""
-    if cfg.cache != "ram":
-        return 0
-    shapes = {c: store.case(c).shape for c in set(train_ids)}
-    need = 0
-    for r in dist.node_ranks:
-        shard = dist.shard(train_ids, r)
-        cached = shard[: int(len(shard) * cfg.cache_rate)]
-        need += sum(case_cache_bytes(shapes[c], len(cfg.modalities)) for c in cached)
-    if available is not None and need > 0.9 * available:
-        raise ConfigError(f"--cache ram needs {need / 2**30:.2f} GiB on this node for "
-                          f"{len(set(train_ids))} training cases ({dist.local_world} process(es)), and "
-                          f"{available / 2**30:.2f} GiB is available; use --cache none (patches read from the "
-                          f"store), a smaller --cache-rate, or more nodes")
-    return need
 
 
 class Trainer:
@@ -423,11 +174,11 @@ class Trainer:
 
     def _build_model(self) -> None:
         from .augment import BatchAugment
-        from .models import make_optimizer, make_schedule
+        from .models import build, make_loss, make_optimizer, make_schedule
 
         cfg, dist = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
-        self.core = build_model(cfg).to(self.device)
+        self.core = build(cfg).to(self.device)
         self.model = self.core
         if dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def splits_for(store, fold: int | None) -> tuple[list[str], list[str]]:
-    from .engine import ConfigError
+    from .checks import ConfigError
 
     sp = store.splits
     if fold is None:
@@ -22,7 +22,7 @@ def check_flags(cfg) -> None:
     """Flags that make no sense whatever the store holds, refused before any work."""
     from store.conventions import REGIONS
 
-    from .engine import ConfigError
+    from .checks import ConfigError
     from .models import check as model_problem
 
     checks = [
@@ -51,7 +51,8 @@ def check_flags(cfg) -> None:
 def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool, is_writer: bool = True) -> None:
     """A folder holding a run is continued (``--resume``), moved aside (``--overwrite``), or refused: a run is
     never overwritten."""
-    from .engine import ConfigError, holds_run, move_aside
+    from .checks import ConfigError
+    from .runs import holds_run, move_aside
 
     if resume or not holds_run(run_dir):
         return
@@ -69,8 +70,9 @@ def run(cfg, dist=None) -> dict:
 
     from store import open_store
 
+    from .checks import ConfigError
     from .distributed import Dist
-    from .engine import ConfigError, train_run
+    from .engine import train_run
 
     dist = dist or Dist()
     check_flags(cfg)

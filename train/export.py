@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import torch
+
+from .options import training_command
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 CARD = "model-card.json"
@@ -108,7 +109,7 @@ def write_network(net: torch.nn.Module, channels: int, patch, path: Path, fmt: s
 def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None = None) -> tuple[Path, Path]:
     """Write the run's network (``fmt``: onnx or torchscript) and its model card into ``out`` (default
     RUN/export); returns (model file, card)."""
-    from evaluate.inference import RunError, load_run
+    from .runs import RunError, load_run
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -162,27 +163,3 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def training_command(cfg) -> str:
-    """The ``python -m train`` command that gives ``cfg`` (a TrainConfig): every flag whose value differs from its
-    default, spelled as the parser spells it."""
-    from .cli import build_parser
-
-    values, parts = cfg.to_dict(), ["python", "-m", "train"]
-    for action in build_parser()._actions:
-        if not action.option_strings or action.dest not in values or action.dest in ("resume", "overwrite"):
-            continue
-        v, default = values[action.dest], action.default
-        if isinstance(v, list):
-            v = tuple(v)
-        if isinstance(default, list):
-            default = tuple(default)
-        if v is None or v == default:
-            continue
-        flag = action.option_strings[-1]
-        if isinstance(action, argparse._StoreTrueAction):
-            parts.append(flag)
-        elif isinstance(v, tuple):
-            parts += [flag, *map(str, v)]
-        else:
-            parts += [flag, str(v)]
-    return " ".join(shlex.quote(x) for x in parts)
