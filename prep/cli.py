@@ -32,7 +32,7 @@ def _synth(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(f"wrote {len(ids)} {cfg.layout} cases of shape {'x'.join(map(str, cfg.shape))} to {cfg.out} "
           f"in {dt:.1f} s ({dt / len(ids):.2f} s per case with {cfg.workers} worker(s))")
-    from .synth import grade_of
+    from .layouts import grade_of
 
     for i, cid in enumerate(ids[:3]):
         where = ("imagesTs" if i % 5 == 4 else "imagesTr") if cfg.layout == "msd" else grade_of(cfg.layout, i) or ""
@@ -44,7 +44,7 @@ def _synth(args: argparse.Namespace) -> int:
     elif args.preview:
         from .discover import discover
         from .preview import save_case_preview
-        from .synth import tumour_params
+        from .tumour import tumour_params
 
         cohort = discover(cfg.out)
         # a multifocal case where the cohort has one: it shows everything the generator does

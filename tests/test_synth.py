@@ -6,7 +6,8 @@ import pytest
 
 from prep.cli import main as prep_main
 from prep.discover import discover
-from prep.synth import FULL_SHAPE, SynthConfig, brats_affine, make_case, synth_cohort, tumour_params
+from prep.synth import FULL_SHAPE, SynthConfig, brats_affine, make_case, synth_cohort
+from prep.tumour import tumour_params
 from store.conventions import MODALITIES
 
 from .conftest import TINY
