@@ -228,6 +228,104 @@ class _Connection:
             cluster.close()
 
 
+class _Publisher:
+    """The build's side of the store while cases finish: each finished case waits in ``pending`` until the next
+    publication (at most every ``publish_every_s``), which writes the index, the splits over it and the failures
+    together (one atomic root write). Splits keep the assignments of the last completed build (``settled``)."""
+
+    def __init__(self, writer, cfg: BuildConfig, failed: dict, grades: dict):
+        self.writer, self.cfg, self.failed, self.grades = writer, cfg, failed, grades
+        stored = writer.splits
+        self.base = {"patients": stored.get("settled", stored.get("patients", {}))} if stored else None
+        self.pending: dict = {}  # finished, not yet published: case id -> record (None: unpublish, it failed)
+        self.last_at = time.perf_counter()
+        self.publications = 0
+        self.built: list[str] = []
+        self.skipped: list[str] = []
+
+    def splits_for(self, index: dict, final: bool = False) -> dict:
+        from .splits import make_splits
+
+        patients = {cid: rec.get("patient_id", cid) for cid, rec in index.items()}
+        if not patients:
+            return {}
+        strata = None
+        if self.cfg.stratify == "grade":
+            strata = {p: index[c].get("grade") or self.grades.get(p) or "ungraded" for c, p in patients.items()}
+        sp = make_splits(patients, self.cfg.split_seed, self.base, strata)
+        sp["settled"] = sp["patients"] if final else (self.base or {}).get("patients", {})
+        return sp
+
+    def publish(self, force: bool = False) -> None:
+        if not self.pending or (not force and time.perf_counter() - self.last_at < self.cfg.publish_every_s):
+            return
+        now = self.writer.index
+        for cid, rec in self.pending.items():
+            if rec is None:
+                now.pop(cid, None)
+            else:
+                now[cid] = rec
+        self.writer.commit(now, self.splits_for(now), self.failed)
+        self.pending.clear()
+        self.last_at, self.publications = time.perf_counter(), self.publications + 1
+
+    def handle(self, res: dict) -> None:
+        """One finished case (``process_case``'s result): recorded, and published when it is time."""
+        cid = res["case_id"]
+        if res["status"] == "failed":
+            self.failed[cid] = res["reason"]
+            # a case whose sources now fail is no longer what the store holds for it
+            self.pending[cid] = None
+        else:
+            (self.built if res["status"] == "built" else self.skipped).append(cid)
+            if res["status"] == "built":
+                self.writer.admit_convention(res["label_convention"])  # before the case is visible
+                self.pending[cid] = res["record"]
+        self.publish()
+
+    def finish(self) -> None:
+        """The completed build's splits become the settled ones (a stopped build keeps its last)."""
+        now = self.writer.index
+        for cid, rec in self.pending.items():
+            if rec is not None:
+                now[cid] = rec
+        for cid in self.failed:
+            now.pop(cid, None)
+        self.writer.commit(now, self.splits_for(now, final=True), self.failed)
+        self.publications += 1
+
+
+def _results(cohort, connection, in_process: bool, store_path: str, params: dict, index: dict):
+    """Each case's ``process_case`` result as it finishes: in this process, or on the cluster (a worker that died
+    under a case gives that case's failure)."""
+    if in_process:
+        for case in cohort.cases:  # in-process, for debugging
+            yield process_case(case, store_path, params, index.get(case.case_id))
+        return
+    from distributed import as_completed
+
+    client = connection.client()
+    futures = {client.submit(process_case, case, store_path, params, index.get(case.case_id), pure=False):
+               case.case_id for case in cohort.cases}
+    for fut in as_completed(futures):
+        try:
+            res = fut.result()
+        except Exception as e:  # a worker that died under a case
+            cid = futures[fut]
+            res = {"case_id": cid, "status": "failed", "reason": f"case {cid}: worker failed: {e}"}
+        yield res
+
+
+def _discover_for_build(cfg: BuildConfig):
+    """The cohort, with ``--stratify grade`` refused where a case has no grade."""
+    cohort = discover(cfg.source)
+    if cfg.stratify == "grade" and (ungraded := [c.case_id for c in cohort.cases if c.grade is None]):
+        raise DiscoveryError(f"--stratify grade: case {ungraded[0]} has no grade ({len(ungraded)} of "
+                             f"{len(cohort.cases)} cases); grades come from HGG/ and LGG/ folders (BraTS 2018-2020 "
+                             f"as downloaded)")
+    return cohort
+
+
 def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     """Build or update the store at ``cfg.store`` from the cohort at ``cfg.source``.
 
@@ -238,20 +336,13 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
     from store.progress import progress_bar
     from store.writer import StoreWriter
 
-    from .splits import make_splits
-
     t0 = time.perf_counter()
     _import_in_background("sklearn.model_selection")
-    cohort = discover(cfg.source)
+    cohort = _discover_for_build(cfg)
     grades = {c.patient_id: c.grade for c in cohort.cases}
-    if cfg.stratify == "grade" and (ungraded := [c.case_id for c in cohort.cases if c.grade is None]):
-        raise DiscoveryError(f"--stratify grade: case {ungraded[0]} has no grade ({len(ungraded)} of "
-                             f"{len(cohort.cases)} cases); grades come from HGG/ and LGG/ folders (BraTS 2018-2020 "
-                             f"as downloaded)")
     store_path = str(Path(cfg.store).resolve()) if Location(cfg.store).local else cfg.store
     params = build_params(cfg)
     failed: dict[str, str] = dict(cohort.problems)
-    built, skipped = [], []
     # the cluster starts (worker processes spawn and import) while the store is opened and cleaned
     # one case (or none) on a local cluster: the command's own process builds it, since starting a worker costs
     # more than the case (about 0.5 s of a 3 s command here) and there is nothing to run beside it
@@ -261,86 +352,23 @@ def build_store(cfg: BuildConfig, progress: bool = True) -> BuildReport:
                                  overwrite=cfg.overwrite) as writer:
         writer.collect_garbage()
         writer.set_source(str(Path(cfg.source).resolve()))
-        stored = writer.splits
-        base = {"patients": stored.get("settled", stored.get("patients", {}))} if stored else None
-
-        def splits_for(index: dict, final: bool = False) -> dict:
-            patients = {cid: rec.get("patient_id", cid) for cid, rec in index.items()}
-            if not patients:
-                return {}
-            strata = None
-            if cfg.stratify == "grade":
-                strata = {p: index[c].get("grade") or grades.get(p) or "ungraded" for c, p in patients.items()}
-            sp = make_splits(patients, cfg.split_seed, base, strata)
-            sp["settled"] = sp["patients"] if final else (base or {}).get("patients", {})
-            return sp
-
-        index = writer.index
+        publisher = _Publisher(writer, cfg, failed, grades)
         bar = progress_bar(len(cohort.cases), "build-store", "case", enabled=progress)
         done_at: list[float] = []
-        pending: dict = {}  # finished, not yet published: case id -> record (None: unpublish, it failed)
-        last = [time.perf_counter(), 0]  # time of the last publication, publications so far
-
-        def publish(force: bool = False) -> None:
-            if not pending or (not force and time.perf_counter() - last[0] < cfg.publish_every_s):
-                return
-            now = writer.index
-            for cid, rec in pending.items():
-                if rec is None:
-                    now.pop(cid, None)
-                else:
-                    now[cid] = rec
-            writer.commit(now, splits_for(now), failed)
-            pending.clear()
-            last[0], last[1] = time.perf_counter(), last[1] + 1
-
-        def handle(res: dict) -> None:
-            cid = res["case_id"]
-            if res["status"] == "failed":
-                failed[cid] = res["reason"]
-                # a case whose sources now fail is no longer what the store holds for it
-                pending[cid] = None
-            else:
-                (built if res["status"] == "built" else skipped).append(cid)
-                if res["status"] == "built":
-                    writer.admit_convention(res["label_convention"])  # before the case is visible
-                    pending[cid] = res["record"]
-            publish()
-            done_at.append(time.perf_counter() - t0)
-            bar.update()
-            bar.set_postfix(done=len(built), skipped=len(skipped), failed=len(failed))
-
         finished = False
         try:
-            if in_process:
-                for case in cohort.cases:  # in-process, for debugging
-                    handle(process_case(case, store_path, params, index.get(case.case_id)))
-            else:
-                from distributed import as_completed
-
-                client = connection.client()
-                futures = {client.submit(process_case, case, store_path, params, index.get(case.case_id),
-                                         pure=False): case.case_id for case in cohort.cases}
-                for fut in as_completed(futures):
-                    try:
-                        res = fut.result()
-                    except Exception as e:  # a worker that died under a case
-                        cid = futures[fut]
-                        res = {"case_id": cid, "status": "failed", "reason": f"case {cid}: worker failed: {e}"}
-                    handle(res)
+            for res in _results(cohort, connection, in_process, store_path, params, writer.index):
+                publisher.handle(res)
+                done_at.append(time.perf_counter() - t0)
+                bar.update()
+                bar.set_postfix(done=len(publisher.built), skipped=len(publisher.skipped), failed=len(failed))
             finished = True
         finally:
             bar.close()
-            if finished:  # the completed build's splits become the settled ones; a stopped build keeps its last
-                now = writer.index
-                for cid, rec in pending.items():
-                    if rec is not None:
-                        now[cid] = rec
-                for cid in failed:
-                    now.pop(cid, None)
-                writer.commit(now, splits_for(now, final=True), failed)
-                last[1] += 1
-    return BuildReport(built, skipped, failed, time.perf_counter() - t0, dict(cohort.skipped), done_at, last[1])
+            if finished:
+                publisher.finish()
+    return BuildReport(publisher.built, publisher.skipped, failed, time.perf_counter() - t0, dict(cohort.skipped),
+                       done_at, publisher.publications)
 
 
 def run_cli(cfg: BuildConfig) -> int:
