@@ -32,7 +32,7 @@ BENCHES = {
               "build-store, train and predict within the same wall time and within half of it; both scored by the "
               "same scorer; nnU-Net's trainer is timed first and not run past --budget (on 2 CPU cores its "
               "shortest needs over 2 hours: timed, not run)",
-    "table": "regenerate the README's performance table from the JSON results",
+    "table": "regenerate the performance table of docs/performance.md from the JSON results",
 }
 ALL = ("synth", "prep", "loader", "train", "infer")
 
@@ -156,9 +156,9 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
 
         nnunet_bench.run(out, work / "nnunet", trainer=args.trainer, size=size, budget_min=args.budget)
     elif name == "table":
-        from .table import update_readme
+        from .table import update_page
 
-        update_readme(out)
+        update_page(out)
 
 
 def _store_format(out: Path, quick: bool) -> None:

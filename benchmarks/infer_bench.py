@@ -9,6 +9,9 @@ from pathlib import Path
 from .cohort import bench_inputs
 from .report import bar_chart, summarize, write_result
 
+OURS = "ours (NIfTI -> source-grid labels), pipelined"
+BARE = "bare sliding window, tensors on the device"
+
 
 def scoring_times(cases, reps: int) -> dict:
     """Seconds to score one case against its source seg, per family and all families together (what evaluate
@@ -71,6 +74,23 @@ def _exported(model, cfg, run_, cases, ours) -> dict:
             "runs": times, "goal": "onnxruntime <= torch per case (CPU)"}
 
 
+def _report(out_dir: Path, res: dict) -> None:
+    """infer.json, infer.png and the console lines of ``run``'s result."""
+    per_case, exported = res["seconds_per_case"], res["exported"]
+    ours, bare = per_case[OURS], per_case[BARE]
+    write_result(out_dir, "infer", res)
+    bars = {k: {"median": v, "min": v, "max": v} for k, v in per_case.items()}
+    bar_chart(out_dir / "infer.png", f"inference over {res['cases']} cases {'x'.join(map(str, res['grid']))}, "
+              f"{res['device']}", "seconds per case", bars, log=False)
+    print(f"infer: ours {ours:.2f} s, bare {bare:.2f} s per case over {res['cases']} cases "
+          f"({res['ours_over_bare']:.2f}x); --tta {res['tta']['tta_over_plain']:.2f}x the plain pass")
+    if "skipped" not in exported:
+        print(f"infer: exported to ONNX, onnxruntime {exported['onnxruntime_s_per_case']:.2f} s per case, torch "
+              f"float32 {exported['torch_s_per_case']:.2f} s ({exported['onnxruntime_over_torch']:.2f}x)")
+    sc = res["scoring_seconds_per_case"]
+    print("scoring one case: " + ", ".join(f"{k} {v['median']:.2f} s" for k, v in sc.items()))
+
+
 def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = None, amp: bool = False) -> dict:
     """Seconds per case over the benchmark cohort's folder: ours (NIfTI in, labels in the source geometry out,
     pipelined as ``evaluate predict --source``) vs bare ``sliding_window_inference`` on tensors already on the
@@ -128,10 +148,8 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     ours(cases[:1])
     bare_s = [bare(x) for x in tensors]
     ours_total = ours(cases)
-    per_case = {"ours (NIfTI -> source-grid labels), pipelined": ours_total / len(cases),
-                "bare sliding window, tensors on the device": sum(bare_s) / len(cases)}
-    ratio = per_case["ours (NIfTI -> source-grid labels), pipelined"] / \
-        per_case["bare sliding window, tensors on the device"]
+    per_case = {OURS: ours_total / len(cases), BARE: sum(bare_s) / len(cases)}
+    ratio = per_case[OURS] / per_case[BARE]
     plain_few, tta_few = ours(cases[:n_tta]), ours(cases[:n_tta], tta=True)
     exported = _exported(model, cfg, run_, cases, ours) if device.type == "cpu" else {
         "skipped": "onnxruntime runs on the CPU here"}
@@ -144,15 +162,5 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
            "exported": exported,
            "scoring_seconds_per_case": scoring_times(cases[:3], 1),
            "scoring_goal": "every family (legacy, brats2023, brats2025) of one full-size case < 2 s (CPU)"}
-    write_result(out_dir, "infer", res)
-    bar_chart(out_dir / "infer.png", f"inference over {len(cases)} cases {'x'.join(map(str, b.shape))}, {device}",
-              "seconds per case", {k: {"median": v, "min": v, "max": v} for k, v in per_case.items()}, log=False)
-    print(f"infer: ours {per_case['ours (NIfTI -> source-grid labels), pipelined']:.2f} s, bare "
-          f"{per_case['bare sliding window, tensors on the device']:.2f} s per case over {len(cases)} cases "
-          f"({ratio:.2f}x); --tta {res['tta']['tta_over_plain']:.2f}x the plain pass")
-    if "skipped" not in exported:
-        print(f"infer: exported to ONNX, onnxruntime {exported['onnxruntime_s_per_case']:.2f} s per case, torch "
-              f"float32 {exported['torch_s_per_case']:.2f} s ({exported['onnxruntime_over_torch']:.2f}x)")
-    sc = res["scoring_seconds_per_case"]
-    print("scoring one case: " + ", ".join(f"{k} {v['median']:.2f} s" for k, v in sc.items()))
+    _report(out_dir, res)
     return res

@@ -61,13 +61,73 @@ def _postprocessing_gains(before: dict, after: dict, test_ids, seeds, regions) -
     return out
 
 
+def _cohort(work: Path, n: int, shape, spacing) -> tuple[Path, list[str]]:
+    """The experiment's synthetic cohort (seed 2024) built into ``work/store.zarr``; (store, test case ids)."""
+    from prep.build import BuildConfig, build_store
+    from prep.synth import SynthConfig, synth_cohort
+    from store import open_store
+
+    work.mkdir(parents=True, exist_ok=True)
+    synth_cohort(SynthConfig(out=work / "raw", cases=n, seed=2024, shape=shape, workers=2), progress=False)
+    store = work / "store.zarr"
+    rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store), workers=2, spacing=spacing),
+                      progress=False)
+    if not rep.ok:
+        raise RuntimeError(f"store build failed: {rep.failed}")
+    return store, open_store(store).splits["test"]
+
+
+def _arm_summaries(per_case: dict, seconds: dict, rules: dict, seeds, test_ids) -> dict:
+    """Per arm: each metric's mean over the test cases per seed, its mean and std over seeds, training seconds and
+    the postprocessing each seed's run learned."""
+    from store.conventions import REGIONS
+
+    metrics = [f"{m}_{r.lower()}" for m in ("dice", "hd95", "brats2023_dice", "brats2023_hd95", "brats2025_lw_dice")
+               for r in REGIONS]
+    arms = {}
+    for arm in ARMS:
+        per_seed = {m: [float(np.nanmean([per_case[arm][s][c][m] for c in test_ids])) for s in seeds]
+                    for m in metrics}
+        arms[arm] = {"modalities": list(ARMS[arm]), "train_seconds": seconds[arm], "postprocessing": rules[arm],
+                     "mean": {m: float(np.mean(v)) for m, v in per_seed.items()},
+                     "std_over_seeds": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+                                        for m, v in per_seed.items()},
+                     "per_seed": per_seed}
+    return arms
+
+
+def _paired_dice(per_case: dict, seeds, test_ids) -> dict:
+    """Per comparison and region: the mean per-case difference of the seed-averaged legacy Dice, with its 95%
+    bootstrap interval."""
+    from store.conventions import REGIONS
+
+    paired = {}
+    for a, b in COMPARISONS:
+        paired[f"{a} - {b}"] = {}
+        for r in REGIONS:
+            m = f"dice_{r.lower()}"
+            d = np.array([np.mean([per_case[a][s][c][m] for s in seeds]) - np.mean([per_case[b][s][c][m]
+                                                                                    for s in seeds])
+                          for c in test_ids])
+            lo, hi = bootstrap_ci(d)
+            paired[f"{a} - {b}"][r] = {"mean_difference": float(d.mean()), "ci95": [lo, hi],
+                                       "excludes_zero": bool(lo > 0 or hi < 0)}
+    return paired
+
+
+def _command(scale: str, amp: bool, seeds, epochs: int) -> str:
+    """The ``python -m benchmarks modalities`` command that reproduces a run of this scale and these flags."""
+    flags = [" --quick" if scale == "quick" else " --full" if scale == "full" else "", " --amp" if amp else "",
+             f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != SCALES[scale][5] else "",
+             f" --epochs {epochs}" if epochs != SCALES[scale][3] else ""]
+    return "python -m benchmarks modalities" + "".join(flags)
+
+
 def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epochs: int | None = None,
         cases: int | None = None, seeds: tuple[int, ...] | None = None, amp: bool = False) -> dict:
     from evaluate.evaluation import evaluate_split
     from evaluate.tuning import tune_postprocessing
-    from prep.build import BuildConfig, build_store
-    from prep.synth import FOV_MM, SynthConfig, synth_cohort
-    from store import open_store
+    from prep.synth import FOV_MM
     from store.conventions import REGIONS
     from train.config import TrainConfig
     from train.experiment import run as train_run
@@ -76,15 +136,8 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
     shape, n, patch, ep, steps, scale_seeds, channels = SCALES[scale]
     n, ep, seeds = cases or n, epochs or ep, seeds or scale_seeds
     spacing = tuple(f / s for f, s in zip(FOV_MM, shape))
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    synth_cohort(SynthConfig(out=work / "raw", cases=n, seed=2024, shape=shape, workers=2), progress=False)
-    store = work / "store.zarr"
-    rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store), workers=2, spacing=spacing),
-                      progress=False)
-    if not rep.ok:
-        raise RuntimeError(f"store build failed: {rep.failed}")
-    test_ids = open_store(store).splits["test"]
+    store, test_ids = _cohort(work, n, shape, spacing)
     base = TrainConfig(store=str(store), epochs=ep, patience=ep, val_every=ep, patch_size=patch, batch_size=2,
                        lr=3e-3, cache="ram", workers=1, channels=channels, amp=amp, device="auto",
                        steps_per_epoch=steps, max_val_cases=4)
@@ -105,28 +158,8 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
             raw = run_dir / "eval" / "test-before-postprocessing.csv"  # written only when a rule is in force
             unprocessed[arm][seed] = _rows(raw) if raw.exists() else per_case[arm][seed]
             print(f"modalities: {arm} seed {seed} done ({seconds[arm][-1]:.0f} s training)")
-    metrics = [f"{m}_{r.lower()}" for m in ("dice", "hd95", "brats2023_dice", "brats2023_hd95", "brats2025_lw_dice")
-               for r in REGIONS]
-    arms = {}
-    for arm in ARMS:
-        per_seed = {m: [float(np.nanmean([per_case[arm][s][c][m] for c in test_ids])) for s in seeds]
-                    for m in metrics}
-        arms[arm] = {"modalities": list(ARMS[arm]), "train_seconds": seconds[arm], "postprocessing": rules[arm],
-                     "mean": {m: float(np.mean(v)) for m, v in per_seed.items()},
-                     "std_over_seeds": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-                                        for m, v in per_seed.items()},
-                     "per_seed": per_seed}
-    paired = {}
-    for a, b in COMPARISONS:
-        paired[f"{a} - {b}"] = {}
-        for r in REGIONS:
-            m = f"dice_{r.lower()}"
-            d = np.array([np.mean([per_case[a][s][c][m] for s in seeds]) - np.mean([per_case[b][s][c][m]
-                                                                                    for s in seeds])
-                          for c in test_ids])
-            lo, hi = bootstrap_ci(d)
-            paired[f"{a} - {b}"][r] = {"mean_difference": float(d.mean()), "ci95": [lo, hi],
-                                       "excludes_zero": bool(lo > 0 or hi < 0)}
+    arms = _arm_summaries(per_case, seconds, rules, seeds, test_ids)
+    paired = _paired_dice(per_case, seeds, test_ids)
     gains = _postprocessing_gains(unprocessed, per_case, test_ids, seeds, REGIONS)
     table = _table(arms, paired, REGIONS, len(seeds), len(test_ids), gains)
     payload = {"scale": scale, "cohort": {"cases": n, "shape": list(shape), "spacing_mm": list(spacing),
@@ -141,10 +174,7 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
                               "paired: per-case differences of the seed-averaged Dice, 95% percentile bootstrap "
                               "interval over the test cases (10,000 resamples)"}
     write_result(out_dir, "modalities", payload)
-    flags = [" --quick" if quick else " --full" if full else "", " --amp" if amp else "",
-             f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != scale_seeds else "",
-             f" --epochs {ep}" if ep != SCALES[scale][3] else ""]
-    command = "python -m benchmarks modalities" + "".join(flags)  # what reproduces these figures
+    command = _command(scale, amp, seeds, ep)  # what reproduces these figures
     (Path(out_dir) / "modalities.md").write_text(
         f"`{command}`: {n} synthetic cases at {spacing[0]:.1f} mm, "
         f"{len(test_ids)} test cases, each arm trained with seeds {', '.join(map(str, seeds))} for {ep} epochs x "

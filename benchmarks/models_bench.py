@@ -71,11 +71,56 @@ def _train(arm: str, args: list[str], store: Path, run_dir: Path, seed: int, min
     return {"peak_rss_mb": usage.ru_maxrss / 1024}
 
 
+def _summarize_arms(arms: dict) -> None:
+    """Each arm's test means and std over its seeds' runs, mean Dice, median samples/s and peak memory, in place."""
+    cols = [f"{m}_{r.lower()}" for m in ("dice", "hd95", "brats2023_dice") for r in REGIONS]
+    for a in arms.values():
+        per_seed = {c: [r["test"][c] for r in a["runs"]] for c in cols}
+        a["mean"] = {c: float(np.mean(v)) for c, v in per_seed.items()}
+        a["std_over_seeds"] = {c: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for c, v in per_seed.items()}
+        a["mean_dice"] = float(np.mean([a["mean"][f"dice_{r.lower()}"] for r in REGIONS]))
+        a["samples_per_s"] = float(np.median([r["samples_per_s"] for r in a["runs"]]))
+        a["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in a["runs"]))
+
+
+def _paired_vs_baseline(arms: dict, per_case: dict, seeds, test_ids) -> dict:
+    """Per arm other than the seed's UNet, per region and their mean: the mean per-case difference of the
+    seed-averaged legacy Dice against the seed's UNet, with its 95% bootstrap interval."""
+
+    def case_mean(arm, case, keys):
+        return np.mean([np.mean([float(per_case[arm][s][case][k]) for k in keys]) for s in seeds])
+
+    paired = {}
+    for arm in arms:
+        if arm == BASELINE:
+            continue
+        paired[arm] = {}
+        for name, keys in [*((r, [f"dice_{r.lower()}"]) for r in REGIONS),
+                           ("mean", [f"dice_{r.lower()}" for r in REGIONS])]:
+            d = np.array([case_mean(arm, c, keys) - case_mean(BASELINE, c, keys) for c in test_ids])
+            lo, hi = bootstrap_ci(d)
+            paired[arm][name] = {"mean_difference": float(d.mean()), "ci95": [lo, hi],
+                                 "excludes_zero": bool(lo > 0 or hi < 0)}
+    return paired
+
+
+def _store(work: Path, shape, n: int) -> tuple[Path, tuple, list[str]]:
+    """The benchmark cohort built into ``work/store.zarr`` once; (store, spacing mm, test case ids)."""
+    from prep.build import BuildConfig, build_store
+    from store import open_store
+
+    raw, spacing = make_cohort(work, shape, n)
+    store = work / "store.zarr"
+    if not (store / "zarr.json").exists():
+        rep = build_store(BuildConfig(source=str(raw), store=str(store), workers=2, spacing=spacing), progress=False)
+        if not rep.ok:
+            raise RuntimeError(f"store build failed: {rep.failed}")
+    return store, spacing, open_store(store).splits["test"]
+
+
 def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] | None = None,
         minutes: float | None = None) -> dict:
     from evaluate.evaluation import evaluate_split
-    from prep.build import BuildConfig, build_store
-    from store import open_store
     from train.models import build, parameter_count
     from train.options import build_parser, config_from_args
 
@@ -84,13 +129,7 @@ def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] |
     seeds, minutes = seeds or scale_seeds, minutes or scale_minutes
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    raw, spacing = make_cohort(work, shape, n)
-    store = work / "store.zarr"
-    if not (store / "zarr.json").exists():
-        rep = build_store(BuildConfig(source=str(raw), store=str(store), workers=2, spacing=spacing), progress=False)
-        if not rep.ok:
-            raise RuntimeError(f"store build failed: {rep.failed}")
-    test_ids = open_store(store).splits["test"]
+    store, spacing, test_ids = _store(work, shape, n)
     arms: dict[str, dict] = {}
     per_case: dict[str, dict[int, dict]] = {}
     curves: dict[str, list] = {}
@@ -113,29 +152,8 @@ def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] |
                 "test": {k: v["mean"] for k, v in summary["scores"].items()}})
             print(f"models: {arm} seed {seed}: {len(records)} epochs in {records[-1]['wall_s']:.0f} s, test Dice "
                   + ", ".join(f"{r} {summary['scores'][f'dice_{r.lower()}']['mean']:.3f}" for r in REGIONS))
-    cols = [f"{m}_{r.lower()}" for m in ("dice", "hd95", "brats2023_dice") for r in REGIONS]
-    for a in arms.values():
-        per_seed = {c: [r["test"][c] for r in a["runs"]] for c in cols}
-        a["mean"] = {c: float(np.mean(v)) for c, v in per_seed.items()}
-        a["std_over_seeds"] = {c: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for c, v in per_seed.items()}
-        a["mean_dice"] = float(np.mean([a["mean"][f"dice_{r.lower()}"] for r in REGIONS]))
-        a["samples_per_s"] = float(np.median([r["samples_per_s"] for r in a["runs"]]))
-        a["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in a["runs"]))
-
-    def case_mean(arm, case, keys):
-        return np.mean([np.mean([float(per_case[arm][s][case][k]) for k in keys]) for s in seeds])
-
-    paired = {}
-    for arm in arms:
-        if arm == BASELINE:
-            continue
-        paired[arm] = {}
-        for name, keys in [*((r, [f"dice_{r.lower()}"]) for r in REGIONS),
-                           ("mean", [f"dice_{r.lower()}" for r in REGIONS])]:
-            d = np.array([case_mean(arm, c, keys) - case_mean(BASELINE, c, keys) for c in test_ids])
-            lo, hi = bootstrap_ci(d)
-            paired[arm][name] = {"mean_difference": float(d.mean()), "ci95": [lo, hi],
-                                 "excludes_zero": bool(lo > 0 or hi < 0)}
+    _summarize_arms(arms)
+    paired = _paired_vs_baseline(arms, per_case, seeds, test_ids)
     command = "python -m benchmarks models" + (" --quick" if quick else "") + (
         f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != scale_seeds else "")
     table = _table(arms, paired, len(seeds), len(test_ids), minutes)

@@ -89,51 +89,34 @@ def training_minutes(wall: float, share: float, build_s: float) -> float:
     return (share * wall - build_s - PREDICT_RESERVE_S) / 60
 
 
-def run(out_dir: Path, work: Path, trainer: str = "nnUNetTrainer_1epoch", size: str = "full",
-        budget_min: float = 60.0) -> dict | None:
-    if not peers.available():
-        print(f"nnunet: {peers.INSTALL_HINT}")
-        return None
-    from prep.discover import discover
-    from store import open_store
-
-    from .models_bench import ARMS, SCALES, _train, make_cohort
-
-    scale = size
-    shape, n = SCALES[scale][:2]
-    patch = 16 if scale == "tiny" else 64
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    raw, spacing = make_cohort(work, shape, n)
-    cases = {c.case_id: c for c in discover(raw).cases}
-    log = work / "ours.log"
-    log.unlink(missing_ok=True)
-    store = work / "store.zarr"
-    build_s = _timed([sys.executable, "-m", "prep", "build-store", "--source", str(raw), "--store", str(store),
-                      "--spacing", *(f"{s:g}" for s in spacing), "--workers", "2", "--overwrite"], log)
-    splits = open_store(store).splits
-    part = {k: [cases[i] for i in splits[k]] for k in ("train", "val", "test")}
-    done = work / "nnunet-times.json"  # nnU-Net's part is kept: a rerun after a failure on our side reuses it
+def _nnunet_side(work: Path, part: dict, trainer: str, budget_min: float):
+    """nnU-Net's plan, preprocess, train and predict, timed: (its record, or None where its training would pass
+    ``budget_min``; the plan's record; the training estimate). Kept in ``work``: a rerun after a failure on our
+    side reuses it."""
+    done = work / "nnunet-times.json"
     theirs = json.loads(done.read_text()) if done.exists() else None
-    if not theirs or theirs["trainer"] != trainer or not Path(theirs["predictions"]).is_dir():
-        prepared = peers.plan_and_preprocess(part["train"], part["val"], work / "nnunet")
-        estimate = peers.training_estimate(work / "nnunet", trainer)
-        print(f"nnunet: plan and preprocess {prepared['plan_and_preprocess_s']:.0f} s; {trainer}: "
-              f"{estimate['seconds_per_iteration']:.1f} s per training iteration, so at least "
-              f"{estimate['training_s_at_least'] / 60:.0f} min of training")
-        if estimate["training_s_at_least"] > 60 * budget_min:
-            return _over_budget(out_dir, scale, n, spacing, part, build_s, prepared, estimate, trainer, budget_min,
-                                t0)
-        theirs = peers.nnunet_train_predict(part["train"], part["val"], part["test"], work / "nnunet", trainer,
-                                            prepared=prepared)
-        theirs["estimate"] = estimate
-        done.write_text(json.dumps(theirs, indent=1))
-    wall = theirs["wall_s"]["total_s"]
-    print(f"nnunet: nnU-Net {trainer}: " + ", ".join(f"{k} {v:.0f}" for k, v in theirs["wall_s"].items()))
-    convention = part["test"][0].label_convention
-    scores = {"nnU-Net": score_folder(Path(theirs["predictions"]), part["test"],
-                                      lambda lab: peers.from_nnunet(lab, convention))}
-    arm = best_arm(Path(out_dir))
+    if theirs and theirs["trainer"] == trainer and Path(theirs["predictions"]).is_dir():
+        return theirs, None, theirs.get("estimate")
+    prepared = peers.plan_and_preprocess(part["train"], part["val"], work / "nnunet")
+    estimate = peers.training_estimate(work / "nnunet", trainer)
+    print(f"nnunet: plan and preprocess {prepared['plan_and_preprocess_s']:.0f} s; {trainer}: "
+          f"{estimate['seconds_per_iteration']:.1f} s per training iteration, so at least "
+          f"{estimate['training_s_at_least'] / 60:.0f} min of training")
+    if estimate["training_s_at_least"] > 60 * budget_min:
+        return None, prepared, estimate
+    theirs = peers.nnunet_train_predict(part["train"], part["val"], part["test"], work / "nnunet", trainer,
+                                        prepared=prepared)
+    theirs["estimate"] = estimate
+    done.write_text(json.dumps(theirs, indent=1))
+    return theirs, prepared, estimate
+
+
+def _our_runs(work: Path, arm: str, store: Path, raw: Path, part: dict, wall: float, build_s: float, patch: int,
+              log: Path, scores: dict) -> dict:
+    """Our arm trained to nnU-Net's whole wall time W and to W / 2 (build-store counted), each then predicting the
+    test cases as a whole command; each point's scores go into ``scores``. Returns each point's times and curve."""
+    from .models_bench import ARMS, _train
+
     ours = {}
     test_dir = work / "test-cases"
     test_dir.mkdir(exist_ok=True)
@@ -159,6 +142,58 @@ def run(out_dir: Path, work: Path, trainer: str = "nnUNetTrainer_1epoch", size: 
                       "epochs": len(records), "curve": [(r["wall_s"], r["dice_mean"]) for r in records
                                                         if "dice_mean" in r], **mem}
         print(f"nnunet: ours at {name}: {minutes:.1f} min of training, whole {ours[name]['wall_s']['total_s']:.0f} s")
+    return ours
+
+
+def _write_outputs(out_dir: Path, payload: dict, scores: dict) -> None:
+    """nnunet.json, nnunet.md (the table with its command) and nnunet-cases.csv (every system's Dice per case)."""
+    write_result(out_dir, "nnunet", payload)
+    cohort = payload["cohort"]
+    (Path(out_dir) / "nnunet.md").write_text(f"`{payload['command']}`: {cohort['cases']} synthetic cases at "
+                                             f"{cohort['spacing_mm'][0]:g} mm, {cohort['test_cases']} test cases, one "
+                                             f"seed each.\n\n{payload['table_markdown']}\n")
+    with open(Path(out_dir) / "nnunet-cases.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["system", "case", *(f"dice_{r.lower()}" for r in REGIONS)])
+        for system, rows in scores.items():
+            for case, r in sorted(rows.items()):
+                w.writerow([system, case, *(f"{float(r[f'dice_{x.lower()}']):.4f}" for x in REGIONS)])
+
+
+def run(out_dir: Path, work: Path, trainer: str = "nnUNetTrainer_1epoch", size: str = "full",
+        budget_min: float = 60.0) -> dict | None:
+    if not peers.available():
+        print(f"nnunet: {peers.INSTALL_HINT}")
+        return None
+    from prep.discover import discover
+    from store import open_store
+
+    from .models_bench import ARMS, SCALES, make_cohort
+
+    scale = size
+    shape, n = SCALES[scale][:2]
+    patch = 16 if scale == "tiny" else 64
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    raw, spacing = make_cohort(work, shape, n)
+    cases = {c.case_id: c for c in discover(raw).cases}
+    log = work / "ours.log"
+    log.unlink(missing_ok=True)
+    store = work / "store.zarr"
+    build_s = _timed([sys.executable, "-m", "prep", "build-store", "--source", str(raw), "--store", str(store),
+                      "--spacing", *(f"{s:g}" for s in spacing), "--workers", "2", "--overwrite"], log)
+    splits = open_store(store).splits
+    part = {k: [cases[i] for i in splits[k]] for k in ("train", "val", "test")}
+    theirs, prepared, estimate = _nnunet_side(work, part, trainer, budget_min)
+    if theirs is None:
+        return _over_budget(out_dir, scale, n, spacing, part, build_s, prepared, estimate, trainer, budget_min, t0)
+    wall = theirs["wall_s"]["total_s"]
+    print(f"nnunet: nnU-Net {trainer}: " + ", ".join(f"{k} {v:.0f}" for k, v in theirs["wall_s"].items()))
+    convention = part["test"][0].label_convention
+    scores = {"nnU-Net": score_folder(Path(theirs["predictions"]), part["test"],
+                                      lambda lab: peers.from_nnunet(lab, convention))}
+    arm = best_arm(Path(out_dir))
+    ours = _our_runs(work, arm, store, raw, part, wall, build_s, patch, log, scores)
     means = {k: _means(v) for k, v in scores.items()}
     paired = {k: _paired(v, scores["nnU-Net"]) for k, v in scores.items() if k != "nnU-Net"}
     theirs_dice = means["nnU-Net"]["mean_dice"]
@@ -175,15 +210,7 @@ def run(out_dir: Path, work: Path, trainer: str = "nnUNetTrainer_1epoch", size: 
                "conventions": "legacy Dice/HD95 per region and the brats2023 lesion-wise Dice, no postprocessing on "
                               "either side; nnU-Net with its test-time mirroring (its default), ours without; paired: "
                               "per-case differences of the mean Dice (TC, WT, ET), 95% bootstrap interval"}
-    write_result(out_dir, "nnunet", payload)
-    (Path(out_dir) / "nnunet.md").write_text(f"`{command}`: {n} synthetic cases at {spacing[0]:g} mm, "
-                                             f"{len(part['test'])} test cases, one seed each.\n\n{table}\n")
-    with open(Path(out_dir) / "nnunet-cases.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["system", "case", *(f"dice_{r.lower()}" for r in REGIONS)])
-        for system, rows in scores.items():
-            for case, r in sorted(rows.items()):
-                w.writerow([system, case, *(f"{float(r[f'dice_{x.lower()}']):.4f}" for x in REGIONS)])
+    _write_outputs(out_dir, payload, scores)
     print(table)
     return payload
 

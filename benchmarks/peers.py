@@ -49,12 +49,12 @@ def nnunet_labels(convention: str):
 
 def from_nnunet(label, convention: str):
     """An nnU-Net label map (0, 1, 2, ...) back in ``convention``'s values (BraTS 2021: 3 becomes 4)."""
-    import numpy as np
+    from store.conventions import relabel
 
-    values = np.asarray(nnunet_labels(convention), np.uint8)
+    values = nnunet_labels(convention)
     if label.size and int(label.max()) >= len(values):
         raise ValueError(f"nnU-Net label {int(label.max())} has no {convention} value (labels 0..{len(values) - 1})")
-    return values[label]
+    return relabel(label, dict(enumerate(values)))
 
 
 def write_split(preprocessed: Path, train_ids, val_ids) -> Path:
@@ -88,15 +88,13 @@ def to_nnunet_raw(cases, raw_root: Path, dataset_id: int = DATASET_ID) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from store.conventions import LABEL_CONVENTIONS, MODALITIES, label_values
+    from store.conventions import LABEL_CONVENTIONS, MODALITIES, relabel
 
     conventions = {c.label_convention for c in cases}
     if len(conventions) != 1:
         raise ValueError(f"one label convention per nnU-Net dataset, got {sorted(conventions)}")
     convention = conventions.pop()
-    values = label_values(convention)
-    lut = np.zeros(256, np.uint8)
-    lut[list(values)] = np.arange(len(values), dtype=np.uint8)
+    values = nnunet_labels(convention)
     names = LABEL_CONVENTIONS[convention]["labels"]
     folder = raw_root / f"Dataset{dataset_id:03d}_BraTSBench"
     link_images(cases, folder / "imagesTr")
@@ -106,7 +104,7 @@ def to_nnunet_raw(cases, raw_root: Path, dataset_id: int = DATASET_ID) -> Path:
         src = np.asanyarray(seg.dataobj)
         if stray := sorted(set(np.unique(src).tolist()) - set(values)):
             raise ValueError(f"case {c.case_id}: labels {stray} are not {convention} labels {list(values)}")
-        lab = lut[src.astype(np.uint8)]
+        lab = relabel(src, {v: k for k, v in enumerate(values)})
         out = nib.Nifti1Image(lab, seg.affine, seg.header)
         out.set_data_dtype(np.uint8)
         nib.save(out, str(folder / "labelsTr" / f"{c.case_id}.nii.gz"))

@@ -158,15 +158,76 @@ def _peers(cases, start: dict, work: Path, out_dir: Path) -> dict:
     return res
 
 
-def run(out_dir: Path, size: str = "full", peers: bool = False) -> dict:
+def _measure_workers(workers: int, work: Path, cohort, spacing, params: dict, repeats: int, steps):
+    """Decode-only and whole-build times of the cohort on a local cluster of ``workers`` workers, and their peak
+    memory; with one worker also the seconds per case of each step (else ``steps`` as given). Returns (figures,
+    steps)."""
     from distributed import Client
 
-    from prep.build import BuildConfig, build_params, build_store, local_cluster
+    from prep.build import BuildConfig, build_store, local_cluster
+    from store.conventions import MODALITIES
+    from store.writer import StoreWriter
+
+    n = len(cohort.cases)
+    with local_cluster(workers) as cluster, Client(cluster) as client:
+        client.run(_warm)
+        dec, build = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            client.gather(client.map(_decode, cohort.cases, pure=False))
+            dec.append(time.perf_counter() - t0)
+            store = work / f"s{workers}.zarr"
+            shutil.rmtree(store, ignore_errors=True)  # each repeat builds a new store (no --overwrite)
+            t0 = time.perf_counter()
+            rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store),
+                                          scheduler=cluster.scheduler_address, spacing=spacing), progress=False)
+            build.append(time.perf_counter() - t0)
+            assert rep.ok, rep.failed
+        rss = list(client.run(_peak_rss_mb).values())
+        if workers == 1:  # the per-step breakdown, on the same warm worker, into a store of its own
+            steps_store = str(work / "steps.zarr")
+            StoreWriter(steps_store, MODALITIES, cohort.label_convention, params, overwrite=True).close()
+            timings = client.gather(client.map(_steps, cohort.cases, store_path=steps_store, params=params,
+                                               pure=False))
+            steps = {k: summarize([t[k] for t in timings]) for k in timings[0]}
+    return {
+        "decode_s": summarize(dec),
+        "build_s": summarize(build),
+        "decode_cases_per_s": n / statistics.median(dec),
+        "build_cases_per_s": n / statistics.median(build),
+        "build_over_decode": statistics.median(build) / statistics.median(dec),
+        "peak_rss_mb_per_worker": max(rss),
+    }, steps
+
+
+def _report(out_dir: Path, res: dict, results: dict) -> None:
+    """prep.json, prep.png and the console lines of ``run``'s result."""
+    n, shape, start, steps = res["cases"], res["shape"], res["startup"], res["steps_s_per_case (1 worker)"]
+    write_result(out_dir, "prep", res)
+    bars = {}
+    for w, r in results.items():
+        bars[f"decode, {w}w"] = {k: n / v for k, v in r["decode_s"].items() if k in ("median", "min", "max")}
+        bars[f"build, {w}w"] = {k: n / v for k, v in r["build_s"].items() if k in ("median", "min", "max")}
+    bar_chart(out_dir / "prep.png", f"prep: {n} cases of {'x'.join(map(str, shape))}", "cases / s", bars, log=False)
+    for w, r in results.items():
+        print(f"prep {w} worker(s): build {r['build_cases_per_s']:.2f} cases/s, decode-only "
+              f"{r['decode_cases_per_s']:.2f} cases/s, build/decode time {r['build_over_decode']:.2f}x, "
+              f"peak RSS per worker {r['peak_rss_mb_per_worker']:.0f} MB")
+    print(f"prep: 1 -> 2 workers speed-up {res['speedup_1_to_2_workers']:.2f}x; "
+          f"store {res['store_bytes_per_case'] / 1e6:.1f} MB/case vs source "
+          f"{res['source_bytes_per_case']['images+seg'] / 1e6:.1f} MB/case ({res['store_over_source']:.2f}x)")
+    print(f"prep: build-store --workers 1 on {start['cases']} cases: {start['command_wall_s']['median']:.2f} s, of "
+          f"which fixed start-up and shut-down {start['fixed_s']:.2f} s")
+    print("prep: seconds per case by step (median, 1 worker):")
+    for k, v in steps.items():
+        print(f"  {k:45s} {v['median']:.3f}")
+
+
+def run(out_dir: Path, size: str = "full", peers: bool = False) -> dict:
+    from prep.build import BuildConfig, build_params
     from prep.discover import discover
     from prep.synth import FOV_MM, FULL_SHAPE, SynthConfig, synth_cohort
     from store import open_store
-    from store.conventions import MODALITIES
-    from store.writer import StoreWriter
 
     # quick/tiny: a coarser cohort stored at its own voxel size, so it takes the no-resampling path as 1 mm does
     shape = {"full": FULL_SHAPE, "quick": (120, 120, 62), "tiny": (40, 40, 28)}[size]
@@ -180,38 +241,9 @@ def run(out_dir: Path, size: str = "full", peers: bool = False) -> dict:
         params = build_params(BuildConfig(spacing=spacing))
         src_image_bytes = sum(p.stat().st_size for c in cohort.cases for p in c.images.values())
         src_seg_bytes = sum(c.seg.stat().st_size for c in cohort.cases)
-        results = {}
+        results, steps = {}, None
         for workers in (1, 2):
-            with local_cluster(workers) as cluster, Client(cluster) as client:
-                client.run(_warm)
-                dec, build = [], []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    client.gather(client.map(_decode, cohort.cases, pure=False))
-                    dec.append(time.perf_counter() - t0)
-                    store = work / f"s{workers}.zarr"
-                    shutil.rmtree(store, ignore_errors=True)  # each repeat builds a new store (no --overwrite)
-                    t0 = time.perf_counter()
-                    rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store),
-                                                  scheduler=cluster.scheduler_address, spacing=spacing),
-                                      progress=False)
-                    build.append(time.perf_counter() - t0)
-                    assert rep.ok, rep.failed
-                rss = list(client.run(_peak_rss_mb).values())
-                if workers == 1:  # the per-step breakdown, on the same warm worker, into a store of its own
-                    steps_store = str(work / "steps.zarr")
-                    StoreWriter(steps_store, MODALITIES, cohort.label_convention, params, overwrite=True).close()
-                    timings = client.gather(client.map(_steps, cohort.cases, store_path=steps_store, params=params,
-                                                       pure=False))
-                    steps = {k: summarize([t[k] for t in timings]) for k in timings[0]}
-            results[workers] = {
-                "decode_s": summarize(dec),
-                "build_s": summarize(build),
-                "decode_cases_per_s": n / statistics.median(dec),
-                "build_cases_per_s": n / statistics.median(build),
-                "build_over_decode": statistics.median(build) / statistics.median(dec),
-                "peak_rss_mb_per_worker": max(rss),
-            }
+            results[workers], steps = _measure_workers(workers, work, cohort, spacing, params, repeats, steps)
         few = cohort.cases[:8]
         start = startup(_subset(work / "raw", few, work / f"raw-{len(few)}"), spacing,
                         results[1]["build_s"]["median"] / n, work, repeats)
@@ -236,22 +268,5 @@ def run(out_dir: Path, size: str = "full", peers: bool = False) -> dict:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_result(out_dir, "prep", res)
-    bars = {}
-    for w, r in results.items():
-        bars[f"decode, {w}w"] = {k: n / v for k, v in r["decode_s"].items() if k in ("median", "min", "max")}
-        bars[f"build, {w}w"] = {k: n / v for k, v in r["build_s"].items() if k in ("median", "min", "max")}
-    bar_chart(out_dir / "prep.png", f"prep: {n} cases of {'x'.join(map(str, shape))}", "cases / s", bars, log=False)
-    for w, r in results.items():
-        print(f"prep {w} worker(s): build {r['build_cases_per_s']:.2f} cases/s, decode-only "
-              f"{r['decode_cases_per_s']:.2f} cases/s, build/decode time {r['build_over_decode']:.2f}x, "
-              f"peak RSS per worker {r['peak_rss_mb_per_worker']:.0f} MB")
-    print(f"prep: 1 -> 2 workers speed-up {res['speedup_1_to_2_workers']:.2f}x; "
-          f"store {res['store_bytes_per_case'] / 1e6:.1f} MB/case vs source "
-          f"{res['source_bytes_per_case']['images+seg'] / 1e6:.1f} MB/case ({res['store_over_source']:.2f}x)")
-    print(f"prep: build-store --workers 1 on {start['cases']} cases: {start['command_wall_s']['median']:.2f} s, of "
-          f"which fixed start-up and shut-down {start['fixed_s']:.2f} s")
-    print("prep: seconds per case by step (median, 1 worker):")
-    for k, v in steps.items():
-        print(f"  {k:45s} {v['median']:.3f}")
+    _report(out_dir, res, results)
     return res

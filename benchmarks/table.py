@@ -1,10 +1,11 @@
-"""The README's performance table, generated from the benchmark JSON files (never typed by hand)."""
+"""The performance table of docs/performance.md, generated from the benchmark JSON files (never typed by hand)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+PAGE = Path("docs/performance.md")
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 GPU_START, GPU_END = "<!-- perf-table-gpu:start -->", "<!-- perf-table-gpu:end -->"
 
@@ -14,117 +15,159 @@ def _load(out: Path, name: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def render(out: str | Path) -> str:
-    out = Path(out)
-    rows = ["| stage | measure | figure | goal | machine |", "|---|---|---|---|---|"]
+def machine(d: dict) -> str:
+    """The machine a result was measured on, as the table names it."""
+    m = d["machine"]
+    return f"{m['gpu'] or m['cpu']}, {m['cores']} cores" + ("" if m["gpu"] else " (CPU)")
 
-    def machine(d):
-        m = d["machine"]
-        return f"{m['gpu'] or m['cpu']}, {m['cores']} cores" + ("" if m["gpu"] else " (CPU)")
 
-    if s := _load(out, "synth"):
-        rows.append(f"| synth | CPU s per case, {'x'.join(map(str, s['shape']))} | "
-                    f"{s['cpu_s_per_case']['median']:.2f} | <= 2 | {machine(s)} |")
-    if p := _load(out, "prep"):
-        for w, r in p["workers"].items():
-            rows.append(f"| prep | build / decode-only time, {w} worker(s), {p['cases']} cases "
-                        f"{'x'.join(map(str, p['shape']))} | {r['build_over_decode']:.2f}x "
-                        f"({r['build_cases_per_s']:.2f} vs {r['decode_cases_per_s']:.2f} cases/s) | <= 1.5x | "
-                        f"{machine(p)} |")
-        rows.append(f"| prep | speed-up 1 -> 2 workers | {p['speedup_1_to_2_workers']:.2f}x | ~2x | {machine(p)} |")
-        rows.append(f"| prep | store bytes / source .nii.gz bytes | {p['store_over_source']:.2f} | <= 1 | "
+def _synth_rows(s: dict) -> list[str]:
+    """CPU seconds per synthetic case."""
+    return [f"| synth | CPU s per case, {'x'.join(map(str, s['shape']))} | {s['cpu_s_per_case']['median']:.2f} | "
+            f"<= 2 | {machine(s)} |"]
+
+
+def _prep_rows(p: dict) -> list[str]:
+    """Build against decode-only time, worker scaling, store size, memory, nnU-Net's preprocessing, the build's
+    start-up."""
+    rows = []
+    for w, r in p["workers"].items():
+        rows.append(f"| prep | build / decode-only time, {w} worker(s), {p['cases']} cases "
+                    f"{'x'.join(map(str, p['shape']))} | {r['build_over_decode']:.2f}x "
+                    f"({r['build_cases_per_s']:.2f} vs {r['decode_cases_per_s']:.2f} cases/s) | <= 1.5x | "
                     f"{machine(p)} |")
-        peak = max(r["peak_rss_mb_per_worker"] for r in p["workers"].values())
-        rows.append(f"| prep | peak memory per worker | {peak:.0f} MB | < 1536 MB | {machine(p)} |")
-        if (pe := p.get("peers")) and "nnunet" in pe:
-            nn, ours = pe["nnunet"], pe["build_store"]
-            rows.append(f"| prep | nnU-Net v2 {nn['version']} / build-store, {nn['cases']} cases, {nn['processes']} "
-                        f"process: s per case (preprocess; fingerprint + preprocess) | "
-                        f"{pe['per_case_preprocess_over_build']:.1f}x; "
-                        f"{pe['per_case_fingerprint_plus_preprocess_over_build']:.1f}x "
-                        f"({nn['per_case_s']['preprocess']:.2f}; "
-                        f"{nn['per_case_s']['fingerprint'] + nn['per_case_s']['preprocess']:.2f} vs "
-                        f"{ours['per_case_s']:.2f} s) | >= 3x; >= 10x | {machine(p)} |")
-            wall = pe["wall_fingerprint_plan_preprocess_over_build"]
-            rows.append(f"| prep | nnU-Net v2 fingerprint + plan + preprocess / build-store, wall for the "
-                        f"{nn['cases']} cases; bytes written | {wall:.1f}x "
-                        f"({nn['wall_s']['total_s']:.1f} vs {ours['wall_s']:.1f} s); {pe['bytes_over_build']:.2f}x "
-                        f"({nn['bytes_written'] / 1e6:.0f} vs {ours['bytes_written'] / 1e6:.0f} MB) | >= 8x | "
-                        f"{machine(p)} |")
-        if st := p.get("startup"):
-            rows.append(f"| prep | build-store fixed start-up + shut-down, --workers 1, {st['cases']} cases | "
-                        f"{st['fixed_s']:.2f} s (command {st['command_wall_s']['median']:.2f} s) | <= 3 s | "
-                        f"{machine(p)} |")
-    if lo := _load(out, "loader"):
-        v = lo["variants"]
-        patch = lo["sample"].split(" ")[2]
-        for k, r in v.items():
-            rows.append(f"| loader | {k}: samples/s ({patch}, batch {lo['batch']}) | {r['samples_per_s']:.2f} "
-                        f"({r['ratio_to_seed']:.1f}x seed) | | {machine(lo)} |")
-        rows.append(f"| loader | ram+aug / seed | {lo['ratios']['ram+aug / seed']:.1f}x | >= 50x | {machine(lo)} |")
-        rows.append(f"| loader | ram+aug / monai | {lo['ratios']['ram+aug / monai']:.1f}x | >= 2x | {machine(lo)} |")
-        rows.append(f"| loader | none delivery, {v['none'].get('loader_workers', 2)} loader threads | "
-                    f"{v['none']['samples_per_s']:.1f} patches/s | >= 20 (CPU) | {machine(lo)} |")
-        if m := lo.get("memory", {}).get("none"):
-            rows.append(f"| loader | none: process memory peak ({lo['cases']} cases) | "
-                        f"{m['process_rss_peak_mb']:.0f} MB ({m['added_mb']:.0f} MB added by the mode) | < 2048 MB | "
-                        f"{machine(lo)} |")
-    if t := _load(out, "train"):
-        rows.append(f"| train | step time, real loader / fixed batch ({'x'.join(map(str, t['patch']))}, batch 2, "
-                    f"{t['precision']}) | {t['real_over_fixed_step_time']:.3f} | <= 1.10 (CPU) | {machine(t)} |")
-        rows.append(f"| train | data-wait share of a step | {100 * t['real_loader']['data_wait_share']:.1f}% | "
-                    f"< 5% (GPU) | {machine(t)} |")
-        if (sc := t.get("scaling")) and "skipped" not in sc:
-            rows.append(f"| train | samples/s, 2 processes / 1 (torchrun, {sc['1']['threads_per_process']} / "
-                        f"{sc['2']['threads_per_process']} threads each) | {sc['samples_per_s_2_over_1']:.2f}x | "
-                        f">= 1.8x (one GPU per process) | {machine(t)} |")
-            rows.append(f"| train | ram cache memory on the node, 2 processes / 1 | "
-                        f"{sc['cache_memory_2_over_1']:.2f}x | <= 1.1x | {machine(t)} |")
-    if sc := _load(out, "scale"):
-        ns = [str(n) for n in sc["counts"]]
-        lo, hi = sc["per_n"][ns[0]], sc["per_n"][ns[-1]]
-        ratio = lo["cases_per_s_last_tenth"] / hi["cases_per_s_last_tenth"]
-        rows.append(f"| scale | build cost per case at N={ns[-1]} / N={ns[0]} ({'x'.join(map(str, sc['grid']))}, 2 "
-                    f"workers) | {ratio:.2f}x | <= 1.1x | {machine(sc)} |")
-        rows.append(f"| scale | open + list a {ns[-1]}-case store; root metadata | {hi['open_and_list_s']:.3f} s; "
-                    f"{hi['root_metadata_bytes'] / 1e6:.2f} MB | < 1 s | {machine(sc)} |")
-        rows.append(f"| scale | store verify, {ns[-1]} cases; loader first batch | {hi['verify_s']:.1f} s; "
-                    f"{hi['loader_first_batch_s']:.2f} s | | {machine(sc)} |")
-        if (r := sc.get("object_storage")) and "skipped" not in r:
-            rows.append(f"| scale | --cache none patches/s, local S3 server / local disk ({r['loader_threads']} "
-                        f"threads, 3x96^3) | {r['s3_over_local']:.2f}x ({r['s3_patches_per_s']['median']:.1f} vs "
-                        f"{r['local_patches_per_s']['median']:.1f}) | >= 0.5x | {machine(sc)} |")
-    if rd := _load(out, "readers"):
-        loc = rd["local"]
-        rows.append("| readers | --cache none patches/s, 2 loader threads (" + ", ".join(loc) + f"), "
-                    f"4x{'x'.join(map(str, rd['patch']))} | " + " / ".join(
-                        f"{v['none_2_threads']['median']:.1f}" for v in loc.values()) + f" | | {machine(rd)} |")
-        rows.append("| readers | ram cache fill, s (" + ", ".join(loc) + ") | " + " / ".join(
-            f"{v['ram_fill_s']['median']:.2f}" for v in loc.values()) + f" | | {machine(rd)} |")
-        if s3 := (rd.get("object_storage") or {}).get("readers"):
-            rows.append("| readers | local S3 server: patches/s; requests per patch (" + ", ".join(s3) + ") | " +
-                        " / ".join(f"{v['s3_patches_per_s']['median']:.1f}; {v['s3_requests_per_patch']['median']:.1f}"
-                                   for v in s3.values()) + f" | | {machine(rd)} |")
-    if i := _load(out, "infer"):
-        s = i["seconds_per_case"]
-        ours = next(v for k, v in s.items() if k.startswith("ours"))
-        bare = next(v for k, v in s.items() if k.startswith("bare"))
-        ours, bare = (v["median"] if isinstance(v, dict) else v for v in (ours, bare))
-        over = f"{i['cases']} cases " if "cases" in i else ""
-        rows.append(f"| infer | s per case {over}{'x'.join(map(str, i['grid']))}: ours / bare sliding window | "
-                    f"{ours:.2f} / {bare:.2f} ({i['ours_over_bare']:.2f}x) | <= 1.2x (CPU), 1.5x (GPU) | "
+    rows.append(f"| prep | speed-up 1 -> 2 workers | {p['speedup_1_to_2_workers']:.2f}x | ~2x | {machine(p)} |")
+    rows.append(f"| prep | store bytes / source .nii.gz bytes | {p['store_over_source']:.2f} | <= 1 | "
+                f"{machine(p)} |")
+    peak = max(r["peak_rss_mb_per_worker"] for r in p["workers"].values())
+    rows.append(f"| prep | peak memory per worker | {peak:.0f} MB | < 1536 MB | {machine(p)} |")
+    if (pe := p.get("peers")) and "nnunet" in pe:
+        nn, ours = pe["nnunet"], pe["build_store"]
+        rows.append(f"| prep | nnU-Net v2 {nn['version']} / build-store, {nn['cases']} cases, {nn['processes']} "
+                    f"process: s per case (preprocess; fingerprint + preprocess) | "
+                    f"{pe['per_case_preprocess_over_build']:.1f}x; "
+                    f"{pe['per_case_fingerprint_plus_preprocess_over_build']:.1f}x "
+                    f"({nn['per_case_s']['preprocess']:.2f}; "
+                    f"{nn['per_case_s']['fingerprint'] + nn['per_case_s']['preprocess']:.2f} vs "
+                    f"{ours['per_case_s']:.2f} s) | >= 3x; >= 10x | {machine(p)} |")
+        wall = pe["wall_fingerprint_plan_preprocess_over_build"]
+        rows.append(f"| prep | nnU-Net v2 fingerprint + plan + preprocess / build-store, wall for the "
+                    f"{nn['cases']} cases; bytes written | {wall:.1f}x "
+                    f"({nn['wall_s']['total_s']:.1f} vs {ours['wall_s']:.1f} s); {pe['bytes_over_build']:.2f}x "
+                    f"({nn['bytes_written'] / 1e6:.0f} vs {ours['bytes_written'] / 1e6:.0f} MB) | >= 8x | "
+                    f"{machine(p)} |")
+    if st := p.get("startup"):
+        rows.append(f"| prep | build-store fixed start-up + shut-down, --workers 1, {st['cases']} cases | "
+                    f"{st['fixed_s']:.2f} s (command {st['command_wall_s']['median']:.2f} s) | <= 3 s | "
+                    f"{machine(p)} |")
+    return rows
+
+
+def _loader_rows(lo: dict) -> list[str]:
+    """Augmented samples/s of each loader variant against the seed's chain, and --cache none delivery and memory."""
+    rows = []
+    v = lo["variants"]
+    patch = lo["sample"].split(" ")[2]
+    for k, r in v.items():
+        rows.append(f"| loader | {k}: samples/s ({patch}, batch {lo['batch']}) | {r['samples_per_s']:.2f} "
+                    f"({r['ratio_to_seed']:.1f}x seed) | | {machine(lo)} |")
+    rows.append(f"| loader | ram+aug / seed | {lo['ratios']['ram+aug / seed']:.1f}x | >= 50x | {machine(lo)} |")
+    rows.append(f"| loader | ram+aug / monai | {lo['ratios']['ram+aug / monai']:.1f}x | >= 2x | {machine(lo)} |")
+    rows.append(f"| loader | none delivery, {v['none'].get('loader_workers', 2)} loader threads | "
+                f"{v['none']['samples_per_s']:.1f} patches/s | >= 20 (CPU) | {machine(lo)} |")
+    if m := lo.get("memory", {}).get("none"):
+        rows.append(f"| loader | none: process memory peak ({lo['cases']} cases) | "
+                    f"{m['process_rss_peak_mb']:.0f} MB ({m['added_mb']:.0f} MB added by the mode) | < 2048 MB | "
+                    f"{machine(lo)} |")
+    return rows
+
+
+def _train_rows(t: dict) -> list[str]:
+    """Step time with the real loader against a fixed batch, data wait, and scaling over processes."""
+    rows = []
+    rows.append(f"| train | step time, real loader / fixed batch ({'x'.join(map(str, t['patch']))}, batch 2, "
+                f"{t['precision']}) | {t['real_over_fixed_step_time']:.3f} | <= 1.10 (CPU) | {machine(t)} |")
+    rows.append(f"| train | data-wait share of a step | {100 * t['real_loader']['data_wait_share']:.1f}% | "
+                f"< 5% (GPU) | {machine(t)} |")
+    if (sc := t.get("scaling")) and "skipped" not in sc:
+        rows.append(f"| train | samples/s, 2 processes / 1 (torchrun, {sc['1']['threads_per_process']} / "
+                    f"{sc['2']['threads_per_process']} threads each) | {sc['samples_per_s_2_over_1']:.2f}x | "
+                    f">= 1.8x (one GPU per process) | {machine(t)} |")
+        rows.append(f"| train | ram cache memory on the node, 2 processes / 1 | "
+                    f"{sc['cache_memory_2_over_1']:.2f}x | <= 1.1x | {machine(t)} |")
+    return rows
+
+
+def _scale_rows(sc: dict) -> list[str]:
+    """Build cost per case as the cohort grows, opening and verifying a large store, object storage."""
+    rows = []
+    ns = [str(n) for n in sc["counts"]]
+    lo, hi = sc["per_n"][ns[0]], sc["per_n"][ns[-1]]
+    ratio = lo["cases_per_s_last_tenth"] / hi["cases_per_s_last_tenth"]
+    rows.append(f"| scale | build cost per case at N={ns[-1]} / N={ns[0]} ({'x'.join(map(str, sc['grid']))}, 2 "
+                f"workers) | {ratio:.2f}x | <= 1.1x | {machine(sc)} |")
+    rows.append(f"| scale | open + list a {ns[-1]}-case store; root metadata | {hi['open_and_list_s']:.3f} s; "
+                f"{hi['root_metadata_bytes'] / 1e6:.2f} MB | < 1 s | {machine(sc)} |")
+    rows.append(f"| scale | store verify, {ns[-1]} cases; loader first batch | {hi['verify_s']:.1f} s; "
+                f"{hi['loader_first_batch_s']:.2f} s | | {machine(sc)} |")
+    if (r := sc.get("object_storage")) and "skipped" not in r:
+        rows.append(f"| scale | --cache none patches/s, local S3 server / local disk ({r['loader_threads']} "
+                    f"threads, 3x96^3) | {r['s3_over_local']:.2f}x ({r['s3_patches_per_s']['median']:.1f} vs "
+                    f"{r['local_patches_per_s']['median']:.1f}) | >= 0.5x | {machine(sc)} |")
+    return rows
+
+
+def _readers_rows(rd: dict) -> list[str]:
+    """The Zarr engines on the same patches, locally and on object storage."""
+    rows = []
+    loc = rd["local"]
+    rows.append("| readers | --cache none patches/s, 2 loader threads (" + ", ".join(loc) + f"), "
+                f"4x{'x'.join(map(str, rd['patch']))} | " + " / ".join(
+                    f"{v['none_2_threads']['median']:.1f}" for v in loc.values()) + f" | | {machine(rd)} |")
+    rows.append("| readers | ram cache fill, s (" + ", ".join(loc) + ") | " + " / ".join(
+        f"{v['ram_fill_s']['median']:.2f}" for v in loc.values()) + f" | | {machine(rd)} |")
+    if s3 := (rd.get("object_storage") or {}).get("readers"):
+        rows.append("| readers | local S3 server: patches/s; requests per patch (" + ", ".join(s3) + ") | " +
+                    " / ".join(f"{v['s3_patches_per_s']['median']:.1f}; {v['s3_requests_per_patch']['median']:.1f}"
+                               for v in s3.values()) + f" | | {machine(rd)} |")
+    return rows
+
+
+def _infer_rows(i: dict) -> list[str]:
+    """Inference per case against the bare sliding window, TTA, the exported model, scoring."""
+    rows = []
+    s = i["seconds_per_case"]
+    ours = next(v for k, v in s.items() if k.startswith("ours"))
+    bare = next(v for k, v in s.items() if k.startswith("bare"))
+    ours, bare = (v["median"] if isinstance(v, dict) else v for v in (ours, bare))
+    over = f"{i['cases']} cases " if "cases" in i else ""
+    rows.append(f"| infer | s per case {over}{'x'.join(map(str, i['grid']))}: ours / bare sliding window | "
+                f"{ours:.2f} / {bare:.2f} ({i['ours_over_bare']:.2f}x) | <= 1.2x (CPU), 1.5x (GPU) | "
+                f"{machine(i)} |")
+    if t := i.get("tta"):
+        rows.append(f"| infer | --tta / plain pass ({t['cases']} case(s)) | {t['tta_over_plain']:.2f}x | <= 8.5x | "
                     f"{machine(i)} |")
-        if t := i.get("tta"):
-            rows.append(f"| infer | --tta / plain pass ({t['cases']} case(s)) | {t['tta_over_plain']:.2f}x | <= 8.5x | "
-                        f"{machine(i)} |")
-        if (e := i.get("exported")) and "skipped" not in e:
-            rows.append(f"| infer | exported ONNX model (onnxruntime) / torch float32, s per case | "
-                        f"{e['onnxruntime_s_per_case']:.2f} / {e['torch_s_per_case']:.2f} "
-                        f"({e['onnxruntime_over_torch']:.2f}x) | <= 1x (CPU) | {machine(i)} |")
-        if (sc := i.get("scoring_seconds_per_case")) and "all" in sc:
-            parts = "; ".join(f"{k} {sc[k]['median']:.2f}" for k in ("legacy", "brats2023", "brats2025"))
-            rows.append(f"| infer | scoring one case {'x'.join(map(str, i['grid']))}, all families, s ({parts}) | "
-                        f"{sc['all']['median']:.2f} | < 2 (CPU) | {machine(i)} |")
+    if (e := i.get("exported")) and "skipped" not in e:
+        rows.append(f"| infer | exported ONNX model (onnxruntime) / torch float32, s per case | "
+                    f"{e['onnxruntime_s_per_case']:.2f} / {e['torch_s_per_case']:.2f} "
+                    f"({e['onnxruntime_over_torch']:.2f}x) | <= 1x (CPU) | {machine(i)} |")
+    if (sc := i.get("scoring_seconds_per_case")) and "all" in sc:
+        parts = "; ".join(f"{k} {sc[k]['median']:.2f}" for k in ("legacy", "brats2023", "brats2025"))
+        rows.append(f"| infer | scoring one case {'x'.join(map(str, i['grid']))}, all families, s ({parts}) | "
+                    f"{sc['all']['median']:.2f} | < 2 (CPU) | {machine(i)} |")
+    return rows
+
+
+STAGES = (("synth", _synth_rows), ("prep", _prep_rows), ("loader", _loader_rows), ("train", _train_rows),
+          ("scale", _scale_rows), ("readers", _readers_rows), ("infer", _infer_rows))
+
+
+def render(out: str | Path) -> str:
+    """The table (markdown) of every stage whose ``<stage>.json`` is in ``out``."""
+    rows = ["| stage | measure | figure | goal | machine |", "|---|---|---|---|---|"]
+    for name, stage_rows in STAGES:
+        if (result := _load(Path(out), name)) is not None:
+            rows += stage_rows(result)
     return "\n".join(rows)
 
 
@@ -136,13 +179,13 @@ def _replace_between(text: str, start: str, end: str, body: str, where: Path) ->
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def update_readme(out: str | Path, readme: str | Path = "README.md") -> None:
-    """Rewrite the README's table from ``out``, and its GPU table from ``out/gpu`` where that folder holds
-    results (``benchmarks/gpu.sh`` writes them there)."""
-    readme, out = Path(readme), Path(out)
+def update_page(out: str | Path, page: str | Path = PAGE) -> None:
+    """Rewrite the page's table from ``out``, and its GPU table from ``out/gpu`` where that folder holds results
+    (``benchmarks/gpu.sh`` writes them there)."""
+    page, out = Path(page), Path(out)
     table = render(out)
-    text = _replace_between(readme.read_text(), START, END, table, readme)
+    text = _replace_between(page.read_text(), START, END, table, page)
     if list(out.glob("gpu/*.json")):
-        text = _replace_between(text, GPU_START, GPU_END, render(out / "gpu"), readme)
-    readme.write_text(text)
+        text = _replace_between(text, GPU_START, GPU_END, render(out / "gpu"), page)
+    page.write_text(text)
     print(table)

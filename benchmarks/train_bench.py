@@ -55,6 +55,33 @@ def scaling(b, amp: bool, steps: int) -> dict:
                       "cache_memory_2_over_1": "<= 1.1"}}
 
 
+def _step_times(batches, step, augment, n_steps: int) -> tuple[list, list, list]:
+    """Seconds of ``n_steps`` training steps fed by the loader's ``batches`` (augmented on the device, as the
+    trainer does), the part of each spent waiting for the batch, and seconds of as many steps on one fixed batch
+    already on the device; the first step of each is a warm-up, not counted."""
+    real_steps, waits = [], []
+    out = None
+    for i in range(n_steps + 1):
+        t0 = time.perf_counter()
+        img, lab = next(batches)
+        t1 = time.perf_counter()
+        out = augment.buffer_for(img, out)
+        step(*augment(img, lab, inplace=True, out=out))
+        t2 = time.perf_counter()
+        if i:  # the first step warms up
+            real_steps.append(t2 - t0)
+            waits.append(t1 - t0)
+    fixed_img, fixed_lab = next(batches)
+    fixed_img = fixed_img.float()
+    fixed_steps = []
+    for i in range(n_steps + 1):
+        t0 = time.perf_counter()
+        step(fixed_img, fixed_lab)
+        if i:
+            fixed_steps.append(time.perf_counter() - t0)
+    return real_steps, waits, fixed_steps
+
+
 def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps: int | None = None) -> dict:
     import torch
 
@@ -93,27 +120,7 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
             yield from loader.epoch(e)
             e += 1
 
-    it = batches()
-    real_steps, waits = [], []
-    out = None
-    for i in range(n_steps + 1):
-        t0 = time.perf_counter()
-        img, lab = next(it)
-        t1 = time.perf_counter()
-        out = augment.buffer_for(img, out)
-        step(*augment(img, lab, inplace=True, out=out))
-        t2 = time.perf_counter()
-        if i:  # the first step warms up
-            real_steps.append(t2 - t0)
-            waits.append(t1 - t0)
-    fixed_img, fixed_lab = next(it)
-    fixed_img = fixed_img.float()
-    fixed_steps = []
-    for i in range(n_steps + 1):
-        t0 = time.perf_counter()
-        step(fixed_img, fixed_lab)
-        if i:
-            fixed_steps.append(time.perf_counter() - t0)
+    real_steps, waits, fixed_steps = _step_times(batches(), step, augment, n_steps)
     real_med, fixed_med = statistics.median(real_steps), statistics.median(fixed_steps)
     res = {
         "size": size, "patch": list(b.patch), "batch_size": 2, "channels": list(b.channels), "device": str(device),

@@ -60,11 +60,11 @@ def test_readers_benchmark_tiny(tmp_path):
 
 def test_table_is_generated_from_json(tiny_results, tmp_path):
     out = tiny_results
-    from benchmarks.table import END, START, update_readme
+    from benchmarks.table import END, START, update_page
 
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "performance.md"
     readme.write_text(f"# x\n{START}\nold\n{END}\nafter\n")
-    update_readme(out, readme)
+    update_page(out, readme)
     text = readme.read_text()
     assert "old" not in text and text.endswith("after\n")
     for stage in ("synth", "prep", "loader", "train", "infer"):
@@ -72,20 +72,20 @@ def test_table_is_generated_from_json(tiny_results, tmp_path):
 
 
 def test_gpu_table_is_generated_from_the_gpu_folder(tiny_results, tmp_path):
-    """Results that benchmarks/gpu.sh brought back under <out>/gpu fill the README's second table."""
+    """Results that benchmarks/gpu.sh brought back under <out>/gpu fill the performance page's second table."""
     import shutil
 
-    from benchmarks.table import END, GPU_END, GPU_START, START, update_readme
+    from benchmarks.table import END, GPU_END, GPU_START, START, update_page
 
     out = tmp_path / "results"
     shutil.copytree(tiny_results, out)
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "performance.md"
     readme.write_text(f"{START}\n{END}\nbetween\n{GPU_START}\nold gpu\n{GPU_END}\n")
-    update_readme(out, readme)
+    update_page(out, readme)
     assert readme.read_text().split(GPU_START)[1].startswith("\nold gpu\n")  # no gpu/ folder: left alone
     (out / "gpu").mkdir()
     shutil.copy(out / "train.json", out / "gpu" / "train.json")
-    update_readme(out, readme)
+    update_page(out, readme)
     main, gpu = readme.read_text().split(GPU_START)
     assert "| synth |" in main and "between" in main
     assert "old gpu" not in gpu and "| train |" in gpu and "| synth |" not in gpu
