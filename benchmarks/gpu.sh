@@ -50,7 +50,7 @@ if [ "${MODALITIES:-0}" = 1 ]; then
   step 540 modalities python3 -m benchmarks modalities --full --amp --seeds 0 --epochs 12 --out "$out" \
     --work "$work/modalities"
 fi
-# every architecture with its recipe at equal wall time, one seed each: the GPU rows of the README's Models table
+# every architecture with its recipe at equal wall time, one seed each: the GPU rows of docs/experiments.md's Models table
 if [ "${MODELS:-0}" = 1 ]; then
   step 480 models python3 -m benchmarks models --seeds 0 --time-limit 1 --out "$out" --work "$work/models"
 fi
