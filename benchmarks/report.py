@@ -10,6 +10,7 @@ from .machine import machine_info
 
 
 def summarize(values: list[float]) -> dict:
+    """Median, min, max and count of ``values`` (seconds or rates, as measured)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 

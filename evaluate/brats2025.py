@@ -74,7 +74,8 @@ def _global_surface(p: np.ndarray, g: np.ndarray, spacing: tuple) -> tuple[float
 
 
 def region_scores(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
-    """Every field of ``FIELDS`` for one region's boolean masks on one grid."""
+    """Every field of ``FIELDS`` for one region's boolean masks (X, Y, Z) on one grid of voxel size ``spacing`` (mm per
+    axis); distances in mm."""
     p, g = np.asarray(pred, bool), np.asarray(ref, bool)
     if not p.any() and not g.any():
         return {f: (0 if f in ("tp", "fp", "fn") else float("nan")) for f in FIELDS}

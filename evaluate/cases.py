@@ -73,7 +73,8 @@ def spacing_of(affine) -> tuple[float, float, float]:
 
 
 def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None = None) -> None:
-    """Write a uint8 label map with ``affine`` (qform/sform codes copied from ``like`` when given), atomically."""
+    """Write a uint8 label map (X, Y, Z, in the voxel axes of ``affine``, a (4, 4) voxel-to-world matrix in mm)
+    atomically, qform/sform codes copied from ``like`` when given."""
     import nibabel as nib
 
     img = nib.Nifti1Image(label.astype(np.uint8), np.asarray(affine, float))
@@ -91,7 +92,7 @@ def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None =
 
 
 def to_source_labels(label: np.ndarray, case) -> np.ndarray:
-    """A label map back in the case's own values where its source labels differ from the convention's (an MSD
+    """A label map (X, Y, Z) back in the case's own values where its source labels differ from the convention's (an MSD
     case: BraTS 2021's 2 oedema is MSD's 1, 1 non-enhancing core its 2, 4 enhancing its 3)."""
     if not getattr(case, "source_labels", None):
         return label

@@ -104,15 +104,15 @@ class SplitScorer:
         from .pictures import save_overlay
         from .postprocess import apply
 
-        shown = image[self.store.modalities.index(self.picture_channel)]
+        picture = image[self.store.modalities.index(self.picture_channel)]
         store_gt = region_masks(case.label(), self.conv)
         store_pred = region_masks(apply(regions_to_label(prob > 0.5, self.conv, self.names), case.spacing,
                                         self.rules, self.conv), self.conv)
         # the brain: nonzero in any channel (a voxel at its channel's mean is stored as 0, see FORMAT.md)
-        save_overlay(shown, store_gt, store_pred, self.out_dir / f"png{self.suffix}" / f"{cid}.png",
+        save_overlay(picture, store_gt, store_pred, self.out_dir / f"png{self.suffix}" / f"{cid}.png",
                      f"{cid} ({self.picture_channel})", brain=(image != 0).any(0))
-        z = shown.shape[2] // 2
-        for name, vol in (("input", shown), ("label_WT", store_gt[1]), ("pred_WT", prob[1])):
+        z = picture.shape[2] // 2
+        for name, vol in (("input", picture), ("label_WT", store_gt[1]), ("pred_WT", prob[1])):
             sl = np.asarray(vol[:, :, z], np.float32)
             rng = float(sl.max() - sl.min()) or 1.0
             self.tb.add_image(f"{cid}/{name}", (sl - sl.min()) / rng, self.ids.index(cid), dataformats="HW")

@@ -20,6 +20,8 @@ CONVENTIONS = {
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two masks of one grid (any axes, usually X, Y, Z): 2|P and G| / (|P| + |G|); both empty: 1, one empty:
+    0."""
     p, g = np.asarray(pred, bool), np.asarray(gt, bool)
     sp, sg = int(p.sum()), int(g.sum())
     if sp == 0 and sg == 0:
@@ -44,7 +46,7 @@ def voxel_mm3(spacing) -> float:
 
 
 def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Slices of the bounding box of a non-empty mask widened by ``margin`` voxels, clipped to the array."""
+    """Slices of the bounding box of a non-empty mask (any axes) widened by ``margin`` voxels, clipped to the array."""
     idx = np.argwhere(mask)
     lo, hi = np.maximum(idx.min(0) - margin, 0), np.minimum(idx.max(0) + margin + 1, mask.shape)
     return tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -68,6 +70,8 @@ def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0))
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float:
+    """HD95 in mm of two masks (X, Y, Z) on one grid of voxel size ``spacing`` (mm per axis): the 95th percentile of the
+    pooled symmetric surface distances (medpy's hd95); both empty: 0, one empty: the BraTS penalty of 373.13 mm."""
     p, g = np.asarray(pred, bool), np.asarray(gt, bool)
     ep, eg = not p.any(), not g.any()
     if ep and eg:

@@ -29,7 +29,8 @@ def summarize(rows: list[dict], score_cols: list[str]) -> dict:
 
 
 def bootstrap_ci(diffs: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``diffs`` (per-case paired differences)."""
+    """95% percentile bootstrap interval of the mean of ``diffs`` (N,) (per-case paired differences), ``n``
+    resamples."""
     rng = np.random.default_rng(seed)
     means = diffs[rng.integers(0, len(diffs), (n, len(diffs)))].mean(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))

@@ -70,7 +70,7 @@ def brats2025_regions(convention: str) -> tuple[str, ...]:
 
 
 def check_labels(label: np.ndarray, convention: str, what: str) -> None:
-    """Refuse a label map with values its convention does not have."""
+    """Refuse a label map (X, Y, Z) with values its convention does not have."""
     present = {int(v) for v in np.unique(label)}
     bad = present - set(label_values(convention))
     if bad:
@@ -79,7 +79,8 @@ def check_labels(label: np.ndarray, convention: str, what: str) -> None:
 
 
 def legacy_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing) -> dict:
-    """{"dice_tc": ..., "hd95_tc": ..., ...} per legacy region of two label maps."""
+    """{"dice_tc": ..., "hd95_tc": ..., ...} per legacy region of two uint8 label maps (X, Y, Z) on one grid, HD95 in mm
+    of voxels of ``spacing`` (mm per axis)."""
     names = trainable_regions(convention)
     p, g = region_masks(pred, convention, names), region_masks(ref, convention, names)
     out = {}
@@ -91,8 +92,9 @@ def legacy_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing) -
 
 def brats2023_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing, task: str = "gli",
                      lesions: list | None = None) -> dict:
-    """{"brats2023_dice_et": ..., "brats2023_hd95_et": ..., "brats2023_tp_et": ..., ...} for ET, TC, WT;
-    ``lesions`` (a list) receives (region, Lesion) for every lesion."""
+    """{"brats2023_dice_et": ..., "brats2023_hd95_et": ..., "brats2023_tp_et": ..., ...} for ET, TC, WT of two uint8
+    label maps (X, Y, Z) on one grid of voxel size ``spacing`` (mm per axis); ``lesions`` (a list) receives
+    (region, Lesion) for every lesion."""
     names = brats2023.REGIONS
     p, g = region_masks(pred, convention, names), region_masks(ref, convention, names)
     out = {}
@@ -106,7 +108,8 @@ def brats2023_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing
 
 
 def brats2025_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing) -> dict:
-    """{"brats2025_dice_et": ..., "brats2025_lw_dice_et": ..., "brats2025_f1_et": ..., ...} per scorer region."""
+    """{"brats2025_dice_et": ..., "brats2025_lw_dice_et": ..., "brats2025_f1_et": ..., ...} per scorer region of two
+    uint8 label maps (X, Y, Z) on one grid of voxel size ``spacing`` (mm per axis)."""
     names = brats2025_regions(convention)
     p, g = region_masks(pred, convention, names), region_masks(ref, convention, names)
     out = {}
@@ -118,8 +121,9 @@ def brats2025_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing
 
 def score_case(pred: np.ndarray, ref: np.ndarray, convention: str, spacing, families=FAMILIES,
                case: str = "", task: str = "gli", lesions: list | None = None) -> dict:
-    """Every requested family's scores of a predicted label map against the reference, same grid; ``task``
-    chooses the brats2023 parameters; ``lesions`` (a list) receives (region, Lesion) of the brats2023 family."""
+    """Every requested family's scores of a predicted uint8 label map (X, Y, Z) against the reference on the same grid,
+    distances in mm of voxels of ``spacing`` (mm per axis); ``task`` chooses the brats2023 parameters;
+    ``lesions`` (a list) receives (region, Lesion) of the brats2023 family."""
     where = f"case {case}: " if case else ""
     if pred.shape != ref.shape:
         raise ScoringError(f"{where}prediction {pred.shape} and reference {ref.shape} are on different grids")

@@ -51,4 +51,5 @@ def field_at(ctrl: np.ndarray, shape, flat: np.ndarray, ijk=None, stride: int = 
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function of ``x`` (any shape), elementwise."""
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|

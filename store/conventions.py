@@ -119,8 +119,8 @@ def compatible(store_convention: str, other: str) -> bool:
 
 
 def relabel(label: np.ndarray, mapping: dict) -> np.ndarray:
-    """``label`` (uint8 values) with each value ``k`` of ``mapping`` (keys int or str) replaced by ``mapping[k]``;
-    values it does not name become 0."""
+    """``label`` (uint8 values, any shape) with each value ``k`` of ``mapping`` (keys int or str) replaced by
+    ``mapping[k]``; values it does not name become 0."""
     lut = np.zeros(256, np.uint8)
     for k, v in mapping.items():
         lut[int(k)] = int(v)

@@ -62,9 +62,9 @@ def encode_integer_source(values: np.ndarray, means, stds) -> EncodedImage | Non
 
 
 def decode_into(reader, channels, scales, region: tuple[slice, slice, slice], out, at=(0, 0, 0), fetched=None):
-    """The one image decode: ``region`` of the stored ``channels`` (a ChunkReader over the int16 image) into the
-    torch tensor ``out`` (len(channels), ...) at offset ``at``, as stored value * scale in float32, rounded once to
-    ``out``'s dtype; a chunk never written gives zeros. Returns ``out``."""
+    """The one image decode: ``region`` (3 slices, X, Y, Z) of the stored ``channels`` (a ChunkReader over the int16
+    image (C, X, Y, Z)) into the torch tensor ``out`` (len(channels), X, Y, Z) at offset ``at``, as stored value *
+    scale in float32, rounded once to ``out``'s dtype; a chunk never written gives zeros. Returns ``out``."""
     import torch
 
     if fetched is None and hasattr(reader, "fetch"):  # object storage: every channel's chunks in one round

@@ -284,8 +284,8 @@ class ChunkReader:
         return self.read_into(region, np.empty(shape, dtype=self.dtype))
 
     def read_into(self, region: tuple[slice, ...], out: np.ndarray, at=None, fetched: dict | None = None) -> np.ndarray:
-        """Write the values in ``region`` into ``out`` at offset ``at`` (see ``blocks``); the rest of ``out`` is
-        left as it is. Returns ``out``."""
+        """Write the values in ``region`` (slices on the array's own axes) into ``out`` at offset ``at`` (see
+        ``blocks``); the rest of ``out`` is left as it is. Returns ``out``."""
         for values, src, dst in self.blocks(region, at, fetched):
             out[dst] = 0 if values is None else values[src]
         return out

@@ -199,8 +199,8 @@ class Case:
         return self._reader("label").read(self._region(region)).astype(np.uint8, copy=False)
 
     def label_into(self, out: np.ndarray, region=None, at=(0, 0, 0), fetched=None) -> np.ndarray:
-        """Write ``region`` of the label into the uint8 array ``out`` at offset ``at``; the rest is left as it
-        is. Returns ``out``."""
+        """Write ``region`` (3 slices, X, Y, Z of the stored grid) of the label into the uint8 array ``out`` (X, Y,
+        Z) at offset ``at``; the rest is left as it is. Returns ``out``."""
         if "label" not in self._group:
             raise KeyError(f"case {self.case_id} has no label")
         return self._reader("label").read_into(self._region(region), out, at, fetched)

@@ -280,7 +280,8 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
                foreground: np.ndarray, record) -> dict:
     """Write one case's arrays and attributes under ``group_name`` (not yet visible: see ``publish``).
 
-    ``image``: the case's image in the store's encoding (``encode_image``, ``encode_integer_source``). The
+    ``image``: the case's image (C, X, Y, Z) in the store's encoding (``encode_image``, ``encode_integer_source``);
+    ``label``: uint8 (X, Y, Z) or None; ``foreground``: int32 (N, 4) region index, x, y, z of sampled voxels. The
     returned attributes carry the scale and the content hash that ``verify`` checks. In a local store the
     files are written directly (``fastwrite``): a group of about ten files (one shard per image channel, one for
     the label); on object storage the same objects, one PUT each; in a zip through zarr.

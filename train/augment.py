@@ -28,11 +28,14 @@ def _coin(g: torch.Generator, n: int, p: float) -> torch.Tensor:
 
 
 class _Transform:
-    """draw(n, generator) -> params; apply_(image, label, params) in place; apply(...) on copies."""
+    """draw(n, generator) -> params; apply_(image, label, params) in place; apply(...) on copies. ``image`` is a
+    float batch (B, C, X, Y, Z) of z-scores, ``label`` the uint8 batch (B, 1, X, Y, Z), both on the device; every
+    transform's ``apply_`` takes and returns them so."""
 
     spatial = False
 
     def apply(self, image, label, params):
+        """The transform with drawn ``params`` on copies of ``image`` (B, C, X, Y, Z) and ``label`` (B, 1, X, Y, Z)."""
         return self.apply_(image.clone(), label.clone(), params)
 
 

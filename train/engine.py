@@ -63,7 +63,8 @@ def steps_per_epoch(cfg: TrainConfig, n_train: int, world: int) -> int:
 
 
 def train_step(model, opt, loss_fn, autocast, scaler, img: torch.Tensor, target: torch.Tensor) -> float:
-    """One optimizer step; returns the loss (reading it waits for the device, so step timings are honest)."""
+    """One optimizer step on a batch ``img`` (B, C, X, Y, Z) against the float regions ``target`` (B, R, X, Y, Z);
+    returns the loss (reading it waits for the device, so step timings are honest)."""
     opt.zero_grad(set_to_none=True)
     with autocast():
         logits = model(img)

@@ -171,6 +171,9 @@ class StoreSource:
         return out
 
     def patch_into(self, spec: PatchSpec, patch, img_out: np.ndarray, lab_out: np.ndarray, fetched=None) -> None:
+        """Read the patch of ``spec`` (its start, ``patch`` voxels a side, X, Y, Z) into ``img_out`` (C, X, Y, Z) and
+        ``lab_out`` (X, Y, Z); parts outside the case stay zero (``fetched``: the batch's bytes fetched together on
+        object storage)."""
         case = self._case(spec.case)
         reg = _region(spec.start, patch, case.shape)
         at = tuple(r.start - s for r, s in zip(reg, spec.start))  # where the read block sits in the patch
@@ -244,6 +247,9 @@ class RamSource:
                    for v in self.cached if v is not None)
 
     def patch_into(self, spec: PatchSpec, patch, img_out: np.ndarray, lab_out: np.ndarray) -> None:
+        """The patch of ``spec`` (its start, ``patch`` voxels a side, X, Y, Z) from the cached case into ``img_out``
+        (C, X, Y, Z) and ``lab_out`` (X, Y, Z), from the store where the case is not cached; parts outside the case
+        stay zero."""
         item = self.cached[spec.case]
         if item is None:
             self._fallback.patch_into(spec, patch, img_out, lab_out)
