@@ -211,9 +211,9 @@ def _orient_resample(img, label, affine, spacing):
 
 
 def normalize_nonzero(arr: np.ndarray, modalities) -> tuple[np.ndarray, dict]:
-    """Z-score each channel of ``arr`` (C, X, Y, Z) over its nonzero voxels, zeros kept: MONAI's NormalizeIntensity(nonzero=True,
-    channel_wise=True) formula (population std, std 0 -> 1), about ten times faster than MONAI's masked
-    indexing on a full case; tests check it equals MONAI's."""
+    """Z-score each channel of ``arr`` (C, X, Y, Z) over its nonzero voxels, zeros kept: MONAI's
+    NormalizeIntensity(nonzero=True, channel_wise=True) formula (population std, std 0 -> 1), about ten times faster
+    than MONAI's masked indexing on a full case; tests check it equals MONAI's."""
     out = np.empty_like(arr, dtype=np.float32)
     norm = {}
     for c, m in enumerate(modalities):
