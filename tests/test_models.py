@@ -107,6 +107,80 @@ def test_time_limit_stops_cleanly(tiny_store, tmp_path, capsys):
     assert "time limit" in capsys.readouterr().out
 
 
+class FakeClock:
+    """The trainer's clock advanced by hand: each training epoch takes ``epoch_s``, each validated case ``case_s``."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _time_limited_run(tiny_store, tmp_path, monkeypatch, limit_min: float, epoch_s: float, case_s: float,
+                      resume_from=None):
+    """A --time-limit run of the trainer on the fake clock; (records, trainer, validation cases)."""
+    import train.engine as engine
+    from store import open_store
+    from train.options import build_parser, config_from_args
+
+    run = resume_from or tmp_path / "timed"
+    flags = ["--store", tiny_store, "--run-dir", str(run), *BASE[:-4], "--epochs", "50", "--val-every", "3",
+             "--lr", "0.01", "--schedule", "poly", *SMALL["unet"], "--time-limit", str(limit_min)]
+    cfg = config_from_args(build_parser().parse_args(flags + (["--resume"] if resume_from else [])))
+    sp = open_store(tiny_store).splits
+    clock = FakeClock()
+    real_validate, real_epoch = engine.validate, engine.Trainer.train_epoch
+
+    def validate(model, store, case_ids, *args, **kwargs):
+        clock.t += case_s * len(case_ids)
+        return real_validate(model, store, case_ids, *args, **kwargs)
+
+    def train_epoch(self, epoch):
+        clock.t += epoch_s
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(engine, "validate", validate)
+    monkeypatch.setattr(engine.Trainer, "train_epoch", train_epoch)
+    trainer = engine.Trainer(cfg, sp["train"], sp["val"], run, progress=False)
+    trainer.clock = clock
+    trainer.fit()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return records, trainer, len(sp["val"])
+
+
+def test_a_time_limit_counts_each_epochs_validation_and_the_schedule_ends_at_its_end(tiny_store, tmp_path,
+                                                                                      monkeypatch):
+    # 60 s; epochs of 10 s; validating every case takes 8 s, timed on one case before the first epoch. Going on
+    # after an epoch needs its due validation, the next epoch and that epoch's validation within the limit
+    records, trainer, n_val = _time_limited_run(tiny_store, tmp_path, monkeypatch, 1.0, 10.0, 8.0 / 2)
+    val_s = 4.0 * n_val
+    assert trainer.summary["stopped"] == "time limit of 1 min"
+    assert records[-1]["wall_s"] <= 60.0  # the stopping epoch's own validation inside the limit
+    assert "val_loss" in records[-1] and records[-1]["val_s"] == pytest.approx(val_s)
+    # one more epoch would not have fitted: its training and validation after what was done
+    assert records[-1]["wall_s"] + 10.0 + val_s > 60.0
+    # each epoch's learning rate is the poly schedule at the share of the limit at that epoch's planned end, so the
+    # last epoch trains at the schedule's end, not one epoch behind it
+    # (decided after each epoch's training: its due validation, the next epoch, that one's validation)
+    planned_end = [r["wall_s"] + 10.0 + val_s for r in records[:-1]]
+    for r, end in zip(records[1:], planned_end):
+        assert r["lr"] == pytest.approx(0.01 * (1 - min(1.0, end / 60.0)) ** 0.9)
+    assert records[-1]["lr"] <= 0.01 * (1 - 0.75) ** 0.9
+
+
+def test_a_resumed_time_limited_run_takes_the_validation_time_from_its_record(tiny_store, tmp_path, monkeypatch):
+    records, _, n_val = _time_limited_run(tiny_store, tmp_path, monkeypatch, 1.0, 10.0, 4.0)
+    resumed, trainer, _ = _time_limited_run(tiny_store, tmp_path, monkeypatch, 2.0, 10.0, 4.0,
+                                            resume_from=tmp_path / "timed")
+    assert len(resumed) > len(records)
+    # no validation case was timed before the resumed epochs: the record's figure decided
+    first_resumed = resumed[len(records)]
+    assert first_resumed["wall_s"] == pytest.approx(records[-1]["wall_s"] + 10.0 + (
+        4.0 * n_val if "val_s" in first_resumed else 0.0))
+    assert trainer.val_seconds == pytest.approx(4.0 * n_val)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--model", "unet", "--deep-supervision"], "--deep-supervision: unet has no deep supervision"),
     (["--model", "swinunetr", "--channels", "12", "--patch-size", "48", "48", "48"], "multiple of 32"),

@@ -117,8 +117,11 @@ class Trainer:
         self.start_epoch = 0
         self.summary = {"best_val_loss": math.inf, "best_epoch": None, "best_dice": None}
         self.wall_before = 0.0  # a resumed run's wall seconds before this process
-        self.time_share = 0.0  # with --time-limit, the share of it spent (rank 0's clock), for the schedule
-        self.val_seconds = 0.0  # the last validation's duration, for the time-limit decision
+        # with --time-limit: the share of it that will have passed at the end of the coming epoch (rank 0's clock),
+        # which a poly or cosine schedule follows, and the seconds a validation takes (measured before the first)
+        self.time_share = 0.0
+        self.val_seconds = 0.0
+        self.clock = time.perf_counter  # seconds; the wall time, the time limit and validations are timed by it
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -237,19 +240,24 @@ class Trainer:
     def fit(self) -> dict:
         """Train to ``cfg.epochs``, early stopping or ``cfg.time_limit``; returns the best validation loss, Dice
         and epoch."""
-        self.t_start = time.perf_counter()  # wall time counts the set-up (cache fill) too
+        self.t_start = self.clock()  # wall time counts the set-up (cache fill) too
         self.setup()
         # a resumed run's clock goes on from where it stopped
         self.wall_before = float(self.history[-1].get("wall_s", 0.0)) if self.history else 0.0
         try:
+            if self.cfg.time_limit is not None:
+                self.val_seconds = self._validation_seconds()
             for epoch in range(self.start_epoch, self.cfg.epochs):
-                t_epoch = time.perf_counter()
+                t_epoch = self.clock()
                 record = self.train_epoch(epoch)
-                out_of_time = self._next_epoch_passes_limit(time.perf_counter() - t_epoch, epoch)
+                out_of_time = self._next_epoch_passes_limit(self.clock() - t_epoch, epoch)
+                # once per epoch, no loss argument (the cosine schedule takes epochs), after the time-limit decision:
+                # a time-limited schedule follows the share of the limit at the end of the coming epoch
+                self.sched.step()
                 if (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs or out_of_time:
-                    t_val = time.perf_counter()
+                    t_val = self.clock()
                     record.update(self.validate(epoch))
-                    self.val_seconds = time.perf_counter() - t_val
+                    self.val_seconds = record["val_s"] = self.clock() - t_val
                 record["wall_s"] = self.wall_seconds()
                 self.history.append(record)
                 self.log(record)
@@ -273,19 +281,33 @@ class Trainer:
 
     def wall_seconds(self) -> float:
         """Seconds since training started (set-up included), across resumes."""
-        return self.wall_before + time.perf_counter() - self.t_start
+        return self.wall_before + self.clock() - self.t_start
+
+    def _validation_seconds(self) -> float:
+        """What a validation costs, for the time-limit decision before the first one: the last recorded one of a
+        resumed run, else one validation case timed here and scaled to this rank's share of the cases."""
+        recorded = [r["val_s"] for r in self.history if "val_s" in r]
+        if recorded:
+            return float(recorded[-1])
+        ids = self.val_ids[: self.cfg.max_val_cases] if self.cfg.max_val_cases else self.val_ids
+        t0 = self.clock()
+        validate(self.core, self.store, ids[:1], self.cfg, self.device, self.autocast, self.loss_fn, self.dist)
+        return (self.clock() - t0) * math.ceil(len(ids) / self.dist.world)
 
     def _next_epoch_passes_limit(self, train_seconds: float, epoch: int) -> bool:
-        """Whether another epoch like this one (and its validation, when it would validate) would end past
-        ``--time-limit``; the same answer on every rank (rank 0's clock decides)."""
+        """Whether going on would end past ``--time-limit``: this epoch's validation where one is due, then another
+        epoch like this one and its validation (any epoch may be the last, which validates). Sets ``time_share``
+        to the share of the limit at the end of that next epoch. The same answer on every rank (rank 0's clock
+        decides)."""
         if self.cfg.time_limit is None or epoch + 1 >= self.cfg.epochs:
             return False
-        validates = (epoch + 2) % self.cfg.val_every == 0
-        wall = self.wall_seconds()
-        late = wall + train_seconds + (self.val_seconds if validates else 0.0) > 60 * self.cfg.time_limit
-        mine = [float(late), wall] if self.dist.rank == 0 else [0.0, 0.0]
-        late, wall = self.dist.sum(mine, "the time-limit decision")
-        self.time_share = wall / (60 * self.cfg.time_limit)
+        validates_now = (epoch + 1) % self.cfg.val_every == 0
+        limit = 60 * self.cfg.time_limit
+        end_of_next = self.wall_seconds() + (self.val_seconds if validates_now else 0.0) + train_seconds \
+            + self.val_seconds
+        mine = [float(end_of_next > limit), end_of_next] if self.dist.rank == 0 else [0.0, 0.0]
+        late, end_of_next = self.dist.sum(mine, "the time-limit decision")
+        self.time_share = min(1.0, end_of_next / limit)
         return late > 0
 
     def train_epoch(self, epoch: int) -> dict:
@@ -325,7 +347,6 @@ class Trainer:
         bar.close()
         it.close()
         lr = self.opt.param_groups[0]["lr"]
-        self.sched.step()  # once per epoch, no loss argument: the cosine schedule takes epochs
         dist.position = f"epoch {epoch + 1}, end"
         total_loss, = dist.sum([sum(losses)], "the epoch's loss reduction")
         busy = max(wait + compute, 1e-9)

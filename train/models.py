@@ -144,8 +144,8 @@ def make_optimizer(cfg, params):
 def make_schedule(cfg, opt, progress=None):
     """Stepped once per epoch: the seed's cosine warm restarts, nnU-Net's poly (lr x (1 - t)^0.9), or one cosine
     (eta_min + (lr - eta_min)(1 + cos(pi t)) / 2), where t = epoch / epochs, or, for a run with --time-limit, the
-    share of its time spent when that is further along (``progress()``): a time-limited run completes its
-    schedule."""
+    share of the limit that will have passed at the end of the coming epoch when that is further along
+    (``progress()``): a time-limited run's last epoch is its schedule's end."""
     import math
 
     import torch

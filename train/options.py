@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "epochs)^0.9, as nnU-Net), cosine (one cosine over --epochs) (default: %(default)s)")
     p.add_argument("--time-limit", type=float, metavar="MIN",
                    help="minutes of wall time: training stops cleanly (validation run, checkpoints written) when "
-                   "the next epoch would pass the limit, so runs compare at equal time (default: none)")
+                   "the next epoch and its validation would pass the limit, so runs compare at equal time (default: "
+                   "none)")
     p.add_argument("--max-val-cases", type=int, help="validate on at most this many cases (quick runs)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimizer steps per epoch on every process (default: training cases / (processes x "
