@@ -80,10 +80,3 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float:
         return HD95_EMPTY_PENALTY_MM
     return float(np.percentile(np.concatenate(surface_distances(p, g, spacing)), 95))
 
-
-def directed_hd95(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float:
-    """The larger of the two directed 95th percentiles (pred -> gt, gt -> pred) of two non-empty masks, in mm: the
-    robust Hausdorff distance of the surface-distance package the BraTS 2023 scorer calls (which weighs each
-    surface point by its area; this weighs them equally)."""
-    a, b = surface_distances(pred, gt, spacing)
-    return float(max(np.percentile(a, 95), np.percentile(b, 95)))

@@ -32,8 +32,9 @@ CONVENTIONS = {
                  "scored against the union of its hits (missed: Dice 0, HD95 374); lesions <= `thresh` mm^3 left "
                  "out, hit or missed; a predicted component touching no dilated lesion is a false positive (Dice "
                  "0, HD95 374); score = sum over kept lesions / (kept lesions + FP); nothing on either side: Dice "
-                 "1, HD95 0. Regions ET, TC, WT. HD95: the larger directed 95th percentile of the surface "
-                 "distances, in mm. Dilations count voxels, volumes are mm^3 of the grid's voxels",
+                 "1, HD95 0. Regions ET, TC, WT. HD95: the surface-distance package's robust Hausdorff distance "
+                 "(95th percentile, surface elements weighted by their area, the larger of the two directions), "
+                 "in mm. Dilations count voxels, volumes are mm^3 of the grid's voxels",
     "brats2023_tasks": {t: {"dilation": d, "threshold_mm3": v} for t, (d, v) in brats2023.TASK_PARAMS.items()},
     "brats2025": "the BraTS 2024-25 scorer's fields from panoptica as its glioma configuration: 26-connected "
                  "instances, one-to-one MaxBipartiteMatching on Dice (threshold 1e-6); dice/nsd/hd95: the whole "
