@@ -48,25 +48,16 @@ def best_arm(results: Path) -> str:
     return max(arms, key=lambda a: arms[a]["mean_dice"])
 
 
-def score_folder(pred_dir: Path, cases, convention_of_pred=None) -> dict[str, dict]:
+def score_folder(pred_dir: Path, cases, labels: str | None = None) -> dict[str, dict]:
     """Legacy and brats2023 scores of every case's ``<case>.nii.gz`` in ``pred_dir`` against its seg, on the source
-    grid. ``convention_of_pred``: a function mapping the loaded label map to the cases' convention (nnU-Net's
-    numbering), or None."""
-    import nibabel as nib
+    grid, by ``python -m evaluate score``'s own function; ``labels``: the predictions' numbering (``nnunet`` for
+    nnU-Net's), None for the cases' own. A case that cannot be scored stops the benchmark."""
+    from evaluate.folders import score_predictions
 
-    from evaluate.cases import spacing_of
-    from evaluate.scoring import score_case
-
-    rows = {}
-    for c in cases:
-        ref_img = nib.load(str(c.seg))
-        ref = np.asarray(ref_img.dataobj).astype(np.uint8)
-        pred = np.asarray(nib.load(str(pred_dir / f"{c.case_id}.nii.gz")).dataobj).astype(np.uint8)
-        if convention_of_pred is not None:
-            pred = convention_of_pred(pred)
-        rows[c.case_id] = score_case(pred, ref, c.label_convention, spacing_of(ref_img.affine),
-                                     families=("legacy", "brats2023"), case=c.case_id, task=c.task)
-    return rows
+    scored = score_predictions(pred_dir, cases, cases[0].label_convention, ("legacy", "brats2023"), labels)
+    if scored.problems:
+        raise RuntimeError("benchmark scoring failed: " + "; ".join(scored.problems.values()))
+    return scored.rows
 
 
 def _means(rows: dict[str, dict]) -> dict:
@@ -189,9 +180,7 @@ def run(out_dir: Path, work: Path, trainer: str = "nnUNetTrainer_1epoch", size: 
         return _over_budget(out_dir, scale, n, spacing, part, build_s, prepared, estimate, trainer, budget_min, t0)
     wall = theirs["wall_s"]["total_s"]
     print(f"nnunet: nnU-Net {trainer}: " + ", ".join(f"{k} {v:.0f}" for k, v in theirs["wall_s"].items()))
-    convention = part["test"][0].label_convention
-    scores = {"nnU-Net": score_folder(Path(theirs["predictions"]), part["test"],
-                                      lambda lab: peers.from_nnunet(lab, convention))}
+    scores = {"nnU-Net": score_folder(Path(theirs["predictions"]), part["test"], "nnunet")}
     arm = best_arm(Path(out_dir))
     ours = _our_runs(work, arm, store, raw, part, wall, build_s, patch, log, scores)
     means = {k: _means(v) for k, v in scores.items()}

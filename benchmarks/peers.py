@@ -49,12 +49,12 @@ def nnunet_labels(convention: str):
 
 def from_nnunet(label, convention: str):
     """An nnU-Net label map (0, 1, 2, ...) back in ``convention``'s values (BraTS 2021: 3 becomes 4)."""
-    from store.conventions import relabel
+    from store.conventions import numbering_to, relabel
 
-    values = nnunet_labels(convention)
-    if label.size and int(label.max()) >= len(values):
-        raise ValueError(f"nnU-Net label {int(label.max())} has no {convention} value (labels 0..{len(values) - 1})")
-    return relabel(label, dict(enumerate(values)))
+    mapping = numbering_to(convention, "nnunet")
+    if label.size and int(label.max()) >= len(mapping):
+        raise ValueError(f"nnU-Net label {int(label.max())} has no {convention} value (labels 0..{len(mapping) - 1})")
+    return relabel(label, mapping)
 
 
 def write_split(preprocessed: Path, train_ids, val_ids) -> Path:

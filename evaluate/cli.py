@@ -3,6 +3,7 @@ evaluate.predictions (labels for raw case folders).
 
     python -m evaluate --run-dir DIR [--store PATH] [--split test] [--ensemble] [--save-predictions]
     python -m evaluate tune-postprocessing --run-dir DIR [--metric brats2023|legacy]
+    python -m evaluate score --pred PRED_DIR --ref COHORT_DIR [--labels nnunet] [--out DIR]
     python -m evaluate predict --run-dir DIR --source COHORT_DIR --out PRED_DIR [--tta] [--ensemble]
     python -m evaluate predict --run-dir DIR --case CASE_DIR --out PRED.nii.gz
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from store.conventions import TASKS
+from store.conventions import NUMBERINGS, TASKS
 
 from .scoring import FAMILIES  # numpy and the conventions only: --help stays fast
 
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN/postprocessing.json when present (see 'python -m evaluate tune-postprocessing --help'). Writes "
         "RUN/eval/<split>.csv and .json (conventions, task and postprocessing stated), <split>-lesions.csv (every "
         "reference and predicted lesion), <split>-scores.png (case scores before and after postprocessing), PNG "
-        "overlays under RUN/eval/png/. 'python -m evaluate predict --help' predicts raw case folders.",
+        "overlays under RUN/eval/png/. 'python -m evaluate predict --help' predicts raw case folders; 'python -m "
+        "evaluate score --help' scores a folder of predictions.",
     )
     _model_options(p)
     _store_options(p)
@@ -120,10 +122,47 @@ def build_predict_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_score_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m evaluate score",
+        description="Score a folder of predictions (this project's, nnU-Net's, a challenge submission's) against a "
+        "cohort's segmentations with the scorers of 'python -m evaluate': every <case-id>.nii.gz in --pred, on its "
+        "reference's own grid, in every family of --metrics. Writes predictions.csv, predictions.json (conventions "
+        "stated, one line per case that could not be scored), predictions-lesions.csv and predictions-scores.png "
+        "into --out. A missing prediction, one on another grid, one with labels outside its numbering, or one with "
+        "no reference case is one line naming the file; the other cases are scored (exit 1 if any was not).",
+    )
+    p.add_argument("--pred", required=True, help="the folder of predictions, <case-id>.nii.gz each")
+    p.add_argument("--ref", required=True, help="the cohort folder with the reference segs (any layout 'python -m "
+                   "prep build-store' reads: BraTS 2018-2024 at any depth, MSD Task01)")
+    p.add_argument("--metrics", nargs="+", default=list(FAMILIES), choices=FAMILIES, metavar="FAMILY",
+                   help="any of legacy, brats2023, brats2025 (see 'python -m evaluate --help'; default: all three)")
+    p.add_argument("--task", choices=TASKS, default=None, help="the BraTS task whose brats2023 parameters apply "
+                   "(default: each case's own, from its id)")
+    p.add_argument("--labels", choices=NUMBERINGS, default=None,
+                   help="the predictions' numbering, mapped to the cohort's: brats2021 (1 NCR, 2 ED, 4 ET), brats2023 "
+                   "(1 NETC, 2 SNFH, 3 ET, 4 RC), nnunet (nnU-Net's consecutive labels 0, 1, 2, ... in the "
+                   "convention's order), msd (1 oedema, 2 non-enhancing, 3 enhancing). Default: the numbering of the "
+                   "reference files")
+    p.add_argument("--out", help="the folder for the reports (default: <pred>-scores beside --pred)")
+    return p
+
+
+def _score(a) -> int:
+    from .folders import score_folder
+
+    summary = score_folder(a.pred, a.ref, a.metrics, a.task, a.labels, a.out)
+    for reason in summary["problems"].values():
+        print(f"  {reason}", file=sys.stderr)
+    print(f"scored {summary['cases']} cases, {len(summary['problems'])} not scored")
+    return 1 if summary["problems"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in ("predict", "tune-postprocessing") else None
-    parser = {"predict": build_predict_parser, "tune-postprocessing": build_tune_parser}.get(command, build_parser)
+    command = argv[0] if argv and argv[0] in ("predict", "tune-postprocessing", "score") else None
+    parser = {"predict": build_predict_parser, "tune-postprocessing": build_tune_parser,
+              "score": build_score_parser}.get(command, build_parser)
     a = parser().parse_args(argv[1:] if command else argv)
     if hasattr(a, "ensemble"):  # None: the run's best model; []: every fold; [RUN ...]: those runs' models too
         a.ensemble = False if a.ensemble is None else (a.ensemble or True)
@@ -138,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     from .tuning import tune_postprocessing
 
     try:
+        if command == "score":
+            return _score(a)
         if command == "tune-postprocessing":
             tune_postprocessing(a.run_dir, a.metric, a.store, a.source, a.device, a.tta)
         elif predict and a.case:

@@ -76,10 +76,9 @@ class SplitScorer:
     def _score(self, cid: str, raw, pred, gt, spacing, grid: str) -> None:
         """Every family's scores of the postprocessed label map (and of the raw one, where a rule is in force),
         the lesions, and MONAI's Dice, into the collected rows."""
-        import torch
-
         from store.conventions import region_masks
 
+        from .metrics import monai_dice_inputs
         from .scoring import score_case
 
         task = self.tasks[cid]
@@ -94,8 +93,7 @@ class SplitScorer:
                                                                task=task),
                                      **case_info, "voxels_pred_wt": int(region_masks(raw, self.conv, ("WT",))[0].sum())}
         self.lesion_rows[cid] = [{"case": cid, "region": region, **vars(lesion)} for region, lesion in (lesions or [])]
-        self.monai_dice(torch.from_numpy(p_reg[None].astype(np.float32)),
-                        torch.from_numpy(g_reg[None].astype(np.float32)))
+        self.monai_dice(*monai_dice_inputs(p_reg, g_reg))
 
     def _draw(self, cid: str, case, image: np.ndarray, prob: np.ndarray) -> None:
         """The overlay PNG and TensorBoard slices, on the stored grid (RAS), from the stored-grid label map."""

@@ -31,6 +31,13 @@ LABEL_CONVENTIONS: dict[str, dict] = {
 # A label map valid in the key's convention is valid in the value's too (same meaning of every shared label).
 SUPERSEDED_BY = {"brats2023": "brats2024"}
 
+# The numberings a prediction file may come in (``python -m evaluate score --labels``), each a label value -> its
+# meaning: BraTS 2021's (1 NCR, 2 ED, 4 ET), BraTS 2023+'s (1 NETC, 2 SNFH, 3 ET, 4 RC), nnU-Net's consecutive
+# labels (k -> the convention's k-th label value) and the Medical Segmentation Decathlon Task01's.
+NUMBERINGS = ("brats2021", "brats2023", "nnunet", "msd")
+MEANINGS = ("necrosis", "edema", "enhancing", "cavity")
+MSD_NUMBERING = {1: "edema", 2: "necrosis", 3: "enhancing"}  # 1 oedema, 2 non-enhancing tumour, 3 enhancing
+
 
 class ConventionError(ValueError):
     """A label or region that the convention does not have; the message names it."""
@@ -40,6 +47,22 @@ def label_values(convention: str) -> tuple[int, ...]:
     """All legal label values of a convention, background included."""
     return (0, *sorted(int(k) for k in LABEL_CONVENTIONS[convention]["labels"]))
 
+
+
+def numbering_to(convention: str, numbering: str) -> dict[int, int]:
+    """Label value in ``numbering`` (one of NUMBERINGS) -> the value of the same meaning in ``convention``, for
+    ``relabel``; background 0 -> 0. A value the mapping lacks has no meaning in ``convention``."""
+    c = LABEL_CONVENTIONS[convention]
+    if numbering == "nnunet":
+        return dict(enumerate(label_values(convention)))
+    if numbering == "msd":
+        meanings = MSD_NUMBERING
+    elif numbering in ("brats2021", "brats2023"):
+        source = LABEL_CONVENTIONS["brats2024" if numbering == "brats2023" else "brats2021"]
+        meanings = {source[m]: m for m in MEANINGS if m in source}
+    else:
+        raise ConventionError(f"--labels {numbering!r}: choose one of {', '.join(NUMBERINGS)}")
+    return {0: 0, **{int(v): c[m] for v, m in meanings.items() if m in c}}
 
 def region_labels(convention: str, region: str) -> tuple[int, ...]:
     """The label values that make up ``region`` in ``convention``."""

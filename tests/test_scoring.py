@@ -269,3 +269,45 @@ def test_a_2023_cohort_without_cavities_stays_2023(tiny_cohort_2023, tmp_path):
     rep = build_store(BuildConfig(source=str(tmp_path / "raw"), store=str(tmp_path / "s.zarr"), workers=0,
                                   spacing=synth_spacing(TINY)), progress=False)
     assert rep.ok and open_store(tmp_path / "s.zarr").label_convention == "brats2023"
+
+
+def test_monai_dice_on_the_cropped_regions_equals_the_whole_grid():
+    import torch
+    from monai.metrics import DiceMetric
+
+    from evaluate.metrics import monai_dice_inputs
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # some regions empty on one side or both
+        p, g = np.zeros((3, 30, 32, 20), bool), np.zeros((3, 30, 32, 20), bool)
+        for r in range(3):
+            for m, size in ((p, (8, 6, 5)), (g, (7, 9, 4))):
+                if rng.random() < 0.75:
+                    a = rng.integers(0, 20, 3)
+                    m[r, a[0]:a[0] + size[0], a[1]:a[1] + size[1], a[2]:a[2] + size[2]] = True
+        whole, cropped = (DiceMetric(include_background=True, reduction="mean") for _ in range(2))
+        whole(torch.from_numpy(p[None].astype(np.float32)), torch.from_numpy(g[None].astype(np.float32)))
+        cropped(*monai_dice_inputs(p, g))
+        a, b = float(whole.aggregate()), float(cropped.aggregate())
+        assert (np.isnan(a) and np.isnan(b)) or a == b
+    assert monai_dice_inputs(p, g)[0].shape[2:] != p.shape[1:]  # it did crop
+
+
+def test_present_values_counts_eight_bit_maps():
+    from evaluate.scoring import present_values
+
+    a = np.zeros((5, 4, 3), np.uint8)
+    a[1, 1, 1], a[2, 2, 2] = 4, 255
+    assert present_values(a) == {0, 4, 255} == present_values(a.astype(np.int16))
+
+
+def test_bounding_box_is_the_box_of_every_voxel_widened_and_clipped():
+    from evaluate.metrics import bounding_box
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        m = rng.random(tuple(rng.integers(1, 12, 3))) < rng.uniform(0.01, 0.3)
+        if m.any():
+            idx, k = np.argwhere(m), int(rng.integers(0, 4))
+            lo, hi = np.maximum(idx.min(0) - k, 0), np.minimum(idx.max(0) + k + 1, m.shape)
+            assert bounding_box(m, k) == tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))

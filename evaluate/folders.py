@@ -1,0 +1,175 @@
+"""``python -m evaluate score``: a folder of predictions (this project's, nnU-Net's, a challenge submission's) scored
+against a cohort's segmentations by the same scorers as ``evaluate``.
+
+Every ``<case-id>.nii.gz`` of the folder is read as a label map on its reference's own grid (shape and affine),
+its values mapped from the stated numbering (``--labels``: BraTS 2021, BraTS 2023+, nnU-Net's consecutive labels,
+MSD's; default: the numbering of the reference files themselves) to the cohort's convention, and scored against
+the reference seg in every family asked for. A case that cannot be scored is one line naming the file; the other
+cases are scored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .scoring import FAMILIES
+
+STEM = "predictions"  # <out>/predictions.csv, .json, -lesions.csv, -scores.png
+
+
+class ScoreError(ValueError):
+    """Inputs that cannot be scored at all (no reference cases, no prediction folder); the message names them."""
+
+
+@dataclass
+class Scored:
+    """Per case: its row (scores, task, grid, voxel counts), its brats2023 lesions, and the MONAI Dice inputs; per
+    case that could not be scored, one line."""
+
+    rows: dict = field(default_factory=dict)
+    lesions: dict = field(default_factory=dict)
+    problems: dict = field(default_factory=dict)
+    regions: list = field(default_factory=list)  # (prediction regions, reference regions) per scored case
+
+
+def _load(path: Path):
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), np.asarray(img.affine, float)
+
+
+def _mapping(case, convention: str, labels: str | None) -> dict:
+    """Prediction value -> the cohort convention's value: the stated numbering, or the reference files' own."""
+    from store.conventions import label_values, numbering_to
+
+    if labels is not None:
+        return numbering_to(convention, labels)
+    if getattr(case, "source_labels", None):  # MSD's own values, as the build maps them
+        return {int(k): int(v) for k, v in case.source_labels.items()}
+    return {v: v for v in label_values(convention)}
+
+
+def _read_pair(case, pred_path: Path, convention: str, labels: str | None):
+    """(prediction, reference, spacing mm) of one case in ``convention``; a ValueError naming the file where the
+    prediction is on another grid or holds values outside its numbering."""
+    from store.conventions import relabel
+
+    from .cases import spacing_of
+    from .scoring import present_values
+
+    pred, pred_affine = _load(pred_path)
+    ref, ref_affine = _load(case.seg)
+    if pred.shape != ref.shape or not np.allclose(pred_affine, ref_affine, atol=1e-3):
+        raise ValueError(f"{pred_path}: its grid (shape {'x'.join(map(str, pred.shape))}) is not that of its "
+                         f"reference {case.seg} (shape {'x'.join(map(str, ref.shape))}, affines "
+                         f"{'equal' if np.allclose(pred_affine, ref_affine, atol=1e-3) else 'differ'})")
+    mapping = _mapping(case, convention, labels)
+    found = present_values(pred)
+    if stray := sorted(found - set(mapping)):
+        raise ValueError(f"{pred_path}: label values {stray} are not in the {labels or 'reference files'} numbering "
+                         f"{sorted(mapping)}")
+    ref = np.asarray(ref).astype(np.uint8)
+    if getattr(case, "source_labels", None):
+        ref = relabel(ref, case.source_labels)
+    return relabel(np.asarray(pred).astype(np.uint8), mapping), ref, spacing_of(ref_affine)
+
+
+def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAMILIES, labels: str | None = None,
+                      task: str | None = None) -> Scored:
+    """Every case of ``cases`` (prep.discover.CaseFiles with segs, one label convention) scored from
+    ``pred_dir/<case-id>.nii.gz``; predictions of no case in ``cases`` and cases without a prediction are problems.
+    ``labels``: the predictions' numbering (None: the reference files'); ``task``: the brats2023 task (default:
+    each case's own)."""
+    from store.conventions import region_masks
+
+    from .scoring import score_case
+
+    pred_dir = Path(pred_dir)
+    found = {p.name[: -len(".nii.gz")]: p for p in sorted(pred_dir.glob("*.nii.gz")) if not p.name.startswith(".")}
+    refs = {c.case_id: c for c in cases}
+    out = Scored()
+    for cid in sorted(set(found) - set(refs)):
+        out.problems[cid] = f"{found[cid]}: a prediction with no reference case"
+    for cid, case in refs.items():
+        if cid not in found:
+            out.problems[cid] = f"case {cid}: no prediction {pred_dir / f'{cid}.nii.gz'}"
+            continue
+        try:
+            pred, ref, spacing = _read_pair(case, found[cid], convention, labels)
+            lesions = [] if "brats2023" in families else None
+            scores = score_case(pred, ref, convention, spacing, families, case=cid, task=task or case.task,
+                                lesions=lesions)
+        except (ValueError, OSError) as e:
+            out.problems[cid] = str(e) if str(found[cid]) in str(e) else f"{found[cid]}: {e}"
+            continue
+        p_reg, g_reg = region_masks(pred, convention), region_masks(ref, convention)
+        out.rows[cid] = {"case": cid, **scores, "task": task or case.task, "grid": "source",
+                         "voxels_gt_wt": int(g_reg[1].sum()), "voxels_pred_wt": int(p_reg[1].sum())}
+        out.lesions[cid] = [{"case": cid, "region": r, **vars(lesion)} for r, lesion in (lesions or [])]
+        out.regions.append((p_reg, g_reg))
+    return out
+
+
+def score_folder(pred_dir: str | Path, ref_dir: str | Path, metrics=FAMILIES, task: str | None = None,
+                 labels: str | None = None, out_dir: str | Path | None = None) -> dict:
+    """Score ``pred_dir`` against the cohort at ``ref_dir`` (any layout discovery reads) and write, into ``out_dir``
+    (default ``<pred_dir>-scores`` beside it), what ``evaluate`` writes: predictions.csv, .json, -lesions.csv and
+    -scores.png. Returns the summary, its ``problems`` one line per case that could not be scored."""
+    from prep.discover import discover
+    from store.conventions import TASKS
+
+    from .scoring import parse_metrics
+
+    families = parse_metrics(metrics)
+    if task is not None and task not in TASKS:
+        raise ScoreError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise ScoreError(f"--pred {pred_dir}: no such folder")
+    cohort = discover(ref_dir, require_seg=True)
+    if not cohort.cases and not cohort.problems:
+        raise ScoreError(f"--ref {ref_dir}: no case folders in it")
+    convention = cohort.label_convention or "brats2021"
+    scored = score_predictions(pred_dir, cohort.cases, convention, families, labels, task)
+    scored.problems = {**cohort.problems, **scored.problems}
+    out = Path(out_dir) if out_dir else pred_dir.with_name(f"{pred_dir.name}-scores")
+    return _write(scored, out, pred_dir, convention, families, task)
+
+
+def _write(scored: Scored, out: Path, pred_dir: Path, convention: str, families, task) -> dict:
+    """The reports of a scored folder, as ``evaluate`` writes them, and the console table."""
+    from monai.metrics import DiceMetric
+
+    from store.conventions import REGIONS, trainable_regions
+
+    from .evaluation import CASE_COLUMNS, MONAI_DICE_NOTE, TASK_NOTE
+    from .metrics import monai_dice_inputs
+    from .report import print_table, save_score_figure, summarize, write_lesions, write_reports
+    from .scoring import score_columns
+
+    ids = sorted(scored.rows)
+    rows = [scored.rows[c] for c in ids]
+    monai_dice = DiceMetric(include_background=True, reduction="mean")
+    for p_reg, g_reg in scored.regions:
+        monai_dice(*monai_dice_inputs(p_reg, g_reg))
+    score_cols = score_columns(convention, families)
+    tasks = [r["task"] for r in rows]
+    summary = {
+        "predictions": str(pred_dir), "models": f"the predictions in {pred_dir}", "split": "predicted",
+        "cases": len(rows), "label_convention": convention, "metrics": list(families), "grid": "source",
+        "tasks": {t: tasks.count(t) for t in sorted(set(tasks))}, "task_source": "--task" if task else TASK_NOTE,
+        "postprocessing": ["none: the predictions as found"],
+        "monai_dice_mean": float(monai_dice.aggregate()) if rows else float("nan"),
+        "monai_dice_note": MONAI_DICE_NOTE, "scores": summarize(rows, score_cols),
+        "problems": dict(sorted(scored.problems.items())),
+    }
+    write_reports(out, STEM, rows, ["case", *score_cols, *CASE_COLUMNS], summary)
+    if "brats2023" in families:
+        write_lesions(out / f"{STEM}-lesions.csv", [r for c in ids for r in scored.lesions[c]])
+    if rows:
+        save_score_figure(out / f"{STEM}-scores.png", rows, rows, families, convention)
+        print_table(rows, summary, list(trainable_regions(convention)) if "legacy" in families else list(REGIONS))
+    return summary
