@@ -25,13 +25,13 @@ class ScoreError(ValueError):
 
 @dataclass
 class Scored:
-    """Per case: its row (scores, task, grid, voxel counts), its brats2023 lesions, and the MONAI Dice inputs; per
-    case that could not be scored, one line."""
+    """Per case: its row (scores, task, grid, voxel counts) and its brats2023 lesions; per case that could not be
+    scored, one line; MONAI's DiceMetric over every scored case (as evaluate reports it beside the families)."""
 
+    monai_dice: object
     rows: dict = field(default_factory=dict)
     lesions: dict = field(default_factory=dict)
     problems: dict = field(default_factory=dict)
-    regions: list = field(default_factory=list)  # (prediction regions, reference regions) per scored case
 
 
 def _load(path: Path):
@@ -62,10 +62,11 @@ def _read_pair(case, pred_path: Path, convention: str, labels: str | None):
 
     pred, pred_affine = _load(pred_path)
     ref, ref_affine = _load(case.seg)
-    if pred.shape != ref.shape or not np.allclose(pred_affine, ref_affine, atol=1e-3):
+    same_affine = np.allclose(pred_affine, ref_affine, atol=1e-3)
+    if pred.shape != ref.shape or not same_affine:
         raise ValueError(f"{pred_path}: its grid (shape {'x'.join(map(str, pred.shape))}) is not that of its "
                          f"reference {case.seg} (shape {'x'.join(map(str, ref.shape))}, affines "
-                         f"{'equal' if np.allclose(pred_affine, ref_affine, atol=1e-3) else 'differ'})")
+                         f"{'equal' if same_affine else 'differ'})")
     mapping = _mapping(case, convention, labels)
     found = present_values(pred)
     if stray := sorted(found - set(mapping)):
@@ -83,14 +84,17 @@ def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAM
     ``pred_dir/<case-id>.nii.gz``; predictions of no case in ``cases`` and cases without a prediction are problems.
     ``labels``: the predictions' numbering (None: the reference files'); ``task``: the brats2023 task (default:
     each case's own)."""
+    from monai.metrics import DiceMetric
+
     from store.conventions import region_masks
 
+    from .metrics import monai_dice_inputs
     from .scoring import score_case
 
     pred_dir = Path(pred_dir)
     found = {p.name[: -len(".nii.gz")]: p for p in sorted(pred_dir.glob("*.nii.gz")) if not p.name.startswith(".")}
     refs = {c.case_id: c for c in cases}
-    out = Scored()
+    out = Scored(DiceMetric(include_background=True, reduction="mean"))
     for cid in sorted(set(found) - set(refs)):
         out.problems[cid] = f"{found[cid]}: a prediction with no reference case"
     for cid, case in refs.items():
@@ -109,7 +113,7 @@ def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAM
         out.rows[cid] = {"case": cid, **scores, "task": task or case.task, "grid": "source",
                          "voxels_gt_wt": int(g_reg[1].sum()), "voxels_pred_wt": int(p_reg[1].sum())}
         out.lesions[cid] = [{"case": cid, "region": r, **vars(lesion)} for r, lesion in (lesions or [])]
-        out.regions.append((p_reg, g_reg))
+        out.monai_dice(*monai_dice_inputs(p_reg, g_reg))
     return out
 
 
@@ -141,20 +145,14 @@ def score_folder(pred_dir: str | Path, ref_dir: str | Path, metrics=FAMILIES, ta
 
 def _write(scored: Scored, out: Path, pred_dir: Path, convention: str, families, task) -> dict:
     """The reports of a scored folder, as ``evaluate`` writes them, and the console table."""
-    from monai.metrics import DiceMetric
-
     from store.conventions import REGIONS, trainable_regions
 
     from .evaluation import CASE_COLUMNS, MONAI_DICE_NOTE, TASK_NOTE
-    from .metrics import monai_dice_inputs
     from .report import print_table, save_score_figure, summarize, write_lesions, write_reports
     from .scoring import score_columns
 
     ids = sorted(scored.rows)
     rows = [scored.rows[c] for c in ids]
-    monai_dice = DiceMetric(include_background=True, reduction="mean")
-    for p_reg, g_reg in scored.regions:
-        monai_dice(*monai_dice_inputs(p_reg, g_reg))
     score_cols = score_columns(convention, families)
     tasks = [r["task"] for r in rows]
     summary = {
@@ -162,7 +160,7 @@ def _write(scored: Scored, out: Path, pred_dir: Path, convention: str, families,
         "cases": len(rows), "label_convention": convention, "metrics": list(families), "grid": "source",
         "tasks": {t: tasks.count(t) for t in sorted(set(tasks))}, "task_source": "--task" if task else TASK_NOTE,
         "postprocessing": ["none: the predictions as found"],
-        "monai_dice_mean": float(monai_dice.aggregate()) if rows else float("nan"),
+        "monai_dice_mean": float(scored.monai_dice.aggregate()) if rows else float("nan"),
         "monai_dice_note": MONAI_DICE_NOTE, "scores": summarize(rows, score_cols),
         "problems": dict(sorted(scored.problems.items())),
     }

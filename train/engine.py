@@ -283,13 +283,17 @@ class Trainer:
         """Seconds since training started (set-up included), across resumes."""
         return self.wall_before + self.clock() - self.t_start
 
+    def _validation_ids(self) -> list[str]:
+        """The cases a validation scores: the validation split, the first ``--max-val-cases`` of it when given."""
+        return self.val_ids[: self.cfg.max_val_cases] if self.cfg.max_val_cases else self.val_ids
+
     def _validation_seconds(self) -> float:
         """What a validation costs, for the time-limit decision before the first one: the last recorded one of a
         resumed run, else one validation case timed here and scaled to this rank's share of the cases."""
         recorded = [r["val_s"] for r in self.history if "val_s" in r]
         if recorded:
             return float(recorded[-1])
-        ids = self.val_ids[: self.cfg.max_val_cases] if self.cfg.max_val_cases else self.val_ids
+        ids = self._validation_ids()
         t0 = self.clock()
         validate(self.core, self.store, ids[:1], self.cfg, self.device, self.autocast, self.loss_fn, self.dist)
         return (self.clock() - t0) * math.ceil(len(ids) / self.dist.world)
@@ -358,7 +362,7 @@ class Trainer:
     def validate(self, epoch: int) -> dict:
         """Validation on every rank (each its share of the cases), early stopping on the reduced figures."""
         cfg = self.cfg
-        ids = self.val_ids[: cfg.max_val_cases] if cfg.max_val_cases else self.val_ids
+        ids = self._validation_ids()
         v = validate(self.core, self.store, ids, cfg, self.device, self.autocast, self.loss_fn, self.dist)
         example = v.pop("_example")
         is_best = self.stopper.step(v["val_loss"])
