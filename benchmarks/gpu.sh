@@ -5,7 +5,10 @@
 # benchmarks on full-size synthetic cases, writing the same JSON as on the CPU to benchmarks/results/gpu/ (or
 # $OUT/gpu when $OUT is set), and a log beside it. Budget: about 5 to 8 minutes on a 16-core H100/H200 machine;
 # MODALITIES=1 adds the modalities experiment with --full (one seed per arm), about 8 minutes more; MODELS=1 the
-# architectures at equal wall time (1 minute per run, one seed each), about 6 minutes more.
+# architectures at equal wall time (1 minute per run, one seed each), about 6 minutes more. RACE=1 runs the race
+# against nnU-Net v2 instead, alone (its figures are wall times): the cohort at 1 mm, nnU-Net's longest fixed-length
+# trainer that fits 5 minutes, ours to the same whole wall time, about 15 minutes; nnU-Net and what it needs come
+# from WHEELS_DIR/race (RACE=1 bash benchmarks/gpu_wheels.sh puts them there).
 # Usage: bash benchmarks/gpu.sh [WHEELS_DIR]   (default .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +19,7 @@ exec > >(tee -a "$out/gpu.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU here"; exit 1; }
 missing=$(python3 - <<'PY'
 import importlib.util
-need = ["medpy", "monai", "nibabel", "nilearn", "zarr", "numcodecs", "dask", "distributed", "matplotlib", "scipy", "psutil",
+need = ["medpy", "surface_distance", "monai", "nibabel", "nilearn", "zarr", "numcodecs", "dask", "distributed", "matplotlib", "scipy", "psutil",
         "einops"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY
@@ -39,6 +42,16 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, report its time
   echo "=== $name: exit $s after $((SECONDS - t0))s"
   [ $s -eq 0 ] || rc=1
 }
+if [ "${RACE:-0}" = 1 ]; then
+  if ! python3 -c "import nnunetv2" 2>/dev/null; then
+    echo "installing nnU-Net v2 from $wheels/race"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$wheels"/race/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PYTHONPATH PATH=/tmp/site/bin:$PATH
+  fi
+  step 840 race python3 -m benchmarks nnunet --spacing 1 --trainer auto --budget 5 --out "$out" --work "$work/race"
+  exit $rc
+fi
 # the whole suite on 8 processes; the CUDA-only variants are in test_augment.py and test_loader.py
 step 120 tests env OMP_NUM_THREADS=2 python3 -m pytest -q -n 8 -p no:cacheprovider tests
 step 240 loader python3 -m benchmarks loader --out "$out" --work "$work"

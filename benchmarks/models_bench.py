@@ -51,7 +51,9 @@ def make_cohort(work: Path, shape, n: int) -> tuple[Path, tuple]:
 
     raw = work / "raw"
     if not raw.is_dir() or sum(1 for p in raw.iterdir() if p.is_dir()) < n:
-        synth_cohort(SynthConfig(out=raw, cases=n, seed=2024, shape=shape, workers=2), progress=False)
+        # the same bytes whatever the number of processes
+        synth_cohort(SynthConfig(out=raw, cases=n, seed=2024, shape=shape, workers=min(8, os.cpu_count() or 1)),
+                     progress=False)
     return raw, tuple(f / s for f, s in zip(FOV_MM, shape))
 
 

@@ -190,6 +190,8 @@ def test_peers_without_nnunet_say_how_to_install_it(monkeypatch, capsys, tmp_pat
     (["models", "--time-limit", "0"], "positive number of minutes"),
     (["models", "--budget", "30"], "nnunet benchmark only"),
     (["nnunet", "--budget", "-1"], "--budget must be a positive number of minutes"),
+    (["nnunet", "--spacing", "0"], "--spacing applies to the nnunet benchmark only"),
+    (["models", "--spacing", "4"], "--spacing applies to the nnunet benchmark only"),
 ])
 def test_bad_benchmark_flags_are_refused(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -242,9 +244,66 @@ def test_nnunet_commands_get_their_folders_and_the_torchvision_shim(tmp_path, mo
     assert r.returncode == 0 and r.stdout.strip().startswith(first), r.stderr
 
 
+def test_race_arithmetic():
+    from benchmarks import race
+    from prep.synth import FOV_MM
+
+    assert race.grid_for(4, FOV_MM) == (60, 60, 39) and race.grid_for(2, FOV_MM) == (120, 120, 78)
+    with pytest.raises(ValueError, match="--spacing"):
+        race.grid_for(0, FOV_MM)
+    assert [race.patch_for(s) for s in ((60, 60, 39), (120, 120, 78), (240, 240, 155), (40, 40, 28))] == \
+        [32, 64, 64, 16]
+    points = [(100.0, 0.4), (200.0, 0.6), (400.0, 0.8)]
+    assert race.time_to_reach(points, 0.7) == {"seconds": pytest.approx(300.0), "how": "interpolated between our "
+                                                                                       "points"}
+    assert race.time_to_reach(points, 0.6)["seconds"] == pytest.approx(200.0)
+    assert race.time_to_reach(points, 0.3) == {"seconds": 100.0, "how": "by our first point (an upper bound)"}
+    assert race.time_to_reach(points, 0.9) == {"seconds": None, "how": "not reached"}
+    # a curve that dips: the first crossing counts
+    assert race.time_to_reach([(1.0, 0.2), (2.0, 0.7), (3.0, 0.5), (4.0, 0.9)], 0.6)["seconds"] == pytest.approx(1.8)
+
+
+def test_auto_takes_nnunets_longest_trainer_within_the_budget(monkeypatch, tmp_path):
+    from benchmarks import nnunet_bench, peers
+
+    timed = []
+
+    def estimate(work, trainer):
+        timed.append(trainer)
+        return {"seconds_per_iteration": 0.1, "iterations_per_epoch": 250, "epochs": 1, "training_s_at_least": 25.0}
+
+    monkeypatch.setattr(peers, "training_estimate", estimate)
+    # 25 s an epoch: 100 epochs fit in 60 min, 250 do not
+    assert nnunet_bench._pick_trainer(tmp_path, "auto", 60.0)[0] == "nnUNetTrainer_100epochs"
+    trainer, probe = nnunet_bench._pick_trainer(tmp_path, "auto", 2.5)  # 5 epochs fit in 2.5 min, 10 do not
+    assert trainer == "nnUNetTrainer_5epochs" and probe["training_s_at_least"] == pytest.approx(125.0)
+    assert nnunet_bench._pick_trainer(tmp_path, "auto", 0.1)[0] == "nnUNetTrainer_1epoch"  # to be reported over
+    assert nnunet_bench._pick_trainer(tmp_path, "nnUNetTrainer_10epochs", 0.1)[0] == "nnUNetTrainer_10epochs"
+    assert timed == ["nnUNetTrainer_1epoch"] * 3 + ["nnUNetTrainer_10epochs"]
+
+
+def test_nnunets_own_log_gives_its_epochs(tmp_path):
+    from benchmarks import race
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    (fold / "training_log_2026_1_1_00_00_00.txt").write_text("2026-01-01 00:00:00.1: Epoch 0\n")  # a probe's
+    (fold / "training_log_2026_1_1_00_10_00.txt").write_text(
+        "2026-01-01 00:10:00.1: Epoch 0\n2026-01-01 00:10:00.2: train_loss -0.1\n"
+        "2026-01-01 00:30:00.3: Pseudo dice [np.float32(0.5), np.float32(0.25), np.float32(0.0)]\n"
+        "2026-01-01 00:30:00.4: Epoch time: 1200.5 s\n2026-01-01 00:30:00.5: Epoch 1\n"
+        "2026-01-01 00:50:00.6: Pseudo dice [0.75, 0.5, 1e-1]\n2026-01-01 00:50:00.7: Epoch time: 1199.25 s\n")
+    epochs = race.nnunet_epochs(fold)
+    assert [e["pseudo_dice"] for e in epochs] == [[0.5, 0.25, 0.0], [0.75, 0.5, 0.1]]
+    assert [e["epoch_s"] for e in epochs] == [1200.5, 1199.25]
+    assert epochs[0]["mean_pseudo_dice"] == pytest.approx(0.25)
+    assert race.nnunet_epochs(tmp_path / "nowhere") == []
+
+
 def test_nnunet_benchmark_flow_with_a_stand_in_for_nnunet(monkeypatch, tmp_path, capsys):
-    """Everything but nnU-Net's own commands: our build, our split handed over, two time-limited trainings and
-    predictions, nnU-Net's files mapped back and scored by the same scorer, the goals against its figures."""
+    """Everything but nnU-Net's own commands: our build, our split handed over, one time-limited training with
+    snapshots at W/4 and W/2, a prediction from each point, nnU-Net's files mapped back and scored by the same
+    scorer, the goals against its figures, the PNG."""
     import nibabel as nib
     import numpy as np
 
@@ -252,11 +311,12 @@ def test_nnunet_benchmark_flow_with_a_stand_in_for_nnunet(monkeypatch, tmp_path,
 
     handed = {}
 
-    def prepare(train, val, work):
+    def prepare(train, val, work, processes=2):
         handed.update(train=[c.case_id for c in train], val=[c.case_id for c in val])
         return {"plan_and_preprocess_s": 1.0, "plan": {"patch_size": [16, 16, 16]}}
 
-    def stand_in(train, val, test, work, trainer, prepared):  # nnU-Net "predicts" the references, in its numbering
+    def stand_in(train, val, test, work, trainer, processes=2, device="cpu", prepared=None):
+        # nnU-Net "predicts" the references, in its numbering
         assert prepared["plan"] == {"patch_size": [16, 16, 16]}
         handed.update(test=[c.case_id for c in test])
         out = work / "predictions"
@@ -283,15 +343,22 @@ def test_nnunet_benchmark_flow_with_a_stand_in_for_nnunet(monkeypatch, tmp_path,
     splits = open_store(tmp_path / "work" / "store.zarr").splits
     assert handed == {k: list(splits[k]) for k in ("train", "val", "test")}
     assert res["means"]["nnU-Net"]["mean_dice"] == 1.0  # the references, mapped back: 3 is 4 again
-    for name in ("W", "W/2"):
+    assert list(res["ours"]) == ["W/4", "W/2", "W"]
+    for name, share in (("W/4", 0.25), ("W/2", 0.5), ("W", 1.0)):
         ours = res["ours"][name]
-        assert ours["epochs"] >= 1 and ours["time_limit_min"] == pytest.approx(0.05 * (1 if name == "W" else 0.5))
+        assert ours["epochs"] >= 1 and ours["time_limit_min"] == pytest.approx(0.05)  # one run
+        assert ours["snapshot_at_min"] == (None if name == "W" else pytest.approx(0.05 * share))
         assert ours["wall_s"]["total_s"] == pytest.approx(sum(v for k, v in ours["wall_s"].items() if k != "total_s"))
         assert 0 <= res["means"][f"ours at {name}"]["mean_dice"] < 1.0
+        assert "brats2023" in res["paired_mean_dice_vs_nnunet"][f"ours at {name}"]
+    walls = [res["ours"][n]["wall_s"]["train_s"] for n in ("W/4", "W/2", "W")]
+    assert walls == sorted(walls)  # the snapshots stand earlier in the same run
     assert res["goals"] == {k: False for k in res["goals"]}
+    assert res["time_to_nnunet_dice"] == {"seconds": None, "how": "not reached"}
+    assert (tmp_path / "out" / "nnunet.png").stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "nnunet.json").read_text())
     assert saved["ours_arm"] == "unet (seed recipe)" and "| nnU-Net v2 stand-in" in saved["table_markdown"]
-    assert (tmp_path / "out" / "nnunet-cases.csv").read_text().count("\n") == 1 + 3 * len(splits["test"])
+    assert (tmp_path / "out" / "nnunet-cases.csv").read_text().count("\n") == 1 + 4 * len(splits["test"])
     # a trainer that would run past the budget is timed, reported and not started; nothing is compared
     monkeypatch.setattr(peers, "training_estimate", lambda work, trainer: {
         "seconds_per_iteration": 40.0, "iterations_per_epoch": 250, "epochs": 1, "training_s_at_least": 10000.0})
@@ -302,3 +369,38 @@ def test_nnunet_benchmark_flow_with_a_stand_in_for_nnunet(monkeypatch, tmp_path,
     monkeypatch.setattr(peers, "available", lambda: False)
     assert nnunet_bench.run(tmp_path / "out", tmp_path / "w2", size="tiny") is None
     assert "pip install -e '.[peers]'" in capsys.readouterr().out
+
+
+def test_gpu_script_runs_the_race_alone_with_nnunets_wheels(tmp_path):
+    """RACE=1 bash benchmarks/gpu.sh, with stand-ins for the GPU (nvidia-smi) and for python3 that record what they
+    are asked: nnU-Net installed from the carried wheels' race folder, the race at 1 mm within a 5-minute nnU-Net
+    budget, and none of the other benchmarks."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB, 570.00'\n")
+    (bin_dir / "python3").write_text(f"""#!/bin/bash
+echo "$*" >> {calls}
+case "$*" in
+  "-c import nnunetv2") exit 1 ;;
+  -) cat > /dev/null; echo "" ;;
+esac
+exit 0
+""")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "RACE": "1", "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(tmp_path / "wheels")], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = calls.read_text().splitlines()
+    install = [x for x in lines if x.startswith("-m pip install")]
+    assert len(install) == 1 and install[0].endswith(f"{tmp_path}/wheels/race/*.whl")
+    race = [x for x in lines if x.startswith("-m benchmarks")]
+    assert len(race) == 1 and race[0].startswith("-m benchmarks nnunet --spacing 1 --trainer auto --budget 5 --out "
+                                                 f"{tmp_path}/out/gpu ")
+    assert "=== race: exit 0" in r.stdout and (tmp_path / "out" / "gpu" / "gpu.log").exists()

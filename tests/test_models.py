@@ -118,7 +118,7 @@ class FakeClock:
 
 
 def _time_limited_run(tiny_store, tmp_path, monkeypatch, limit_min: float, epoch_s: float, case_s: float,
-                      resume_from=None):
+                      resume_from=None, extra=()):
     """A --time-limit run of the trainer on the fake clock; (records, trainer, validation cases)."""
     import train.engine as engine
     from store import open_store
@@ -126,7 +126,7 @@ def _time_limited_run(tiny_store, tmp_path, monkeypatch, limit_min: float, epoch
 
     run = resume_from or tmp_path / "timed"
     flags = ["--store", tiny_store, "--run-dir", str(run), *BASE[:-4], "--epochs", "50", "--val-every", "3",
-             "--lr", "0.01", "--schedule", "poly", *SMALL["unet"], "--time-limit", str(limit_min)]
+             "--lr", "0.01", "--schedule", "poly", *SMALL["unet"], "--time-limit", str(limit_min), *extra]
     cfg = config_from_args(build_parser().parse_args(flags + (["--resume"] if resume_from else [])))
     sp = open_store(tiny_store).splits
     clock = FakeClock()
@@ -181,7 +181,37 @@ def test_a_resumed_time_limited_run_takes_the_validation_time_from_its_record(ti
     assert trainer.val_seconds == pytest.approx(4.0 * n_val)
 
 
+def test_snapshots_keep_the_run_as_it_stood_at_each_minute(tiny_store, tmp_path, monkeypatch):
+    # 2 min; epochs of 10 s, a validation of every case 4 s each. Snapshots at 0.5 and 1 min, and one at 5 min,
+    # after the run's end
+    from train import snapshots
+    from train.runs import load_run
+
+    records, trainer, n_val = _time_limited_run(tiny_store, tmp_path, monkeypatch, 2.0, 10.0, 4.0,
+                                                extra=["--snapshot-at", "1", "0.5", "5"])
+    val_s, run = 4.0 * n_val, tmp_path / "timed"
+    taken = {}
+    for minutes in (0.5, 1.0, 5.0):
+        folder = snapshots.folder(run, minutes)
+        snap = json.loads((folder / "snapshot.json").read_text())
+        taken[minutes] = snap
+        kept = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert len(kept) == snap["epoch"] and kept == records[:snap["epoch"]]  # the run as it stood
+        assert "val_loss" in kept[-1] and kept[-1]["wall_s"] == snap["wall_s"]  # validated at the snapshot
+        assert load_run(folder).kind == "single model"  # a run folder evaluate and predict read
+    for minutes in (0.5, 1.0):
+        snap = taken[minutes]
+        # the last epoch before the minute: its training ended before it, and another epoch and its validation
+        # would have passed it
+        assert snap["wall_s"] - val_s < 60 * minutes < snap["wall_s"] + 10.0 + val_s
+    assert taken[5.0]["epoch"] == len(records) and taken[5.0]["wall_s"] == records[-1]["wall_s"]
+    assert taken[0.5]["epoch"] < taken[1.0]["epoch"] < len(records)
+    assert sorted(m for r in records for m in r.get("snapshots", ())) == [0.5, 1.0, 5.0]
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--snapshot-at", "0"], "--snapshot-at takes distinct positive numbers of minutes"),
+    (["--snapshot-at", "2", "2"], "--snapshot-at takes distinct positive numbers of minutes"),
     (["--model", "unet", "--deep-supervision"], "--deep-supervision: unet has no deep supervision"),
     (["--model", "swinunetr", "--channels", "12", "--patch-size", "48", "48", "48"], "multiple of 32"),
     (["--model", "swinunetr", "--channels", "12", "--patch-size", "32", "32", "32"], "at least 64"),

@@ -9,7 +9,8 @@ from pathlib import Path
 from store.conventions import REGIONS
 
 # Fields that may differ when a run is resumed (they do not change what is computed per epoch).
-RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir", "dist_timeout", "overwrite", "time_limit"}
+RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir", "dist_timeout", "overwrite", "time_limit",
+                     "snapshot_at"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     schedule: str = "cosine-restarts"
     time_limit: float | None = None  # minutes of wall time; training stops before an epoch that would pass it
+    snapshot_at: tuple[float, ...] = ()  # minutes of wall time at which the run is kept as it stands (train.snapshots)
 
     def to_dict(self) -> dict:
         """JSON types only (tuples become lists), as saved in config.json and in checkpoints."""

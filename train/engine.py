@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import snapshots
 from .checkpoints import load_checkpoint, save_atomic, sweep_temporary
 from .checks import ConfigError, check_cache_memory, check_gpu_ranks, check_inputs
 from .config import TrainConfig
@@ -245,23 +246,29 @@ class Trainer:
         # a resumed run's clock goes on from where it stopped
         self.wall_before = float(self.history[-1].get("wall_s", 0.0)) if self.history else 0.0
         try:
-            if self.cfg.time_limit is not None:
+            if self.cfg.time_limit is not None or self.cfg.snapshot_at:
                 self.val_seconds = self._validation_seconds()
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 t_epoch = self.clock()
                 record = self.train_epoch(epoch)
-                out_of_time = self._next_epoch_passes_limit(self.clock() - t_epoch, epoch)
+                out_of_time, snaps = self._look_ahead(self.clock() - t_epoch, epoch)
                 # once per epoch, no loss argument (the cosine schedule takes epochs), after the time-limit decision:
                 # a time-limited schedule follows the share of the limit at the end of the coming epoch
                 self.sched.step()
-                if (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs or out_of_time:
+                if (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs or out_of_time or snaps:
                     t_val = self.clock()
                     record.update(self.validate(epoch))
                     self.val_seconds = record["val_s"] = self.clock() - t_val
+                if out_of_time or self.stopper.should_stop or epoch + 1 == self.cfg.epochs:
+                    snaps = self._pending_snapshots()  # the run ends: every snapshot still due is this state
                 record["wall_s"] = self.wall_seconds()
+                if snaps:
+                    record["snapshots"] = snaps
                 self.history.append(record)
                 self.log(record)
                 self.save_checkpoint(epoch)
+                for minutes in snaps if self.dist.is_writer else ():
+                    snapshots.take(self.run_dir, minutes, epoch, record["wall_s"])
                 if out_of_time:
                     self.summary["stopped"] = f"time limit of {self.cfg.time_limit:g} min"
                     if self.progress:
@@ -298,21 +305,31 @@ class Trainer:
         validate(self.core, self.store, ids[:1], self.cfg, self.device, self.autocast, self.loss_fn, self.dist)
         return (self.clock() - t0) * math.ceil(len(ids) / self.dist.world)
 
-    def _next_epoch_passes_limit(self, train_seconds: float, epoch: int) -> bool:
-        """Whether going on would end past ``--time-limit``: this epoch's validation where one is due, then another
-        epoch like this one and its validation (any epoch may be the last, which validates). Sets ``time_share``
-        to the share of the limit at the end of that next epoch. The same answer on every rank (rank 0's clock
-        decides)."""
-        if self.cfg.time_limit is None or epoch + 1 >= self.cfg.epochs:
-            return False
+    def _pending_snapshots(self) -> list[float]:
+        taken = {m for r in self.history for m in r.get("snapshots", ())}
+        return [m for m in self.cfg.snapshot_at if m not in taken]
+
+    def _look_ahead(self, train_seconds: float, epoch: int) -> tuple[bool, list[float]]:
+        """Where going on would end: this epoch's validation where one is due, then another epoch like this one and
+        its validation (any epoch may be the last, which validates). Returns whether that passes ``--time-limit``
+        and the ``--snapshot-at`` minutes it passes (this epoch is the last before them, and validates); sets
+        ``time_share`` to the share of the limit at the end of that next epoch. The same answer on every rank
+        (rank 0's clock decides)."""
+        pending = self._pending_snapshots()
+        if (self.cfg.time_limit is None and not pending) or epoch + 1 >= self.cfg.epochs:
+            return False, []
         validates_now = (epoch + 1) % self.cfg.val_every == 0
-        limit = 60 * self.cfg.time_limit
         end_of_next = self.wall_seconds() + (self.val_seconds if validates_now else 0.0) + train_seconds \
             + self.val_seconds
-        mine = [float(end_of_next > limit), end_of_next] if self.dist.rank == 0 else [0.0, 0.0]
-        late, end_of_next = self.dist.sum(mine, "the time-limit decision")
+        (end_of_next,) = self.dist.sum([end_of_next if self.dist.rank == 0 else 0.0], "the time-limit decision")
+        snaps = snapshots.due(pending, end_of_next)
+        if snaps and not validates_now:  # the snapshot's validation comes now
+            end_of_next += self.val_seconds
+        if self.cfg.time_limit is None:
+            return False, snaps
+        limit = 60 * self.cfg.time_limit
         self.time_share = min(1.0, end_of_next / limit)
-        return late > 0
+        return end_of_next > limit, snaps
 
     def train_epoch(self, epoch: int) -> dict:
         """``steps`` optimizer steps; the epoch's mean loss over every rank, throughput and data-wait share."""

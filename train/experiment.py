@@ -40,6 +40,9 @@ def check_flags(cfg) -> None:
         (cfg.time_limit is None or cfg.time_limit > 0,
          f"--time-limit must be a positive number of minutes, not {cfg.time_limit:g}" if cfg.time_limit is not None
          else ""),
+        (all(m > 0 for m in cfg.snapshot_at) and len(set(cfg.snapshot_at)) == len(cfg.snapshot_at),
+         "--snapshot-at takes distinct positive numbers of minutes, not "
+         + " ".join(f"{m:g}" for m in cfg.snapshot_at)),
     ]
     for ok, message in checks:
         if not ok:

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minutes of wall time: training stops cleanly (validation run, checkpoints written) when "
                    "the next epoch and its validation would pass the limit, so runs compare at equal time (default: "
                    "none)")
+    p.add_argument("--snapshot-at", type=float, nargs="+", default=[], metavar="MIN",
+                   help="keep the run as it stands at these minutes of wall time: at the end of the last epoch before "
+                   "each (validated then), best.pt, config and metrics are copied to RUN_DIR/at-<MIN>min, a run "
+                   "folder evaluate and predict read; a run that ends earlier takes them at its end (default: none)")
     p.add_argument("--max-val-cases", type=int, help="validate on at most this many cases (quick runs)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimizer steps per epoch on every process (default: training cases / (processes x "
@@ -103,6 +107,7 @@ def config_from_args(args: argparse.Namespace):
         max_val_cases=args.max_val_cases, steps_per_epoch=args.steps_per_epoch, dist_timeout=args.dist_timeout,
         model=args.model, deep_supervision=args.deep_supervision, loss=args.loss, optimizer=args.optimizer,
         schedule=args.schedule, time_limit=args.time_limit,
+        snapshot_at=tuple(sorted(args.snapshot_at)),
     )
 
 
