@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine-restarts",
                    help="learning rate per epoch: cosine-restarts (the seed's, T_0 10), poly (lr x (1 - epoch / "
                    "epochs)^0.9, as nnU-Net), cosine (one cosine over --epochs) (default: %(default)s)")
+    _budget_options(p)
+    return p
+
+
+def _budget_options(p: argparse.ArgumentParser) -> None:
+    """How long and how much: the time limit, snapshots, validation cases, steps per epoch, collective timeouts."""
     p.add_argument("--time-limit", type=float, metavar="MIN",
                    help="minutes of wall time: training stops cleanly (validation run, checkpoints written) when "
                    "the next epoch and its validation would pass the limit, so runs compare at equal time (default: "
@@ -90,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
                    help="under torchrun: seconds a collective may wait for the other processes before the job "
                    "stops with an error naming the rank and the step (default: %(default)s)")
-    return p
 
 
 def config_from_args(args: argparse.Namespace):
