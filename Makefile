@@ -38,7 +38,7 @@ demo: install
 	$(PY) -m train --store $(DATA)/brats.zarr --modalities t1 t1ce t2 flair --amp --epochs $(DEMO_EPOCHS) \
 		--steps-per-epoch $(DEMO_STEPS) --patch-size 48 48 48 --batch-size 2 --lr 3e-3 --channels 16 32 64 128 \
 		--val-every 20 --workers 2 --run-dir $(RUN) --overwrite
-	$(PY) -m evaluate tune-postprocessing --run-dir $(RUN)
+	$(PY) -m evaluate tune-postprocessing --run-dir $(RUN) --or-skip
 	$(PY) -m evaluate --run-dir $(RUN) --split test --save-predictions
 	$(PY) -m evaluate --run-dir $(RUN) --split test --tta --metrics legacy
 	$(PY) -m benchmarks all --quick --out $(RUN)/benchmarks

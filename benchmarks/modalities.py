@@ -61,6 +61,22 @@ def _postprocessing_gains(before: dict, after: dict, test_ids, seeds, regions) -
     return out
 
 
+def _false_positives(before: dict, test_ids, seeds) -> dict:
+    """Per arm, before postprocessing: the brats2023 scorer's false-positive components (predicted lesions matching
+    no reference lesion) per test case and region, mean over cases and seeds, and the share of test cases with one
+    in ET or WT (in any seed's prediction)."""
+    from evaluate import brats2023
+
+    out = {}
+    for arm, rows in before.items():
+        fp = {r: float(np.mean([rows[s][c][f"brats2023_fp_{r.lower()}"] for s in seeds for c in test_ids]))
+              for r in brats2023.REGIONS}
+        with_one = [any(rows[s][c]["brats2023_fp_et"] + rows[s][c]["brats2023_fp_wt"] > 0 for s in seeds)
+                    for c in test_ids]
+        out[arm] = {"per_case": fp, "cases_with_one_in_et_or_wt": float(np.mean(with_one))}
+    return out
+
+
 def _cohort(work: Path, n: int, shape, spacing) -> tuple[Path, list[str]]:
     """The experiment's synthetic cohort (seed 2024) built into ``work/store.zarr``; (store, test case ids)."""
     from prep.build import BuildConfig, build_store
@@ -126,7 +142,6 @@ def _command(scale: str, amp: bool, seeds, epochs: int) -> str:
 def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epochs: int | None = None,
         cases: int | None = None, seeds: tuple[int, ...] | None = None, amp: bool = False) -> dict:
     from evaluate.evaluation import evaluate_split
-    from evaluate.tuning import tune_postprocessing
     from prep.synth import FOV_MM
     from store.conventions import REGIONS
     from train.config import TrainConfig
@@ -152,7 +167,7 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
             t = time.perf_counter()
             train_run(cfg)
             seconds[arm].append(time.perf_counter() - t)
-            rules[arm][seed] = tune_postprocessing(str(run_dir), "brats2023", str(store), progress=False)["rules"]
+            rules[arm][seed] = _tuned(run_dir, store)
             evaluate_split(str(run_dir), str(store), "test", progress=False)
             per_case[arm][seed] = _rows(run_dir / "eval" / "test.csv")
             raw = run_dir / "eval" / "test-before-postprocessing.csv"  # written only when a rule is in force
@@ -161,12 +176,14 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
     arms = _arm_summaries(per_case, seconds, rules, seeds, test_ids)
     paired = _paired_dice(per_case, seeds, test_ids)
     gains = _postprocessing_gains(unprocessed, per_case, test_ids, seeds, REGIONS)
-    table = _table(arms, paired, REGIONS, len(seeds), len(test_ids), gains)
+    false_positives = _false_positives(unprocessed, test_ids, seeds)
+    table = _table(arms, paired, REGIONS, len(seeds), len(test_ids), gains, false_positives)
     payload = {"scale": scale, "cohort": {"cases": n, "shape": list(shape), "spacing_mm": list(spacing),
                                          "seed": 2024, "test_cases": len(test_ids)},
                "budget": {"epochs": ep, "steps_per_epoch": steps, "patch": list(patch), "batch_size": 2,
                           "lr": base.lr, "channels": list(channels), "seeds": list(seeds)},
-               "arms": arms, "paired_dice": paired, "postprocessing_gains": gains, "table_markdown": table,
+               "arms": arms, "paired_dice": paired, "postprocessing_gains": gains,
+               "false_positive_components_before_postprocessing": false_positives, "table_markdown": table,
                "seconds": time.perf_counter() - t0,
                "conventions": "dice/hd95: legacy BraTS per region on the source grid; brats2023_: the BraTS 2023 "
                               "lesion-wise scorer (gli: dilation 3, 50 mm^3); brats2025_lw_dice: the 2024-25 "
@@ -185,7 +202,18 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
     return payload
 
 
-def _table(arms: dict, paired: dict, regions, n_seeds: int, n_cases: int, gains: dict) -> str:
+def _tuned(run_dir: Path, store: Path) -> list[str]:
+    """The run's postprocessing tuned on its validation cases: the rules kept (none where too few cases)."""
+    from evaluate.tuning import TooFewCases, tune_postprocessing
+
+    try:
+        return tune_postprocessing(str(run_dir), "brats2023", str(store), progress=False)["rules"]
+    except TooFewCases as e:
+        print(f"modalities: {run_dir.name}: {e}")
+        return []
+
+
+def _table(arms: dict, paired: dict, regions, n_seeds: int, n_cases: int, gains: dict, false_positives: dict) -> str:
     lines = ["| inputs | " + " | ".join(f"Dice {r}" for r in regions) + " | "
              + " | ".join(f"HD95 {r} mm" for r in regions) + " | " + " | ".join(f"brats2023 Dice {r}"
                                                                               for r in regions) + " |",
@@ -212,6 +240,14 @@ def _table(arms: dict, paired: dict, regions, n_seeds: int, n_cases: int, gains:
         lines.append(f"| {arm} | " + " | ".join(
             f"{g['before']:.3f} -> {g['after']:.3f}, {g['mean_gain']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"
             for g in per.values()) + " |")
+    fp_regions = list(next(iter(false_positives.values()))["per_case"])
+    lines += ["", "False-positive components before postprocessing (brats2023 scorer: predicted lesions matching no "
+                  "reference lesion), per test case, mean over cases and seeds:", "",
+              "| inputs | " + " | ".join(fp_regions) + " | test cases with one in ET or WT |",
+              "|---|" + "---|" * (len(fp_regions) + 1)]
+    for arm, f in false_positives.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{f['per_case'][r]:.2f}" for r in fp_regions)
+                     + f" | {f['cases_with_one_in_et_or_wt']:.0%} |")
     return "\n".join(lines)
 
 

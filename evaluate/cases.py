@@ -91,9 +91,16 @@ def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None =
     tmp.replace(path)
 
 
-def to_source_labels(label: np.ndarray, case) -> np.ndarray:
-    """A label map (X, Y, Z) back in the case's own values where its source labels differ from the convention's (an MSD
-    case: BraTS 2021's 2 oedema is MSD's 1, 1 non-enhancing core its 2, 4 enhancing its 3)."""
-    if not getattr(case, "source_labels", None):
+def to_source_labels(label: np.ndarray, source_labels: dict | None) -> np.ndarray:
+    """A label map (X, Y, Z) back in the case's own values, where its source labels differ from the convention's
+    (``source_labels``: source value -> stored value, keys int or str, as discovery reads them and the store keeps
+    them; an MSD case: BraTS 2021's 2 oedema is MSD's 1, 1 non-enhancing core its 2, 4 enhancing its 3)."""
+    if not source_labels:
         return label
-    return relabel(label, {stored: source for source, stored in case.source_labels.items()})
+    return relabel(label, {stored: int(source) for source, stored in source_labels.items()})
+
+
+def write_prediction(label: np.ndarray, affine, path: Path, like: Path | None, source_labels: dict | None) -> None:
+    """The final label map as its case's sources number it (MSD's values for an MSD case), written as NIfTI on
+    ``affine``: what ``evaluate --save-predictions`` and ``evaluate predict`` both write."""
+    write_label_nifti(to_source_labels(label, source_labels), affine, path, like)

@@ -71,9 +71,10 @@ def build_tune_parser() -> argparse.ArgumentParser:
         description="Learn postprocessing on validation, as nnU-Net and the BraTS 2023 winners do: predict the run's "
         "validation cases (a k-fold run: each fold's model on its own validation cases, out-of-fold), then search, "
         "per region (WT, TC, ET, and RC where trained), the removal of predicted components under k mm^3, and the "
-        "relabelling of ET under v mm^3 in total as non-enhancing core (grids that include 0: no rule). A rule is "
-        "kept only when it raises the mean validation score (ties keep no rule). Writes RUN/postprocessing.json, "
-        "which 'python -m evaluate' and 'python -m evaluate predict' then apply.",
+        "relabelling of ET under v mm^3 in total as non-enhancing core; a removal never takes a case's largest "
+        "component of the region. A rule is kept only when the lower bound of the paired bootstrap 95% interval of "
+        "its per-case gain over the validation cases is above zero. Refuses fewer than --min-cases validation cases. "
+        "Writes RUN/postprocessing.json, which 'python -m evaluate' and 'python -m evaluate predict' then apply.",
     )
     _run_and_device(p)
     p.add_argument("--metric", choices=["brats2023", "legacy"], default="brats2023",
@@ -82,6 +83,10 @@ def build_tune_parser() -> argparse.ArgumentParser:
     _store_options(p)
     p.add_argument("--tta", action="store_true", help="predict the validation cases with the 8 mirrorings, as "
                    "evaluate --tta does (tune with the inference you will evaluate with)")
+    p.add_argument("--min-cases", type=int, default=10, metavar="N", help="the fewest validation cases tuned on; a "
+                   "k-fold run's out-of-fold cases all count (default: %(default)s)")
+    p.add_argument("--or-skip", action="store_true", help="with fewer than --min-cases validation cases, say that "
+                   "tuning is skipped and why and exit 0, writing nothing (the demo's 2 validation cases)")
     return p
 
 
@@ -174,13 +179,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from .evaluation import evaluate_split
     from .predictions import predict_case, predict_folder
-    from .tuning import tune_postprocessing
+    from .tuning import TooFewCases, tune_postprocessing
 
     try:
         if command == "score":
             return _score(a)
         if command == "tune-postprocessing":
-            tune_postprocessing(a.run_dir, a.metric, a.store, a.source, a.device, a.tta)
+            if a.min_cases < 1:
+                parser().error(f"--min-cases must be at least 1, not {a.min_cases}")
+            try:
+                tune_postprocessing(a.run_dir, a.metric, a.store, a.source, a.device, a.tta, min_cases=a.min_cases)
+            except TooFewCases as e:
+                if not a.or_skip:
+                    raise
+                print(f"python -m evaluate tune-postprocessing: skipped: {e}")
         elif predict and a.case:
             predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta, not a.no_postprocessing, a.model)
         elif predict:

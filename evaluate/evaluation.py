@@ -67,10 +67,10 @@ class SplitScorer:
         self.tasks[cid] = self.task or case.task
         self._score(cid, raw, pred, gt, spacing, grid)
         if self.save_predictions:
-            from .cases import write_label_nifti
+            from .cases import write_prediction
 
-            write_label_nifti(pred, case.geometry["source_affine"], self.out_dir / f"pred{self.suffix}" /
-                              f"{cid}.nii.gz", seg[0] if seg is not None else None)
+            write_prediction(pred, case.geometry["source_affine"], self.out_dir / f"pred{self.suffix}" /
+                             f"{cid}.nii.gz", seg[0] if seg is not None else None, case.meta.get("source_labels"))
         self._draw(cid, case, image, prob)
 
     def _score(self, cid: str, raw, pred, gt, spacing, grid: str) -> None:

@@ -35,26 +35,41 @@ class OnnxNet(torch.nn.Module):
         return torch.from_numpy(np.ascontiguousarray(y)).to(x.device)
 
 
-def read_card(path: Path) -> dict:
-    """The model card beside an exported model file, checked to describe that file."""
-    from train.export import CARD
+def resolve_model(path: Path) -> Path:
+    """``--model``: a model file as given; a folder: the one exported model inside it (a model file with its card
+    beside it), or an error naming what the folder holds."""
+    from train.export import SUFFIXES, card_path
 
-    card_path = path.parent / CARD
+    if not path.is_dir():
+        return path
+    models = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    carded = [p for p in models if card_path(p).is_file()]
+    if len(carded) == 1:
+        return carded[0]
+    found = ", ".join(p.name + ("" if p in carded else " (no card)") for p in models) or "no model file"
+    raise RunError(f"--model {path} is a folder holding {found}: name the model file")
+
+
+def read_card(path: Path) -> dict:
+    """The model card beside an exported model file (train.export.card_path), checked to describe that file."""
+    from train.export import card_path
+
+    card_file = card_path(path)
     if not path.is_file():
         raise RunError(f"--model {path}: no such file (python -m train export writes one)")
-    if not card_path.is_file():
-        raise RunError(f"--model {path}: no {CARD} beside it; keep the card that 'python -m train export' wrote "
-                       f"with the model")
+    if not card_file.is_file():
+        raise RunError(f"--model {path}: no {card_file.name} beside it; keep the card that 'python -m train export' "
+                       f"wrote with the model")
     try:
-        card = json.loads(card_path.read_text())
+        card = json.loads(card_file.read_text())
         named, fmt = card["file"], card["format"]
         card["training"]["config"], card["preprocessing"]  # noqa: B018 (present)
     except (ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{card_path} is damaged ({type(e).__name__}: {e}): export the run again") from None
+        raise RunError(f"{card_file} is damaged ({type(e).__name__}: {e}): export the run again") from None
     if named != path.name:
-        raise RunError(f"{card_path} describes {named}, not {path.name}: keep each model with its own card")
+        raise RunError(f"{card_file} describes {named}, not {path.name}: keep each model with its own card")
     if fmt not in ("onnx", "torchscript"):
-        raise RunError(f"{card_path}: unknown format {fmt!r}")
+        raise RunError(f"{card_file}: unknown format {fmt!r}")
     return card
 
 
@@ -63,7 +78,7 @@ def load_exported(path: str | Path, device="cpu") -> LoadedRun:
     records (float32: an exported network has no autocast)."""
     from train.config import TrainConfig
 
-    path = Path(path)
+    path = resolve_model(Path(path))
     card = read_card(path)
     cfg = TrainConfig.from_dict({**card["training"]["config"], "amp": False})
     if card["format"] == "onnx":
@@ -74,4 +89,24 @@ def load_exported(path: str | Path, device="cpu") -> LoadedRun:
     else:
         net = torch.jit.load(str(path), map_location=device).eval()
     return LoadedRun([net], cfg, [path], card["preprocessing"], f"exported {card['format']} model ({path.name})",
-                     [cfg])
+                     [cfg], card)
+
+
+def card_rules(run: LoadedRun, convention: str, regions):
+    """The postprocessing an exported model's card carries (None: it has none). A postprocessing.json beside the
+    model that differs from it is an error naming both: the card's rules are the model's."""
+    from train.export import card_path
+
+    from .postprocess import FILE, rules_from
+
+    model = run.checkpoints[0]
+    record, beside = run.card.get("postprocessing"), model.parent / FILE
+    if beside.exists():
+        try:
+            other = json.loads(beside.read_text())
+        except ValueError:
+            other = None
+        if other != record:
+            raise RunError(f"{beside} differs from the postprocessing in {card_path(model)}: the card's rules are the "
+                           f"model's; remove {beside.name} or export the run again")
+    return rules_from(record, card_path(model), convention, regions) if record else None

@@ -5,7 +5,8 @@ Two kinds of rule, applied to the final label map on its own grid:
 
 - per region (WT, TC, ET, RC, outer regions first), predicted 26-connected components under k mm^3 are removed
   from the region and the regions inside it (a removed WT speck becomes background, a removed TC speck oedema,
-  a removed ET speck non-enhancing core);
+  a removed ET speck non-enhancing core); a case's largest component of the region is never removed, so a rule
+  never deletes a region's only lesion;
 - ET smaller than v mm^3 in total is relabelled as non-enhancing core (a tiny enhancing tumour is usually a false
   one, and a missed ET scores the penalty in every BraTS scorer).
 
@@ -78,8 +79,10 @@ def apply(label: np.ndarray, spacing, rules: Rules | None, convention: str | Non
         lab, n = components(r[where[region]], np.ones((3, 3, 3), bool))
         if not n:
             continue
-        small = np.bincount(lab.ravel()) * voxel < k
+        sizes = np.bincount(lab.ravel())
+        small = sizes * voxel < k
         small[0] = False
+        small[1 + int(np.argmax(sizes[1:]))] = False  # the largest stays
         gone = small[lab]
         for inner in REMOVES[region]:
             if inner in where:
@@ -98,17 +101,25 @@ def load_rules(run_dir, convention: str, regions) -> Rules | None:
         return None
     try:
         d = json.loads(path.read_text())
-        rules = Rules(d["convention"], tuple(d["regions"]), {k: float(v) for k, v in d["min_component_mm3"].items()},
-                      float(d["et_relabel_below_mm3"]))
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         raise PostprocessingError(f"{path} is damaged ({type(e).__name__}: {e}): run 'python -m evaluate tune-"
                                   f"postprocessing --run-dir {run_dir}' again, or pass --no-postprocessing") from None
+    return rules_from(d, path, convention, regions)
+
+
+def rules_from(d: dict, source: Path, convention: str, regions) -> Rules:
+    """Rules from a postprocessing record (postprocessing.json, or a model card's ``postprocessing``), checked
+    against the label convention and regions they are applied to; ``source`` names the file in every message."""
+    try:
+        rules = Rules(d["convention"], tuple(d["regions"]), {k: float(v) for k, v in d["min_component_mm3"].items()},
+                      float(d["et_relabel_below_mm3"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PostprocessingError(f"{source} is damaged ({type(e).__name__}: {e}): tune postprocessing again "
+                                  f"('python -m evaluate tune-postprocessing'), or pass --no-postprocessing") from None
     if not (compatible(convention, rules.convention) or compatible(rules.convention, convention)):
-        raise PostprocessingError(f"{path} was made for {rules.convention} labels, these are {convention} labels: "
+        raise PostprocessingError(f"{source} was made for {rules.convention} labels, these are {convention} labels: "
                                   f"tune it again on this run, or pass --no-postprocessing")
     if tuple(regions) != rules.regions:
-        raise PostprocessingError(f"{path} was made for regions {' '.join(rules.regions)}, the model outputs "
+        raise PostprocessingError(f"{source} was made for regions {' '.join(rules.regions)}, the model outputs "
                                   f"{' '.join(regions)}: tune it again on this run, or pass --no-postprocessing")
     return rules
-
-

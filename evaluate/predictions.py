@@ -9,8 +9,6 @@ import numpy as np
 
 from train.runs import RunError
 
-from .cases import write_label_nifti
-
 
 def _model_and_device(run_dir: str, ensemble: bool, device: str, model: str | None = None):
     """The run's loaded models (or the exported ``model``: a file from ``python -m train export``) and the
@@ -35,7 +33,7 @@ def _predictor(run, dev, tta: bool, convention: str, rules=None):
     from prep.preprocess import preprocess
     from store.conventions import regions_to_label
 
-    from .cases import regions_on_source, spacing_of, to_source_labels
+    from .cases import regions_on_source, spacing_of, write_prediction
     from .inference import predict_probabilities
     from .postprocess import apply
 
@@ -54,28 +52,33 @@ def _predictor(run, dev, tta: bool, convention: str, rules=None):
         case, out = job
         label = regions_to_label(regions_on_source(prob, pre.geometry), convention, run.config.regions)
         label = apply(label, spacing_of(pre.geometry["source_affine"]), rules, convention)
-        write_label_nifti(to_source_labels(label, case), pre.geometry["source_affine"], out, case.images[mods[0]])
+        write_prediction(label, pre.geometry["source_affine"], out, case.images[mods[0]], case.source_labels)
         return label
 
     return load, infer, finish
 
 
 def _postprocessing_rules(run_dir: str, run, convention: str, postprocessing: bool):
-    """The rules of ``run_dir``'s postprocessing.json for the run's regions (None with ``postprocessing`` off)."""
+    """The rules for the run's regions (None with ``postprocessing`` off): ``run_dir``'s postprocessing.json, or an
+    exported model's card's."""
+    from .exported import card_rules
     from .postprocess import load_rules
 
-    return load_rules(run_dir, convention, run.config.regions) if postprocessing else None
+    if not postprocessing:
+        return None
+    if run.card is not None:
+        return card_rules(run, convention, run.config.regions)
+    return load_rules(run_dir, convention, run.config.regions)
 
 
 def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, device: str = "auto",
                  tta: bool = False, postprocessing: bool = True, model: str | None = None) -> Path:
     """Predict a raw case folder and write the labels in its source geometry and label convention, after the
     run's postprocessing.json when it has one and ``postprocessing``. ``model``: an exported model file instead
-    of the run (its folder holds the postprocessing exported with it)."""
+    of the run (its card carries the postprocessing exported with it)."""
     from prep.discover import discover_case
 
     run, dev = _model_and_device(run_dir, ensemble, device, model)
-    run_dir = str(Path(model).parent) if model else run_dir
     case = discover_case(case_dir, require_seg=False, required=tuple(run.config.modalities))
     convention = _output_convention(run, case.label_convention)
     rules = _postprocessing_rules(run_dir, run, convention, postprocessing)
@@ -102,7 +105,6 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     if dst == src or src in dst.parents:
         raise RunError(f"--out {out} lies inside --source {source}: choose a folder outside the cohort")
     run, dev = _model_and_device(run_dir, ensemble, device, model)
-    run_dir = str(Path(model).parent) if model else run_dir
     cohort = discover(source, require_seg=False, required=tuple(run.config.modalities))
     failed = dict(cohort.problems)
     if not cohort.cases:

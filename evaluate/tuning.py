@@ -1,8 +1,10 @@
 """Postprocessing learned on validation: ``tune`` searches the component removal per region (k mm^3), then the
-ET relabelling (v mm^3), from grids that include 0 (no rule), greedily in that order, and keeps a rule only when it
-raises the mean validation score (ties keep no rule). ``tune_postprocessing`` predicts the validation cases (for a
-k-fold run, every fold's own validation cases: out-of-fold), tunes and writes ``RUN/postprocessing.json``
-(evaluate.postprocess holds the rules)."""
+ET relabelling (v mm^3), greedily in that order, and keeps a rule only when it generalises: the lower bound of the
+paired bootstrap 95% interval of its per-case gain over the validation cases is above zero (of such values, the
+one with the best mean; none: no rule). It refuses fewer than ``min_cases`` validation cases (10 by default): on
+a handful, a rule that fits them is no evidence. ``tune_postprocessing`` predicts the validation cases (for a
+k-fold run, every fold's own validation cases: out-of-fold, and all of them count), tunes and writes
+``RUN/postprocessing.json`` (evaluate.postprocess holds the rules)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from train.runs import RunError
 
 from .postprocess import ET_RELABEL, FILE, ORDER, Rules, apply
 
+MIN_CASES = 10
+KEEP = "the lower bound of the paired bootstrap 95% interval of the gain over the validation cases is above zero"
 COMPONENT_GRID_MM3 = (0, 10, 25, 50, 100, 200, 500, 1000)
 ET_RELABEL_GRID_MM3 = (0, 25, 50, 100, 200, 500, 1000)
 
@@ -25,6 +29,15 @@ OBJECTIVES = {
     "brats2023": "mean over validation cases and ET, TC, WT of the brats2023 lesion-wise Dice",
     "legacy": "mean over validation cases and TC, WT, ET of the legacy Dice",
 }
+
+
+class TooFewCases(RunError):
+    """Fewer validation cases than ``--min-cases``: the message names the flag and the count."""
+
+
+def too_few(n: int, min_cases: int) -> TooFewCases:
+    return TooFewCases(f"{n} validation case(s), fewer than --min-cases {min_cases}: a rule learned on so few is no "
+                       f"evidence that it helps; postprocessing not tuned (--min-cases {n} tunes on them anyway)")
 
 
 @dataclass
@@ -51,28 +64,41 @@ def case_objective(pred: np.ndarray, ref: np.ndarray, convention: str, spacing, 
                           for i in range(3)]))
 
 
-def tune(cases: list[ValidationCase], convention: str, regions, family: str = "brats2023") -> tuple[Rules, dict]:
-    """The rules that maximise the mean validation objective, and the search's record."""
+def tune(cases: list[ValidationCase], convention: str, regions, family: str = "brats2023",
+         min_cases: int = MIN_CASES) -> tuple[Rules, dict]:
+    """The rules that generalise (module docstring), and the search's record: every value tried with its mean gain
+    over the rules kept so far and the gain's 95% interval."""
+    from .report import bootstrap_ci
+
     if family not in OBJECTIVES:
         raise ValueError(f"--metric must be one of {', '.join(OBJECTIVES)}, not {family!r}")
     if not cases:
         raise RunError("no validation cases to tune postprocessing on")
+    if len(cases) < min_cases:
+        raise too_few(len(cases), min_cases)
 
-    def objective(rules: Rules) -> float:
-        return float(np.mean([case_objective(apply(c.pred, c.spacing, rules, convention), c.ref, convention,
-                                             c.spacing, c.task, family) for c in cases]))
+    def per_case(rules: Rules) -> np.ndarray:
+        return np.array([case_objective(apply(c.pred, c.spacing, rules, convention), c.ref, convention, c.spacing,
+                                        c.task, family) for c in cases])
 
     best = Rules(convention, tuple(regions))
-    current = before = objective(best)
-    trace = []
+    current = per_case(best)
+    before, trace = float(current.mean()), []
     steps = [(r, COMPONENT_GRID_MM3) for r in ORDER if r in regions] + [(ET_RELABEL, ET_RELABEL_GRID_MM3)]
     for rule, grid in steps:
-        tried = [(objective(best.with_rule(rule, k)), k) for k in grid[1:]]
-        trace += [{"rule": rule, "mm3": k, "score": s} for s, k in tried]
-        score, k = max(tried, key=lambda t: (t[0], -t[1]))  # the best score; of equals, the smallest k
-        if score > current + 1e-12:  # a rule must raise the score: ties keep no rule
-            best, current = best.with_rule(rule, k), score
-    return best, {"score_before": before, "score_after": current, "search": trace}
+        kept = None  # (mean gain, per-case scores, k)
+        for k in grid[1:]:
+            scores = per_case(best.with_rule(rule, k))
+            gain = scores - current
+            lo, hi = bootstrap_ci(gain)
+            trace.append({"rule": rule, "mm3": k, "score": float(scores.mean()), "gain": float(gain.mean()),
+                          "gain_ci95": [lo, hi]})
+            # generalises: the interval's lower bound above zero; of those, the best mean (equals: the smallest k)
+            if lo > 0 and (kept is None or gain.mean() > kept[0] + 1e-12):
+                kept = (float(gain.mean()), scores, k)
+        if kept is not None:
+            best, current = best.with_rule(rule, kept[2]), kept[1]
+    return best, {"score_before": before, "score_after": float(current.mean()), "search": trace}
 
 
 def _validation_cases(part: Path, store_path, source_dir, dev, tta: bool, progress: bool):
@@ -108,10 +134,26 @@ def _validation_cases(part: Path, store_path, source_dir, dev, tta: bool, progre
     return conv, regions, cases
 
 
+def _enough_cases(parts: list[Path], store_path, min_cases: int) -> None:
+    """TooFewCases before any prediction when the run's validation cases (every fold's) are fewer than
+    ``min_cases``; a run with none is left to the caller's own message."""
+    from store import open_store
+    from train.experiment import splits_for
+    from train.runs import load_run
+
+    n = 0
+    for part in parts:
+        cfg = load_run(part).config
+        n += len(splits_for(open_store(store_path or cfg.store), cfg.fold)[1])
+    if 0 < n < min_cases:
+        raise too_few(n, min_cases)
+
+
 def tune_postprocessing(run_dir: str, metric: str = "brats2023", store_path: str | None = None,
                         source_dir: str | None = None, device: str = "auto", tta: bool = False,
-                        progress: bool = True) -> dict:
-    """Predict the run's validation cases (out-of-fold for a k-fold run), tune, write RUN/postprocessing.json."""
+                        progress: bool = True, min_cases: int = MIN_CASES) -> dict:
+    """Predict the run's validation cases (out-of-fold for a k-fold run), tune, write RUN/postprocessing.json.
+    Fewer than ``min_cases`` validation cases: TooFewCases, before any prediction, nothing written."""
     from train.device import resolve_device
 
     if metric not in OBJECTIVES:
@@ -121,6 +163,7 @@ def tune_postprocessing(run_dir: str, metric: str = "brats2023", store_path: str
     kfold = root / "kfold.json"
     parts = ([root / f"fold-{f['fold']}" for f in json.loads(kfold.read_text())["folds"]] if kfold.exists()
              else [root])
+    _enough_cases(parts, store_path, min_cases)
     cases: list[ValidationCase] = []
     for part in parts:
         conv, regions, found = _validation_cases(part, store_path, source_dir, dev, tta, progress)
@@ -129,12 +172,13 @@ def tune_postprocessing(run_dir: str, metric: str = "brats2023", store_path: str
         raise RunError(f"run {run_dir} has no validation cases (the store's validation split for it is empty): "
                        f"postprocessing is tuned on validation only")
     cases.sort(key=lambda c: c.case)
-    rules, record = tune(cases, conv, regions, metric)
+    rules, record = tune(cases, conv, regions, metric, min_cases)
     out = {
         "convention": rules.convention, "regions": list(rules.regions),
         "min_component_mm3": {r: rules.min_component_mm3.get(r, 0.0) for r in ORDER if r in regions},
         "et_relabel_below_mm3": rules.et_relabel_below_mm3, "rules": rules.describe(),
-        "metric": metric, "objective": OBJECTIVES[metric], "test_time_augmentation": tta,
+        "metric": metric, "objective": OBJECTIVES[metric], "kept_when": KEEP, "min_cases": min_cases,
+        "test_time_augmentation": tta,
         "validation": "out-of-fold predictions of every fold" if kfold.exists() else "the run's validation split",
         "validation_cases": [c.case for c in cases],
         "grids_mm3": {"components": list(COMPONENT_GRID_MM3), "et_relabel": list(ET_RELABEL_GRID_MM3)},

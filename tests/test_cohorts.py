@@ -155,7 +155,7 @@ def test_msd_task01_builds_trains_and_predicts_in_its_own_convention(msd, tmp_pa
     # trains briefly, scores against the MSD labels mapped, predicts imagesTs too, in MSD's values
     run = tmp_path / "run"
     assert train_main(["--store", str(store), "--run-dir", str(run), *TINY_NET]) == 0
-    assert eval_main(["--run-dir", str(run), "--metrics", "legacy"]) == 0
+    assert eval_main(["--run-dir", str(run), "--metrics", "legacy", "--save-predictions"]) == 0
     assert json.loads((run / "eval" / "test.json").read_text())["grid"] == "source"
     assert eval_main(["predict", "--run-dir", str(run), "--source", str(msd), "--out", str(tmp_path / "pred")]) == 0
     written = sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz"))
@@ -163,11 +163,24 @@ def test_msd_task01_builds_trains_and_predicts_in_its_own_convention(msd, tmp_pa
     from evaluate.cases import to_source_labels
 
     case = next(x for x in discover(msd).cases if x.case_id == "BRATS_001")
-    assert to_source_labels(np.array([0, 1, 2, 4], np.uint8), case).tolist() == [0, 2, 1, 3]
+    assert to_source_labels(np.array([0, 1, 2, 4], np.uint8), case.source_labels).tolist() == [0, 2, 1, 3]
     values = set()
     for name in written:
         values |= set(np.unique(np.asarray(nib.load(str(tmp_path / "pred" / name)).dataobj)).tolist())
     assert values <= {0, 1, 2, 3} and len(values) > 1
+    # evaluate --save-predictions writes MSD's values too: the same labels as predict's (from the store's images,
+    # stored in 1/32000 of their range, so all but a few voxels)
+    saved = sorted((run / "eval" / "pred").glob("*.nii.gz"))
+    assert saved and all(f.name in written for f in saved)
+    tumour = 0
+    for f in saved:
+        a = np.asarray(nib.load(str(f)).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "pred" / f.name)).dataobj)
+        either = (a > 0) | (b > 0)
+        assert set(np.unique(a).tolist()) <= {0, 1, 2, 3}
+        assert not either.any() or (a[either] == b[either]).mean() > 0.9
+        tumour += int(either.sum())
+    assert tumour > 0
 
 
 def test_msd_bad_input_is_one_line(msd, tmp_path):

@@ -67,6 +67,53 @@ def test_exported_model_predicts_the_torch_models_labels(run, tiny_cohort, tmp_p
         assert any(not np.array_equal(v, a[k]) for k, v in _labels(tmp_path / "raw").items())
 
 
+def test_the_model_travels_with_its_card_alone(run, tiny_cohort, tmp_path, capsys):
+    """--out naming a file writes that file and its card beside it; copied elsewhere, the two predict the run's
+    labels with its postprocessing (which the card carries); a folder given to --model takes the model inside."""
+    import shutil
+
+    assert train_main(["export", "--run-dir", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").is_file() and json.loads((tmp_path / "m-card.json").read_text())["file"] == "m.onnx"
+    card = json.loads((tmp_path / "m-card.json").read_text())
+    assert card["scores"]["test"]["model"] == "single model"  # what evaluate recorded
+    assert card["postprocessing"]["et_relabel_below_mm3"] == 1e9
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    for f in ("m.onnx", "m-card.json"):
+        shutil.copy(tmp_path / f, away / f)
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "torch")]) == 0
+    assert eval_main(["predict", "--model", str(away), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "away")]) == 0  # the folder: its one model
+    a, b = _labels(tmp_path / "torch"), _labels(tmp_path / "away")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # postprocessing included
+    assert not any((v == 4).any() for v in b.values())  # the card's rule: every ET relabelled
+    # a postprocessing.json beside it that differs from the card's: an error naming both
+    (away / "postprocessing.json").write_text(json.dumps({**card["postprocessing"], "et_relabel_below_mm3": 0.0}))
+    capsys.readouterr()
+    assert eval_main(["predict", "--model", str(away / "m.onnx"), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "p")]) == 2
+    e = capsys.readouterr().err
+    assert "postprocessing.json differs from the postprocessing in" in e and "m-card.json" in e
+    (away / "postprocessing.json").write_text(json.dumps(card["postprocessing"]))  # the same: fine
+    assert eval_main(["predict", "--model", str(away / "m.onnx"), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "p")]) == 0
+    # a folder of two models, a folder of none, a file name of the other format
+    shutil.copy(tmp_path / "m.onnx", away / "n.onnx")
+    shutil.copy(tmp_path / "m-card.json", away / "n-card.json")
+    capsys.readouterr()
+    assert eval_main(["predict", "--model", str(away), "--source", str(tiny_cohort), "--out", str(tmp_path / "q")]) == 2
+    assert "holding m.onnx, n.onnx: name the model file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert eval_main(["predict", "--model", str(tmp_path / "empty"), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "q")]) == 2
+    assert "holding no model file" in capsys.readouterr().err
+    assert train_main(["export", "--run-dir", str(run), "--format", "torchscript", "--out",
+                       str(tmp_path / "x.onnx")]) == 2
+    e = capsys.readouterr().err
+    assert "a .onnx file is onnx, not --format torchscript; name it x.ts" in e and len(e.strip().splitlines()) == 1
+
+
 def test_a_kfold_ensemble_exports_as_one_network(run, tmp_path):
     kf = tmp_path / "kf"
     fake_kfold(run, kf, 2)
@@ -150,3 +197,81 @@ def test_the_training_command_reproduces_the_configuration(run):
     again = config_from_args(build_parser().parse_args(training_command(cfg).split()[3:]))
     assert {k: v for k, v in again.to_dict().items() if k not in ("resume", "overwrite")} == \
         {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "overwrite")}
+
+
+def _predict_from_card(card: dict, model_path, case_dir):
+    """A predictor written from the model card alone: nibabel, MONAI's transforms and sliding window, onnxruntime,
+    scipy; no module of this project. Returns the label map on the source grid."""
+    import nibabel as nib
+    import onnxruntime as ort
+    from monai.data import MetaTensor
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import NormalizeIntensity, Orientation, Spacing, SpatialResample
+    from scipy import ndimage
+
+    steps = {s["step"]: s for s in card["recipe"]}
+    files = [next(case_dir.glob(f"*_{m}.nii.gz")) for m in card["input"]["modalities"]]
+    first = nib.load(str(files[0]))
+    data = np.stack([np.asarray(nib.load(str(f)).dataobj, np.float32) for f in files])
+    nonzero = np.argwhere((data != 0).any(0))
+    margin = steps["crop"]["crop_margin"]
+    lo = np.maximum(nonzero.min(0) - margin, 0)
+    hi = np.minimum(nonzero.max(0) + margin + 1, data.shape[1:])
+    crop_affine = first.affine.copy()
+    crop_affine[:3, 3] = first.affine[:3, :3] @ lo + first.affine[:3, 3]
+    x = MetaTensor(torch.from_numpy(data[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy()),
+                   affine=torch.from_numpy(crop_affine))
+    x = Orientation(axcodes="RAS")(x)
+    x = Spacing(pixdim=steps["spacing"]["mm"], mode=steps["spacing"]["interpolation"])(x)
+    x = NormalizeIntensity(nonzero=True, channel_wise=True)(x)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+
+    def net(t):
+        return torch.from_numpy(session.run(None, {card["input"]["name"]: t.numpy()})[0])
+
+    sw = steps["sliding window"]
+    with torch.no_grad():
+        logits = sliding_window_inference(x.as_tensor()[None].float(), sw["roi_size"], sw["sw_batch_size"], net,
+                                          overlap=sw["overlap"], mode=sw["mode"], padding_mode=sw["padding_mode"],
+                                          cval=sw["cval"])
+    prob = MetaTensor(torch.sigmoid(logits)[0], affine=x.affine)
+    back = SpatialResample(mode="bilinear", padding_mode="zeros")(
+        prob, dst_affine=torch.from_numpy(first.affine), spatial_size=first.shape)
+    regions = dict(zip(card["output"]["regions"], np.asarray(back) > steps["threshold"]["value"]))
+    regions["TC"] |= regions["ET"]  # the labels nest: ET inside TC inside WT
+    regions["WT"] |= regions["TC"]
+    rules = card["postprocessing"] or {"min_component_mm3": {}, "et_relabel_below_mm3": 0.0}
+    voxel = float(np.prod(first.header.get_zooms()[:3]))
+    inner = {"WT": ("WT", "TC", "ET"), "TC": ("TC", "ET"), "ET": ("ET",)}
+    for name in ("WT", "TC", "ET"):
+        k = rules["min_component_mm3"].get(name, 0)
+        parts, n = ndimage.label(regions[name], np.ones((3, 3, 3)))
+        if k and n:
+            sizes = np.bincount(parts.ravel())
+            small = sizes * voxel < k
+            small[0] = False
+            small[1 + np.argmax(sizes[1:])] = False
+            for r in inner[name]:
+                regions[r] &= ~small[parts]
+    if 0 < regions["ET"].sum() * voxel < rules["et_relabel_below_mm3"]:
+        regions["ET"][:] = False
+    values = steps["labels"]["values"]
+    label = np.zeros(first.shape, np.uint8)
+    label[regions["WT"]] = values["edema"]
+    label[regions["TC"]] = values["necrosis"]
+    label[regions["ET"]] = values["enhancing"]
+    return label
+
+
+def test_a_predictor_written_from_the_card_alone_gives_the_projects_labels(run, tiny_cohort, tmp_path):
+    out = tmp_path / "export"
+    assert train_main(["export", "--run-dir", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    card = json.loads((out / "model-card.json").read_text())
+    assert [s["step"] for s in card["recipe"]][:5] == ["read", "crop", "orientation", "spacing", "normalisation"]
+    assert eval_main(["predict", "--model", str(out / "model.onnx"), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "project")]) == 0
+    ours = _labels(tmp_path / "project")
+    assert len(ours) == 6
+    for name, label in ours.items():
+        theirs = _predict_from_card(card, out / "model.onnx", tiny_cohort / name.removesuffix(".nii.gz"))
+        assert (theirs == label).mean() >= 0.999, name

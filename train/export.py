@@ -21,7 +21,8 @@ import torch
 from .options import training_command
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
-CARD = "model-card.json"
+SUFFIXES = {".onnx": "onnx", ".ts": "torchscript", ".pt": "torchscript"}  # an --out that names a model file
+CARD = "model-card.json"  # the default model's card; a model file X.onnx has X-card.json (card_path)
 CARD_VERSION = 1
 
 
@@ -43,6 +44,27 @@ class EnsembleNet(torch.nn.Module):
         return torch.log(p) - torch.log1p(-p)
 
 
+def card_path(model: str | Path) -> Path:
+    """The card of an exported model file: ``<stem>-card.json`` beside it (model.onnx: model-card.json)."""
+    model = Path(model)
+    return model.with_name(f"{model.stem}-card.json")
+
+
+def _destination(out: str | None, run_dir: Path, fmt: str) -> Path:
+    """The model file to write: ``--out`` itself where it names a model file (an .onnx, .ts or .pt name that is
+    not a folder), else the format's file name inside the ``--out`` folder (default RUN/export)."""
+    if out and Path(out).suffix in SUFFIXES and not Path(out).is_dir():
+        path = Path(out)
+        if SUFFIXES[path.suffix] != fmt:
+            raise ExportError(f"--out {out}: a {path.suffix} file is {SUFFIXES[path.suffix]}, not --format {fmt}; "
+                              f"name it {path.stem}{Path(FORMATS[fmt]).suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    folder = Path(out) if out else run_dir / "export"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / FORMATS[fmt]
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -61,9 +83,48 @@ def _scores(run_dir: Path) -> dict:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and "scores" in data:
-            out[f.stem] = {"cases": data.get("cases"), "model": data.get("model"),
+            out[f.stem] = {"cases": data.get("cases"), "model": data.get("models"),
                            "means": {k: v.get("mean") if isinstance(v, dict) else v for k, v in data["scores"].items()}}
     return out
+
+
+def recipe(cfg, params: dict, convention: str | None, rules: dict | None) -> list[dict]:
+    """Every step from the source files to the label map, as 'evaluate predict --model' takes them, with the
+    libraries' own names for each: what a predictor written from the card alone must do."""
+    from store.conventions import LABEL_CONVENTIONS
+
+    conv = LABEL_CONVENTIONS.get(convention or "", {})
+    return [
+        {"step": "read", "what": "one 3D NIfTI per modality of input.modalities, in that order, on one grid (the same "
+                                 "shape and affine); zero is background (skull-stripped)"},
+        {"step": "crop", "what": "to the bounding box of the voxels nonzero in any modality, widened by crop_margin "
+                                 "voxels on each side within the grid (on the source grid where it is axis-aligned "
+                                 "at the spacing, else after resampling)", "crop_margin": params.get("crop_margin")},
+        {"step": "orientation", "what": "RAS", "library": "monai.transforms.Orientation(axcodes='RAS')"},
+        {"step": "spacing", "mm": params.get("spacing_mm"), "interpolation": "bilinear",
+         "library": "monai.transforms.Spacing(pixdim=mm, mode='bilinear')"},
+        {"step": "normalisation", "what": "per channel, z-score over its nonzero voxels (population std; a std of 0 "
+                                          "counts as 1); zero voxels stay 0",
+         "library": "monai.transforms.NormalizeIntensity(nonzero=True, channel_wise=True)"},
+        {"step": "sliding window", "roi_size": list(cfg.patch_size), "overlap": 0.5, "mode": "constant",
+         "padding_mode": "constant", "cval": 0.0, "sw_batch_size": cfg.sw_batch_size,
+         "library": "monai.inferers.sliding_window_inference (its defaults otherwise)"},
+        {"step": "activation", "what": "sigmoid of each output channel (regions, which overlap: not a softmax)"},
+        {"step": "test-time augmentation", "what": "none by default; with evaluate predict --tta the mean of the "
+                                                   "probabilities over the 8 mirrorings of the three spatial axes"},
+        {"step": "to the source grid", "what": "the probabilities uncropped into the resampled grid (0 outside the "
+                                               "crop), then resampled onto the source affine and shape, linearly",
+         "library": "monai.transforms.SpatialResample(mode='bilinear', padding_mode='zeros')"},
+        {"step": "threshold", "value": 0.5, "what": "a voxel is in a region where its probability is above 0.5"},
+        {"step": "labels", "what": "nested as BraTS defines them: WT voxels get the oedema value, then TC voxels the "
+                                   "necrosis value, then ET voxels the enhancing value (ET inside TC inside WT)",
+         "values": {k: conv[k] for k in ("edema", "necrosis", "enhancing", "cavity") if k in conv},
+         "label_convention": convention},
+        {"step": "postprocessing", "rules": (rules or {}).get("rules", []),
+         "what": "per region (WT, TC, ET, outer first), predicted 26-connected components under min_component_mm3 "
+                 "removed from it and the regions inside it, never a case's largest; then ET under "
+                 "et_relabel_below_mm3 in total relabelled as necrosis (non-enhancing core)"},
+    ]
 
 
 def model_card(run_dir: Path, run, fmt: str, file_name: str, ensemble: bool) -> dict:
@@ -85,6 +146,8 @@ def model_card(run_dir: Path, run, fmt: str, file_name: str, ensemble: bool) -> 
         "inference": {"sliding_window_overlap": 0.5, "sw_batch_size": cfg.sw_batch_size, "ensemble": ensemble},
         "preprocessing": run.preprocessing,
         "postprocessing": json.loads(rules.read_text()) if rules.exists() else None,
+        "recipe": recipe(cfg, params, run.preprocessing.get("label_convention"),
+                         json.loads(rules.read_text()) if rules.exists() else None),
         "scores": _scores(run_dir),
         "training": {"command": command, "config": {**cfg.to_dict(), "amp": False}},
     }
@@ -107,8 +170,9 @@ def write_network(net: torch.nn.Module, channels: int, patch, path: Path, fmt: s
 
 
 def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None = None) -> tuple[Path, Path]:
-    """Write the run's network (``fmt``: onnx or torchscript) and its model card into ``out`` (default
-    RUN/export); returns (model file, card)."""
+    """Write the run's network (``fmt``: onnx or torchscript) and its model card: into the folder ``out`` (default
+    RUN/export), or as the file ``out`` names (its card beside it, card_path); returns (model file, card). The
+    card carries the run's postprocessing, which 'evaluate predict --model' applies."""
     from .runs import RunError, load_run
 
     if fmt not in FORMATS:
@@ -122,16 +186,9 @@ def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None =
     if len(patches) != 1:
         raise ExportError(f"--ensemble of models with different patch sizes {sorted(patches)} cannot be one network: "
                           f"export each run by itself")
-    folder = Path(out) if out else run_dir / "export"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / FORMATS[fmt]
+    path = _destination(out, run_dir, fmt)
     write_network(EnsembleNet(run.models), len(run.config.modalities), run.config.patch_size, path, fmt)
-    rules = run_dir / "postprocessing.json"
-    if rules.exists():  # beside the model, where 'evaluate predict --model' applies it as from a run folder
-        (folder / rules.name).write_bytes(rules.read_bytes())
-    else:
-        (folder / rules.name).unlink(missing_ok=True)
-    card = folder / CARD
+    card = card_path(path)
     card.write_text(json.dumps(model_card(run_dir, run, fmt, path.name, bool(ensemble)), indent=2) + "\n")
     return path, card
 
@@ -142,13 +199,15 @@ def build_export_parser() -> argparse.ArgumentParser:
         description="Export a trained run's network as ONNX (onnxruntime, any ONNX runtime) or TorchScript (torch "
         "alone), with model-card.json beside it: the modalities in order, spacing, orientation, normalisation, "
         "patch size, regions, label convention, postprocessing, the scorer's figures from RUN/eval, the training "
-        "configuration and the project version. 'python -m evaluate predict --model FILE' predicts with it.")
+        "configuration and the project version. 'python -m evaluate predict --model FILE' predicts with it, "
+        "postprocessing included.")
     p.add_argument("--run-dir", required=True, help="the trained run folder")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="onnx (needs the onnx extra to run it "
                    "with onnxruntime) or torchscript")
     p.add_argument("--ensemble", action="store_true", help="a k-fold run's folds as one network (the logit of "
                    "their mean probability); default: its best fold, or a single run's best.pt")
-    p.add_argument("--out", help="folder for the model and its card (default: RUN/export)")
+    p.add_argument("--out", help="a folder for the model and its card (default: RUN/export), or a model file name "
+                   "(m.onnx, m.ts), its card m-card.json beside it")
     return p
 
 

@@ -40,6 +40,7 @@ class LoadedRun:
     preprocessing: dict  # {"params": store params, "label_convention": ...}
     kind: str  # "single", "best fold K", "ensemble of N folds"
     configs: list  # each model's own TrainConfig (its patch size and precision for the sliding window)
+    card: dict | None = None  # an exported model's card (evaluate.exported), None for a run folder
 
 
 def load_run(run_dir: str | Path, ensemble=False, device: str | torch.device = "cpu") -> LoadedRun:
