@@ -22,6 +22,7 @@ def _synth(args: argparse.Namespace) -> int:
         layout=args.layout,
         shape=tuple(args.shape) if args.shape else FULL_SHAPE,
         workers=args.workers,
+        confounders=not args.no_confounders,
     )
     t0 = time.perf_counter()
     try:
@@ -54,6 +55,13 @@ def _synth(args: argparse.Namespace) -> int:
         path = save_case_preview(case, args.preview, title=f"{case.case_id} (synthetic, seed {cfg.seed}, {lesions}; "
                                  f"slices through the largest)")
         print(f"preview of {case.case_id}: {path}")
+        if cfg.confounders:
+            from .preview import save_confounders_preview
+
+            shown = Path(args.preview)
+            path = save_confounders_preview(cfg.seed, cfg.shape, shown.with_name(f"{shown.stem}-confounders.png"),
+                                            cfg.layout)
+            print(f"preview of the confounders: {path}")
     return 0
 
 
@@ -134,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid size in voxels; the field of view stays 240x240x155 mm, so smaller grids have "
                    "coarser voxels (default: 240 240 155, 1 mm)")
     s.add_argument("--workers", type=int, default=1, help="parallel processes (default: %(default)s)")
-    s.add_argument("--preview", metavar="PNG", help="also save middle slices of the first case as a PNG")
+    s.add_argument("--preview", metavar="PNG", help="also save middle slices of the first case as a PNG, and "
+                   "beside it <PNG stem>-confounders.png: each confounder on one case")
+    s.add_argument("--no-confounders", action="store_true", help="the clean cohort: no enhancing vessels, "
+                   "non-tumour FLAIR/T2 hyperintensities, thick-slice acquisitions or skull-strip residue (by "
+                   "default each is drawn per case with its probability, docs/data.md; the labels are the same "
+                   "either way)")
     s.set_defaults(func=_synth)
 
     b = sub.add_parser(

@@ -74,3 +74,62 @@ def save_figure(fig, out: str | Path) -> Path:
     fig.savefig(out, dpi=80, facecolor="black")
     plt.close(fig)
     return out
+
+
+CONFOUNDER_VIEWS = {  # confounder -> (the modality that shows it, title)
+    "vessels": ("t1ce", "cortical vessels (T1ce)"), "sinuses": ("t1ce", "dural sinuses (T1ce)"),
+    "choroid": ("t1ce", "choroid plexus (T1ce)"), "caps": ("flair", "periventricular caps (FLAIR)"),
+    "foci": ("flair", "white-matter foci (FLAIR)"), "residue": ("t1ce", "skull-strip residue (T1ce)"),
+}
+
+
+def save_confounders_preview(seed: int, shape, out: str | Path, layout: str = "brats2021",
+                             max_cases: int = 40) -> Path:
+    """Each confounder (prep.confounders) on the first case of the cohort ``seed`` that has it: the slice holding
+    most of it, with it outlined in cyan, beside the same slice of the clean case; the label in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .synth import make_case
+
+    found: dict = {}
+    for i in range(max_cases):
+        details: dict = {}
+        images, label, _ = make_case(i, seed, shape, layout, True, details)
+        added = details["confounders"]
+        for name, flat in added.masks.items():
+            if name not in found and flat.size:
+                found[name] = (i, images, label, flat)
+        if added.thick and "thick" not in found:
+            found["thick"] = (i, images, label, added.thick[0])
+        if len(found) == len(CONFOUNDER_VIEWS) + 1:
+            break
+    names = [n for n in (*CONFOUNDER_VIEWS, "thick") if n in found]
+    fig, axes = plt.subplots(len(names), 2, figsize=(7, 3.3 * len(names)), facecolor="black", squeeze=False)
+    for row, name in enumerate(names):
+        i, images, label, what = found[name]
+        clean = make_case(i, seed, shape, layout, False)[0]
+        if name == "thick":
+            mod, axis, mm = what
+            mask = np.zeros(label.shape, bool)
+            cut_axis, title = (axis + 1) % 3, f"thick slices: {mod.upper()} in {mm:.1f} mm slabs along axis {axis}"
+        else:
+            mod, title = CONFOUNDER_VIEWS[name]
+            mask = np.zeros(label.size, bool)
+            mask[what] = True
+            mask = mask.reshape(label.shape)
+            cut_axis = 2
+        index = int(np.argmax(mask.sum(tuple(a for a in range(3) if a != cut_axis)))) if mask.any() else \
+            label.shape[cut_axis] // 2
+        for col, (vol, caption) in enumerate(((images[mod], f"case {i}: {title}"), (clean[mod], "the clean case"))):
+            ax = axes[row, col]
+            sl = np.rot90(np.take(vol, index, axis=cut_axis))
+            ax.imshow(sl, cmap="gray", vmin=0, vmax=np.percentile(vol[vol > 0], 99.5) if vol.any() else 1)
+            ax.contour(np.rot90(np.take(label, index, axis=cut_axis)) > 0, [0.5], colors="red", linewidths=0.6)
+            if col == 0 and mask.any():
+                ax.contour(np.rot90(np.take(mask, index, axis=cut_axis)), [0.5], colors="cyan", linewidths=0.6)
+            ax.set_title(caption, color="white", fontsize=8)
+            ax.set_axis_off()
+    return save_figure(fig, out)

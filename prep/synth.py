@@ -54,6 +54,7 @@ class SynthConfig:
     layout: str = "brats2021"
     shape: tuple[int, int, int] = FULL_SHAPE
     workers: int = 1
+    confounders: bool = True  # prep.confounders: vessels, non-tumour hyperintensities, thick slices, residue
 
 
 def brats_affine(shape: tuple[int, int, int]) -> np.ndarray:
@@ -296,10 +297,14 @@ def _images(rng, brain: _Brain, parts: list) -> dict:
     return images
 
 
-def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"):
+def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021", confounders: bool = True,
+              details: dict | None = None):
     """Generate one case: dict modality -> int16 (X, Y, Z), label uint8 (X, Y, Z), affine (4, 4).
 
     The work happens only at voxels that can hold brain (about a fifth of the grid) and in the tumour's box.
+    ``confounders``: add what misleads real models (prep.confounders), drawn from a stream of their own after
+    everything else (off: the same bytes as a cohort made without them, labels the same either way). ``details``,
+    when given, receives what was added where (``"confounders"``: prep.confounders.Confounded).
     """
     rng = np.random.default_rng([seed, index])
     shape = tuple(int(s) for s in shape)
@@ -313,12 +318,20 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
     # each lesion's centre on the output grid: the brain voxel that samples nearest its MNI centre
     centres = [np.array(np.unravel_index(brain.idx[_nearest(brain.points, c)], shape)) for c in centres_mni]
     label, parts = _place_lesions(rng, seed, index, layout, spacing, brain, lesions, centres)
-    return _images(rng, brain, parts), label, affine
+    images = _images(rng, brain, parts)
+    if confounders:
+        from .confounders import add_confounders
+
+        added = add_confounders(seed, index, images, label, brain, spacing, _anatomy()[1])
+        if details is not None:
+            details["confounders"] = added
+    return images, label, affine
 
 
-def write_case(out: Path, index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021") -> str:
+def write_case(out: Path, index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021",
+               confounders: bool = True) -> str:
     """Generate case ``index`` and write it in ``layout`` under ``out``; returns the case id."""
-    images, label, affine = make_case(index, seed, shape, layout)
+    images, label, affine = make_case(index, seed, shape, layout, confounders)
     return write_layout_case(Path(out), layout, index, images, label, affine)
 
 
@@ -343,7 +356,7 @@ def synth_cohort(cfg: SynthConfig, progress: bool = True) -> list[str]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.layout == "msd":
         write_msd_dataset(cfg.out, cfg.cases)
-    args = [(cfg.out, i, cfg.seed, cfg.shape, cfg.layout) for i in range(cfg.cases)]
+    args = [(cfg.out, i, cfg.seed, cfg.shape, cfg.layout, cfg.confounders) for i in range(cfg.cases)]
     bar = progress_bar(cfg.cases, "synth", "case", enabled=progress)
     ids = []
     if cfg.workers <= 1:

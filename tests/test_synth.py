@@ -131,10 +131,106 @@ def test_cli_synth_and_preview(tmp_path, capsys):
                     "--preview", str(tmp_path / "p.png")])
     assert rc == 0
     assert (tmp_path / "p.png").stat().st_size > 10_000
-    assert "wrote 1 brats2021 cases" in capsys.readouterr().out
+    assert (tmp_path / "p-confounders.png").stat().st_size > 10_000  # each confounder on one case
+    out = capsys.readouterr().out
+    assert "wrote 1 brats2021 cases" in out and "preview of the confounders" in out
 
 
 def test_cli_rejects_bad_shape(tmp_path, capsys):
     rc = prep_main(["synth", "--out", str(tmp_path), "--cases", "1", "--shape", "4", "32", "24"])
     assert rc == 2
     assert "--shape" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- confounders
+
+CONFOUNDED = (120, 120, 78)  # 2 mm: every confounder fits, thick slices included
+
+
+def _case_with(index, seed=3):
+    details: dict = {}
+    images, label, _ = make_case(index, seed, CONFOUNDED, details=details)
+    clean, clean_label, _ = make_case(index, seed, CONFOUNDED, confounders=False)
+    return images, label, clean, clean_label, details["confounders"]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_confounders_never_touch_the_labels(index):
+    images, label, clean, clean_label, added = _case_with(index)
+    assert np.array_equal(label, clean_label)  # the labels do not change
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(label > 0, iterations=1).ravel()
+    brain = clean["t1"].ravel() > 0
+    for name, flat in added.masks.items():
+        assert not near[flat].any(), name  # nothing inside a label, nor next to one
+        assert not brain[flat].any() if name == "residue" else brain[flat].all(), name
+    # outside what was added (and the thick-slice modalities), the images are the clean case's
+    touched = np.zeros(label.size, bool)
+    for flat in added.masks.values():
+        touched[flat] = True
+    blurred = {m for m, _, _ in added.thick}
+    for m in MODALITIES:
+        if m not in blurred:
+            assert np.array_equal(images[m].ravel()[~touched], clean[m].ravel()[~touched]), m
+
+
+def _roughness(img, brain, axis):
+    """Mean absolute difference between neighbours along ``axis`` inside the brain."""
+    both = np.take(brain, range(1, brain.shape[axis]), axis) & np.take(brain, range(brain.shape[axis] - 1), axis)
+    return np.abs(np.diff(img.astype(float), axis=axis))[both].mean()
+
+
+def test_each_confounder_looks_as_on_real_scans():
+    """Over a few cases: vessels, sinuses and choroid plexus bright on T1ce and not on FLAIR; caps and foci bright
+    on FLAIR and T2 and not on T1ce; residue outside the brain; a thick-slice modality smoother along its axis."""
+    seen = set()
+    for index in range(8):
+        images, label, clean, _, added = _case_with(index)
+        wm = {m: float(np.median(clean[m][(clean["t1"] > 0) & (label == 0)])) for m in MODALITIES}
+        for name, flat in added.masks.items():
+            if flat.size < 10:
+                continue
+            seen.add(name)
+            blurred = {m for m, _, _ in added.thick}  # a thick-slice modality changes everywhere
+            ratio = {m: 1.0 if m in blurred else images[m].ravel()[flat].mean() / clean[m].ravel()[flat].clip(1).mean()
+                     for m in MODALITIES}
+            if name in ("vessels", "sinuses", "choroid"):  # thin tubes fill part of a 2 mm voxel
+                bright = images["t1ce"].ravel()[flat].mean() > 1.1 * wm["t1ce"]
+                assert "t1ce" in blurred or (ratio["t1ce"] > 1.3 and bright), name
+                assert abs(ratio["flair"] - 1) < 0.05, name
+            elif name in ("caps", "foci"):
+                assert ("flair" in blurred or ratio["flair"] > 1.2) and ("t2" in blurred or ratio["t2"] > 1.2), name
+                assert abs(ratio["t1ce"] - 1) < 0.05, name
+            else:
+                assert (images["t1"].ravel()[flat] > 0).all() and (clean["t1"].ravel()[flat] == 0).all()
+        for m, axis, _mm in added.thick:
+            seen.add("thick")
+            assert _roughness(images[m], clean[m] > 0, axis) < 0.8 * _roughness(clean[m], clean[m] > 0, axis)
+    assert seen >= {"vessels", "sinuses", "choroid", "caps", "foci"}, seen
+
+
+def test_thick_slices_keep_what_is_constant_and_the_zeros():
+    from prep.confounders import _thick
+
+    ramp = np.tile(np.arange(1, 31, dtype=np.int16)[None, None] * 10, (4, 5, 1))
+    ramp[0] = 0  # outside the brain
+    out = _thick(ramp, 2, 4.0, (1.0, 1.0, 1.0))
+    assert (out[0] == 0).all() and (out[1:] > 0).all()
+    assert np.abs(out[1:, :, 4:-4].astype(int) - ramp[1:, :, 4:-4]).max() <= 10  # a line stays near a line
+    flat = np.full((6, 6, 20), 500, np.int16)
+    assert (_thick(flat, 0, 3.0, (1.0, 1.0, 1.0)) == 500).all()
+
+
+def test_no_confounders_is_the_clean_cohort_and_the_labels_are_the_same(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert prep_main(["synth", "--out", str(a), "--cases", "2", "--shape", "48", "48", "31", "--seed", "4"]) == 0
+    assert prep_main(["synth", "--out", str(b), "--cases", "2", "--shape", "48", "48", "31", "--seed", "4",
+                      "--no-confounders"]) == 0
+    da, db = _digest(a), _digest(b)
+    assert da.keys() == db.keys()
+    assert all(da[k] == db[k] for k in da if k.endswith("_seg.nii.gz"))
+    assert any(da[k] != db[k] for k in da if not k.endswith("_seg.nii.gz"))
+    clean = tmp_path / "clean"
+    synth_cohort(SynthConfig(out=clean, cases=2, seed=4, shape=(48, 48, 31), confounders=False), progress=False)
+    assert _digest(clean) == db
