@@ -187,7 +187,7 @@ def tune_postprocessing(run_dir: str, metric: str = "brats2023", store_path: str
     tmp = root / f".{FILE}.tmp"
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(root / FILE)
-    shown = "; ".join(out["rules"]) or "no rule raises it"
+    shown = "; ".join(out["rules"]) or "no rule whose gain is above zero at 95%"
     print(f"postprocessing on {len(cases)} validation cases ({metric}): {record['score_before']:.4f} -> "
           f"{record['score_after']:.4f}; {shown} -> {root / FILE}")
     return out
