@@ -138,12 +138,14 @@ def _enough_cases(parts: list[Path], store_path, min_cases: int) -> None:
     """TooFewCases before any prediction when the run's validation cases (every fold's) are fewer than
     ``min_cases``; a run with none is left to the caller's own message."""
     from store import open_store
+    from train.config import TrainConfig
     from train.experiment import splits_for
-    from train.runs import load_run
 
     n = 0
-    for part in parts:
-        cfg = load_run(part).config
+    for part in parts:  # the config the trainer wrote beside each model: no network is loaded here
+        if not (part / "config.json").exists():
+            return  # not a run folder: loading it says why
+        cfg = TrainConfig.load(part / "config.json")
         n += len(splits_for(open_store(store_path or cfg.store), cfg.fold)[1])
     if 0 < n < min_cases:
         raise too_few(n, min_cases)
