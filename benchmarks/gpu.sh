@@ -8,7 +8,8 @@
 # architectures at equal wall time (1 minute per run, one seed each), about 6 minutes more. RACE=1 runs the race
 # against nnU-Net v2 instead, alone (its figures are wall times): the cohort at 1 mm, nnU-Net's longest fixed-length
 # trainer that fits 5 minutes, ours to the same whole wall time, about 15 minutes; nnU-Net and what it needs come
-# from WHEELS_DIR/race (RACE=1 bash benchmarks/gpu_wheels.sh puts them there).
+# from WHEELS_DIR/race (RACE=1 bash benchmarks/gpu_wheels.sh puts them there: 47 wheels, 123 MB, SimpleITK 51 MB of
+# them, more than one call to a machine without network may carry at 64 MiB: carry them in parts to a warm machine).
 # Usage: bash benchmarks/gpu.sh [WHEELS_DIR]   (default .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."

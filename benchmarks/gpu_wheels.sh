@@ -12,12 +12,14 @@ pkgs=(monai==1.6.1 nibabel==5.4.2 nilearn==0.14.1 zarr==3.1.6 numcodecs==0.16.6 
       google-crc32c==1.9.0 dask==2026.8.0 distributed==2026.8.0 cloudpickle==3.1.3 fsspec==2026.9.0 toolz==1.2.0
       partd==1.4.2 locket==1.0.0 zict==3.0.0 tblib==3.2.2 tornado==6.6.1 einops==0.8.2 surface-distance==0.1
       pytest-xdist==3.8.0 execnet==2.1.2)
-fetch() {  # fetch DIR PACKAGE...: x86-64 wheels for Python 3.12, no dependencies
+fetch() {  # fetch DIR PACKAGE...: x86-64 wheels for Python 3.12, no dependencies; a package published only as a
+  # source archive (pure Python: acvl-utils, batchgenerators, ...) is built into a wheel here instead
   local to=$1; shift
   for p in "$@"; do
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any -d "$to" "$p" -q
+      --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any -d "$to" "$p" -q 2>/dev/null ||
+      python3 -m pip wheel --no-deps -q -w "$to" "$p" || return 1
   done
 }
 fetch "$dir" "${pkgs[@]}"
