@@ -32,7 +32,7 @@ BENCHES = {
               "each timed (its whole wall time W); ours build-store, one train with snapshots where our whole "
               "reaches W/4, W/2 and W, and predict from each; both scored by evaluate score, our time to "
               "nnU-Net's Dice, a PNG; nnU-Net's trainer is timed first and not run past --budget "
-              "(on 2 CPU cores: --spacing 4, about 40 minutes in all)",
+              "(on 2 CPU cores: --spacing 4, about 35 minutes in all)",
     "table": "regenerate the performance table of docs/performance.md from the JSON results",
 }
 ALL = ("synth", "prep", "loader", "train", "infer")

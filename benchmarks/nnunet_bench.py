@@ -102,15 +102,17 @@ def _pick_trainer(work: Path, trainer: str, budget_min: float) -> tuple[str, dic
 
 
 def _nnunet_side(work: Path, part: dict, trainer: str, budget_min: float, processes: int = 2):
-    """nnU-Net's plan, preprocess, train and predict, timed: (its record, or None where its training would pass
-    ``budget_min``; the plan's record; the training estimate). Kept in ``work``: a rerun on the same split (after
-    a failure on our side, say) reuses it."""
+    """nnU-Net's plan, preprocess, train and predict (on the GPU where there is one), timed: (its record, or None
+    where its training would pass ``budget_min``; the plan's record; the training estimate). Kept in ``work``: a
+    rerun on the same split (after a failure on our side, say) reuses it."""
     done = work / "nnunet-times.json"
     split = {k: [c.case_id for c in part[k]] for k in ("train", "val", "test")}
     theirs = json.loads(done.read_text()) if done.exists() else None
     if theirs and trainer in (theirs["trainer"], "auto") and theirs.get("split") == split and \
             Path(theirs["predictions"]).is_dir():
         return theirs, None, theirs.get("estimate")
+    from train.device import resolve_device
+
     prepared = peers.plan_and_preprocess(part["train"], part["val"], work / "nnunet", processes)
     trainer, estimate = _pick_trainer(work / "nnunet", trainer, budget_min)
     print(f"nnunet: plan and preprocess {prepared['plan_and_preprocess_s']:.0f} s; {trainer}: "
@@ -119,16 +121,10 @@ def _nnunet_side(work: Path, part: dict, trainer: str, budget_min: float, proces
     if estimate["training_s_at_least"] > 60 * budget_min:
         return None, prepared, {**estimate, "trainer": trainer}
     theirs = peers.nnunet_train_predict(part["train"], part["val"], part["test"], work / "nnunet", trainer,
-                                        processes, device=_device(), prepared=prepared)
+                                        processes, device=resolve_device("auto").type, prepared=prepared)
     theirs.update(estimate=estimate, split=split)
     done.write_text(json.dumps(theirs, indent=1))
     return theirs, prepared, estimate
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _test_cases(work: Path, raw: Path, cases) -> Path:
@@ -230,6 +226,7 @@ def run(out_dir: Path, work: Path, trainer: str = "nnUNetTrainer_1epoch", size: 
 
     from .machine import machine_info
     from .models_bench import ARMS
+    from .table import machine
 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -266,13 +263,11 @@ def run(out_dir: Path, work: Path, trainer: str = "nnUNetTrainer_1epoch", size: 
                                 for n, o in ours.items()], target)
     goals = {"ours at W >= nnU-Net (mean legacy Dice)": "W" in ours and means["ours at W"]["mean_dice"] >= target,
              "our time to nnU-Net's mean Dice <= 0.5 W": reach["seconds"] is not None and reach["seconds"] <= wall / 2}
-    machine = machine_info()
     payload = {"scale": size, "command": command, "cohort": cohort, "nnunet": theirs, "ours_arm": arm,
                "ours_flags": " ".join(ARMS[arm]), "ours": ours, "ours_validation_curve": curve, "means": means,
                "paired_mean_dice_vs_nnunet": paired, "time_to_nnunet_dice": reach, "goals": goals,
                "table_markdown": race.table(means, theirs, ours, paired, arm), "per_case": scores,
-               "machine_words": f"{machine.get('cpu', 'CPU')}, {machine.get('cores', '?')} cores" +
-                                (f", {machine['gpu']}" if machine.get("gpu") else ", no GPU"),
+               "machine_words": machine({"machine": machine_info()}),
                "seconds": time.perf_counter() - t0,
                "conventions": "legacy Dice/HD95 per region and the brats2023 lesion-wise Dice, no postprocessing on "
                               "either side; nnU-Net with its test-time mirroring (its default), ours without; paired: "

@@ -56,11 +56,20 @@ def _wm_levels(images: dict, brain) -> dict:
     return {m: float(np.median(images[m].ravel()[pure])) if pure.size else 1.0 for m in MODS}
 
 
+def _grown(mask: np.ndarray, steps) -> np.ndarray:
+    """``mask`` (bool) grown by a box of ``steps[a]`` voxels each side along each axis a: one maximum filter per
+    axis, far cheaper than a 3D structuring element."""
+    from scipy.ndimage import maximum_filter1d
+
+    m = mask.view(np.uint8)
+    for axis, k in enumerate(steps):
+        m = maximum_filter1d(m, 2 * k + 1, axis=axis)
+    return m > 0
+
+
 def _near_label(label: np.ndarray, brain, spacing) -> np.ndarray:
     """The grid voxels within MARGIN_MM of a labelled voxel (X, Y, Z), the labels included (a box, per axis); the
     labels lie in the brain, so they are looked for among its voxels."""
-    from scipy.ndimage import maximum_filter1d
-
     near = np.zeros(label.shape, bool)
     tumour = label.ravel()[brain.idx] > 0
     if not tumour.any():
@@ -70,10 +79,7 @@ def _near_label(label: np.ndarray, brain, spacing) -> np.ndarray:
     lo = np.maximum(where.min(0) - steps, 0)
     hi = np.minimum(where.max(0) + np.array(steps) + 1, label.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    m = (label[box] > 0).view(np.uint8)
-    for axis, k in enumerate(steps):
-        m = maximum_filter1d(m, 2 * k + 1, axis=axis)
-    near[box] = m > 0
+    near[box] = _grown(label[box] > 0, steps)
     return near
 
 
@@ -119,7 +125,7 @@ def _paint(images, levels, rng, flat, occ, targets: dict, factors: dict | None =
         img[flat] = np.clip(np.rint(v), 1, np.iinfo(np.int16).max).astype(np.int16)
 
 
-def _walk_trees(rng, brain, ok: np.ndarray, spacing, count: int) -> np.ndarray:
+def _walk_trees(rng, ok: np.ndarray, spacing, count: int) -> np.ndarray:
     """Centre points (grid mm) of ``count`` branching random walks through the voxels ``ok`` (a boolean grid):
     1 mm steps with momentum, trunks of 30-90 mm, a branch of 10-30 mm every 25 mm on average, 1200 mm at most."""
     sp = np.asarray(spacing, float)
@@ -172,7 +178,7 @@ def _vessels(rng, brain, ok_voxel, spacing):
     ok = np.zeros(brain.shape, bool)
     sel = ok_voxel & (brain.gm + brain.csf > 0.6) & (brain.gm > 0.05)
     ok.ravel()[brain.idx[sel]] = True
-    points = _walk_trees(rng, brain, ok, spacing, int(rng.integers(3, 9)))
+    points = _walk_trees(rng, ok, spacing, int(rng.integers(3, 9)))
     return points, np.full(len(points), rng.uniform(0.6, 1.2))
 
 
@@ -314,10 +320,7 @@ def _residue(rng, brain, spacing, near: np.ndarray):
     inside = np.zeros(brain.shape, bool)
     inside.ravel()[brain.idx] = True
     t = rng.uniform(1.0, 2.0)
-    grown = inside[box].view(np.uint8)
-    for axis, s in enumerate(spacing):  # a box of 2t + 1 voxels: one maximum filter per axis
-        grown = ndimage.maximum_filter1d(grown, 2 * max(1, int(round(t / s))) + 1, axis=axis)
-    rim = (grown > 0) & ~inside[box]
+    rim = _grown(inside[box], [max(1, int(round(t / s))) for s in spacing]) & ~inside[box]
     ctrl = rng.normal(size=(6, 6, 6))
     patch = ndimage.zoom(ctrl, [n / 6 for n in rim.shape], order=1)[tuple(slice(0, n) for n in rim.shape)]
     cover = rng.uniform(0.1, 0.4)
