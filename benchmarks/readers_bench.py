@@ -3,7 +3,8 @@ with 1 and 2 loader threads and the ``ram`` cache fill of the benchmark cohort (
 against a local S3 server 3-channel 96^3 patches/s with the requests per patch (``scale_bench._remote``); the same
 regions for every engine, in one run. And the writer: one case's image and label written by the build's own writer
 (``store.fastwrite``) and by tensorstore from the same ``zarr.json``, seconds and whether the files are
-byte-identical."""
+byte-identical. And the read alone (``patch_axis``): the same 4-channel patches and labels read by the project's
+reader and by tensorstore, as stored and then converted, on one thread each, no loader around them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .report import write_result
+from .report import summarize, write_result
 
 
 def writer_axis(store_path: str, reps: int = 5) -> dict:
@@ -63,6 +64,89 @@ def writer_axis(store_path: str, reps: int = 5) -> dict:
     return out
 
 
+READ_CASES = 6  # the read-alone axis: patches from this many cases
+READ_PATCHES = 40  # and this many regions, drawn once (seeded), each inside its case
+
+
+def patch_axis(store_path: str, patch, reps: int = 5) -> dict:
+    """Milliseconds per patch (all channels + label, ``patch`` voxels a side, the same seeded regions inside the
+    cases) read on one thread with no loader around it: the project's ``Case.image_into`` (float32 and float16,
+    into one reused tensor) + ``Case.label_into``; tensorstore's int16 as stored + label; and tensorstore then one
+    numpy multiply to float32 (into one reused array). tensorstore runs with one copy thread and one file I/O
+    thread, torch with one thread, so the engines are compared on the read, not on a thread pool. Median of
+    ``reps`` passes, the arms taking turns in each."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from store import open_store
+
+    store = open_store(store_path)
+    cases = [store.case(c) for c in store.case_ids[:READ_CASES]]
+    rng = np.random.default_rng(0)
+    regions = []
+    for k in range(READ_PATCHES):
+        case = cases[k % len(cases)]
+        start = [int(rng.integers(0, max(n - p, 0) + 1)) for n, p in zip(case.shape, patch)]
+        regions.append((case, tuple(slice(a, min(a + p, n)) for a, p, n in zip(start, patch, case.shape))))
+    channels = len(cases[0].meta["modalities"])
+    biggest = tuple(max(r[1][d].stop - r[1][d].start for r in regions) for d in range(3))
+    outs = {dt: torch.empty((channels, *biggest), dtype=dt) for dt in (torch.float32, torch.float16)}
+    lab = np.empty(biggest, np.uint8)
+
+    def project(dtype):
+        def read():
+            for case, reg in regions:
+                shape = tuple(s.stop - s.start for s in reg)
+                case.image_into(outs[dtype][(slice(None), *(slice(0, n) for n in shape))], None, reg)
+                case.label_into(lab[tuple(slice(0, n) for n in shape)], reg)
+        return read
+
+    arms = {"project, float32": project(torch.float32), "project, float16": project(torch.float16)}
+    if importlib.util.find_spec("tensorstore") is not None:
+        import tensorstore as ts
+
+        from .engines import kvstore_spec
+
+        context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 1},
+                              "file_io_concurrency": {"limit": 1}})
+        opened = {c.case_id: [ts.open({"driver": "zarr3", "kvstore": kvstore_spec(store.location,
+                                                                                  f"{c._group_path}/{name}")},
+                                      read=True, context=context).result() for name in ("image", "label")]
+                  for c in cases}
+        converted = np.empty((channels, *biggest), np.float32)
+
+        def tensorstore(convert: bool):
+            def read():
+                for case, reg in regions:
+                    image, label = opened[case.case_id]
+                    values = image[(slice(None), *reg)].read().result()
+                    label[reg].read().result()
+                    if convert:
+                        np.multiply(values, case.scale[:, None, None, None],
+                                    out=converted[(slice(None), *(slice(0, n) for n in values.shape[1:]))])
+            return read
+
+        arms["tensorstore, int16 as stored"] = tensorstore(False)
+        arms["tensorstore + numpy multiply to float32"] = tensorstore(True)
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for read in arms.values():  # warm: files in the page cache, buffers allocated
+            read()
+        for _ in range(reps):
+            for name, read in arms.items():
+                t0 = time.perf_counter()
+                read()
+                times[name].append((time.perf_counter() - t0) / len(regions) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return {"cases": len(cases), "patches": len(regions), "patch": list(patch), "channels": channels,
+            "ms_per_patch": {k: summarize(v) for k, v in times.items()}}
+
+
 def run(out_dir: Path, work: Path, size: str = "full") -> dict:
     import torch
 
@@ -77,8 +161,9 @@ def run(out_dir: Path, work: Path, size: str = "full") -> dict:
     local = reader_axis(b.store, ids, b.patch, 5 if size != "tiny" else 1, size, torch.device("cpu"))
     remote = _remote(b, batches={"full": 20, "quick": 10, "tiny": 2}[size])
     writer = writer_axis(b.store)
+    alone = patch_axis(b.store, b.patch, 5 if size != "tiny" else 1)
     res = {"size": size, "cases": b.cases, "patch": list(b.patch), "local": local, "object_storage": remote,
-           "writer": writer}
+           "writer": writer, "read_alone": alone}
     write_result(out_dir, "readers", res)
     lines = ["| engine | none, 1 thread (patches/s) | none, 2 threads | ram fill (s) | S3 patches/s | S3 requests "
              "per patch |", "|---|---|---|---|---|---|"]
@@ -94,6 +179,9 @@ def run(out_dir: Path, work: Path, size: str = "full") -> dict:
         lines += [f"| {k} | {w['project_s']:.3f} | {w['tensorstore_s']:.3f} | "
                   f"{sum(w['identical_files'].values())} of {len(w['identical_files'])} files |"
                   for k, w in writer.items()]
+    lines += ["", f"| read alone, one thread ({alone['channels']} x {'x'.join(map(str, b.patch))} + label, "
+              f"{alone['patches']} patches of {alone['cases']} cases) | ms per patch |", "|---|---|"]
+    lines += [f"| {k} | {v['median']:.1f} |" for k, v in alone["ms_per_patch"].items()]
     table = "\n".join(lines)
     (Path(out_dir) / "readers.md").write_text(
         f"`python -m benchmarks readers{'' if size == 'full' else ' --size ' + size}`: {b.cases} cases "

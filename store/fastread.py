@@ -15,6 +15,7 @@ together, concurrently (fsspec ``cat_ranges``), and decoded as locally.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import struct
 import threading
@@ -95,6 +96,7 @@ class ChunkReader:
         self.chunks = self.layout["chunks"] if self.fast else tuple(array.chunks)
         self._local = threading.local()
         self._indexes: dict = {}  # shard -> its index (chunks per shard..., 2), read once
+        self._maps: dict = {}  # shard -> its file mapped (local shards), mapped once
 
     def _file(self, idx) -> Path:
         if self.remote is not None:
@@ -215,18 +217,18 @@ class ChunkReader:
                     fetched = {**fetched, **fetch_together([(self, None, missing)])[0]}
             else:
                 fetched = None
-            for idx in itertools.product(*ranges):
-                src, dst = [], []
-                for i, a, b, c, o in zip(idx, starts, stops, self.chunks, at):
-                    lo, hi = max(a, i * c), min(b, (i + 1) * c)
-                    src.append(slice(lo - i * c, hi - i * c))
-                    dst.append(slice(lo - a + o, hi - a + o))
+            # per axis, each chunk's index with its source and destination slices; a chunk's are their product
+            axes = [[(i, slice(max(a, i * c) - i * c, min(b, (i + 1) * c) - i * c),
+                      slice(max(a, i * c) - a + o, min(b, (i + 1) * c) - a + o)) for i in r]
+                    for r, a, b, c, o in zip(ranges, starts, stops, self.chunks, at)]
+            for parts in itertools.product(*axes):
+                idx, src, dst = zip(*parts)
                 raw = fetched[idx] if fetched is not None else self._read_chunk(idx, fds)
                 if raw is None:
-                    yield None, tuple(src), tuple(dst)
+                    yield None, src, dst
                     continue
                 blosc.decompress(raw, buffer)
-                yield buffer, tuple(src), tuple(dst)
+                yield buffer, src, dst
         finally:
             _close(fds)
 
@@ -246,21 +248,46 @@ class ChunkReader:
         offset, length = (int(v) for v in self._shard_index(sidx, fd)[inner])
         return None if offset == EMPTY else (fd, offset, length)
 
-    def _read_chunk(self, idx, fds: dict) -> bytes | None:
-        """The stored bytes of chunk ``idx``, or None where it was never written."""
+    def _read_chunk(self, idx, fds: dict):
+        """The stored bytes of chunk ``idx``, or None where it was never written: a view of its shard's file,
+        mapped once per reader (a published case's files never change: a rebuild writes a new version), or, for
+        one file per chunk, of the calling thread's read buffer (use it before the next read). Neither copies
+        the bytes into a new object per chunk."""
         if self.layout["shard"] is None:
             try:
-                return self._file(idx).read_bytes()
+                fd = os.open(self._file(idx), os.O_RDONLY)
             except FileNotFoundError:
                 return None
-        where = self._stored(idx, fds)
-        if where is None:
-            return None
-        fd, offset, length = where
-        raw = os.pread(fd, length, offset)
-        if len(raw) != length:
-            raise ValueError(f"{self._file(self._split(idx)[0])}: chunk {idx} lies beyond the end of its shard")
-        return raw
+            try:
+                length = os.fstat(fd).st_size
+                view = self._read_buffer(length)
+                got = os.preadv(fd, [view], 0)
+            finally:
+                os.close(fd)
+        else:
+            sidx, inner = self._split(idx)
+            mapped = self._maps.get(sidx)
+            if mapped is None:
+                where = self._stored(idx, fds)
+                if where is None:
+                    return None
+                mapped = self._maps[sidx] = memoryview(mmap.mmap(fds[sidx], 0, access=mmap.ACCESS_READ))
+            offset, length = (int(v) for v in self._indexes[sidx][inner])
+            if offset == EMPTY:
+                return None
+            view = mapped[offset:offset + length]
+            got = len(view)
+        if got != length:
+            raise ValueError(f"{self._file(self._split(idx)[0] if self.layout['shard'] else idx)}: chunk {idx} "
+                             f"lies beyond the end of its {'shard' if self.layout['shard'] else 'file'}")
+        return view
+
+    def _read_buffer(self, n: int) -> memoryview:
+        """``n`` bytes of the calling thread's read buffer (grown as needed)."""
+        buf = getattr(self._local, "raw", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.raw = bytearray(max(n, 1 << 18))
+        return memoryview(buf)[:n]
 
     def locate(self, idx) -> tuple[Path, int, int] | None:
         """Where chunk ``idx`` (chunk coordinates) is stored: (file, byte offset, length), or None where it is

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoding import decode_into
+from .encoding import decode_into, gather, scale_into
 from .format import FormatError, detect
 from .location import Location
 
@@ -176,14 +176,18 @@ class Case:
         if out is None:
             out = torch.empty((len(idx), *self.shape), dtype=torch.float16)
         reader, crc = self._reader("image"), 0
-        # one stored channel at a time (the checksum runs over the channels in order): a channel's worth of
-        # transient memory, not the whole case's, in every process that caches
+        # one stored channel at a time, in slabs one chunk thick along X (the checksum runs over the channels'
+        # bytes in C order, slab after slab): a slab's worth of transient memory in every process that caches,
+        # reused from slab to slab, each chunk read once
+        step = reader.chunks[1] if hasattr(reader, "chunks") else self.shape[0]
         for c in range(len(self.meta["modalities"])):
-            stored = reader.read((slice(c, c + 1), *full))
-            crc = zlib.crc32(memoryview(np.ascontiguousarray(stored)).cast("B"), crc)
-            if c in idx:
-                torch.mul(torch.from_numpy(stored[0]), float(self.scale[c]), out=out[idx.index(c)])
-            del stored
+            fetched = reader.fetch([(slice(c, c + 1), *full)])  # object storage: the channel in one round
+            for x in range(0, self.shape[0], step):
+                slab = (slice(x, min(x + step, self.shape[0])), *full[1:])
+                stored = gather(reader, (slice(c, c + 1), *slab), fetched)
+                crc = zlib.crc32(memoryview(stored).cast("B"), crc)
+                if c in idx:
+                    scale_into(stored, self.scale[c], out[idx.index(c)][slab])
         label = self.label() if self.has_label else None
         if label is not None:
             crc = zlib.crc32(memoryview(np.ascontiguousarray(label)).cast("B"), crc)

@@ -45,8 +45,8 @@ def test_benchmark_tiny_writes_json_and_png(tiny_results, name, keys):
 
 
 def test_readers_benchmark_tiny(tmp_path):
-    """The engines on the same patches locally and from a local S3 server (requests counted in its log), and the
-    writer compared byte for byte."""
+    """The engines on the same patches locally and from a local S3 server (requests counted in its log), the
+    writer compared byte for byte, and the read alone of every arm on the same regions."""
     assert bench_main(["readers", "--size", "tiny", "--out", str(tmp_path / "out"), "--work", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "out" / "readers.json").read_text())
     assert set(data["local"]) == {"project", "tensorstore", "zarrs"}
@@ -55,7 +55,13 @@ def test_readers_benchmark_tiny(tmp_path):
     assert all(r["s3_patches_per_s"]["median"] > 0 and r["s3_requests_per_patch"]["median"] >= 1 for r in s3.values())
     assert set(data["writer"]) == {"image", "label"}
     assert all("zarr.json" in w["identical_files"] and w["project_s"] > 0 for w in data["writer"].values())
-    assert "| tensorstore |" in (tmp_path / "out" / "readers.md").read_text()
+    alone = data["read_alone"]
+    assert set(alone["ms_per_patch"]) == {"project, float32", "project, float16", "tensorstore, int16 as stored",
+                                          "tensorstore + numpy multiply to float32"}
+    assert alone["patches"] == 40 and alone["cases"] == 3
+    assert all(v["median"] > 0 for v in alone["ms_per_patch"].values())
+    md = (tmp_path / "out" / "readers.md").read_text()
+    assert "| tensorstore |" in md and "| project, float16 |" in md
 
 
 def test_table_is_generated_from_json(tiny_results, tmp_path):

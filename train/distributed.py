@@ -133,16 +133,19 @@ def heap_returned_to_os():
 
     glibc raises its mmap threshold each time a large block is freed, so after a few chunks every decode buffer
     comes from the heap and stays resident once freed: a hundred or more megabytes a process that the cache does
-    not use, paid again by every rank on a node. A fixed threshold keeps those buffers mmapped (returned on free);
-    afterwards the free heap is trimmed and the threshold set to glibc's own ceiling, as the dynamic threshold
-    would have become. Nothing is done where the C library is not glibc."""
+    not use, paid again by every rank on a node. A fixed threshold of 2 MiB keeps the larger buffers mmapped
+    (returned on free); blosc's scratch, allocated and freed on every chunk it decompresses (between 1 and 2 MiB
+    for the store's 64^3 chunks), stays below it and is reused from the heap: mapped and faulted in anew per
+    chunk it made a cache fill a third slower. Afterwards the free heap is trimmed (what the fill left there goes
+    back) and the threshold set to glibc's own ceiling, as the dynamic threshold would have become. Nothing is
+    done where the C library is not glibc."""
     try:
         libc = ctypes.CDLL(None)
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         yield
         return
-    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    mallopt(_M_MMAP_THRESHOLD, 2 * 1024 * 1024)
     try:
         yield
     finally:
