@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 missing=$(python3 - <<'PY'
 import importlib.util
 need = ["medpy", "surface_distance", "monai", "nibabel", "nilearn", "zarr", "numcodecs", "dask", "distributed", "matplotlib", "scipy", "psutil",
-        "einops", "xdist"]
+        "einops", "xdist", "ignite", "fire"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY
 )

@@ -74,6 +74,47 @@ def _exported(model, cfg, run_, cases, ours) -> dict:
             "runs": times, "goal": "onnxruntime <= torch per case (CPU)"}
 
 
+def _bundle(model, cfg, run_, cases, source: Path, ours) -> dict:
+    """The network exported as a MONAI bundle (``train export --format bundle``) and predicted by MONAI's runner
+    (``monai.bundle.run``, in this process: its configuration parsed on each run, as a command would), against
+    ``evaluate predict --model`` on the bundle's own TorchScript file; the whole cohort folder, alternating, twice
+    each, the faster of each kept; seconds per case."""
+    import importlib.util
+    import sys
+    import tempfile
+
+    if importlib.util.find_spec("ignite") is None or importlib.util.find_spec("fire") is None:
+        return {"skipped": "MONAI's bundle runner needs pytorch-ignite and fire (pip install -e '.[bundle]')"}
+    from monai.bundle import run as bundle_run
+
+    from evaluate.exported import load_exported
+    from train.bundle import write_bundle
+    from train.export import EnsembleNet, model_card, write_network
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "bundle"
+        write_bundle(folder, lambda p: write_network(EnsembleNet([model.cpu()]), len(cfg.modalities), cfg.patch_size,
+                                                      p, "torchscript"),
+                     model_card(Path(d) / "run", run_, "torchscript", "model.ts", False))
+        exported = load_exported(folder / "models" / "model.ts")
+        sys.path.insert(0, str(folder))  # the bundle's scripts package, as running from its folder gives
+        try:
+            times = {"predict --model": [], "bundle": []}
+            for k in range(2):
+                times["predict --model"].append(ours(cases, run=exported) / len(cases))
+                t0 = time.perf_counter()
+                bundle_run(config_file=str(folder / "configs" / "inference.json"), bundle_root=str(folder),
+                           dataset_dir=str(source), output_dir=str(Path(d) / f"out{k}"))
+                times["bundle"].append((time.perf_counter() - t0) / len(cases))
+                if len(list((Path(d) / f"out{k}").glob("*.nii.gz"))) != len(cases):
+                    raise RuntimeError("the bundle did not predict every case")
+        finally:
+            sys.path.remove(str(folder))
+    p, bnd = min(times["predict --model"]), min(times["bundle"])
+    return {"predict_s_per_case": p, "bundle_s_per_case": bnd, "bundle_over_predict": bnd / p, "runs": times,
+            "goal": "bundle <= 1.5x evaluate predict --model per case (CPU)"}
+
+
 def _report(out_dir: Path, res: dict) -> None:
     """infer.json, infer.png and the console lines of ``run``'s result."""
     per_case, exported = res["seconds_per_case"], res["exported"]
@@ -84,6 +125,9 @@ def _report(out_dir: Path, res: dict) -> None:
               f"{res['device']}", "seconds per case", bars, log=False)
     print(f"infer: ours {ours:.2f} s, bare {bare:.2f} s per case over {res['cases']} cases "
           f"({res['ours_over_bare']:.2f}x); --tta {res['tta']['tta_over_plain']:.2f}x the plain pass")
+    if "skipped" not in (bundle := res.get("bundle", {"skipped": ""})):
+        print(f"infer: MONAI bundle under MONAI's runner {bundle['bundle_s_per_case']:.2f} s per case, evaluate "
+              f"predict --model {bundle['predict_s_per_case']:.2f} s ({bundle['bundle_over_predict']:.2f}x)")
     if "skipped" not in exported:
         print(f"infer: exported to ONNX, onnxruntime {exported['onnxruntime_s_per_case']:.2f} s per case, torch "
               f"float32 {exported['torch_s_per_case']:.2f} s ({exported['onnxruntime_over_torch']:.2f}x)")
@@ -160,6 +204,8 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
            "tta": {"cases": n_tta, "plain_s": plain_few, "tta_s": tta_few, "tta_over_plain": tta_few / plain_few,
                    "goal": "<= 8.5x"},
            "exported": exported,
+           "bundle": _bundle(model, cfg, run_, cases, b.raw, ours) if device.type == "cpu" else {
+               "skipped": "the CPU comparison"},
            "scoring_seconds_per_case": scoring_times(cases[:3], 1),
            "scoring_goal": "every family (legacy, brats2023, brats2025) of one full-size case < 2 s (CPU)"}
     _report(out_dir, res)

@@ -157,6 +157,10 @@ def _infer_rows(i: dict) -> list[str]:
         rows.append(f"| infer | exported ONNX model (onnxruntime) / torch float32, s per case | "
                     f"{e['onnxruntime_s_per_case']:.2f} / {e['torch_s_per_case']:.2f} "
                     f"({e['onnxruntime_over_torch']:.2f}x) | <= 1x (CPU) | {machine(i)} |")
+    if (bd := i.get("bundle")) and "skipped" not in bd:
+        rows.append(f"| infer | MONAI bundle under MONAI's runner / evaluate predict --model, s per case | "
+                    f"{bd['bundle_s_per_case']:.2f} / {bd['predict_s_per_case']:.2f} "
+                    f"({bd['bundle_over_predict']:.2f}x) | <= 1.5x (CPU) | {machine(i)} |")
     if (sc := i.get("scoring_seconds_per_case")) and "all" in sc:
         parts = "; ".join(f"{k} {sc[k]['median']:.2f}" for k in ("legacy", "brats2023", "brats2025"))
         rows.append(f"| infer | scoring one case {'x'.join(map(str, i['grid']))}, all families, s ({parts}) | "

@@ -21,6 +21,8 @@ import torch
 from .options import training_command
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+# formats written as a folder (default RUN/export/<name>): a MONAI bundle, a BraTS 2025 submission's build context
+FOLDER_FORMATS = {"bundle": "bundle", "brats-submission": "brats-submission"}
 SUFFIXES = {".onnx": "onnx", ".ts": "torchscript", ".pt": "torchscript"}  # an --out that names a model file
 CARD = "model-card.json"  # the default model's card; a model file X.onnx has X-card.json (card_path)
 CARD_VERSION = 1
@@ -172,11 +174,15 @@ def write_network(net: torch.nn.Module, channels: int, patch, path: Path, fmt: s
 def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None = None) -> tuple[Path, Path]:
     """Write the run's network (``fmt``: onnx or torchscript) and its model card: into the folder ``out`` (default
     RUN/export), or as the file ``out`` names (its card beside it, card_path); returns (model file, card). The
-    card carries the run's postprocessing, which 'evaluate predict --model' applies."""
+    card carries the run's postprocessing, which 'evaluate predict --model' applies. ``fmt`` bundle or
+    brats-submission: that folder (``out``, default RUN/export/<fmt>; train.bundle, train.submission), returned
+    as (folder, the card of the TorchScript network inside it)."""
     from .runs import RunError, load_run
 
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS and fmt not in FOLDER_FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join([*FORMATS, *FOLDER_FORMATS])}")
+    if fmt in FOLDER_FORMATS and out and Path(out).suffix in SUFFIXES:
+        raise ExportError(f"--out {out}: --format {fmt} writes a folder; name a folder, not a {Path(out).suffix} file")
     run_dir = Path(run_dir)
     try:
         run = load_run(run_dir, ensemble, "cpu")
@@ -186,8 +192,20 @@ def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None =
     if len(patches) != 1:
         raise ExportError(f"--ensemble of models with different patch sizes {sorted(patches)} cannot be one network: "
                           f"export each run by itself")
+
+    def write_model(path: Path, kind: str = "torchscript") -> Path:
+        return write_network(EnsembleNet(run.models), len(run.config.modalities), run.config.patch_size, path, kind)
+
+    if fmt in FOLDER_FORMATS:
+        from .bundle import write_bundle
+        from .submission import write_submission
+
+        folder = Path(out) if out else run_dir / "export" / FOLDER_FORMATS[fmt]
+        card = model_card(run_dir, run, "torchscript", "model.ts", bool(ensemble))
+        bundle = (write_bundle if fmt == "bundle" else write_submission)(folder, write_model, card)
+        return folder, bundle / "models" / "model-card.json"
     path = _destination(out, run_dir, fmt)
-    write_network(EnsembleNet(run.models), len(run.config.modalities), run.config.patch_size, path, fmt)
+    write_model(path, fmt)
     card = card_path(path)
     card.write_text(json.dumps(model_card(run_dir, run, fmt, path.name, bool(ensemble)), indent=2) + "\n")
     return path, card
@@ -198,16 +216,22 @@ def build_export_parser() -> argparse.ArgumentParser:
         prog="python -m train export",
         description="Export a trained run's network as ONNX (onnxruntime, any ONNX runtime) or TorchScript (torch "
         "alone), with model-card.json beside it: the modalities in order, spacing, orientation, normalisation, "
-        "patch size, regions, label convention, postprocessing, the scorer's figures from RUN/eval, the training "
-        "configuration and the project version. 'python -m evaluate predict --model FILE' predicts with it, "
-        "postprocessing included.")
+        "patch size, regions, label convention, postprocessing, every step from source files to labels, the "
+        "scorer's figures from RUN/eval, the training configuration and the project version. 'python -m evaluate "
+        "predict --model FILE' predicts with it, postprocessing included. --format bundle writes a MONAI bundle "
+        "that 'python -m monai.bundle run' predicts with where this project is not installed; --format "
+        "brats-submission the build context of a BraTS 2025 submission image (Dockerfile, entry point, bundle).")
     p.add_argument("--run-dir", required=True, help="the trained run folder")
-    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="onnx (needs the onnx extra to run it "
-                   "with onnxruntime) or torchscript")
+    p.add_argument("--format", required=True, choices=sorted([*FORMATS, *FOLDER_FORMATS]),
+                   help="onnx (needs the onnx extra to run it with onnxruntime), torchscript, bundle (a MONAI bundle "
+                   "folder: configs/, models/model.ts, scripts/, docs/, LICENSE) or brats-submission (a folder to "
+                   "'docker build': Dockerfile, predict.py, the bundle; its README.md says how to build, test, push)")
     p.add_argument("--ensemble", action="store_true", help="a k-fold run's folds as one network (the logit of "
                    "their mean probability); default: its best fold, or a single run's best.pt")
-    p.add_argument("--out", help="a folder for the model and its card (default: RUN/export), or a model file name "
-                   "(m.onnx, m.ts), its card m-card.json beside it")
+    p.add_argument("--out", help="onnx, torchscript: a folder for the model and its card (default: RUN/export), or a "
+                   "model file name (m.onnx, m.ts), its card m-card.json beside it; bundle, brats-submission: the "
+                   "folder to write (default: RUN/export/bundle, RUN/export/brats-submission; other files in it are "
+                   "left)")
     return p
 
 
@@ -218,7 +242,12 @@ def main(argv: list[str]) -> int:
     except (ExportError, FileNotFoundError) as e:
         print(f"python -m train export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {a.run_dir} -> {path} ({path.stat().st_size / 2**20:.1f} MiB), model card {card}")
+    if a.format == "bundle":
+        print(f"exported {a.run_dir} -> MONAI bundle {path} (model card {card}); predict with: cd {path} && python -m "
+              f"monai.bundle run --config_file configs/inference.json --dataset_dir IN --output_dir OUT")
+    elif a.format == "brats-submission":
+        print(f"exported {a.run_dir} -> BraTS submission build context {path}: docker build -t NAME {path} "
+              f"({path / 'README.md'} says how to test and push it)")
+    else:
+        print(f"exported {a.run_dir} -> {path} ({path.stat().st_size / 2**20:.1f} MiB), model card {card}")
     return 0
-
-
