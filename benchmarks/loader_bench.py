@@ -70,8 +70,18 @@ def _monai_loader(kind: str, items, spacing, patch, cache_dir: Path, workers: in
 
 
 def _stack_plain(samples: list[dict]) -> dict:
+    """The samples' image and label stacked as plain tensors; samples of different shapes are an error naming
+    each one's shape and source files."""
     import torch
 
+    shapes = {k: [tuple(s[k].shape) for s in samples] for k in ("image", "label")}
+    if any(len(set(v)) > 1 for v in shapes.values()):
+        def source(x):
+            meta = getattr(x, "meta", None) or {}
+            return meta.get("filename_or_obj", "no meta")
+        raise RuntimeError("the samples of a batch differ: " + "; ".join(
+            f"image {tuple(s['image'].shape)} from {source(s['image'])}, label {tuple(s['label'].shape)}"
+            for s in samples))
     return {k: torch.stack([torch.as_tensor(s[k]).as_subclass(torch.Tensor) for s in samples])
             for k in ("image", "label")}
 
