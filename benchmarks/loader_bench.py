@@ -61,7 +61,11 @@ def _monai_loader(kind: str, items, spacing, patch, cache_dir: Path, workers: in
     if kind == "seed":
         ds = Dataset(items, Compose(det))
     elif kind == "monai":
-        ds = CacheDataset(items, Compose(det + rand), cache_rate=1.0, num_workers=2, progress=False)
+        # filled on one thread: MONAI's NibabelReader keeps the files of its last read on itself (read() sets
+        # self.filenames, get_data() zips the images with them), so two threads loading at once mix their files:
+        # a case's four modalities came back as one channel when the other thread had just read a label. The
+        # fill is not part of what is timed
+        ds = CacheDataset(items, Compose(det + rand), cache_rate=1.0, num_workers=1, progress=False)
     else:
         ds = PersistentDataset(items, Compose(det + rand), cache_dir=str(cache_dir))
     # the batch stacked as plain tensors, so that a batch whose samples differ says how (see run(): workers)
@@ -204,10 +208,12 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     rates: dict[str, list[float]] = {}
     monai_workers = 0 if size == "tiny" else 2
     for kind in ("seed", "monai", "persistent"):
-        # tiny (the tests) loads in the process itself: workers forked from the long-lived, many-threaded test
-        # process now and then delivered a sample with one image channel instead of four (seen 1 run in 6)
+        # tiny (the tests) loads in the process itself, without DataLoader worker processes
         loader = _monai_loader(kind, items, spacing, patch, work / f"persistent-{size}", monai_workers)
-        _time_monai(loader, BATCH)  # warm-up: worker start, PersistentDataset fills its cache
+        try:
+            _time_monai(loader, BATCH)  # warm-up: worker start, PersistentDataset fills its cache
+        except RuntimeError as e:
+            raise RuntimeError(f"the {kind} chain: {e}") from e
         rates[kind] = [_time_monai(loader, per[kind] if size != "tiny" else BATCH) for _ in range(reps)]
         del loader
     # none first, so its memory is measured before the ram cache has grown the process
