@@ -209,3 +209,22 @@ def test_dynunet_with_deep_supervision_and_a_time_limit_under_two_ranks(store12,
     assert r.returncode == 0, r.stderr[-3000:]
     m = _metrics(tmp_path / "ds")
     assert len(m) == 1 and m[0]["ranks"] == 2 and math.isfinite(m[0]["val_loss"]) and m[0]["wall_s"] > 0
+
+
+_END = """
+import atexit, sys
+from train.distributed import end_process
+atexit.register(lambda: print("finalized"))
+print("output", flush=False)
+end_process(3)
+"""
+
+
+def test_a_rank_ends_with_its_code_and_output_but_no_finalization():
+    """Under torchrun (WORLD_SIZE > 1) a rank ends without the interpreter's finalization, where gloo now and then
+    aborted it, its exit code and buffered output kept; one process ends as usual."""
+    for world, finalized in (("2", False), ("1", True)):
+        r = subprocess.run([sys.executable, "-c", _END], env={**_env(), "WORLD_SIZE": world}, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3 and "output" in r.stdout, (world, r.stderr)
+        assert ("finalized" in r.stdout) == finalized, world

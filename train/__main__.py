@@ -1,3 +1,4 @@
 from train.cli import main
+from train.distributed import end_process
 
-raise SystemExit(main())
+end_process(main())
