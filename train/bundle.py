@@ -77,11 +77,16 @@ def inference_config(card: dict) -> dict:
     }
 
 
-def _versions() -> dict:
+INFERENCE_PACKAGES = ("monai", "torch", "numpy", "nibabel", "scipy", "pytorch-ignite")
+
+
+def versions() -> dict:
+    """Each inference package's version here ("unknown" where it is not installed): the bundle's metadata and the
+    submission image's pins."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("monai", "torch", "numpy", "nibabel", "scipy", "pytorch-ignite"):
+    for name in INFERENCE_PACKAGES:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -99,7 +104,7 @@ def _label_classes(card: dict) -> str:
 
 def metadata(card: dict) -> dict:
     """``configs/metadata.json``: the bundle specification's fields, filled from the model card."""
-    v = _versions()
+    v = versions()
     mods, regions = card["input"]["modalities"], card["output"]["regions"]
     spacing = card["input"]["spacing_mm"] or [1.0, 1.0, 1.0]
     patch = card["input"]["patch_size"]
@@ -204,15 +209,17 @@ def _readme(card: dict) -> str:
 
 def write_bundle(folder: Path, write_model, card: dict) -> Path:
     """The bundle in ``folder`` (made if missing; its own files replaced, anything else left): ``write_model(path)``
-    writes the TorchScript network, ``card`` is its model card (train.export.model_card). Returns the folder."""
+    writes the TorchScript network, ``card`` is its model card (train.export.model_card). Returns the card's file,
+    ``models/model-card.json``."""
     for sub in ("configs", "models", "scripts", "docs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     write_model(folder / "models" / "model.ts")
-    (folder / "models" / "model-card.json").write_text(json.dumps(card, indent=2) + "\n")
+    card_file = folder / "models" / "model-card.json"
+    card_file.write_text(json.dumps(card, indent=2) + "\n")
     (folder / "configs" / "inference.json").write_text(json.dumps(inference_config(card), indent=2) + "\n")
     (folder / "configs" / "metadata.json").write_text(json.dumps(metadata(card), indent=2) + "\n")
     shutil.copyfile(SCRIPT, folder / "scripts" / "brats.py")
     (folder / "scripts" / "__init__.py").write_text("from . import brats  # noqa: F401 (scripts.brats)\n")
     (folder / "docs" / "README.md").write_text(_readme(card))
     (folder / "LICENSE").write_text(LICENSE)
-    return folder
+    return card_file

@@ -24,7 +24,6 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 # formats written as a folder (default RUN/export/<name>): a MONAI bundle, a BraTS 2025 submission's build context
 FOLDER_FORMATS = {"bundle": "bundle", "brats-submission": "brats-submission"}
 SUFFIXES = {".onnx": "onnx", ".ts": "torchscript", ".pt": "torchscript"}  # an --out that names a model file
-CARD = "model-card.json"  # the default model's card; a model file X.onnx has X-card.json (card_path)
 CARD_VERSION = 1
 
 
@@ -134,7 +133,8 @@ def model_card(run_dir: Path, run, fmt: str, file_name: str, ensemble: bool) -> 
     gives (regions, label convention), with the run's scores, postprocessing, command and the project version."""
     cfg = run.config
     params = run.preprocessing.get("params", {})
-    rules = run_dir / "postprocessing.json"
+    rules_file = run_dir / "postprocessing.json"
+    rules = json.loads(rules_file.read_text()) if rules_file.exists() else None
     command = training_command(run.configs[0])
     return {
         "card_version": CARD_VERSION, "format": fmt, "file": file_name, "project_version": _version(),
@@ -147,9 +147,8 @@ def model_card(run_dir: Path, run, fmt: str, file_name: str, ensemble: bool) -> 
                    "label_convention": run.preprocessing.get("label_convention")},
         "inference": {"sliding_window_overlap": 0.5, "sw_batch_size": cfg.sw_batch_size, "ensemble": ensemble},
         "preprocessing": run.preprocessing,
-        "postprocessing": json.loads(rules.read_text()) if rules.exists() else None,
-        "recipe": recipe(cfg, params, run.preprocessing.get("label_convention"),
-                         json.loads(rules.read_text()) if rules.exists() else None),
+        "postprocessing": rules,
+        "recipe": recipe(cfg, params, run.preprocessing.get("label_convention"), rules),
         "scores": _scores(run_dir),
         "training": {"command": command, "config": {**cfg.to_dict(), "amp": False}},
     }
@@ -202,8 +201,7 @@ def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None =
 
         folder = Path(out) if out else run_dir / "export" / FOLDER_FORMATS[fmt]
         card = model_card(run_dir, run, "torchscript", "model.ts", bool(ensemble))
-        bundle = (write_bundle if fmt == "bundle" else write_submission)(folder, write_model, card)
-        return folder, bundle / "models" / "model-card.json"
+        return folder, (write_bundle if fmt == "bundle" else write_submission)(folder, write_model, card)
     path = _destination(out, run_dir, fmt)
     write_model(path, fmt)
     card = card_path(path)

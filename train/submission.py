@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .bundle import write_bundle
+from .bundle import versions, write_bundle
 
 ENTRY = Path(__file__).with_name("bundle_scripts") / "predict.py"
 BASE = "nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04"
@@ -24,16 +24,9 @@ TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
 
 
 def _pins() -> dict:
-    """Each inference dependency's version here (None where it is not installed: then unpinned)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for n in ("torch", "monai", "nibabel", "scipy", "numpy", "pytorch-ignite"):
-        try:
-            out[n] = version(n).split("+")[0]
-        except PackageNotFoundError:
-            out[n] = None
-    return out
+    """Each inference package's version here without its local build tag (2.13.0+cpu: 2.13.0), None where it is
+    not installed (then unpinned)."""
+    return {n: None if v == "unknown" else v.split("+")[0] for n, v in versions().items()}
 
 
 def dockerfile() -> str:
@@ -91,9 +84,9 @@ then submit that image as the challenge's instructions say (they name the regist
 def write_submission(folder: Path, write_model, card: dict) -> Path:
     """The build context in ``folder`` (made if missing; its own files replaced, anything else left): the bundle in
     ``folder/bundle`` (``write_model`` and ``card`` as for train.bundle.write_bundle), the entry point, the
-    Dockerfile and the README. Returns the bundle's folder."""
-    bundle = write_bundle(folder / "bundle", write_model, card)
+    Dockerfile and the README. Returns the card's file (train.bundle.write_bundle)."""
+    card_file = write_bundle(folder / "bundle", write_model, card)
     shutil.copyfile(ENTRY, folder / "predict.py")
     (folder / "Dockerfile").write_text(dockerfile())
     (folder / "README.md").write_text(README.format(run=card["run"], base=BASE, index=TORCH_INDEX))
-    return bundle
+    return card_file
