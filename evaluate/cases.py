@@ -87,8 +87,11 @@ def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None =
     img.header.set_xyzt_units("mm", "sec")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    try:
+        nib.save(img, str(tmp))
+        tmp.replace(path)
+    finally:  # on every exit path: a failed save or rename leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
 
 
 def to_source_labels(label: np.ndarray, source_labels: dict | None) -> np.ndarray:

@@ -3,7 +3,7 @@ evaluate.predictions (labels for raw case folders).
 
     python -m evaluate --run-dir DIR [--store PATH] [--split test] [--ensemble] [--save-predictions]
     python -m evaluate tune-postprocessing --run-dir DIR [--metric brats2023|legacy]
-    python -m evaluate score --pred PRED_DIR --ref COHORT_DIR [--labels nnunet] [--out DIR]
+    python -m evaluate score --pred PRED_DIR --ref COHORT_DIR [--labels nnunet] [--out DIR] [--only-predicted]
     python -m evaluate predict --run-dir DIR --source COHORT_DIR --out PRED_DIR [--tta] [--ensemble]
     python -m evaluate predict --run-dir DIR --case CASE_DIR --out PRED.nii.gz
 """
@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     _store_options(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default: test)")
     p.add_argument("--save-predictions", action="store_true",
-                   help="write each prediction as NIfTI in the source geometry to RUN/eval/pred/<case>.nii.gz")
+                   help="write each prediction as NIfTI in the source geometry to RUN/eval/pred/<case>.nii.gz, "
+                   "replacing what an earlier evaluate wrote there; a file evaluate did not write is kept and named, "
+                   "unless --overwrite")
+    _overwrite_option(p, "with --save-predictions: replace every prediction file already in RUN/eval/pred")
     p.add_argument("--metrics", nargs="+", default=list(FAMILIES), choices=FAMILIES, metavar="FAMILY",
                    help="any of: legacy (BraTS 2017-2021: Dice and HD95 per region over the whole case); brats2023 "
                    "(the 2023 lesion-wise ranking: lesions merged by dilation, many-to-one hits, small lesions left "
@@ -58,6 +61,11 @@ def _store_options(p: argparse.ArgumentParser) -> None:
 def _run_and_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default="runs/default", help="training run folder (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+
+
+def _overwrite_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"{what} (by default nothing already there is "
+                   "replaced)")
 
 
 def _postprocessing_option(p: argparse.ArgumentParser) -> None:
@@ -117,12 +125,16 @@ def build_predict_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--model", metavar="FILE", help="an exported model (python -m train export: model.onnx through "
                    "onnxruntime, the onnx extra, or model.ts through torch) instead of --run-dir; its "
-                   "model-card.json and postprocessing.json beside it say how to preprocess and postprocess")
+                   "model card beside it (model-card.json, or m-card.json for m.onnx) says how to preprocess, and "
+                   "its rules how to postprocess; a postprocessing.json beside it that differs from the card's rules "
+                   "is an error")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--source", help="a cohort folder: every case folder in it is predicted")
     g.add_argument("--case", help="one case folder, e.g. data/raw/BraTS2021_00000")
-    p.add_argument("--out", required=True, help="with --source: the output folder (outside the cohort); with "
-                   "--case: the output .nii.gz")
+    p.add_argument("--out", required=True, help="with --source: the output folder (outside the cohort; files "
+                   "already in it are kept, so a killed run resumes); with --case: the output .nii.gz (outside the "
+                   "case folder)")
+    _overwrite_option(p, "replace prediction files already at --out")
     _postprocessing_option(p)
     return p
 
@@ -134,8 +146,12 @@ def build_score_parser() -> argparse.ArgumentParser:
         "cohort's segmentations with the scorers of 'python -m evaluate': every <case-id>.nii.gz in --pred, on its "
         "reference's own grid, in every family of --metrics. Writes predictions.csv, predictions.json (conventions "
         "stated, one line per case that could not be scored), predictions-lesions.csv and predictions-scores.png "
-        "into --out. A missing prediction, one on another grid, one with labels outside its numbering, or one with "
-        "no reference case is one line naming the file; the other cases are scored (exit 1 if any was not).",
+        "into --out. A missing prediction, one that cannot be read (truncated, not gzip, not NIfTI), one that is "
+        "not a label map (non-integer or NaN values), one on another grid, one with labels outside its numbering, "
+        "an uncompressed .nii where the .nii.gz is missing, or one with no reference case is one line naming the "
+        "file; the other cases are scored (exit 1 if any was not). The cohort's label convention is decided as "
+        "build-store decides it: by the file names and the label values together (a 2023-named cohort whose segs "
+        "hold 4, the resection cavity, is BraTS 2024).",
     )
     p.add_argument("--pred", required=True, help="the folder of predictions, <case-id>.nii.gz each")
     p.add_argument("--ref", required=True, help="the cohort folder with the reference segs (any layout 'python -m "
@@ -146,17 +162,27 @@ def build_score_parser() -> argparse.ArgumentParser:
                    "(default: each case's own, from its id)")
     p.add_argument("--labels", choices=NUMBERINGS, default=None,
                    help="the predictions' numbering, mapped to the cohort's: brats2021 (1 NCR, 2 ED, 4 ET), brats2023 "
-                   "(1 NETC, 2 SNFH, 3 ET, 4 RC), nnunet (nnU-Net's consecutive labels 0, 1, 2, ... in the "
-                   "convention's order), msd (1 oedema, 2 non-enhancing, 3 enhancing). Default: the numbering of the "
-                   "reference files")
-    p.add_argument("--out", help="the folder for the reports (default: <pred>-scores beside --pred)")
+                   "(1 NETC, 2 SNFH, 3 ET, 4 RC), brats2024 (the same values: 2023's with RC), nnunet (nnU-Net's "
+                   "consecutive labels 0, 1, 2, ... in the convention's order), msd (1 oedema, 2 non-enhancing, 3 "
+                   "enhancing). Default: the numbering of the reference files")
+    p.add_argument("--out", help="the folder for the reports (default: <pred>-scores beside --pred; outside --pred "
+                   "and --ref)")
+    _overwrite_option(p, "replace the reports of an earlier score in --out")
+    p.add_argument("--store", help="with --split: the store whose split names the cases to score")
+    p.add_argument("--split", choices=["train", "val", "test"], help="score only this split's cases of --store "
+                   "(their predictions missing still count); predictions of other cases are left out")
+    p.add_argument("--only-predicted", action="store_true", help="score only the cases that have a prediction in "
+                   "--pred (as nnU-Net's -chill); by default a missing prediction is a case not scored")
     return p
 
 
 def _score(a) -> int:
     from .folders import score_folder
 
-    summary = score_folder(a.pred, a.ref, a.metrics, a.task, a.labels, a.out)
+    if (a.split is None) != (a.store is None):
+        build_score_parser().error("--split and --store go together: the store's split names the cases")
+    summary = score_folder(a.pred, a.ref, a.metrics, a.task, a.labels, a.out, overwrite=a.overwrite,
+                           store=a.store, split=a.split, only_predicted=a.only_predicted)
     for reason in summary["problems"].values():
         print(f"  {reason}", file=sys.stderr)
     print(f"scored {summary['cases']} cases, {len(summary['problems'])} not scored")
@@ -194,19 +220,25 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 print(f"python -m evaluate tune-postprocessing: skipped: {e}")
         elif predict and a.case:
-            predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta, not a.no_postprocessing, a.model)
+            predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta, not a.no_postprocessing, a.model,
+                         overwrite=a.overwrite)
         elif predict:
             rep = predict_folder(a.run_dir, a.source, a.out, a.ensemble, a.device, a.tta,
-                                 postprocessing=not a.no_postprocessing, model=a.model)
+                                 postprocessing=not a.no_postprocessing, model=a.model, overwrite=a.overwrite)
             print(f"predicted {len(rep['written'])}, skipped {len(rep['skipped'])} already written, failed "
                   f"{len(rep['failed'])} -> {a.out}")
+            if rep["skipped"]:
+                from .outputs import kept_note
+
+                print(kept_note([f"{c}.nii.gz" for c in rep["skipped"]], a.out))
             for reason in sorted(rep["failed"].values()):
                 print(f"  {reason}", file=sys.stderr)
             if rep["failed"]:
                 return 1
         else:
             evaluate_split(a.run_dir, a.store, a.split, a.ensemble, a.save_predictions, a.source, a.device,
-                           a.metrics, tta=a.tta, task=a.task, postprocessing=not a.no_postprocessing)
+                           a.metrics, tta=a.tta, task=a.task, postprocessing=not a.no_postprocessing,
+                           overwrite=a.overwrite)
     except (RunError, DiscoveryError, CaseError, FormatError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"python -m evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,18 @@ MONAI_DICE_NOTE = ("MONAI DiceMetric(include_background=True, reduction='mean') 
 CASE_COLUMNS = ("task", "grid", "voxels_gt_wt", "voxels_pred_wt")  # after the scores in <split>.csv
 
 
+WRITTEN = ".written-by-evaluate"  # in RUN/eval/pred: the files evaluate wrote there, which it may replace
+
+
+def _written_by_evaluate(folder: Path) -> set[str]:
+    """The prediction files an earlier ``evaluate --save-predictions`` wrote into ``folder``: those it replaces
+    (so that the files and the scores agree); any other file there is kept unless --overwrite."""
+    try:
+        return set((folder / WRITTEN).read_text().split())
+    except OSError:
+        return set()
+
+
 class SplitScorer:
     """The per-case work of one evaluation, run by ``run_pipeline``: ``infer`` on the model's thread, ``finish``
     (labels on the source grid, scores, prediction file, pictures) on the writer's. It collects each case's
@@ -29,13 +41,14 @@ class SplitScorer:
     brats2023 lesions."""
 
     def __init__(self, run, store, ids, dev, conv: str, families, rules, out_dir: Path, task: str | None,
-                 tta: bool, save_predictions: bool):
+                 tta: bool, save_predictions: bool, overwrite: bool = False):
         from monai.metrics import DiceMetric
         from torch.utils.tensorboard import SummaryWriter
 
         self.run, self.store, self.ids, self.dev, self.conv = run, store, list(ids), dev, conv
         self.families, self.rules, self.out_dir, self.task = families, rules, out_dir, task
-        self.tta, self.save_predictions = tta, save_predictions
+        self.tta, self.save_predictions, self.overwrite = tta, save_predictions, overwrite
+        self.kept: list[Path] = []  # prediction files already there, left as they are (no --overwrite)
         self.suffix = "-tta" if tta else ""
         self.names = tuple(run.config.regions)
         self.model_channels = [store.modalities.index(m) for m in run.config.modalities]
@@ -69,8 +82,14 @@ class SplitScorer:
         if self.save_predictions:
             from .cases import write_prediction
 
-            write_prediction(pred, case.geometry["source_affine"], self.out_dir / f"pred{self.suffix}" /
-                             f"{cid}.nii.gz", seg[0] if seg is not None else None, case.meta.get("source_labels"))
+            path = self.out_dir / f"pred{self.suffix}" / f"{cid}.nii.gz"
+            if path.exists() and not self.overwrite and path.name not in _written_by_evaluate(path.parent):
+                self.kept.append(path)
+            else:
+                write_prediction(pred, case.geometry["source_affine"], path, seg[0] if seg is not None else None,
+                                 case.meta.get("source_labels"))
+                with open(path.parent / WRITTEN, "a") as f:  # one line per file, written after the file itself
+                    f.write(f"{path.name}\n")
         self._draw(cid, case, image, prob)
 
     def _score(self, cid: str, raw, pred, gt, spacing, grid: str) -> None:
@@ -186,9 +205,10 @@ def _write_outputs(scorer: SplitScorer, stem: str, rows: list, unprocessed: list
 def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "test", ensemble: bool = False,
                    save_predictions: bool = False, source_dir: str | None = None, device: str = "auto",
                    metrics=FAMILIES_DEFAULT, progress: bool = True, tta: bool = False, task: str | None = None,
-                   postprocessing: bool = True) -> dict:
+                   postprocessing: bool = True, overwrite: bool = False) -> dict:
     """Score a run on a split of its store (see the module's docstring). ``task`` fixes the brats2023 task
-    (default: each case's own, from its id); ``postprocessing`` applies RUN/postprocessing.json when present."""
+    (default: each case's own, from its id); ``postprocessing`` applies RUN/postprocessing.json when present;
+    ``overwrite`` lets ``save_predictions`` replace prediction files already there (else they are kept and named)."""
     from store.conventions import REGIONS, trainable_regions
     from store.progress import progress_bar
 
@@ -203,7 +223,8 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
     rules = load_rules(run_dir, conv, tuple(run.config.regions)) if postprocessing else None
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    scorer = SplitScorer(run, store, ids, dev, conv, families, rules, out_dir, task, tta, save_predictions)
+    scorer = SplitScorer(run, store, ids, dev, conv, families, rules, out_dir, task, tta, save_predictions,
+                         overwrite)
     bar = progress_bar(len(ids), f"evaluate {split}", "case", enabled=progress)
     failures = run_pipeline(ids, store_case_reader(store, source_dir), scorer.infer, scorer.finish,
                             on_done=lambda *_: bar.update())
@@ -218,4 +239,8 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
     _write_outputs(scorer, f"{split}{scorer.suffix}", rows, unprocessed, score_cols, summary)
     regions = list(trainable_regions(conv)) if "legacy" in families else list(REGIONS)
     print_table(rows, summary, regions)
+    if scorer.kept:
+        from .outputs import kept_note
+
+        print(kept_note([p.name for p in scorer.kept], scorer.kept[0].parent))
     return summary

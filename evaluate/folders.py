@@ -35,10 +35,29 @@ class Scored:
 
 
 def _load(path: Path):
+    """(voxels, affine) of a NIfTI file; a ValueError naming the file where it cannot be read (truncated, not
+    gzip, not NIfTI, empty), whatever the reader raised."""
     import nibabel as nib
 
-    img = nib.load(str(path))
-    return np.asanyarray(img.dataobj), np.asarray(img.affine, float)
+    try:
+        img = nib.load(str(path))
+        return np.asanyarray(img.dataobj), np.asarray(img.affine, float)
+    except Exception as e:  # noqa: BLE001 (gzip, zlib, nibabel and OS errors alike: one line naming the file)
+        raise ValueError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from None
+
+
+def _label_map(pred: np.ndarray, path: Path) -> np.ndarray:
+    """The prediction as integers; a ValueError naming the file where it holds NaN or non-integer values (a
+    probability map, say), which a cast would silently truncate."""
+    if pred.dtype.kind == "f":
+        if np.isnan(pred).any():
+            raise ValueError(f"{path}: holds NaN values; a prediction must be a label map of integers")
+        if (frac := pred[pred != np.round(pred)]).size:
+            raise ValueError(f"{path}: holds non-integer values ({float(frac.flat[0]):g} among them); a prediction "
+                             f"must be a label map of integers, not probabilities")
+    elif pred.dtype.kind not in "iub":
+        raise ValueError(f"{path}: holds {pred.dtype} values; a prediction must be a label map of integers")
+    return pred
 
 
 def _mapping(case, convention: str, labels: str | None) -> dict:
@@ -61,6 +80,7 @@ def _read_pair(case, pred_path: Path, convention: str, labels: str | None):
     from .scoring import present_values
 
     pred, pred_affine = _load(pred_path)
+    pred = _label_map(pred, pred_path)
     ref, ref_affine = _load(case.seg)
     same_affine = np.allclose(pred_affine, ref_affine, atol=1e-3)
     if pred.shape != ref.shape or not same_affine:
@@ -69,7 +89,7 @@ def _read_pair(case, pred_path: Path, convention: str, labels: str | None):
                          f"{'equal' if same_affine else 'differ'})")
     mapping = _mapping(case, convention, labels)
     found = present_values(pred)
-    if stray := sorted(found - set(mapping)):
+    if stray := sorted(found - set(mapping)):  # values above 255 or below 0 included: no cast has hidden them
         raise ValueError(f"{pred_path}: label values {stray} are not in the {labels or 'reference files'} numbering "
                          f"{sorted(mapping)}")
     ref = np.asarray(ref).astype(np.uint8)
@@ -78,12 +98,17 @@ def _read_pair(case, pred_path: Path, convention: str, labels: str | None):
     return relabel(np.asarray(pred).astype(np.uint8), mapping), ref, spacing_of(ref_affine)
 
 
+def _predictions_in(pred_dir: Path) -> dict:
+    """case id -> its prediction file ``<case-id>.nii.gz`` in ``pred_dir`` (hidden files left out)."""
+    return {p.name[: -len(".nii.gz")]: p for p in sorted(pred_dir.glob("*.nii.gz")) if not p.name.startswith(".")}
+
+
 def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAMILIES, labels: str | None = None,
-                      task: str | None = None) -> Scored:
+                      task: str | None = None, ignore=()) -> Scored:
     """Every case of ``cases`` (prep.discover.CaseFiles with segs, one label convention) scored from
-    ``pred_dir/<case-id>.nii.gz``; predictions of no case in ``cases`` and cases without a prediction are problems.
-    ``labels``: the predictions' numbering (None: the reference files'); ``task``: the brats2023 task (default:
-    each case's own)."""
+    ``pred_dir/<case-id>.nii.gz``; predictions of no case in ``cases`` (but those of ``ignore``, cases left out on
+    purpose) and cases without a prediction are problems. ``labels``: the predictions' numbering (None: the
+    reference files'); ``task``: the brats2023 task (default: each case's own)."""
     from monai.metrics import DiceMetric
 
     from store.conventions import region_masks
@@ -92,14 +117,17 @@ def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAM
     from .scoring import score_case
 
     pred_dir = Path(pred_dir)
-    found = {p.name[: -len(".nii.gz")]: p for p in sorted(pred_dir.glob("*.nii.gz")) if not p.name.startswith(".")}
+    found = _predictions_in(pred_dir)
+    uncompressed = {p.name[: -len(".nii")]: p for p in sorted(pred_dir.glob("*.nii")) if not p.name.startswith(".")}
     refs = {c.case_id: c for c in cases}
     out = Scored(DiceMetric(include_background=True, reduction="mean"))
-    for cid in sorted(set(found) - set(refs)):
+    for cid in sorted(set(found) - set(refs) - set(ignore)):
         out.problems[cid] = f"{found[cid]}: a prediction with no reference case"
     for cid, case in refs.items():
         if cid not in found:
-            out.problems[cid] = f"case {cid}: no prediction {pred_dir / f'{cid}.nii.gz'}"
+            out.problems[cid] = f"case {cid}: no prediction {pred_dir / f'{cid}.nii.gz'}" + (
+                f"; {uncompressed[cid].name} is there: predictions are read as .nii.gz (gzip it)"
+                if cid in uncompressed else "")
             continue
         try:
             pred, ref, spacing = _read_pair(case, found[cid], convention, labels)
@@ -118,13 +146,17 @@ def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAM
 
 
 def score_folder(pred_dir: str | Path, ref_dir: str | Path, metrics=FAMILIES, task: str | None = None,
-                 labels: str | None = None, out_dir: str | Path | None = None) -> dict:
+                 labels: str | None = None, out_dir: str | Path | None = None, overwrite: bool = False,
+                 store: str | None = None, split: str | None = None, only_predicted: bool = False) -> dict:
     """Score ``pred_dir`` against the cohort at ``ref_dir`` (any layout discovery reads) and write, into ``out_dir``
     (default ``<pred_dir>-scores`` beside it), what ``evaluate`` writes: predictions.csv, .json, -lesions.csv and
-    -scores.png. Returns the summary, its ``problems`` one line per case that could not be scored."""
+    -scores.png. ``store`` and ``split``: only that split's cases; ``only_predicted``: only the cases with a
+    prediction. ``out_dir`` is checked before any scoring: outside both inputs, writable, and holding no earlier
+    reports unless ``overwrite``. Returns the summary, its ``problems`` one line per case that could not be scored."""
     from prep.discover import discover
     from store.conventions import TASKS
 
+    from .outputs import refuse_existing, refuse_inside, writable_folder
     from .scoring import parse_metrics
 
     families = parse_metrics(metrics)
@@ -133,14 +165,61 @@ def score_folder(pred_dir: str | Path, ref_dir: str | Path, metrics=FAMILIES, ta
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise ScoreError(f"--pred {pred_dir}: no such folder")
+    out = Path(out_dir) if out_dir else pred_dir.with_name(f"{pred_dir.name}-scores")
+    refuse_inside(out, "--out", {"--pred": pred_dir, "--ref": ref_dir})
+    if not overwrite:
+        refuse_existing([out / f"{STEM}{end}" for end in REPORT_ENDINGS], "--out")
+    writable_folder(out, "--out")
     cohort = discover(ref_dir, require_seg=True)
     if not cohort.cases and not cohort.problems:
         raise ScoreError(f"--ref {ref_dir}: no case folders in it")
-    convention = cohort.label_convention or "brats2021"
-    scored = score_predictions(pred_dir, cohort.cases, convention, families, labels, task)
-    scored.problems = {**cohort.problems, **scored.problems}
-    out = Path(out_dir) if out_dir else pred_dir.with_name(f"{pred_dir.name}-scores")
+    cases, problems, ignore = _chosen_cases(cohort, pred_dir, store, split, only_predicted)
+    convention = _convention(cohort.label_convention or "brats2021", cases)
+    scored = score_predictions(pred_dir, cases, convention, families, labels, task, ignore)
+    scored.problems = {**problems, **scored.problems}
     return _write(scored, out, pred_dir, convention, families, task)
+
+
+REPORT_ENDINGS = (".csv", ".json", "-lesions.csv", "-scores.png")  # after STEM: what a score writes
+
+
+def _chosen_cases(cohort, pred_dir: Path, store: str | None, split: str | None, only_predicted: bool):
+    """(the cases to score, {case: problem} of the cohort's own, case ids left out on purpose): every case of the
+    cohort, or those of ``store``'s ``split`` (a split case missing from the cohort is a problem), or those with a
+    prediction."""
+    cases, problems = list(cohort.cases), dict(cohort.problems)
+    every = {c.case_id for c in cases} | set(problems)
+    if split is not None:
+        from store import open_store
+
+        wanted = set(open_store(store).splits[split])
+        for cid in sorted(wanted - every):
+            problems[cid] = f"case {cid} of the {split} split of {store}: not in the cohort"
+        cases = [c for c in cases if c.case_id in wanted]
+        problems = {k: v for k, v in problems.items() if k in wanted}
+    if only_predicted:
+        predicted = set(_predictions_in(pred_dir))
+        cases = [c for c in cases if c.case_id in predicted]
+        problems = {k: v for k, v in problems.items() if k in predicted}
+    return cases, problems, every - {c.case_id for c in cases}
+
+
+def _convention(named: str, cases) -> str:
+    """The cohort's label convention as build-store decides it: the file names' (``named``), or the one that
+    supersedes it where a reference's values need it (2023 names with 4, the resection cavity: BraTS 2024)."""
+    from store.conventions import SUPERSEDED_BY, convention_for_labels
+
+    from .scoring import present_values
+
+    if named not in SUPERSEDED_BY:
+        return named
+    for case in cases:
+        try:
+            if convention_for_labels(named, present_values(_load(case.seg)[0])) != named:
+                return SUPERSEDED_BY[named]
+        except ValueError:
+            continue  # an unreadable reference, or one with stray values, is named when its case is scored
+    return named
 
 
 def _write(scored: Scored, out: Path, pred_dir: Path, convention: str, families, task) -> dict:

@@ -71,19 +71,44 @@ def _postprocessing_rules(run_dir: str, run, convention: str, postprocessing: bo
     return load_rules(run_dir, convention, run.config.regions)
 
 
+def _check_case_output(case_dir: str, out: str, overwrite: bool) -> Path:
+    """``predict --case``'s output file, checked before any work: a .nii.gz path outside the case folder (through
+    links), not a folder, not an existing file unless ``overwrite``, in a folder that can be written."""
+    from prep.discover import DiscoveryError
+
+    from .outputs import OutputError, refuse_existing, refuse_inside, writable_folder
+
+    if not Path(case_dir).is_dir():
+        raise DiscoveryError(f"--case {case_dir}: {'not a folder' if Path(case_dir).exists() else 'no such folder'}"
+                             f" (one case folder, e.g. data/raw/BraTS2021_00000)")
+    path = Path(out)
+    if path.is_dir():
+        raise OutputError(f"--out {out}: a folder; with --case, --out names the .nii.gz file to write (--source "
+                          f"predicts a cohort into a folder)")
+    if not path.name.endswith(".nii.gz"):
+        raise OutputError(f"--out {out}: with --case, --out names a .nii.gz file")
+    refuse_inside(path, "--out", {"--case": case_dir})
+    if not overwrite:
+        refuse_existing([path], "--out")
+    writable_folder(path.parent, "--out")
+    return path
+
+
 def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, device: str = "auto",
-                 tta: bool = False, postprocessing: bool = True, model: str | None = None) -> Path:
+                 tta: bool = False, postprocessing: bool = True, model: str | None = None,
+                 overwrite: bool = False) -> Path:
     """Predict a raw case folder and write the labels in its source geometry and label convention, after the
     run's postprocessing.json when it has one and ``postprocessing``. ``model``: an exported model file instead
-    of the run (its card carries the postprocessing exported with it)."""
+    of the run (its card carries the postprocessing exported with it). ``out`` must lie outside the case folder
+    and may replace an existing file only with ``overwrite``."""
     from prep.discover import discover_case
 
+    path = _check_case_output(case_dir, out, overwrite)
     run, dev = _model_and_device(run_dir, ensemble, device, model)
     case = discover_case(case_dir, require_seg=False, required=tuple(run.config.modalities))
     convention = _output_convention(run, case.label_convention)
     rules = _postprocessing_rules(run_dir, run, convention, postprocessing)
     load, infer, finish = _predictor(run, dev, tta, convention, rules)
-    path = Path(out)
     pre = load((case, path))
     label = finish((case, path), pre, infer(pre))
     counts = {int(v): int(c) for v, c in zip(*np.unique(label, return_counts=True)) if v}
@@ -94,27 +119,28 @@ def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, 
 
 def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, device: str = "auto",
                    tta: bool = False, progress: bool = True, postprocessing: bool = True,
-                   model: str | None = None) -> dict:
+                   model: str | None = None, overwrite: bool = False) -> dict:
     """Every case folder under ``source`` (BraTS 2021, 2023 or 2024 layout, no seg needed) -> ``out/<case-id>.nii.gz``
-    in its source geometry and label convention, as challenge submissions are named. Cases already written are
-    skipped (a killed run resumes); a bad case is reported and the others are predicted. ``model``: an exported
+    in its source geometry and label convention, as challenge submissions are named. Files already in ``out``
+    are kept (a killed run resumes), unless ``overwrite``; a bad case is reported and the others are predicted.
+    ``out`` outside the cohort (through links) and writable, checked before any work. ``model``: an exported
     model file instead of the run. Returns {"written", "skipped", "failed": {case: reason}}."""
     from prep.discover import discover
 
-    src, dst = Path(source).resolve(), Path(out).resolve()
-    if dst == src or src in dst.parents:
-        raise RunError(f"--out {out} lies inside --source {source}: choose a folder outside the cohort")
+    from .outputs import refuse_inside, writable_folder
+
+    dst = refuse_inside(out, "--out", {"--source": source})
+    writable_folder(dst, "--out")
     run, dev = _model_and_device(run_dir, ensemble, device, model)
     cohort = discover(source, require_seg=False, required=tuple(run.config.modalities))
     failed = dict(cohort.problems)
     if not cohort.cases:
         return {"written": [], "skipped": [], "failed": failed}
     convention = _output_convention(run, cohort.label_convention)
-    dst.mkdir(parents=True, exist_ok=True)
     jobs, skipped = [], []
     for case in cohort.cases:
         path = dst / f"{case.case_id}.nii.gz"
-        (skipped.append(case.case_id) if path.exists() else jobs.append((case, path)))
+        (skipped.append(case.case_id) if path.exists() and not overwrite else jobs.append((case, path)))
     rules = _postprocessing_rules(run_dir, run, convention, postprocessing)
     written, errors = predict_jobs(run, dev, jobs, convention, tta, progress, rules)
     failed.update(errors)

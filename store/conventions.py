@@ -34,7 +34,7 @@ SUPERSEDED_BY = {"brats2023": "brats2024"}
 # The numberings a prediction file may come in (``python -m evaluate score --labels``), each a label value -> its
 # meaning: BraTS 2021's (1 NCR, 2 ED, 4 ET), BraTS 2023+'s (1 NETC, 2 SNFH, 3 ET, 4 RC), nnU-Net's consecutive
 # labels (k -> the convention's k-th label value) and the Medical Segmentation Decathlon Task01's.
-NUMBERINGS = ("brats2021", "brats2023", "nnunet", "msd")
+NUMBERINGS = ("brats2021", "brats2023", "brats2024", "nnunet", "msd")
 MEANINGS = ("necrosis", "edema", "enhancing", "cavity")
 MSD_NUMBERING = {1: "edema", 2: "necrosis", 3: "enhancing"}  # 1 oedema, 2 non-enhancing tumour, 3 enhancing
 
@@ -57,8 +57,8 @@ def numbering_to(convention: str, numbering: str) -> dict[int, int]:
         return dict(enumerate(label_values(convention)))
     if numbering == "msd":
         meanings = MSD_NUMBERING
-    elif numbering in ("brats2021", "brats2023"):
-        source = LABEL_CONVENTIONS["brats2024" if numbering == "brats2023" else "brats2021"]
+    elif numbering in ("brats2021", "brats2023", "brats2024"):  # 2023's values are 2024's without RC
+        source = LABEL_CONVENTIONS["brats2021" if numbering == "brats2021" else "brats2024"]
         meanings = {source[m]: m for m in MEANINGS if m in source}
     else:
         raise ConventionError(f"--labels {numbering!r}: choose one of {', '.join(NUMBERINGS)}")

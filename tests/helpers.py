@@ -89,3 +89,57 @@ def fake_kfold(run, kf, folds: int, best_fold: int = 0):
         "folds": [{"fold": k, "run_dir": str(Path(kf) / f"fold-{k}"), "best_val_loss": 0.5} for k in range(folds)],
         "best_fold": best_fold}))
     return Path(kf)
+
+
+# The classes of bad input a NIfTI file of a cohort or a prediction folder can fall into (docs/reliability.md).
+BAD_FILES = ("truncated", "not gzip", "not NIfTI", "empty", "4D", "other grid", "float", "NaN", "stray labels")
+
+
+def spoil(path: Path, kind: str) -> None:
+    """Turn the NIfTI file at ``path`` into bad input of class ``kind`` (one of BAD_FILES), keeping its name."""
+    import gzip
+
+    img = nib.load(str(path))
+    data, affine = np.asanyarray(img.dataobj), img.affine
+    if kind == "truncated":
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif kind == "not gzip":
+        path.write_bytes(gzip.decompress(path.read_bytes())[:200] + b"\0" * 100)
+    elif kind == "not NIfTI":
+        path.write_bytes(gzip.compress(b"case notes, not an image\n" * 20))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "4D":
+        nib.save(nib.Nifti1Image(np.stack([data, data], -1), affine), str(path))
+    elif kind == "other grid":
+        nib.save(nib.Nifti1Image(np.asarray(data)[:-2], affine), str(path))
+    elif kind in ("float", "NaN"):
+        spoilt = np.where(np.asarray(data) > 0, 0.5, 0.0).astype(np.float32)
+        if kind == "NaN":
+            spoilt = np.asarray(data, np.float32)
+            spoilt.flat[0] = np.nan
+        nib.save(nib.Nifti1Image(spoilt, affine), str(path))
+    elif kind == "stray labels":
+        spoilt = np.asarray(data).astype(np.uint8)
+        spoilt.flat[0] = 7
+        nib.save(nib.Nifti1Image(spoilt, affine), str(path))
+    else:
+        raise ValueError(kind)
+
+
+def tree_hashes(folder: Path) -> dict:
+    """Every file under ``folder`` -> the sha256 of its bytes: what a command must leave unchanged."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a fixed port collides between test processes run side by side)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

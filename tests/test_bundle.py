@@ -131,7 +131,7 @@ def test_the_bundle_has_the_specifications_layout_and_fields(exported):
             imported |= {a.name.partition(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.partition(".")[0])
-    assert imported <= {"__future__", "sys", "pathlib", "numpy", "nibabel", "scipy", "torch", "monai"}, imported
+    assert imported <= {"__future__", "sys", "uuid", "pathlib", "numpy", "nibabel", "scipy", "torch", "monai"}, imported
 
 
 def test_monais_runner_predicts_the_labels_of_evaluate_predict(exported, tiny_cohort, tmp_path, capsys):
@@ -200,18 +200,21 @@ def test_the_submission_entry_predicts_in_2023_labels(exported, tiny_cohort, tmp
 
 
 def test_bad_cases_are_named_and_the_others_predicted(exported, tiny_cohort, tmp_path):
-    """A case with a missing modality, one with a 4D image, one on two grids: one line each naming the case, the
-    good case predicted, status 1; the output folder's other files kept. Nothing to predict: one line, status 1."""
+    """A case with a missing modality, a 4D image, two grids, a truncated file, a file that is not NIfTI: one line
+    each naming the case (no traceback), every case read before inference, the good case predicted, status 1; the
+    input unchanged (hashes) and the output folder's other files kept. Nothing to predict: one line, status 1."""
+    from .helpers import spoil, tree_hashes
+
     sub = exported["submission"]
-    ids = sorted(p.name for p in tiny_cohort.iterdir() if p.is_dir())[:4]
+    ids = sorted(p.name for p in tiny_cohort.iterdir() if p.is_dir())
     cases = _cases_2023(tiny_cohort, tmp_path / "input", flat=False, ids=ids)
-    good, missing, four_d, grids = ids
+    good, missing, four_d, grids, truncated, text = ids
     (cases / missing / f"{missing}-t2f.nii.gz").unlink()
-    img = nib.load(str(cases / four_d / f"{four_d}-t1n.nii.gz"))
-    nib.save(nib.Nifti1Image(np.stack([np.asarray(img.dataobj)] * 2, -1), img.affine),
-             str(cases / four_d / f"{four_d}-t1n.nii.gz"))
-    img = nib.load(str(cases / grids / f"{grids}-t2w.nii.gz"))
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(cases / grids / f"{grids}-t2w.nii.gz"))
+    spoil(cases / four_d / f"{four_d}-t1n.nii.gz", "4D")
+    spoil(cases / grids / f"{grids}-t2w.nii.gz", "other grid")
+    spoil(cases / truncated / f"{truncated}-t1c.nii.gz", "truncated")
+    spoil(cases / text / f"{text}-t2f.nii.gz", "not NIfTI")
+    before = tree_hashes(cases)
     out = tmp_path / "output"
     out.mkdir()
     (out / "notes.txt").write_text("kept")
@@ -219,18 +222,64 @@ def test_bad_cases_are_named_and_the_others_predicted(exported, tiny_cohort, tmp
     r = _run([sys.executable, str(sub / "predict.py"), "--input", str(cases), "--output", str(out)], env, prefix,
              tmp_path)
     assert r.returncode == 1
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.startswith("case ")]
-    assert len(lines) == 3, r.stderr[-3000:]
+    assert len(lines) == 5, r.stderr[-3000:]
     assert any(missing in line and "t2f" in line for line in lines)
     assert any(four_d in line and "4D" in line for line in lines)
     assert any(grids in line and "different grids" in line for line in lines)
+    assert any(truncated in line and f"{truncated}-t1c.nii.gz cannot be read" in line for line in lines)
+    assert any(text in line and f"{text}-t2f.nii.gz cannot be read" in line for line in lines)
     assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", f"{good}.nii.gz"])
-    assert (out / "notes.txt").read_text() == "kept"
+    assert (out / "notes.txt").read_text() == "kept" and tree_hashes(cases) == before
     (tmp_path / "empty").mkdir()
     r = _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
               "--dataset_dir", str(tmp_path / "empty"), "--output_dir", str(out)], env, prefix,
              exported["bundle"])
     assert r.returncode == 1 and "nothing to predict" in r.stderr
+
+
+def test_outputs_are_checked_before_inference_and_nothing_is_replaced(exported, tiny_cohort, tmp_path):
+    """MONAI's runner on the bundle, and the submission's entry point: an output inside the input (through a link)
+    or one that cannot be written is one line before any case is read (no traceback); a prediction already in the
+    output is kept and named, and replaced only with overwrite; the runner started from another folder with the
+    configuration's full path finds the bundle's files."""
+    from .helpers import tree_hashes
+
+    env, prefix = _sandbox(tmp_path)
+    b, sub = exported["bundle"], exported["submission"]
+    ids = sorted(p.name for p in tiny_cohort.iterdir() if p.is_dir())[:2]
+    cases = _cases_2023(tiny_cohort, tmp_path / "input", flat=True, ids=ids)
+    before = tree_hashes(cases)
+    (tmp_path / "link").symlink_to(cases)
+    (tmp_path / "a-file").write_text("in the way")
+    entry = [sys.executable, str(sub / "predict.py"), "--input", str(cases), "--output"]
+    runner = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(b / "configs" / "inference.json"),
+              "--dataset_dir", str(cases), "--output_dir"]
+    for out, words in [(tmp_path / "link" / "out", "lies inside the input"), (tmp_path / "a-file" / "out",
+                                                                                "cannot be written")]:
+        for cmd, cwd in ((entry, tmp_path), (runner, b)):
+            r = _run([*cmd, str(out)], env, prefix, cwd)
+            assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+            assert "cannot be read" not in r.stderr  # found before any case was read
+    assert tree_hashes(cases) == before
+    out = tmp_path / "output"
+    out.mkdir()
+    (out / f"{ids[0]}.nii.gz").write_bytes(b"someone else's")
+    r = _run([*entry, str(out)], env, prefix, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"kept 1 file(s) already in {out}" in r.stderr and f"{ids[0]}.nii.gz" in r.stderr
+    assert (out / f"{ids[0]}.nii.gz").read_bytes() == b"someone else's" and (out / f"{ids[1]}.nii.gz").exists()
+    r = _run([*entry, str(out), "--overwrite"], env, prefix, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert nib.load(str(out / f"{ids[0]}.nii.gz")).shape == nib.load(str(out / f"{ids[1]}.nii.gz")).shape
+    (tmp_path / "elsewhere").mkdir()
+    r = _run([*runner, str(tmp_path / "from-elsewhere"), "--labels", "brats2023"], env, prefix, tmp_path / "elsewhere")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    for cid in ids:
+        assert (np.asarray(nib.load(str(tmp_path / "from-elsewhere" / f"{cid}.nii.gz")).dataobj) ==
+                np.asarray(nib.load(str(out / f"{cid}.nii.gz")).dataobj)).all()
+    assert tree_hashes(cases) == before
 
 
 def test_the_dockerfile_holds_only_inference(exported):
@@ -254,3 +303,22 @@ def test_export_bad_input(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_main(["export", "--run-dir", str(exported["run"]), "--format", "zip"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt, out", [("bundle", "b"), ("torchscript", "m.ts")])
+def test_export_never_replaces_a_file_without_overwrite(exported, tmp_path, capsys, fmt, out):
+    """A second export over the first is one line naming a file already there, nothing changed and no staging
+    folder left; --overwrite replaces the export's files and leaves others."""
+    from .helpers import tree_hashes
+
+    argv = ["export", "--run-dir", str(exported["run"]), "--format", fmt, "--out", str(tmp_path / out)]
+    assert train_main(argv) == 0
+    (tmp_path / "other.txt").write_text("mine")
+    before = tree_hashes(tmp_path)
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already" in err[-1] and "--overwrite" in err[-1]
+    assert tree_hashes(tmp_path) == before
+    assert train_main([*argv, "--overwrite"]) == 0
+    assert (tmp_path / "other.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

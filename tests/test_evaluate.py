@@ -6,6 +6,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from medpy.metric.binary import hd95 as medpy_hd95
 
 from evaluate.cases import regions_on_source
@@ -111,6 +112,29 @@ def test_evaluate_writes_table_json_predictions_pictures(tiny_run, tiny_store, c
         assert (ev / "png" / f"{cid}.png").stat().st_size > 5000
 
 
+def test_save_predictions_replaces_its_own_files_and_keeps_others(tiny_run, tiny_store, capsys):
+    """A second evaluate replaces the predictions the first wrote (its files and scores agree); a file in
+    RUN/eval/pred that evaluate did not write is kept and named, and replaced only with --overwrite."""
+    ids = open_store(tiny_store).splits["train"]  # the test split has one case
+    pred = tiny_run / "eval" / "pred"
+    assert eval_main(["--run-dir", str(tiny_run), "--save-predictions", "--split", "train", "--metrics", "legacy"]) == 0
+    own = pred / f"{ids[0]}.nii.gz"
+    first = own.read_bytes()
+    own.write_bytes(b"stale, written by evaluate")  # evaluate's own file: replaced
+    foreign = pred / f"{ids[1]}.nii.gz"
+    # as if that one file had come from elsewhere
+    (pred / ".written-by-evaluate").write_text("".join(f"{c}.nii.gz\n" for c in ids if c != ids[1]))
+    foreign.write_bytes(b"someone else's")
+    capsys.readouterr()
+    assert eval_main(["--run-dir", str(tiny_run), "--save-predictions", "--split", "train", "--metrics", "legacy"]) == 0
+    out = capsys.readouterr().out
+    assert own.read_bytes() == first and foreign.read_bytes() == b"someone else's"
+    assert "kept 1 file(s)" in out and foreign.name in out
+    assert eval_main(["--run-dir", str(tiny_run), "--save-predictions", "--split", "train", "--metrics", "legacy",
+                      "--overwrite"]) == 0
+    assert foreign.read_bytes() != b"someone else's" and nib.load(foreign).shape == nib.load(own).shape
+
+
 def test_evaluate_on_store_grid_when_source_is_gone(tiny_run, tiny_store, tmp_path):
     assert eval_main(["--run-dir", str(tiny_run), "--source", str(tmp_path / "nowhere")]) == 0
     assert json.loads((tiny_run / "eval" / "test.json").read_text())["grid"] == "store"
@@ -124,6 +148,28 @@ def test_ensemble_of_identical_models_equals_one(tiny_run, tiny_store, tmp_path)
     assert len(ens_run.models) == 3 and "ensemble" in ens_run.kind
     np.testing.assert_allclose(predict_probabilities(ens_run, image, "cpu"), one, rtol=1e-5, atol=1e-6)
     assert load_run(kf).kind == "best fold 1"
+
+
+def test_an_ensemble_averages_its_members_probabilities(tiny_run, tiny_store, tmp_path):
+    """Members made to differ (each one's weights perturbed its own way): the ensemble's probabilities are the
+    hand average of each member's alone, and differ from any one member's (a loop that used one member every
+    time would fail)."""
+    import dataclasses
+
+    kf = fake_kfold(tiny_run, tmp_path / "kf", 3, best_fold=1)
+    image = open_store(tiny_store).case(open_store(tiny_store).case_ids[0]).image(("t1", "t2", "flair"))
+    ens = load_run(kf, ensemble=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for k, model in enumerate(ens.models):
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (k + 1))
+    alone = [predict_probabilities(dataclasses.replace(ens, models=[m], configs=[c]), image, "cpu")
+             for m, c in zip(ens.models, ens.configs)]
+    assert all(np.abs(alone[0] - a).max() > 1e-3 for a in alone[1:])  # the members differ
+    together = predict_probabilities(ens, image, "cpu")
+    np.testing.assert_allclose(together, (alone[0] + alone[1] + alone[2]) / 3, rtol=1e-5, atol=1e-6)
+    assert all(np.abs(together - a).max() > 1e-4 for a in alone)
 
 
 def test_predict_raw_case_in_source_geometry(tiny_run, tiny_cohort, tmp_path):

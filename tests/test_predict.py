@@ -15,9 +15,12 @@ from evaluate.pipeline import run_pipeline
 from train.cli import main as train_main
 from train.runs import load_run
 
+from .conftest import TINY as TINY_SHAPE
+from .conftest import needs_cuda, no_cuda
 from .helpers import fake_kfold
 
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0"]
+
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +119,9 @@ def test_predict_a_whole_folder_resumes_and_reports_bad_cases(run, tiny_cohort, 
     assert (out / "BraTS2021_00000.nii.gz").stat().st_mtime_ns == before
 
 
-def test_folder_and_case_predictions_agree_and_tta_works_for_predict(run, tiny_cohort, tmp_path):
+def test_folder_and_case_predictions_agree_and_predict_tta_writes_source_grid_labels(run, tiny_cohort, tmp_path):
+    """--source and --case give the same labels; --tta writes a label map on the source grid in the source's
+    values (that TTA averages the 8 mirrorings is test_tta_averages_the_eight_mirrorings)."""
     src = tmp_path / "one"
     shutil.copytree(tiny_cohort / "BraTS2021_00003", src / "BraTS2021_00003")
     assert eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(tmp_path / "f")]) == 0
@@ -127,7 +132,10 @@ def test_folder_and_case_predictions_agree_and_tta_works_for_predict(run, tiny_c
     np.testing.assert_array_equal(a, b)
     assert eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(tmp_path / "t"),
                       "--tta"]) == 0
-    assert (tmp_path / "t" / "BraTS2021_00003.nii.gz").exists()
+    tta, t1 = nib.load(tmp_path / "t" / "BraTS2021_00003.nii.gz"), nib.load(src / "BraTS2021_00003" /
+                                                                             "BraTS2021_00003_t1.nii.gz")
+    assert tta.shape == t1.shape and np.allclose(tta.affine, t1.affine)
+    assert set(np.unique(np.asanyarray(tta.dataobj)).tolist()) <= {0, 1, 2, 4}
 
 
 def test_predict_bad_input(run, tiny_cohort, tiny_cohort_2023, tmp_path, capsys):
@@ -142,12 +150,24 @@ def test_predict_bad_input(run, tiny_cohort, tiny_cohort_2023, tmp_path, capsys)
     assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort_2023),
                       "--out", str(tmp_path / "o2")]) == 2
     assert "trained on brats2021 labels" in capsys.readouterr().err
-    rc = eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(tmp_path / "o3"),
+
+
+@no_cuda
+def test_predict_on_cuda_without_one_is_one_line(run, tiny_cohort, tmp_path, capsys):
+    rc = eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out", str(tmp_path / "o"),
                     "--device", "cuda"])
-    if torch.cuda.is_available():
-        assert rc == 0
-    else:
-        assert rc == 2 and "--device cuda" in capsys.readouterr().err
+    assert rc == 2 and "--device cuda" in capsys.readouterr().err
+
+
+@needs_cuda
+def test_predict_on_cuda_gives_the_cpus_labels(run, tiny_cohort, tmp_path):
+    for dev in ("cpu", "cuda"):
+        assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out",
+                          str(tmp_path / dev), "--device", dev]) == 0
+    for f in sorted((tmp_path / "cpu").glob("*.nii.gz")):
+        a = np.asanyarray(nib.load(f).dataobj)
+        b = np.asanyarray(nib.load(tmp_path / "cuda" / f.name).dataobj)
+        assert (a == b).mean() >= 0.999, f.name  # float rounding near 0.5 may differ between the devices
 
 
 def test_an_ensemble_travels_with_its_run_folder(run, tiny_store, tmp_path):
@@ -159,3 +179,63 @@ def test_an_ensemble_travels_with_its_run_folder(run, tiny_store, tmp_path):
     assert len(ens.models) == 2 and all(str(moved) in str(p) for p in ens.checkpoints)
     assert eval_main(["--run-dir", str(moved), "--ensemble", "--tta", "--metrics", "legacy"]) == 0
     assert (moved / "eval" / "test-tta.csv").exists() and (moved / "eval" / "test-tta.json").exists()
+
+
+def test_predict_case_never_writes_over_an_input_or_an_existing_file(run, tiny_cohort, tmp_path, capsys):
+    """--case with --out inside the case folder (the reference seg's own name among them, or through a link), a
+    file for --case, a folder for --out, an existing --out without --overwrite: one line each, exit 2, nothing
+    in the case folder changed and no temporary file left; --overwrite replaces the file."""
+    from .helpers import tree_hashes
+
+    case = tmp_path / "BraTS2021_00003"
+    shutil.copytree(tiny_cohort / "BraTS2021_00003", case)
+    before = tree_hashes(case)
+    (tmp_path / "link").symlink_to(case)
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("a file in the way")
+    base = ["predict", "--run-dir", str(run), "--case"]
+    for argv, words in [
+        ([str(case), "--out", str(case / "BraTS2021_00003_seg.nii.gz")], "lies inside --case"),
+        ([str(case), "--out", str(tmp_path / "link" / "p.nii.gz")], "lies inside --case"),
+        ([str(case / "BraTS2021_00003_t1.nii.gz"), "--out", str(tmp_path / "p.nii.gz")], "not a folder"),
+        ([str(case), "--out", str(tmp_path / "a-folder")], "a folder; with --case"),
+        ([str(case), "--out", str(tmp_path / "p.txt")], "names a .nii.gz file"),
+        ([str(case), "--out", str(tmp_path / "a-file" / "p.nii.gz")], "a file, not a folder"),
+    ]:
+        assert eval_main([*base, *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (argv, err)
+    assert tree_hashes(case) == before and not list((tmp_path / "a-folder").iterdir())
+    out = tmp_path / "p.nii.gz"
+    out.write_bytes(b"someone else's file")
+    assert eval_main([*base, str(case), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"someone else's file"
+    assert eval_main([*base, str(case), "--out", str(out), "--overwrite"]) == 0
+    assert nib.load(out).shape == nib.load(case / "BraTS2021_00003_t1.nii.gz").shape
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file
+    assert tree_hashes(case) == before
+
+
+def test_predict_source_keeps_what_is_there_unless_overwrite(run, tiny_cohort, tmp_path, capsys):
+    """A file already in --out is kept and named (a killed run resumes); --overwrite predicts it again. An --out
+    inside the cohort through a link is refused; the cohort is unchanged (hashes)."""
+    from .helpers import tree_hashes
+
+    before = tree_hashes(tiny_cohort)
+    (tmp_path / "link").symlink_to(tiny_cohort)
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out",
+                      str(tmp_path / "link" / "pred")]) == 2
+    assert "lies inside --source" in capsys.readouterr().err
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "BraTS2021_00000.nii.gz").write_bytes(b"mine")
+    (out / "notes.txt").write_text("kept")
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted 5, skipped 1" in printed and "kept 1 file(s)" in printed and "BraTS2021_00000.nii.gz" in printed
+    assert (out / "BraTS2021_00000.nii.gz").read_bytes() == b"mine" and (out / "notes.txt").read_text() == "kept"
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out", str(out),
+                      "--overwrite"]) == 0
+    assert "predicted 6, skipped 0" in capsys.readouterr().out
+    assert nib.load(out / "BraTS2021_00000.nii.gz").shape == TINY_SHAPE and (out / "notes.txt").read_text() == "kept"
+    assert tree_hashes(tiny_cohort) == before

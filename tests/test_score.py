@@ -16,6 +16,7 @@ from prep.discover import discover
 from store.conventions import label_values, numbering_to, relabel
 
 from .conftest import TINY
+from .helpers import BAD_FILES, spoil, tree_hashes
 
 
 def _write(path: Path, data: np.ndarray, affine) -> None:
@@ -84,13 +85,14 @@ def test_an_msd_cohort_is_scored_in_msds_values(tmp_path):
     for c in discover(cohort).cases:  # MSD's own label files, as 'evaluate predict' writes MSD predictions
         pred.mkdir(exist_ok=True)
         shutil.copy(c.seg, pred / f"{c.case_id}.nii.gz")
-    for extra in ([], ["--labels", "msd"]):
+    for extra in ([], ["--labels", "msd", "--overwrite"]):
         assert eval_main(["score", "--pred", str(pred), "--ref", str(cohort), "--metrics", "legacy", *extra]) == 0
         rows = _rows(tmp_path / "pred-scores" / "predictions.csv")
         assert len(rows) == 4 and all(float(r["dice_wt"]) == 1.0 and float(r["dice_et"]) == 1.0
                                       for r in rows.values())
     # read as BraTS 2021 values instead, MSD's 1 (oedema) and 2 (non-enhancing) swap and 3 is no 2021 label
-    assert eval_main(["score", "--pred", str(pred), "--ref", str(cohort), "--labels", "brats2021"]) == 1
+    assert eval_main(["score", "--pred", str(pred), "--ref", str(cohort), "--labels", "brats2021",
+                      "--overwrite"]) == 1
 
 
 def test_every_bad_input_is_one_line_and_the_other_cases_are_scored(tiny_cohort, tmp_path, capsys):
@@ -133,3 +135,137 @@ def test_a_reference_folder_without_segs_and_usage_errors(tiny_cohort, tmp_path,
     assert eval_main(["score", "--pred", str(tmp_path / "nowhere"), "--ref", str(tiny_cohort)]) == 2
     assert "--pred" in capsys.readouterr().err
     assert label_values("brats2021") == (0, 1, 2, 4)
+
+
+MESSAGES = {"truncated": "cannot be read as NIfTI", "not gzip": "cannot be read as NIfTI",
+            "not NIfTI": "cannot be read as NIfTI", "empty": "cannot be read as NIfTI", "4D": "its grid",
+            "other grid": "its grid", "float": "non-integer values (0.5 among them)", "NaN": "holds NaN values",
+            "stray labels": "label values [7] are not in"}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_each_bad_prediction_is_one_line_naming_it_and_the_others_are_scored(tiny_cohort, tmp_path, capsys, kind):
+    """A prediction of each class of bad file: one line naming it (no traceback), never scored as an empty map;
+    the other cases scored, exit 1."""
+    pred = _predictions(tiny_cohort, tmp_path / "pred")
+    cid = discover(tiny_cohort).cases[1].case_id
+    spoil(pred / f"{cid}.nii.gz", kind)
+    assert eval_main(["score", "--pred", str(pred), "--ref", str(tiny_cohort), "--metrics", "legacy"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{cid}.nii.gz" in err[0] and MESSAGES[kind] in err[0], err
+    rows = _rows(tmp_path / "pred-scores" / "predictions.csv")
+    assert len(rows) == 5 and cid not in rows and all(float(r["dice_wt"]) == 1.0 for r in rows.values())
+
+
+def test_an_uncompressed_prediction_is_named(tiny_cohort, tmp_path, capsys):
+    pred = _predictions(tiny_cohort, tmp_path / "pred")
+    cid = discover(tiny_cohort).cases[0].case_id
+    img = nib.load(str(pred / f"{cid}.nii.gz"))
+    nib.save(img, str(pred / f"{cid}.nii"))
+    (pred / f"{cid}.nii.gz").unlink()
+    assert eval_main(["score", "--pred", str(pred), "--ref", str(tiny_cohort), "--metrics", "legacy"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{cid}.nii is there" in err[0] and "gzip it" in err[0]
+
+
+def test_a_folder_mixing_every_bad_class_scores_its_good_cases_as_a_clean_run(tmp_path, capsys):
+    """Every class of bad prediction in one folder beside good ones: each bad one named once, the good cases'
+    rows equal to a clean run's character for character, neither input folder changed (hashes)."""
+    from prep.synth import SynthConfig, synth_cohort
+
+    cohort = tmp_path / "cohort"
+    synth_cohort(SynthConfig(out=cohort, cases=13, seed=21, shape=TINY), progress=False)
+    shifted = _predictions(cohort, tmp_path / "clean", lambda lab, i: np.roll(lab, 1 + i % 2, axis=i % 3))
+    assert eval_main(["score", "--pred", str(shifted), "--ref", str(cohort)]) == 0
+    clean = (tmp_path / "clean-scores" / "predictions.csv").read_text().splitlines()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shifted, mixed)
+    ids = [c.case_id for c in discover(cohort).cases]
+    bad = dict(zip(ids, [*BAD_FILES, "uncompressed"]))
+    for cid, kind in bad.items():
+        if kind == "uncompressed":
+            nib.save(nib.load(str(mixed / f"{cid}.nii.gz")), str(mixed / f"{cid}.nii"))
+            (mixed / f"{cid}.nii.gz").unlink()
+        else:
+            spoil(mixed / f"{cid}.nii.gz", kind)
+    hashes = tree_hashes(cohort), tree_hashes(mixed)
+    capsys.readouterr()
+    assert eval_main(["score", "--pred", str(mixed), "--ref", str(cohort)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == len(bad) and all(sum(cid in e for e in err) == 1 for cid in bad)
+    assert not any("Traceback" in e for e in err)
+    got = (tmp_path / "mixed-scores" / "predictions.csv").read_text().splitlines()
+    good = [c for c in ids if c not in bad]
+    assert len(good) == 3 and got[0] == clean[0]
+    assert got[1:] == [line for line in clean[1:] if line.split(",")[0] in good]
+    assert (tree_hashes(cohort), tree_hashes(mixed)) == hashes
+
+
+def test_the_reports_never_replace_an_input_or_an_earlier_report(tiny_cohort, tmp_path, capsys):
+    """--out inside --pred or --ref, a file, or a folder that cannot be written: one line, exit 2, before any
+    scoring; an earlier report is replaced only with --overwrite."""
+    pred = _predictions(tiny_cohort, tmp_path / "pred")
+    before = tree_hashes(tiny_cohort), tree_hashes(pred)
+    (tmp_path / "a-file").write_text("not a folder")
+    base = ["score", "--pred", str(pred), "--ref", str(tiny_cohort), "--metrics", "legacy", "--out"]
+    for out, words in [(pred / "scores", "lies inside --pred"), (tiny_cohort / "scores", "lies inside --ref"),
+                       (tmp_path / "a-file", "a file, not a folder"),
+                       (tmp_path / "a-file" / "scores", "cannot be written")]:
+        assert eval_main([*base, str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and str(out) in err[0], (out, err)
+    assert not (tiny_cohort / "scores").exists() and not (pred / "scores").exists()
+    (tmp_path / "link").symlink_to(tiny_cohort)
+    assert eval_main([*base, str(tmp_path / "link" / "scores")]) == 2  # through a link, still the cohort
+    assert "lies inside --ref" in capsys.readouterr().err
+    assert eval_main([*base, str(tmp_path / "s")]) == 0
+    first = (tmp_path / "s" / "predictions.csv").read_bytes()
+    (tmp_path / "s" / "predictions.csv").write_text("mine")
+    assert eval_main([*base, str(tmp_path / "s")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "s" / "predictions.csv").read_text() == "mine"
+    assert eval_main([*base, str(tmp_path / "s"), "--overwrite"]) == 0
+    assert (tmp_path / "s" / "predictions.csv").read_bytes() == first
+    assert (tree_hashes(tiny_cohort), tree_hashes(pred)) == before
+
+
+def test_a_2024_cohort_scores_against_itself_with_dice_1(tmp_path):
+    """Names say 2023, the resection cavity (4) says 2024: decided as build-store decides it."""
+    from prep.synth import SynthConfig, synth_cohort
+
+    cohort = tmp_path / "cohort"
+    synth_cohort(SynthConfig(out=cohort, cases=3, seed=2, shape=TINY, layout="brats2024"), progress=False)
+    assert any(4 in np.unique(np.asarray(nib.load(str(c.seg)).dataobj)) for c in discover(cohort).cases)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for c in discover(cohort).cases:
+        shutil.copy(c.seg, pred / f"{c.case_id}.nii.gz")
+    for extra in ([], ["--labels", "brats2024", "--overwrite"]):
+        assert eval_main(["score", "--pred", str(pred), "--ref", str(cohort), *extra]) == 0
+        rows = _rows(tmp_path / "pred-scores" / "predictions.csv")
+        dice = [k for k in next(iter(rows.values())) if k.startswith("dice_")]
+        assert "dice_rc" in dice and len(rows) == 3
+        assert all(float(r[k]) == 1.0 for r in rows.values() for k in dice)
+        assert json.loads((tmp_path / "pred-scores" / "predictions.json").read_text())["label_convention"] == \
+            "brats2024"
+
+
+def test_one_split_or_the_predicted_cases_alone(tiny_cohort, tiny_store, tmp_path, capsys):
+    from store import open_store
+
+    test_ids = sorted(open_store(tiny_store).splits["test"])
+    pred = _predictions(tiny_cohort, tmp_path / "pred")
+    for p in pred.iterdir():
+        if p.name[: -len(".nii.gz")] not in test_ids:
+            p.unlink()
+    base = ["score", "--pred", str(pred), "--ref", str(tiny_cohort), "--metrics", "legacy", "--overwrite"]
+    assert eval_main(base) == 1  # every other case's prediction is missing, and counts
+    assert len(capsys.readouterr().err.strip().splitlines()) == 6 - len(test_ids)
+    for extra in (["--store", tiny_store, "--split", "test"], ["--only-predicted"]):
+        assert eval_main([*base, *extra]) == 0, extra
+        assert sorted(_rows(tmp_path / "pred-scores" / "predictions.csv")) == test_ids
+    (pred / f"{test_ids[0]}.nii.gz").unlink()
+    assert eval_main([*base, "--store", tiny_store, "--split", "test"]) == 1  # a missing test case still counts
+    assert f"case {test_ids[0]}: no prediction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        eval_main([*base, "--split", "test"])
+    assert e.value.code == 2 and "--split and --store go together" in capsys.readouterr().err

@@ -9,8 +9,8 @@ installed::
     scripts/brats.py         numpy, nibabel, scipy, torch and MONAI only
     docs/README.md, LICENSE
 
-Run from the bundle folder: ``python -m monai.bundle run --config_file configs/inference.json --dataset_dir IN
---output_dir OUT`` writes ``OUT/<case-id>.nii.gz``; ``--labels brats2023`` writes BraTS 2023+ label values.
+``python -m monai.bundle run --config_file BUNDLE/configs/inference.json --dataset_dir IN --output_dir OUT``, from
+any folder, writes ``OUT/<case-id>.nii.gz``; ``--labels brats2023`` writes BraTS 2023+ label values.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def inference_config(card: dict) -> dict:
     sw, spacing = _step(card, "sliding window"), _step(card, "spacing")
     return {
         "imports": ["$import scripts"],
-        "bundle_root": ".",
+        # the folder scripts/ was imported from (MONAI's runner puts the bundle's folder on the path), so that
+        # the runner finds the model wherever it is started
+        "bundle_root": "$__import__('os').path.dirname(__import__('os').path.dirname(__import__('os').path.abspath("
+                       "scripts.__file__)))",
         "dataset_dir": "$@bundle_root + '/input'",
         "output_dir": "$@bundle_root + '/output'",
         "modalities": card["input"]["modalities"],
@@ -44,7 +47,8 @@ def inference_config(card: dict) -> dict:
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
         "network": "$@network_def.eval()",
-        "datalist": "$scripts.brats.cases(@dataset_dir, @modalities)",
+        "overwrite": False,
+        "datalist": "$scripts.brats.cases(@dataset_dir, @modalities, @output_dir, @overwrite)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "LoadImaged", "keys": "image", "ensure_channel_first": True, "dtype": "$numpy.float32"},
             {"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
@@ -161,14 +165,17 @@ One folder per case, or every case's files side by side: `<id>_t1.nii.gz, <id>_t
 
 ## Run
 
-From this folder (`scripts` must be importable), with MONAI, nibabel, scipy and pytorch-ignite installed:
+With MONAI, nibabel, scipy and pytorch-ignite installed, from this folder or from any other with the
+configuration's path (MONAI's runner puts this folder on the import path, and the files are found from there):
 
     python -m monai.bundle run --config_file configs/inference.json --dataset_dir IN --output_dir OUT
 
 writes `OUT/<id>.nii.gz` on each case's source grid, in {labels} label values; `--labels brats2023` (or
-`brats2021`) writes another numbering. A case that cannot be read (a modality missing, a 4D image, images on
-different grids) is named on stderr, the others are predicted, and the run ends with status 1. Files already in
-OUT are left as they are.
+`brats2021`) writes another numbering. Every case is read and checked before inference: a case that cannot be
+read (a modality missing, a truncated or damaged file, a 4D image, images on different grids) is named on stderr,
+the others are predicted, and the run ends with status 1. Files already in OUT are left as they are and named
+(`--overwrite True` replaces them); an OUT inside IN, or one that cannot be written, is one line before any case
+is read.
 
 ## Steps
 

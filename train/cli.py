@@ -13,9 +13,12 @@ from .options import build_parser, config_from_args  # no torch: --help stays fa
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
-        from .export import main as export_main
+        from .export_cli import build_export_parser
 
-        return export_main(argv[1:])
+        export_args = build_export_parser().parse_args(argv[1:])  # before torch: --help answers at once
+        from .export import run_command
+
+        return run_command(export_args)
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     from store import FormatError

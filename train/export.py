@@ -11,18 +11,15 @@ cases with it: the same preprocessing, sliding window and mapping back to the so
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from .export_cli import FOLDER_FORMATS, FORMATS  # noqa: F401 (the formats, named where the parser is)
 from .options import training_command
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
-# formats written as a folder (default RUN/export/<name>): a MONAI bundle, a BraTS 2025 submission's build context
-FOLDER_FORMATS = {"bundle": "bundle", "brats-submission": "brats-submission"}
 SUFFIXES = {".onnx": "onnx", ".ts": "torchscript", ".pt": "torchscript"}  # an --out that names a model file
 CARD_VERSION = 1
 
@@ -160,22 +157,51 @@ def write_network(net: torch.nn.Module, channels: int, patch, path: Path, fmt: s
     net = net.eval()
     x = torch.zeros(1, channels, *patch)
     tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad():
-        if fmt == "torchscript":
-            torch.jit.trace(net, x, check_trace=False).save(str(tmp))
-        else:
-            torch.onnx.export(net, (x,), str(tmp), input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    tmp.replace(path)
+    try:
+        with torch.no_grad():
+            if fmt == "torchscript":
+                torch.jit.trace(net, x, check_trace=False).save(str(tmp))
+            else:
+                torch.onnx.export(net, (x,), str(tmp), input_names=["image"], output_names=["logits"],
+                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        tmp.replace(path)
+    finally:  # a failed export leaves nothing half-written
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None = None) -> tuple[Path, Path]:
+def _staged(folder: Path, overwrite: bool, write) -> Path:
+    """Run ``write(staging_folder)``, then move what it wrote into ``folder``: a file already there is replaced only
+    with ``overwrite`` (else an ExportError naming it, and nothing moved), files of other names are left; the
+    staging folder is removed on every exit path. Returns ``write``'s result, as a path inside ``folder``."""
+    import shutil
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
+    try:
+        result = write(stage)
+        files = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
+        there = [folder / f for f in files if (folder / f).exists()]
+        if there and not overwrite:
+            raise ExportError(f"--out {folder}: {there[0]}" + (f" and {len(there) - 1} more" if len(there) > 1 else "")
+                              + " already there; pass --overwrite to replace the export's files")
+        for f in files:
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            (stage / f).replace(folder / f)
+        return folder / Path(result).relative_to(stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None = None,
+               overwrite: bool = False) -> tuple[Path, Path]:
     """Write the run's network (``fmt``: onnx or torchscript) and its model card: into the folder ``out`` (default
     RUN/export), or as the file ``out`` names (its card beside it, card_path); returns (model file, card). The
     card carries the run's postprocessing, which 'evaluate predict --model' applies. ``fmt`` bundle or
     brats-submission: that folder (``out``, default RUN/export/<fmt>; train.bundle, train.submission), returned
-    as (folder, the card of the TorchScript network inside it)."""
+    as (folder, the card of the TorchScript network inside it). A file already there is replaced only with
+    ``overwrite`` (checked before anything is written: ``ExportError``)."""
     from .runs import RunError, load_run
 
     if fmt not in FORMATS and fmt not in FOLDER_FORMATS:
@@ -201,42 +227,21 @@ def export_run(run_dir: str, fmt: str, ensemble: bool = False, out: str | None =
 
         folder = Path(out) if out else run_dir / "export" / FOLDER_FORMATS[fmt]
         card = model_card(run_dir, run, "torchscript", "model.ts", bool(ensemble))
-        return folder, (write_bundle if fmt == "bundle" else write_submission)(folder, write_model, card)
+        writer = write_bundle if fmt == "bundle" else write_submission
+        return folder, _staged(folder, overwrite, lambda stage: writer(stage, write_model, card))
     path = _destination(out, run_dir, fmt)
-    write_model(path, fmt)
     card = card_path(path)
+    if not overwrite and (there := [p for p in (path, card) if p.exists()]):
+        raise ExportError(f"--out: {there[0]} already exists; pass --overwrite to replace it")
+    write_model(path, fmt)
     card.write_text(json.dumps(model_card(run_dir, run, fmt, path.name, bool(ensemble)), indent=2) + "\n")
     return path, card
 
 
-def build_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train export",
-        description="Export a trained run's network as ONNX (onnxruntime, any ONNX runtime) or TorchScript (torch "
-        "alone), with model-card.json beside it: the modalities in order, spacing, orientation, normalisation, "
-        "patch size, regions, label convention, postprocessing, every step from source files to labels, the "
-        "scorer's figures from RUN/eval, the training configuration and the project version. 'python -m evaluate "
-        "predict --model FILE' predicts with it, postprocessing included. --format bundle writes a MONAI bundle "
-        "that 'python -m monai.bundle run' predicts with where this project is not installed; --format "
-        "brats-submission the build context of a BraTS 2025 submission image (Dockerfile, entry point, bundle).")
-    p.add_argument("--run-dir", required=True, help="the trained run folder")
-    p.add_argument("--format", required=True, choices=sorted([*FORMATS, *FOLDER_FORMATS]),
-                   help="onnx (needs the onnx extra to run it with onnxruntime), torchscript, bundle (a MONAI bundle "
-                   "folder: configs/, models/model.ts, scripts/, docs/, LICENSE) or brats-submission (a folder to "
-                   "'docker build': Dockerfile, predict.py, the bundle; its README.md says how to build, test, push)")
-    p.add_argument("--ensemble", action="store_true", help="a k-fold run's folds as one network (the logit of "
-                   "their mean probability); default: its best fold, or a single run's best.pt")
-    p.add_argument("--out", help="onnx, torchscript: a folder for the model and its card (default: RUN/export), or a "
-                   "model file name (m.onnx, m.ts), its card m-card.json beside it; bundle, brats-submission: the "
-                   "folder to write (default: RUN/export/bundle, RUN/export/brats-submission; other files in it are "
-                   "left)")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    a = build_export_parser().parse_args(argv)
+def run_command(a) -> int:
+    """``python -m train export`` with its parsed arguments (train.export_cli): the export, its one line."""
     try:
-        path, card = export_run(a.run_dir, a.format, a.ensemble, a.out)
+        path, card = export_run(a.run_dir, a.format, a.ensemble, a.out, a.overwrite)
     except (ExportError, FileNotFoundError) as e:
         print(f"python -m train export: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ installed. ``model-card.json`` in ``models/`` describes every step.
 from __future__ import annotations
 
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,15 @@ def _checked(case_id: str, files: dict, modalities) -> list[str] | None:
             f"{case_id}{ENDINGS[m][0]}.nii.gz or {case_id}{ENDINGS[m][1]}.nii.gz" for m in missing) + ")")
         return None
     paths = [str(files[m]) for m in modalities]
-    try:
-        headers = [nib.load(p) for p in paths]
-    except Exception as e:  # noqa: BLE001 (a damaged file: its reason, in one line)
-        _problem(f"case {case_id}: cannot be read ({type(e).__name__}: {e})")
-        return None
+    headers = []
+    for p in paths:  # every voxel decoded now, before any inference: a truncated file is found here, not mid-run
+        try:
+            h = nib.load(p)
+            np.asanyarray(h.dataobj)
+        except Exception as e:  # noqa: BLE001 (a damaged file: its reason, in one line)
+            _problem(f"case {case_id}: {Path(p).name} cannot be read ({type(e).__name__}: {e})")
+            return None
+        headers.append(h)
     for m, h in zip(modalities, headers):
         if len(h.shape) != 3:
             _problem(f"case {case_id}: {Path(files[m]).name} is {len(h.shape)}D {tuple(h.shape)}; one 3D image per "
@@ -75,29 +80,62 @@ def _checked(case_id: str, files: dict, modalities) -> list[str] | None:
     return paths
 
 
-def cases(dataset_dir: str, modalities) -> list[dict]:
+def _stop(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _check_output(root: Path, output_dir: str) -> Path:
+    """The output folder, before any case is read: outside the input folder (through links), created, and
+    writable (a file written and removed); else one line and status 1."""
+    out = Path(output_dir)
+    resolved, src = out.resolve(), root.resolve()
+    if resolved == src or src in resolved.parents:
+        _stop(f"output {output_dir} lies inside the input {root}: choose a folder outside it")
+    probe = out / f".write-test-{uuid.uuid4().hex}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        _stop(f"output {output_dir}: cannot be written ({e.strerror or type(e).__name__})")
+    return out
+
+
+def cases(dataset_dir: str, modalities, output_dir: str | None = None, overwrite: bool = False) -> list[dict]:
     """Every case under ``dataset_dir``: one folder per case, or the files side by side (``<id>-t1n.nii.gz``, ...,
-    or ``<id>_t1.nii.gz``, ...). A case that cannot be predicted is one line on stderr and is left out; the others
-    are predicted (``finish`` then ends the run with status 1). Nothing to predict: one line, status 1."""
+    or ``<id>_t1.nii.gz``, ...). Each case's images are read in full and checked before any inference: a case that
+    cannot be predicted is one line on stderr and is left out; the others are predicted (``finish`` then ends the
+    run with status 1). A case whose ``<id>.nii.gz`` is already in ``output_dir`` is kept as it is and named,
+    unless ``overwrite``. Nothing to predict: one line, status 1. So is an output folder inside the input or one
+    that cannot be written, found before any case is read."""
     root = Path(dataset_dir)
     if not root.is_dir():
-        print(f"{dataset_dir}: no such folder", file=sys.stderr)
-        raise SystemExit(1)
+        _stop(f"{dataset_dir}: no such folder")
+    out = _check_output(root, output_dir) if output_dir is not None else None
     found: dict[str, dict] = {}
     for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         for f in sorted(folder.iterdir()):
             named = _split(f.name) if f.is_file() else None
             if named is not None:
                 found.setdefault(named[0], {})[named[1]] = f
-    items = []
+    items, kept = [], []
     for case_id in sorted(found):
+        if out is not None and not overwrite and (out / f"{case_id}.nii.gz").exists():
+            kept.append(f"{case_id}.nii.gz")
+            continue
         paths = _checked(case_id, found[case_id], list(modalities))
         if paths is not None:
             items.append({"image": paths, "case_id": case_id})
-    if not items:
-        print(f"{dataset_dir}: nothing to predict (no case with every one of {', '.join(modalities)}"
-              f"{'; ' + str(len(PROBLEMS)) + ' case(s) unreadable' if PROBLEMS else ''})", file=sys.stderr)
-        raise SystemExit(1)
+    if kept:
+        print(f"kept {len(kept)} file(s) already in {output_dir}, not replaced (overwrite replaces them): "
+              f"{', '.join(kept)}", file=sys.stderr, flush=True)
+    if not items and not kept:
+        _stop(f"{dataset_dir}: nothing to predict (no case with every one of {', '.join(modalities)}"
+              f"{'; ' + str(len(PROBLEMS)) + ' case(s) unreadable' if PROBLEMS else ''})")
+    if not items:  # every case already written (or unreadable): nothing left for the model
+        finish()
+        raise SystemExit(0)
     return items
 
 
