@@ -41,6 +41,7 @@ demo: install
 	$(PY) -m evaluate tune-postprocessing --run-dir $(RUN) --or-skip
 	$(PY) -m evaluate --run-dir $(RUN) --split test --save-predictions
 	$(PY) -m evaluate --run-dir $(RUN) --split test --tta --metrics legacy
+	$(PY) -m benchmarks demo --run-dir $(RUN) --out $(RUN)/benchmarks
 	$(PY) -m benchmarks all --quick --out $(RUN)/benchmarks
 
 test: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,19 +34,40 @@ BENCHES = {
               "reaches W/4, W/2 and W, and predict from each; both scored by evaluate score, our time to "
               "nnU-Net's Dice, a PNG; nnU-Net's trainer is timed first and not run past --budget "
               "(on 2 CPU cores: --spacing 4, about 35 minutes in all)",
-    "table": "regenerate the performance table of docs/performance.md from the JSON results",
+    "demo": "record the demo run's test scores (--run-dir RUN: its eval/test.json, test.csv, test-tta.json) as "
+            "demo.json, from which the README's demo table is generated",
+    "table": "regenerate the tables of docs/performance.md and the README's headline table from the JSON results",
 }
 ALL = ("synth", "prep", "loader", "train", "infer")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# the options that apply to some stages only (the others take --quick, --size, --out and --work)
+STAGE_OPTIONS = {"--amp": ("train", "infer", "modalities"), "--peers": ("prep",), "--trainer": ("nnunet",),
+                 "--spacing": ("nnunet",), "--budget": ("nnunet",), "--full": ("modalities",),
+                 "--seeds": ("modalities", "models"), "--time-limit": ("models",), "--epochs": ("modalities",),
+                 "--run-dir": ("demo",)}
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The command's parser; with ``stage``, the parser ``python -m benchmarks STAGE --help`` shows: that stage's
+    description and only the options it takes."""
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="Measure each stage's throughput (median of repeats after a warm-up) and write "
-        "<out>/<name>.json and <out>/<name>.png, with the machine recorded beside the figures. 'all' runs "
-        f"{', '.join(ALL)}.",
+        prog="python -m benchmarks" + (f" {stage}" if stage else ""),
+        description=(f"{stage}: {BENCHES[stage]}. Writes <out>/{stage}.json and .png." if stage in BENCHES
+                     else "Measure each stage's throughput (median of repeats after a warm-up) and write "
+                     "<out>/<name>.json and <out>/<name>.png, with the machine recorded beside the figures. 'all' "
+                     f"runs {', '.join(ALL)}; the other stages run by name. 'python -m benchmarks STAGE --help' "
+                     "gives a stage's own options."),
     )
-    p.add_argument("name", choices=[*BENCHES, "all"], help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
+    p.add_argument("name", choices=[*BENCHES, "all"], help="; ".join(f"{k}: {v}" for k, v in BENCHES.items())
+                   if stage is None else f"{stage}")
+    add = p.add_argument
+
+    def p_add(flag, *args, **kwargs):  # an option of some stages only, left out of another stage's help
+        if stage is None or stage == "all" or stage in STAGE_OPTIONS.get(flag, (stage,)):
+            add(flag, *args, **kwargs)
+
+    p.add_argument = p_add
     p.add_argument("--quick", action="store_true", help="small cases and few repeats (all: under 3 minutes on 2 "
                    "cores)")
     p.add_argument("--size", choices=["full", "quick", "tiny"], help="input size (default: full, or quick with "
@@ -70,13 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "3; 0.15 with --quick)")
     p.add_argument("--epochs", type=int, help="modalities: epochs per run instead of the scale's own (a shorter "
                    "budget, said in the table)")
+    p.add_argument("--run-dir", help="demo: the demo's run folder (make demo: runs/demo)")
     p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
     p.add_argument("--work", help="folder for the benchmark cohorts (default: a temporary folder)")
+    p.add_argument = add
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = next((a for a in argv if a in BENCHES), None) if {"-h", "--help"} & set(argv) else None
+    parser = build_parser(stage)
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
@@ -90,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--trainer and --budget apply to the nnunet benchmark only")
     if args.spacing is not None and (args.name != "nnunet" or args.spacing <= 0):
         parser.error("--spacing applies to the nnunet benchmark only, as a positive number of millimetres")
+    if (args.run_dir is None) != (args.name != "demo"):
+        parser.error("--run-dir goes with the demo benchmark, which needs it")
     if args.budget <= 0:
         parser.error(f"--budget must be a positive number of minutes, not {args.budget:g}")
     out = Path(args.out)
@@ -163,10 +191,15 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
 
         nnunet_bench.run(out, work / "nnunet", trainer=args.trainer, size=size, budget_min=args.budget,
                          spacing=args.spacing)
+    elif name == "demo":
+        from .demo_record import record
+
+        print(f"wrote {record(args.run_dir, out)}")
     elif name == "table":
-        from .table import update_page
+        from .table import update_page, update_readme
 
         update_page(out)
+        update_readme(out)
 
 
 def _store_format(out: Path, quick: bool) -> None:

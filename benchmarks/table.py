@@ -199,3 +199,118 @@ def update_page(out: str | Path, page: str | Path = PAGE) -> None:
         text = _replace_between(text, GPU_START, GPU_END, render(out / "gpu"), page)
     page.write_text(text)
     print(table)
+
+
+# The README's headline table, generated from the same files (tests/test_docs.py holds the README to it)
+README = Path("README.md")
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def _loader_headline(lo: dict) -> list[str]:
+    v = {k: r["samples_per_s"] for k, r in lo["variants"].items()}
+    return [f"| augmented 4 x 128^3 training samples/s, {lo['cases']} full-size cases (`benchmarks loader`) | "
+            f"{v['ram+aug']:.1f} (`--cache ram`, augmented on the device with the seed's transforms) | MONAI's "
+            f"chain from NIfTI: {v['monai']:.2f} ({v['ram+aug'] / v['monai']:.1f}x fewer); the seed's chain: "
+            f"{v['seed']:.2f} | {machine(lo)} |"]
+
+
+def _prep_headline(p: dict) -> list[str]:
+    rows = []
+    if peers := p.get("peers"):
+        nn, ours = peers["nnunet"], peers["build_store"]
+        rows.append(f"| preprocessing {nn['cases']} full-size cases, wall, 1 process (`benchmarks prep --peers`) | "
+                    f"`build-store`: {ours['wall_s']:.1f} s | nnU-Net v2 {nn['version']} fingerprint + plan + "
+                    f"preprocess: {nn['wall_s']['total_s']:.1f} s "
+                    f"({peers['wall_fingerprint_plan_preprocess_over_build']:.1f}x) | {machine(p)} |")
+    rows.append(f"| store size / source `.nii.gz` (`benchmarks prep`) | {p['store_over_source']:.2f} | | "
+                f"{machine(p)} |")
+    return rows
+
+
+def _infer_headline(i: dict) -> list[str]:
+    s = i["seconds_per_case"]
+    ours = next(v for k, v in s.items() if k.startswith("ours"))
+    bare = next(v for k, v in s.items() if k.startswith("bare"))
+    extra = []
+    if e := i.get("exported"):
+        extra.append(f"ONNX: {e['onnxruntime_s_per_case']:.2f} s")
+    if b := i.get("bundle"):
+        extra.append(f"the MONAI bundle under MONAI's runner: {b['bundle_s_per_case']:.2f} s")
+    ratio = ours / bare
+    verdict = "within" if ratio <= 1.2 else "over"
+    rows = [f"| inference per full-size case, whole path, {i['cases']} cases (`benchmarks infer`) | {ours:.2f} s"
+            + (f" ({'; '.join(extra)})" if extra else "") + f" | MONAI's bare sliding window on tensors: {bare:.2f} s "
+            f"({ratio:.2f}x: {verdict} the 1.2x goal) | {machine(i)} |"]
+    if sc := i.get("scoring_seconds_per_case"):
+        rows.append(f"| scoring one full-size case, all three families (`benchmarks infer`) | "
+                    f"{sc['all']['median']:.2f} s | | {machine(i)} |")
+    return rows
+
+
+def _models_headline(m: dict) -> list[str]:
+    walls = [r["wall_s"] for a in m["arms"].values() for r in a["runs"]]
+    seeds = {len(a["runs"]) for a in m["arms"].values()}
+    best = max(m["arms"].items(), key=lambda kv: kv[1]["mean_dice"])
+    c = m["cohort"]
+    return [f"| training, {len(m['arms'])} architectures with a time limit of {m['minutes_per_run']:g} min each "
+            f"(runs took {min(walls):.0f}-{max(walls):.0f} s), {c['cases']} synthetic cases at "
+            f"{c['spacing_mm'][0]:g} mm, {'/'.join(map(str, sorted(seeds)))} seeds, {c['test_cases']} test cases "
+            f"(`benchmarks models`) | best: {best[0].split(' (')[0]}, a four-level UNet (`{best[1]['flags']}`): "
+            f"mean Dice {best[1]['mean_dice']:.3f} | | {machine(m)} |"]
+
+
+def _race_headline(r: dict) -> list[str]:
+    nn, means, diff = r["nnunet"], r["means"], r["paired_mean_dice_vs_nnunet"]["ours at W"]
+    lo, hi = diff["ci95"]
+    w = nn["wall_s"]["total_s"]
+    return [f"| the race, whole pipelines at {r['cohort']['spacing_mm'][0]:g} mm, {r['cohort']['cases']} cases, "
+            f"{r['cohort']['test_cases']} test cases, one seed a side (`{r['command']}`) | mean Dice "
+            f"{means['ours at W']['mean_dice']:.3f} at nnU-Net's wall time W = {w:.0f} s | nnU-Net v2 3d_fullres with "
+            f"its one-epoch smoke-test trainer `{nn['trainer']}`, trained on labels, not regions: "
+            f"{means['nnU-Net']['mean_dice']:.3f} (ours {diff['mean_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]); not "
+            f"nnU-Net's BraTS recipe | {machine(r)} |"]
+
+
+HEADLINES = (("loader", _loader_headline), ("prep", _prep_headline), ("infer", _infer_headline),
+             ("models", _models_headline), ("nnunet", _race_headline))
+
+
+def headline(out: str | Path) -> str:
+    """The README's headline table (markdown) from the results in ``out``: each row names its command and machine."""
+    rows = ["| what | this project | beside it | machine |", "|---|---|---|---|"]
+    for name, make in HEADLINES:
+        if (result := _load(Path(out), name)) is not None:
+            rows += make(result)
+    return "\n".join(rows)
+
+
+def update_readme(out: str | Path, readme: str | Path = README) -> None:
+    """Rewrite the README's headline table, and its demo table where ``out`` holds demo.json, from ``out``."""
+    readme = Path(readme)
+    text = _replace_between(readme.read_text(), HEADLINE_START, HEADLINE_END, headline(out), readme)
+    if (Path(out) / "demo.json").exists():
+        text = _replace_between(text, DEMO_START, DEMO_END, demo_table(out), readme)
+    readme.write_text(text)
+
+
+DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
+
+
+def demo_table(out: str | Path) -> str:
+    """The README's demo table from ``out/demo.json`` (``python -m benchmarks demo``): the test means, plain and
+    with --tta, then each test case."""
+    d = _load(Path(out), "demo")
+    cols = [("dice_tc", "Dice TC"), ("dice_wt", "Dice WT"), ("dice_et", "Dice ET"),
+            ("brats2023_dice_tc", "brats2023 Dice TC"), ("brats2023_dice_wt", "brats2023 Dice WT"),
+            ("brats2023_dice_et", "brats2023 Dice ET")]
+
+    def row(name: str, values: dict) -> str:
+        return f"| {name} | " + " | ".join(f"{values[c]:.3f}" if c in values else "" for c, _ in cols) + " |"
+
+    rows = ["| evaluation | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    rows.append(row(f"mean of {d['plain']['cases']} test cases, no postprocessing", d["plain"]["means"]))
+    if "tta" in d:
+        rows.append(row("the same, `--tta` (8 mirrorings)", d["tta"]["means"]))
+    rows += [row(f"case {r['case']}", r) for r in d["plain"]["per_case"]]
+    return ("\n".join(rows) + f"\n\n{machine(d)}; `{d['command']}`, then "
+            "`python -m benchmarks demo --run-dir runs/demo`.")

@@ -11,6 +11,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY = (40, 40, 28)  # 6 x 6 x 5.5 mm voxels over the BraTS field of view
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# a test (or a parameter) that only means something on a CUDA device: reported as skipped, with this reason, where
+# none is present, never passed by comparing the CPU with itself
+needs_cuda = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device; benchmarks/gpu.sh runs it on one")
+no_cuda = pytest.mark.skipif(_has_cuda(), reason="checks the refusal on a machine without a CUDA device")
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory):
     """Six BraTS 2021 cases of 40 x 40 x 28 voxels."""

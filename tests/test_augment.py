@@ -14,7 +14,9 @@ from train.augment import (
     seed_transforms,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from .conftest import needs_cuda
+
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def _batch(device, b=6, shape=(12, 12, 10), seed=0):

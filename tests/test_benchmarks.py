@@ -410,3 +410,46 @@ exit 0
     assert len(race) == 1 and race[0].startswith("-m benchmarks nnunet --spacing 1 --trainer auto --budget 5 --out "
                                                  f"{tmp_path}/out/gpu ")
     assert "=== race: exit 0" in r.stdout and (tmp_path / "out" / "gpu" / "gpu.log").exists()
+
+
+def test_a_stage_help_shows_its_own_options(capsys):
+    """`python -m benchmarks STAGE --help` is that stage's: its description and only the options it takes."""
+    helps = {}
+    for stage in ("loader", "nnunet", "models", "demo"):
+        with pytest.raises(SystemExit) as e:
+            bench_main([stage, "--help"])
+        assert e.value.code == 0
+        helps[stage] = capsys.readouterr().out
+    assert "--spacing" in helps["nnunet"] and "--spacing" not in helps["loader"]
+    assert "--time-limit" in helps["models"] and "--time-limit" not in helps["nnunet"]
+    assert "--run-dir" in helps["demo"] and "--run-dir" not in helps["loader"]
+    assert len({h.split("\n\n")[1] for h in helps.values()}) == 4  # a description of each stage's own
+
+
+def test_the_demo_record_and_its_table(tiny_store, tmp_path, capsys):
+    """`python -m benchmarks demo --run-dir RUN` records the run's test means and cases as evaluate wrote them,
+    with the fingerprint a refactor must keep; the README's demo table is made from it."""
+    import csv
+
+    from benchmarks.table import demo_table
+    from evaluate.cli import main as eval_main
+    from train.cli import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--store", tiny_store, "--run-dir", str(run), "--channels", "4", "8", "16", "--patch-size",
+                       "16", "16", "16", "--workers", "0", "--epochs", "1", "--modalities", "t1", "t2", "flair"]) == 0
+    assert eval_main(["--run-dir", str(run), "--save-predictions"]) == 0
+    assert eval_main(["--run-dir", str(run), "--tta", "--metrics", "legacy"]) == 0
+    with pytest.raises(SystemExit) as e:  # --run-dir is needed
+        bench_main(["demo", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--run-dir" in capsys.readouterr().err
+    assert bench_main(["demo", "--run-dir", str(run), "--out", str(tmp_path / "out")]) == 0
+    d = json.loads((tmp_path / "out" / "demo.json").read_text())
+    summary = json.loads((run / "eval" / "test.json").read_text())
+    assert d["plain"]["means"]["dice_wt"] == summary["scores"]["dice_wt"]["mean"]
+    with open(run / "eval" / "test.csv") as f:
+        cases = [r["case"] for r in csv.DictReader(f)]
+    assert [r["case"] for r in d["plain"]["per_case"]] == cases and "tta" in d
+    assert set(d["fingerprint"]["eval"]) >= {"test.csv", "test-tta.csv"} and d["fingerprint"]["predictions"]
+    table = demo_table(tmp_path / "out")
+    assert all(f"case {c}" in table for c in cases) and f"{d['plain']['means']['dice_wt']:.3f}" in table

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,9 @@ from pathlib import Path
 from store import open_store
 from store.verify import verify_store
 
-from .helpers import write_case
+from .helpers import free_port, write_case
 
 DASK = str(Path(sys.executable).with_name("dask"))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _published(store: Path) -> int:
@@ -35,7 +28,7 @@ def test_build_on_a_cluster_of_processes_survives_a_killed_worker(tmp_path):
     n = 12
     for i in range(n):
         write_case(src, f"BraTS2021_{i:05d}", seed=i, shape=(60, 64, 44))
-    port = _port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
@@ -78,6 +71,6 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path):
     src = tmp_path / "raw"
     write_case(src, "BraTS2021_00000", seed=0)
     r = subprocess.run([sys.executable, "-m", "prep", "build-store", "--source", str(src), "--store",
-                        str(tmp_path / "s.zarr"), "--scheduler", f"tcp://127.0.0.1:{_port()}"],
+                        str(tmp_path / "s.zarr"), "--scheduler", f"tcp://127.0.0.1:{free_port()}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "scheduler" in r.stderr and "Traceback" not in r.stderr

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,11 @@ from train.cli import main as train_main
 from train.config import TrainConfig
 from train.distributed import Dist
 
+from .helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--batch-size", "2", "--workers", "0",
             "--device", "cpu"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
@@ -35,7 +30,7 @@ def _env():
 
 def _torchrun(nproc, *args, timeout=240, extra=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_port()), *extra, *args]
+           str(free_port()), *extra, *args]
     return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -116,7 +111,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_rank_killed_mid_epoch_ends_the_job(store12, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "train", "--store", store12, "--run-dir", str(tmp_path / "k"), *TINY_NET, "--epochs", "1",
            "--steps-per-epoch", "100000", "--cache", "none", "--dist-timeout", "30"]
     p = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -146,7 +141,7 @@ def test_a_collective_that_never_completes_times_out_naming_rank_and_step():
 
 
 def test_two_nodes_on_loopback_train_together(store12, tmp_path):
-    port = _port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),

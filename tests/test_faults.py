@@ -70,7 +70,8 @@ def test_a_truncated_shard_and_a_damaged_chunk_are_caught(store, tmp_path, capsy
     with pytest.raises(FormatError, match=f"case {a}: object image/c.1.0.0.0 is {len(data) - 100} bytes"):
         open_store(store).case(a)
     shard.write_bytes(data)  # back to whole
-    # same size, one flipped bit inside a chunk: no listing sees it, the ram cache's checksum does
+    # same size, one flipped bit inside a chunk: no listing sees it; blosc refuses the chunk as it decodes (a
+    # damaged chunk that still decodes is the checksum's: test_the_ram_fill_checks_each_cases_checksum)
     label = _case_dir(store, b) / "label" / "c.0.0.0"
     raw = bytearray(label.read_bytes())
     raw[40] ^= 0x10
@@ -80,6 +81,36 @@ def test_a_truncated_shard_and_a_damaged_chunk_are_caught(store, tmp_path, capsy
     with pytest.raises((FormatError, RuntimeError, ValueError), match=f"{b}|blosc|decompress"):
         load_case_arrays(str(store), b, ("t1",))
     assert any(b in f for f in verify_store(open_store(store)))
+
+
+def test_the_ram_fill_checks_each_cases_checksum(store):
+    """A label shard rewritten with other values, valid for the codec and recorded at its new size, so that it
+    decodes and passes the object listing: only the checksum written with the case can tell, and the ram cache's
+    fill (Case.decode_checked) refuses it, naming the case."""
+    import json
+    import shutil
+
+    from store.fastwrite import write_array
+    from train.loader import load_case_arrays
+
+    s = open_store(store)
+    cid = s.splits["train"][2]
+    folder = _case_dir(store, cid)
+    label = s.case(cid).label().copy()
+    label[label.shape[0] // 2, label.shape[1] // 2, :] = 2  # a line of oedema the build never wrote
+    meta = json.loads((folder / "label" / "zarr.json").read_text())
+    shutil.rmtree(folder / "label")
+    write_array(folder / "label", meta, label)
+    group = json.loads((folder / "zarr.json").read_text())
+    sizes = group["attributes"]["objects"]
+    for key in sizes:
+        if key.startswith("label/"):
+            sizes[key] = (folder / key).stat().st_size
+    (folder / "zarr.json").write_text(json.dumps(group))
+    case = open_store(store).case(cid)  # the listing is satisfied
+    assert (case.label() == label).all()  # and the damaged values decode
+    with pytest.raises(FormatError, match=f"case {cid}: its data do not match the checksum"):
+        load_case_arrays(str(store), cid, ("t1",))
 
 
 def test_a_truncated_root_metadata_file_is_one_line(store, tmp_path, capsys):
@@ -126,7 +157,8 @@ def test_a_build_killed_at_any_point_leaves_a_store_that_verifies_and_resumes(ti
     assert r.returncode == -9, r.stderr[-2000:]  # it really was killed
     _verify_ok(path)
     s = open_store(path)
-    assert 0 < len(s) < 6 or point == "mid-case"
+    # each case is published as it is done (publish_every_s=0): the cases before the kill are in the store
+    assert 0 < len(s) < 6 and (point != "mid-case" or len(s) == 2)
     rep = build_store(BuildConfig(source=str(tiny_cohort), store=str(path), workers=0, spacing=synth_spacing(TINY)),
                       progress=False)
     assert rep.ok

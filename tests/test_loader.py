@@ -8,13 +8,16 @@ from store import open_store
 from store.conventions import region_masks
 from train.loader import PatchSampler, RamSource, TrainLoader, crop_pad
 
+from .conftest import needs_cuda
+
 
 def _epochs(loader, n=2):
     return [(a.clone(), b.clone()) for e in range(n) for a, b in loader.epoch(e)]
 
 
-# the cache modes compared with ram; gpu where a CUDA device is present
-OTHER_MODES = ["none"] + (["gpu"] if torch.cuda.is_available() else [])
+# the cache modes compared with ram; gpu on a CUDA device (skipped, and said so, where none is present; the gpu
+# mode's code on the CPU: test_the_gpu_modes_code_on_the_cpu_gives_rams_batches)
+OTHER_MODES = ["none", pytest.param("gpu", marks=needs_cuda)]
 
 
 @pytest.mark.parametrize("mode", OTHER_MODES)
@@ -123,15 +126,32 @@ def test_foreground_oversampling_rate(tiny_store):
     assert regions[1].any()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_gpu_modes_code_on_the_cpu_gives_rams_batches(tiny_store, workers):
+    """The gpu cache mode's source (every case resident on the device, patches cut there) with the CPU as its
+    device, through the loader's own gpu branch: the ram mode's batches, bit for bit."""
+    from train.loader import GpuSource
+
+    ids = open_store(tiny_store).case_ids
+    kw = dict(modalities=("t1", "t2", "flair"), patch=(16, 16, 16), batch_size=3, workers=workers, seed=5)
+    ram = _epochs(TrainLoader(tiny_store, ids, cache="ram", **kw))
+    loader = TrainLoader(tiny_store, ids, cache="ram", **kw)
+    shapes = [open_store(tiny_store).case(c).shape for c in ids]
+    loader.source, loader.cache = GpuSource(tiny_store, ids, kw["modalities"], "cpu", shapes), "gpu"
+    gpu = _epochs(loader)
+    assert len(ram) == len(gpu) == 4
+    for (a, b), (c, d) in zip(ram, gpu):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
 def test_unknown_modality_and_cache_mode(tiny_store):
     ids = open_store(tiny_store).case_ids
     with pytest.raises(ValueError, match="unknown modality dwi"):
         TrainLoader(tiny_store, ids, modalities=("t1", "dwi"), patch=(8, 8, 8), workers=0)
     with pytest.raises(ValueError, match="cache must be"):
         TrainLoader(tiny_store, ids, patch=(8, 8, 8), workers=0, cache="disk")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA"):
-            TrainLoader(tiny_store, ids, patch=(8, 8, 8), workers=0, cache="gpu")
+    with pytest.raises(ValueError, match="CUDA"):  # on any machine: the device asked for is the CPU
+        TrainLoader(tiny_store, ids, patch=(8, 8, 8), workers=0, cache="gpu", device="cpu")
 
 
 def _worker_view(_):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evaluate.cli import main as eval_main
+from store import open_store
 from train.cli import main as train_main
 from train.config import TrainConfig
 from train.models import MODELS, make_loss, record
@@ -240,12 +241,23 @@ def test_unknown_names_are_usage_errors(capsys):
 
 
 def test_records_rebuild_the_same_network():
+    """The network rebuilt from its JSON record is the same network: the same class, the original's weights load
+    into it with every key matching, and it then gives the original's outputs."""
     from train.models import build, build_from_record
 
     for name in MODELS:
-        cfg = TrainConfig(model=name, channels=MODELS[name].default_channels, modalities=("t1", "t2"))
+        cfg = TrainConfig(model=name, channels=MODELS[name].default_channels, modalities=("t1", "t2"),
+                          patch_size=(64, 64, 64) if name == "swinunetr" else (32, 32, 32))
         a, b = build(cfg), build_from_record(json.loads(json.dumps(record(cfg))))
-        assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+        assert type(a) is type(b)
+        b.load_state_dict(a.state_dict(), strict=True)
+        a.eval(), b.eval()
+        x = torch.randn(1, 2, *cfg.patch_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out_a, out_b = a(x), b(x)
+        out_a = out_a[0] if isinstance(out_a, (list, tuple)) else out_a
+        out_b = out_b[0] if isinstance(out_b, (list, tuple)) else out_b
+        assert torch.equal(out_a, out_b), name
 
 
 def test_swinunetr_trains_and_predicts(tmp_path):
@@ -290,9 +302,18 @@ def test_time_limited_schedules_run_their_course():
 
 
 @pytest.mark.parametrize("name", ["segresnet", "dynunet"])
-def test_models_with_amp_and_streamed_patches(name, tiny_store, tmp_path):
+def test_models_train_with_amp_from_streamed_patches_and_evaluate_with_tta(name, tiny_store, tmp_path, capsys):
+    """--amp and --cache none with each architecture: the run says the precision it used and that it streamed its
+    patches, trains an epoch, and its test cases are scored with the 8 mirrorings."""
+    from train.device import cpu_has_bf16
+
     run = tmp_path / name
     assert train_main(["--store", tiny_store, "--run-dir", str(run), "--model", name, *BASE[:-4], "--epochs", "1",
-                       *SMALL[name], "--amp", "--cache", "none"]) == 0
-    assert json.loads((run / "config.json").read_text())["amp"] is True
+                       *SMALL[name], "--amp", "--cache", "none", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert ("bf16 autocast (CPU)" if cpu_has_bf16() else "this CPU has no native bf16") in out
+    assert "cache none" in out, out
+    assert len([line for line in (run / "metrics.jsonl").read_text().splitlines() if line]) == 1
     assert eval_main(["--run-dir", str(run), "--metrics", "legacy", "--tta"]) == 0
+    rows = (run / "eval" / "test-tta.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(open_store(tiny_store).splits["test"])

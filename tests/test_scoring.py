@@ -51,7 +51,28 @@ def _independent_brats2025(pred, ref, spacing):
                else HD95_EMPTY_PENALTY_MM)
     f1 = tp / (tp + 0.5 * (fp + fn)) if tp else 0.0
     glob = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
-    return {"lw_dice": lw_dice, "lw_hd95": lw_hd95, "tp": tp, "fp": fp, "fn": fn, "f1": f1, "dice": glob}
+    overlap = (pred & ref).any()
+    return {"lw_dice": lw_dice, "lw_hd95": lw_hd95, "tp": tp, "fp": fp, "fn": fn, "f1": f1, "dice": glob,
+            "lw_dice_std": float(np.std([dice[i, j] for i, j in matched])) if tp else float("nan"),
+            "lw_nsd": float(np.mean([_nsd(lp == j + 1, lr == i + 1, spacing, min(spacing)) for i, j in matched]))
+            if tp else 0.0,
+            "nsd": _nsd(pred, ref, spacing, 0.5 * min(spacing)) if overlap else 0.0,
+            "hd95": medpy_hd95(pred, ref, voxelspacing=spacing) if overlap else HD95_EMPTY_PENALTY_MM}
+
+
+def _border_distances(a, b, spacing):
+    """For each border voxel of ``a`` (voxels with a 6-neighbour outside), the distance in mm to the border of
+    ``b``: scipy's Euclidean distance transform, as the surface-distance definitions take it."""
+    cross = ndimage.generate_binary_structure(3, 1)
+    a_border = a & ~ndimage.binary_erosion(a, cross)
+    b_border = b & ~ndimage.binary_erosion(b, cross)
+    return ndimage.distance_transform_edt(~b_border, sampling=spacing)[a_border]
+
+
+def _nsd(pred, ref, spacing, tolerance):
+    """Normalized surface Dice at ``tolerance`` mm: the share of both borders within it of the other border."""
+    d_ref, d_pred = _border_distances(ref, pred, spacing), _border_distances(pred, ref, spacing)
+    return float(((d_ref <= tolerance).sum() / d_ref.size + (d_pred <= tolerance).sum() / d_pred.size) / 2)
 
 
 def _blob(shape, centre, radii):
@@ -88,6 +109,9 @@ def test_brats2025_matches_an_independent_computation(name, spacing):
     for k in ("lw_dice", "f1", "dice"):
         assert got[k] == pytest.approx(want[k], abs=1e-6), k
     assert got["lw_hd95"] == pytest.approx(want["lw_hd95"], abs=0.01)  # mm on every grid, not voxels
+    for k in ("lw_nsd", "nsd", "lw_dice_std"):  # the distance fields and the spread, beyond the 0/1 edge cases
+        assert got[k] == pytest.approx(want[k], abs=1e-6, nan_ok=True), k
+    assert got["hd95"] == pytest.approx(want["hd95"], abs=0.01)
     tp, fp, fn = want["tp"], want["fp"], want["fn"]
     assert got["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else float("nan"), nan_ok=True)
     assert got["recall"] == pytest.approx(tp / (tp + fn) if tp + fn else float("nan"), nan_ok=True)

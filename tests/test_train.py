@@ -11,6 +11,9 @@ import torch
 from train.checkpoints import CheckpointError, load_checkpoint, save_atomic
 from train.cli import main as train_main
 
+from .conftest import needs_cuda
+from .helpers import free_port
+
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--batch-size", "2", "--workers", "0"]
 
 
@@ -23,7 +26,8 @@ def _metrics(run_dir):
 
 
 def test_one_epoch_end_to_end(tiny_store, tmp_path, capsys):
-    assert _train(tiny_store, tmp_path / "run", "--epochs", "1", "--modalities", "t1", "t2", "flair", "--amp") == 0
+    assert _train(tiny_store, tmp_path / "run", "--epochs", "1", "--modalities", "t1", "t2", "flair", "--amp",
+                  "--device", "cpu") == 0
     run = tmp_path / "run"
     for f in ("config.json", "best.pt", "last.pt", "metrics.jsonl"):
         assert (run / f).exists(), f
@@ -39,12 +43,17 @@ def test_one_epoch_end_to_end(tiny_store, tmp_path, capsys):
     assert "Dice TC" in out and "NC" not in out.replace("NCR", "")
     from train.device import cpu_has_bf16
 
-    # --amp says what it does: bf16 autocast on a GPU; on the CPU, bf16 autocast or plainly float32 where bf16
-    # would be emulated
-    if torch.cuda.is_available():
-        assert ("bf16 autocast (CUDA)" if torch.cuda.is_bf16_supported() else "fp16 autocast + GradScaler") in out
-    else:
-        assert ("bf16 autocast (CPU)" if cpu_has_bf16() else "this CPU has no native bf16") in out
+    # --amp says what it does: on the CPU, bf16 autocast or plainly float32 where bf16 would be emulated (a GPU's
+    # precision: test_amp_on_cuda_says_what_it_does)
+    assert ("bf16 autocast (CPU)" if cpu_has_bf16() else "this CPU has no native bf16") in out
+
+
+@needs_cuda
+def test_amp_on_cuda_says_what_it_does(tiny_store, tmp_path, capsys):
+    assert _train(tiny_store, tmp_path / "run", "--epochs", "1", "--modalities", "t1", "--amp",
+                  "--device", "cuda") == 0
+    out = capsys.readouterr().out
+    assert ("bf16 autocast (CUDA)" if torch.cuda.is_bf16_supported() else "fp16 autocast + GradScaler") in out
 
 
 def test_learning_rate_follows_cosine_with_restarts(tiny_store, tmp_path):
@@ -160,7 +169,7 @@ def test_weights_only_loading_refuses_pickled_objects(tmp_path):
 
 def test_two_process_ddp_on_cpu(tiny_store, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29561",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "train", "--store", tiny_store, "--run-dir", str(tmp_path / "ddp"), *TINY_NET, "--epochs", "2",
            "--device", "cpu"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -150,8 +150,8 @@ class Trainer:
         if self.progress:
             print(f"training {len(self.train_ids)} cases ({dist.world} process(es), {self.steps} steps of "
                   f"{cfg.batch_size} per epoch on each), validating {len(self.val_ids)}; "
-                  f"{'+'.join(cfg.modalities)} -> {', '.join(cfg.regions)}; {self.device}, {self.amp_desc}; "
-                  f"run folder {self.run_dir}")
+                  f"{'+'.join(cfg.modalities)} -> {', '.join(cfg.regions)}; {self.device}, {self.amp_desc}, "
+                  f"cache {cfg.cache}; run folder {self.run_dir}")
 
     def _read_resume_state(self) -> dict | None:
         last = self.run_dir / "last.pt"

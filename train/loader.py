@@ -336,7 +336,12 @@ class GpuSource:
     def __init__(self, store_path: str, case_ids: list[str], modalities, device, shapes):
         # float16 image channels plus the uint8 label, per voxel of each case (``shapes``: the stored shapes)
         need = sum((2 * len(modalities) + 1) * int(np.prod(shape)) for shape in shapes)
-        free, _ = torch.cuda.mem_get_info(device)
+        if torch.device(device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        else:  # the same path with the CPU as the device (the tests run it so where no GPU is present)
+            import psutil
+
+            free = psutil.virtual_memory().available
         if need > 0.8 * free:
             raise ValueError(f"--cache gpu needs {need / 2**30:.1f} GiB for {len(case_ids)} cases, the device has "
                              f"{free / 2**30:.1f} GiB free; use --cache ram or fewer cases")

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer and --schedule choose others. Early stopping on validation loss, sliding-window validation, "
         "checkpoints best.pt and last.pt (with the architecture to rebuild the network), TensorBoard logs and "
         "metrics.jsonl (wall seconds with every validation) in --run-dir. 'python -m train export --help' exports a "
-        "trained run as ONNX or TorchScript.",
+        "trained run as ONNX, TorchScript, a MONAI bundle or a BraTS submission image's build context.",
     )
     p.add_argument("--store", default="data/brats.zarr", help="store path (default: %(default)s)")
     p.add_argument("--modalities", nargs="+", default=["t1", "t2", "flair"], metavar="M",
