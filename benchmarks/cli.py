@@ -34,6 +34,9 @@ BENCHES = {
               "reaches W/4, W/2 and W, and predict from each; both scored by evaluate score, our time to "
               "nnU-Net's Dice, a PNG; nnU-Net's trainer is timed first and not run past --budget "
               "(on 2 CPU cores: --spacing 4, about 35 minutes in all)",
+    "augment": "nnU-Net's default augmentation chain: augmented 4-channel samples/s of batchgeneratorsv2 (one "
+               "process, one per core) and MONAI on enlarged regions in memory, and of this project's loader with "
+               "--augmentation nnunet per cache mode",
     "demo": "record the demo run's test scores (--run-dir RUN: its eval/test.json, test.csv, test-tta.json) as "
             "demo.json, from which the README's demo table is generated",
     "table": "regenerate the tables of docs/performance.md and the README's headline table from the JSON results",
@@ -191,6 +194,10 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
 
         nnunet_bench.run(out, work / "nnunet", trainer=args.trainer, size=size, budget_min=args.budget,
                          spacing=args.spacing)
+    elif name == "augment":
+        from . import augment_bench
+
+        augment_bench.run(out, work, size)
     elif name == "demo":
         from .demo_record import record
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one call, for a machine with an NVIDIA GPU and no network: installs what is missing
 # from wheels carried beside the project (benchmarks/gpu_wheels.sh makes them), runs the tests (the CUDA variants
-# of the augmentation and loader tests run only there), then the loader, train (--amp) and infer (--amp)
+# of the augmentation and loader tests run only there), then the loader, train (--amp), infer (--amp) and augment
 # benchmarks on full-size synthetic cases, writing the same JSON as on the CPU to benchmarks/results/gpu/ (or
-# $OUT/gpu when $OUT is set), and a log beside it. Budget: about 6 minutes on a 16-core H100/H200 machine (measured: 111 tests 81 s, loader 215 s, train 28 s, infer 69 s);
+# $OUT/gpu when $OUT is set), and a log beside it. Budget: about 8 minutes on a 16-core H100/H200 machine
+# (measured: 111 tests 81 s, loader 215 s, train 47 s with both augmentation presets, infer 69 s, augment 93 s);
 # MODALITIES=1 adds the modalities experiment with --full (one seed per arm), about 8 minutes more; MODELS=1 the
 # architectures at equal wall time (1 minute per run, one seed each), about 6 minutes more. RACE=1 runs the race
 # against nnU-Net v2 instead, alone (its figures are wall times): the cohort at 1 mm, nnU-Net's longest fixed-length
@@ -21,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 missing=$(python3 - <<'PY'
 import importlib.util
 need = ["medpy", "surface_distance", "monai", "nibabel", "nilearn", "zarr", "numcodecs", "dask", "distributed", "matplotlib", "scipy", "psutil",
-        "einops", "xdist", "ignite", "fire", "panoptica"]
+        "einops", "xdist", "ignite", "fire", "panoptica", "batchgeneratorsv2"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY
 )
@@ -56,10 +57,11 @@ fi
 # the test files whose assertions run on CUDA where it is present (augmentation, loader cache modes, training
 # with AMP, prediction on the device), on 8 processes; the rest of the suite runs on every CPU machine
 step 150 tests env OMP_NUM_THREADS=2 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_augment.py \
-  tests/test_loader.py tests/test_train.py tests/test_predict.py
+  tests/test_loader.py tests/test_train.py tests/test_predict.py tests/test_nnunet_augment.py
 step 240 loader python3 -m benchmarks loader --out "$out" --work "$work"
 step 80 train python3 -m benchmarks train --amp --out "$out" --work "$work"
 step 80 infer python3 -m benchmarks infer --amp --out "$out" --work "$work"
+step 240 augment python3 -m benchmarks augment --out "$out" --work "$work"
 # the seed's experiment at 1 mm with 128^3 patches, one seed per arm and a shorter budget: about 8 more minutes,
 # so only when asked (MODALITIES=1); its table lands in $out/modalities.md, labelled with the device
 if [ "${MODALITIES:-0}" = 1 ]; then

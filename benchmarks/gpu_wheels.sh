@@ -12,7 +12,8 @@ pkgs=(monai==1.6.1 nibabel==5.4.2 nilearn==0.14.1 zarr==3.1.6 numcodecs==0.16.6 
       google-crc32c==1.9.0 dask==2026.8.0 distributed==2026.8.0 cloudpickle==3.1.3 fsspec==2026.9.0 toolz==1.2.0
       partd==1.4.2 locket==1.0.0 zict==3.0.0 tblib==3.2.2 tornado==6.6.1 einops==0.8.2 surface-distance==0.1
       pytest-xdist==3.8.0 execnet==2.1.2 pytorch-ignite==0.5.5 fire==0.7.1 termcolor==3.3.0 panoptica==2.1.7
-      connected-components-3d==3.29.0 plotly==5.24.1 ruamel.yaml==0.19.1 tenacity==9.2.1)
+      connected-components-3d==3.29.0 plotly==5.24.1 ruamel.yaml==0.19.1 tenacity==9.2.1 batchgeneratorsv2==0.3.6
+      batchgenerators==0.25.5 future==1.0.0 unittest2==1.1.0 traceback2==1.4.0 linecache2==1.0.0)
 fetch() {  # fetch DIR PACKAGE...: x86-64 wheels for Python 3.12, no dependencies; a package published only as a
   # source archive (pure Python: acvl-utils, batchgenerators, ...) is built into a wheel here instead
   local to=$1; shift

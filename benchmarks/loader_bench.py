@@ -103,12 +103,11 @@ def _time_monai(loader, samples: int) -> float:
 def _time_ours(loader, augment, samples: int, device) -> float:
     import torch
 
-    n, t0, epoch, out = 0, time.perf_counter(), 1000, None
+    n, t0, epoch = 0, time.perf_counter(), 1000
     while n < samples:
         for img, lab in loader.epoch(epoch):
-            if augment is not None:  # as the trainer: one output buffer reused every step
-                out = augment.buffer_for(img, out)
-                img, lab = augment(img, lab, inplace=True, out=out)
+            if augment is not None:  # as the trainer runs it (train.augment.make_augment's step)
+                img, lab = augment.step(img, lab)
             n += img.shape[0]
             if n >= samples:
                 break

@@ -89,6 +89,10 @@ def _train_rows(t: dict) -> list[str]:
                 f"{t['precision']}) | {t['real_over_fixed_step_time']:.3f} | <= 1.10 (CPU) | {machine(t)} |")
     rows.append(f"| train | data-wait share of a step | {100 * t['real_loader']['data_wait_share']:.1f}% | "
                 f"< 5% (GPU) | {machine(t)} |")
+    if nn := t.get("real_loader_nnunet_augmentation"):
+        rows.append(f"| train | --augmentation nnunet (read {'x'.join(map(str, nn['read']))}): data-wait share; step "
+                    f"time / fixed batch | {100 * nn['data_wait_share']:.1f}%; {nn['over_fixed_step_time']:.3f} | "
+                    f"< 5% (GPU) | {machine(t)} |")
     if (sc := t.get("scaling")) and "skipped" not in sc:
         rows.append(f"| train | samples/s, 2 processes / 1 (torchrun, {sc['1']['threads_per_process']} / "
                     f"{sc['2']['threads_per_process']} threads each) | {sc['samples_per_s_2_over_1']:.2f}x | "
@@ -168,8 +172,17 @@ def _infer_rows(i: dict) -> list[str]:
     return rows
 
 
+def _augment_rows(a: dict) -> list[str]:
+    """nnU-Net's augmentation chain: samples/s of each arm, ours over batchgeneratorsv2's process pool."""
+    arms = "; ".join(f"{k} {v['median']:.2f}" for k, v in a["samples_per_s"].items())
+    ratios = "; ".join(f"--cache {m} {r:.1f}x" for m, r in a["ours_over_batchgeneratorsv2_pool"].items())
+    return [f"| augment | nnU-Net's chain, samples/s ({'x'.join(map(str, a['patch']))} from "
+            f"{'x'.join(map(str, a['read']))}, 4 channels): {arms} | {ratios} of batchgeneratorsv2 on every core | "
+            f">= 5x (ram), 3x (none) nnU-Net's own data path (not measured) | {machine(a)} |"]
+
+
 STAGES = (("synth", _synth_rows), ("prep", _prep_rows), ("loader", _loader_rows), ("train", _train_rows),
-          ("scale", _scale_rows), ("readers", _readers_rows), ("infer", _infer_rows))
+          ("scale", _scale_rows), ("readers", _readers_rows), ("infer", _infer_rows), ("augment", _augment_rows))
 
 
 def render(out: str | Path) -> str:

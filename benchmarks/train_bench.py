@@ -60,19 +60,16 @@ def _step_times(batches, step, augment, n_steps: int) -> tuple[list, list, list]
     trainer does), the part of each spent waiting for the batch, and seconds of as many steps on one fixed batch
     already on the device; the first step of each is a warm-up, not counted."""
     real_steps, waits = [], []
-    out = None
     for i in range(n_steps + 1):
         t0 = time.perf_counter()
         img, lab = next(batches)
         t1 = time.perf_counter()
-        out = augment.buffer_for(img, out)
-        step(*augment(img, lab, inplace=True, out=out))
+        step(*augment.step(img, lab))
         t2 = time.perf_counter()
         if i:  # the first step warms up
             real_steps.append(t2 - t0)
             waits.append(t1 - t0)
-    fixed_img, fixed_lab = next(batches)
-    fixed_img = fixed_img.float()
+    fixed_img, fixed_lab = augment.step(*next(batches))  # a batch of the patch's size, on the device
     fixed_steps = []
     for i in range(n_steps + 1):
         t0 = time.perf_counter()
@@ -92,6 +89,7 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
     from train.engine import train_step
     from train.loader import TrainLoader
     from train.models import build, make_loss
+    from train.nnunet_augment import NnunetBatchAugment
     from train.validation import label_to_regions
 
     b = bench_inputs(work, size)
@@ -111,16 +109,18 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
         train_step(model, opt, loss_fn, autocast, scaler, img, label_to_regions(lab, store.label_convention))
 
     cache = "gpu" if device.type == "cuda" else "ram"
-    loader = TrainLoader(b.store, store.case_ids, cfg.modalities, patch=b.patch, batch_size=2, cache=cache, workers=2,
-                         device=device, seed=0)
 
-    def batches():
+    def batches(patch):
+        loader = TrainLoader(b.store, store.case_ids, cfg.modalities, patch=patch, batch_size=2, cache=cache,
+                             workers=2, device=device, seed=0)
         e = 0
         while True:
             yield from loader.epoch(e)
             e += 1
 
-    real_steps, waits, fixed_steps = _step_times(batches(), step, augment, n_steps)
+    real_steps, waits, fixed_steps = _step_times(batches(b.patch), step, augment, n_steps)
+    nn_aug = NnunetBatchAugment(b.patch, seed=0)  # --augmentation nnunet: the enlarged read, nnU-Net's chain
+    nn_steps, nn_waits, _ = _step_times(batches(nn_aug.read_size(b.patch)), step, nn_aug, n_steps)
     real_med, fixed_med = statistics.median(real_steps), statistics.median(fixed_steps)
     res = {
         "size": size, "patch": list(b.patch), "batch_size": 2, "channels": list(b.channels), "device": str(device),
@@ -130,6 +130,10 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
                         "wait_is": "time blocked on the loader for the next batch; augmentation on the device "
                                    "counts as step time"},
         "fixed_batch": {"steps_per_s": 1 / fixed_med, "step_s": summarize(fixed_steps)},
+        "real_loader_nnunet_augmentation": {
+            "read": list(nn_aug.read_size(b.patch)), "steps_per_s": 1 / statistics.median(nn_steps),
+            "step_s": summarize(nn_steps), "data_wait_share": sum(nn_waits) / sum(nn_steps),
+            "over_fixed_step_time": statistics.median(nn_steps) / fixed_med},
         "real_over_fixed_step_time": real_med / fixed_med,
         "scaling": scaling(b, amp, steps=4 if device.type == "cpu" else 20),
         "goals": {"real_over_fixed_step_time (CPU)": "<= 1.10",
@@ -143,6 +147,9 @@ def run(out_dir: Path, work: Path, size: str = "full", amp: bool = False, steps:
     wait = 100 * res["real_loader"]["data_wait_share"]
     print(f"train: real loader {1 / real_med:.3f} steps/s (data wait {wait:.1f}%), fixed batch "
           f"{1 / fixed_med:.3f} steps/s; step time ratio {res['real_over_fixed_step_time']:.3f}")
+    nn = res["real_loader_nnunet_augmentation"]
+    print(f"train, --augmentation nnunet: {nn['steps_per_s']:.3f} steps/s (data wait "
+          f"{100 * nn['data_wait_share']:.1f}%), step time ratio to the fixed batch {nn['over_fixed_step_time']:.3f}")
     sc = res["scaling"]
     if "skipped" not in sc:
         print(f"train: 2 processes / 1: {sc['samples_per_s_2_over_1']:.2f}x samples/s, ram cache memory on the "

@@ -453,3 +453,17 @@ def test_the_demo_record_and_its_table(tiny_store, tmp_path, capsys):
     assert set(d["fingerprint"]["eval"]) >= {"test.csv", "test-tta.csv"} and d["fingerprint"]["predictions"]
     table = demo_table(tmp_path / "out")
     assert all(f"case {c}" in table for c in cases) and f"{d['plain']['means']['dice_wt']:.3f}" in table
+
+
+def test_the_augment_benchmark_tiny(tmp_path):
+    """Every arm of nnU-Net's chain measured in one run: batchgeneratorsv2 in one process and on every core, MONAI,
+    and ours per cache mode; the table row generated from its JSON."""
+    from benchmarks.table import render
+
+    assert bench_main(["augment", "--size", "tiny", "--out", str(tmp_path), "--work", str(tmp_path / "w")]) == 0
+    data = json.loads((tmp_path / "augment.json").read_text())
+    arms = data["samples_per_s"]
+    assert {"batchgeneratorsv2, 1 process", "MONAI, 1 process", "ours, --cache ram", "ours, --cache none"} <= set(arms)
+    assert all(v["median"] > 0 for v in arms.values()) and data["read"] == [25, 25, 25]
+    assert (tmp_path / "augment.png").stat().st_size > 2000
+    assert "| augment | nnU-Net's chain" in render(tmp_path)

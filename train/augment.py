@@ -298,6 +298,16 @@ class BatchAugment:
     def draw(self, n: int) -> list[dict]:
         return [t.draw(n, self.generator) for t in self.transforms]
 
+    def read_size(self, patch_size) -> tuple[int, ...]:
+        """The region the loader reads for a patch: the patch itself (these transforms keep its size)."""
+        return tuple(patch_size)
+
+    def step(self, image: torch.Tensor, label: torch.Tensor):
+        """A training step's batch augmented in place, into a float32 buffer reused from step to step (the
+        loader's batch is the step's to change)."""
+        self._out = self.buffer_for(image, getattr(self, "_out", None))
+        return self(image, label, inplace=True, out=self._out)
+
     def apply(self, image: torch.Tensor, label: torch.Tensor, params: list[dict], inplace: bool = False,
               out: torch.Tensor | None = None):
         """Apply drawn ``params``; consecutive spatial transforms are fused (one copy per moved sample).
@@ -352,3 +362,15 @@ class BatchAugment:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def make_augment(preset: str, patch_size, seed: int):
+    """The training augmentation ``preset`` (--augmentation) with its generator seeded: seed (this module) or
+    nnunet (train.nnunet_augment); each has ``read_size(patch)``, ``step(image, label)`` and ``generator``."""
+    if preset == "nnunet":
+        from .nnunet_augment import NnunetBatchAugment
+
+        return NnunetBatchAugment(patch_size, seed)
+    if preset != "seed":
+        raise ValueError(f"--augmentation {preset!r}: choose seed or nnunet")
+    return BatchAugment(seed=seed)

@@ -41,6 +41,7 @@ class TrainConfig:
     num_res_units: int = 2
     dropout: float = 0.2
     fg_fraction: float = 1 / 3
+    augmentation: str = "seed"  # the preset: seed (train.augment) or nnunet (train.nnunet_augment)
     sw_batch_size: int = 2
     t0: int = 10
     eta_min: float = 1e-6

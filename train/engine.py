@@ -178,7 +178,7 @@ class Trainer:
         (run_dir / "preprocessing.json").write_text(json.dumps(prep, indent=2) + "\n")
 
     def _build_model(self) -> None:
-        from .augment import BatchAugment
+        from .augment import make_augment
         from .models import build, make_loss, make_optimizer, make_schedule
 
         cfg, dist = self.cfg, self.dist
@@ -193,7 +193,7 @@ class Trainer:
         self.sched = make_schedule(cfg, self.opt, progress=lambda: self.time_share)
         self.autocast, self.scaler, self.amp_desc = amp_context(cfg, self.device)
         self.stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-        self.augment = BatchAugment(seed=cfg.seed * 1000 + dist.rank)
+        self.augment = make_augment(cfg.augmentation, cfg.patch_size, cfg.seed * 1000 + dist.rank)
 
     def _restore(self, state: dict) -> None:
         self.core.load_state_dict(state["model"])
@@ -227,7 +227,8 @@ class Trainer:
         # counted in the process's own baseline, not in what the cache adds
         self.store.case(self.train_ids[0]).image(self.cfg.modalities[:1], region=(slice(0, 1),) * 3)
         rss = resident_bytes()
-        self.loader = TrainLoader(cfg.store, dist.shard(self.train_ids), cfg.modalities, cfg.patch_size,
+        self.loader = TrainLoader(cfg.store, dist.shard(self.train_ids), cfg.modalities,
+                                  self.augment.read_size(cfg.patch_size),
                                   cfg.batch_size, cfg.cache, cfg.cache_rate, cfg.workers, self.device,
                                   seed=cfg.seed * 1000 + dist.rank, fg_fraction=cfg.fg_fraction,
                                   progress=self.progress, steps=self.steps)
@@ -344,17 +345,14 @@ class Trainer:
         bar = progress_bar(self.steps, f"epoch {epoch + 1}/{cfg.epochs}", "step", enabled=self.progress, lines=False,
                            leave=False)
         it = self.loader.epoch(epoch)
-        aug_out = None
         global_step = epoch * self.steps
         for step in range(self.steps):
             dist.position = f"epoch {epoch + 1}, step {step + 1}/{self.steps}"
             t0 = time.perf_counter()
             img, lab = next(it)
             t1 = time.perf_counter()
-            # float16 in, float32 out into one buffer reused every step; the loader's batch is ours until we
-            # drop it (its pool reuses it only then): augmented in place, no copy
-            aug_out = self.augment.buffer_for(img, aug_out)
-            img, lab = self.augment(img, lab, inplace=True, out=aug_out)
+            # float16 in, float32 out; the loader's batch is ours until we drop it (its pool reuses it only then)
+            img, lab = self.augment.step(img, lab)
             lv = train_step(self.model, self.opt, self.loss_fn, self.autocast, self.scaler, img,
                             label_to_regions(lab, self.store.label_convention, cfg.regions))
             t2 = time.perf_counter()

@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ram: decoded cases in shared memory; none: patches read from the Zarr chunks; gpu: cases "
                    "resident on the device (default: %(default)s)")
     p.add_argument("--cache-rate", type=float, default=1.0, help="share of cases the ram cache holds (default: 1)")
+    p.add_argument("--augmentation", choices=["seed", "nnunet"], default="seed",
+                   help="seed: the seed's set (rot90, flips, intensity scale and shift, noise, bias field) on the "
+                   "patch; nnunet: nnU-Net v2.8.1's default chain (rotation and scaling resampled, noise, blur, "
+                   "brightness, contrast, low resolution, gamma, mirroring) on an enlarged read (205^3 for 128^3); "
+                   "both batched on the device (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2,
                    help="loader threads assembling batches ahead of the step; 0 assembles each batch in the "
                    "training loop (default: %(default)s)")
@@ -112,7 +117,7 @@ def config_from_args(args: argparse.Namespace):
         max_val_cases=args.max_val_cases, steps_per_epoch=args.steps_per_epoch, dist_timeout=args.dist_timeout,
         model=args.model, deep_supervision=args.deep_supervision, loss=args.loss, optimizer=args.optimizer,
         schedule=args.schedule, time_limit=args.time_limit,
-        snapshot_at=tuple(sorted(args.snapshot_at)),
+        snapshot_at=tuple(sorted(args.snapshot_at)), augmentation=args.augmentation,
     )
 
 
