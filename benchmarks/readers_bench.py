@@ -68,6 +68,40 @@ READ_CASES = 6  # the read-alone axis: patches from this many cases
 READ_PATCHES = 40  # and this many regions, drawn once (seeded), each inside its case
 
 
+def _tensorstore_arms(store, cases, regions, channels: int, biggest) -> dict:
+    """The read-alone arms of tensorstore (one copy thread, one I/O thread): int16 as stored, then one numpy
+    multiply to float32 into a reused array, and into a fresh one."""
+    import numpy as np
+    import tensorstore as ts
+
+    from .engines import kvstore_spec
+
+    context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 1},
+                          "file_io_concurrency": {"limit": 1}})
+    opened = {c.case_id: [ts.open({"driver": "zarr3", "kvstore": kvstore_spec(store.location,
+                                                                              f"{c._group_path}/{name}")},
+                                  read=True, context=context).result() for name in ("image", "label")]
+              for c in cases}
+    converted = np.empty((channels, *biggest), np.float32)
+
+    def tensorstore(convert: bool, fresh: bool = False):
+        def read():
+            for case, reg in regions:
+                image, label = opened[case.case_id]
+                values = image[(slice(None), *reg)].read().result()
+                label[reg].read().result()
+                if fresh:
+                    np.multiply(values, case.scale[:, None, None, None], dtype=np.float32)
+                elif convert:
+                    np.multiply(values, case.scale[:, None, None, None],
+                                out=converted[(slice(None), *(slice(0, n) for n in values.shape[1:]))])
+        return read
+
+    return {"tensorstore, int16 as stored": tensorstore(False),
+            "tensorstore + numpy multiply to float32": tensorstore(True),
+            "tensorstore + numpy multiply into a fresh float32 array": tensorstore(True, fresh=True)}
+
+
 def patch_axis(store_path: str, patch, reps: int = 5) -> dict:
     """Milliseconds per patch (all channels + label, ``patch`` voxels a side, the same seeded regions inside the
     cases) read on one thread with no loader around it: the project's ``Case.image_into`` (float32 and float16,
@@ -103,33 +137,15 @@ def patch_axis(store_path: str, patch, reps: int = 5) -> dict:
                 case.label_into(lab[tuple(slice(0, n) for n in shape)], reg)
         return read
 
-    arms = {"project, float32": project(torch.float32), "project, float16": project(torch.float16)}
+    def project_fresh():  # the public read a user meets first: a fresh array per call (Case.image, Case.label)
+        for case, reg in regions:
+            case.image(region=reg)
+            case.label(region=reg)
+
+    arms = {"project, float32": project(torch.float32), "project, float16": project(torch.float16),
+            "project, fresh arrays (Case.image, Case.label)": project_fresh}
     if importlib.util.find_spec("tensorstore") is not None:
-        import tensorstore as ts
-
-        from .engines import kvstore_spec
-
-        context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 1},
-                              "file_io_concurrency": {"limit": 1}})
-        opened = {c.case_id: [ts.open({"driver": "zarr3", "kvstore": kvstore_spec(store.location,
-                                                                                  f"{c._group_path}/{name}")},
-                                      read=True, context=context).result() for name in ("image", "label")]
-                  for c in cases}
-        converted = np.empty((channels, *biggest), np.float32)
-
-        def tensorstore(convert: bool):
-            def read():
-                for case, reg in regions:
-                    image, label = opened[case.case_id]
-                    values = image[(slice(None), *reg)].read().result()
-                    label[reg].read().result()
-                    if convert:
-                        np.multiply(values, case.scale[:, None, None, None],
-                                    out=converted[(slice(None), *(slice(0, n) for n in values.shape[1:]))])
-            return read
-
-        arms["tensorstore, int16 as stored"] = tensorstore(False)
-        arms["tensorstore + numpy multiply to float32"] = tensorstore(True)
+        arms.update(_tensorstore_arms(store, cases, regions, channels, biggest))
     times: dict[str, list[float]] = {k: [] for k in arms}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -135,7 +135,8 @@ def _readers_rows(rd: dict) -> list[str]:
         patch = f"{alone['channels']}x{'x'.join(map(str, alone['patch']))}"
         figures = " / ".join(f"{v['median']:.1f}" for v in ms.values())
         rows.append(f"| readers | read alone, one thread: ms per {patch} patch + label ({'; '.join(ms)}) | {figures} | "
-                    f"project <= tensorstore + conversion, <= 1.3x its int16 read | {machine(rd)} |")
+                    f"project <= tensorstore + conversion, <= 1.3x its int16 read; fresh arrays: project <= "
+                    f"tensorstore + numpy | {machine(rd)} |")
     if s3 := (rd.get("object_storage") or {}).get("readers"):
         rows.append("| readers | local S3 server: patches/s; requests per patch (" + ", ".join(s3) + ") | " +
                     " / ".join(f"{v['s3_patches_per_s']['median']:.1f}; {v['s3_requests_per_patch']['median']:.1f}"

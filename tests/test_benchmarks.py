@@ -57,7 +57,9 @@ def test_readers_benchmark_tiny(tmp_path):
     assert all("zarr.json" in w["identical_files"] and w["project_s"] > 0 for w in data["writer"].values())
     alone = data["read_alone"]
     assert set(alone["ms_per_patch"]) == {"project, float32", "project, float16", "tensorstore, int16 as stored",
-                                          "tensorstore + numpy multiply to float32"}
+                                          "tensorstore + numpy multiply to float32",
+                                          "project, fresh arrays (Case.image, Case.label)",
+                                          "tensorstore + numpy multiply into a fresh float32 array"}
     assert alone["patches"] == 40 and alone["cases"] == 3
     assert all(v["median"] > 0 for v in alone["ms_per_patch"].values())
     md = (tmp_path / "out" / "readers.md").read_text()

@@ -240,3 +240,24 @@ def test_training_with_the_nnunet_preset_records_it_and_resumes_its_stream(tiny_
     with pytest.raises(SystemExit) as e:
         train_main([*base[:-5], "--augmentation", "autoaugment", "--run-dir", str(tmp_path / "c")])
     assert e.value.code == 2 and "seed" in capsys.readouterr().err
+
+
+def test_the_same_seed_gives_the_same_augmented_batches_on_every_cache_mode(tiny_store):
+    """ram, none, and the gpu mode's code with the CPU as its device: the same seeds, the same augmented batches."""
+    from store import open_store
+    from train.loader import GpuSource, TrainLoader
+
+    ids = open_store(tiny_store).case_ids
+    patch = (16, 16, 16)
+    out = {}
+    for mode in ("ram", "none", "gpu"):
+        aug = na.NnunetBatchAugment(patch, seed=3)
+        loader = TrainLoader(tiny_store, ids, ("t1", "t2", "flair"), patch=aug.read_size(patch), batch_size=2,
+                             cache="ram" if mode == "gpu" else mode, workers=0, seed=5)
+        if mode == "gpu":
+            shapes = [open_store(tiny_store).case(c).shape for c in ids]
+            loader.source, loader.cache = GpuSource(tiny_store, ids, ("t1", "t2", "flair"), "cpu", shapes), "gpu"
+        out[mode] = [aug.step(img, lab) for e in range(2) for img, lab in loader.epoch(e)]
+    assert len(out["ram"]) == 6
+    for mode in ("none", "gpu"):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(out["ram"], out[mode])), mode
