@@ -8,6 +8,8 @@ import csv
 import json
 from pathlib import Path
 
+from train.runfolder import eval_dir, read_metrics
+
 from .report import write_result
 
 COLUMNS = ("dice_tc", "dice_wt", "dice_et", "brats2023_dice_tc", "brats2023_dice_wt", "brats2023_dice_et")
@@ -15,7 +17,7 @@ COLUMNS = ("dice_tc", "dice_wt", "dice_et", "brats2023_dice_tc", "brats2023_dice
 
 def record(run_dir: str | Path, out: str | Path) -> Path:
     """Write ``out/demo.json`` from the run's test evaluation (plain, and with --tta where it was run)."""
-    ev = Path(run_dir) / "eval"
+    ev = eval_dir(run_dir)
     if not (ev / "test.json").exists():
         raise FileNotFoundError(f"--run-dir {run_dir}: no eval/test.json (run 'python -m evaluate --run-dir "
                                 f"{run_dir} --split test' first, as make demo does)")
@@ -44,8 +46,8 @@ def fingerprint(run_dir: str | Path) -> dict:
     def digest(p: Path) -> str:
         return hashlib.sha256(p.read_bytes()).hexdigest()
 
-    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"eval": {p.name: digest(p) for p in sorted((run / "eval").glob("*.csv"))},
+    epochs = read_metrics(run)
+    return {"eval": {p.name: digest(p) for p in sorted(eval_dir(run).glob("*.csv"))},
             "predictions": {f"{p.parent.name}/{p.name}": digest(p)
-                            for p in sorted((run / "eval").glob("pred*/*.nii.gz"))},
+                            for p in sorted(eval_dir(run).glob("pred*/*.nii.gz"))},
             "losses": [[e.get("epoch"), e.get("train_loss"), e.get("val_loss")] for e in epochs]}

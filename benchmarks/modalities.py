@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluate.report import bootstrap_ci
+from train.runfolder import eval_dir
 
 from .report import save_png, write_result
 
@@ -169,8 +170,8 @@ def run(out_dir: Path, work: Path, quick: bool = False, full: bool = False, epoc
             seconds[arm].append(time.perf_counter() - t)
             rules[arm][seed] = _tuned(run_dir, store)
             evaluate_split(str(run_dir), str(store), "test", progress=False)
-            per_case[arm][seed] = _rows(run_dir / "eval" / "test.csv")
-            raw = run_dir / "eval" / "test-before-postprocessing.csv"  # written only when a rule is in force
+            per_case[arm][seed] = _rows(eval_dir(run_dir) / "test.csv")
+            raw = eval_dir(run_dir) / "test-before-postprocessing.csv"  # written only when a rule is in force
             unprocessed[arm][seed] = _rows(raw) if raw.exists() else per_case[arm][seed]
             print(f"modalities: {arm} seed {seed} done ({seconds[arm][-1]:.0f} s training)")
     arms = _arm_summaries(per_case, seconds, rules, seeds, test_ids)

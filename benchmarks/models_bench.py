@@ -13,7 +13,6 @@ architecture trains on 64^3 patches.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 
 from evaluate.report import bootstrap_ci
 from store.conventions import REGIONS
+from train.runfolder import eval_dir, read_metrics
 
 from .report import save_png, write_result
 
@@ -142,10 +142,10 @@ def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] |
         for seed in seeds:
             run_dir = work / f"run-{arm.split()[0]}-seed{seed}"
             mem = _train(arm, args, store, run_dir, seed, minutes, work / f"{run_dir.name}.log")
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            records = read_metrics(run_dir)
             summary = evaluate_split(str(run_dir), str(store), "test", progress=False,
                                      metrics=("legacy", "brats2023"), postprocessing=False)
-            with open(run_dir / "eval" / "test.csv") as f:
+            with open(eval_dir(run_dir) / "test.csv") as f:
                 per_case[arm][seed] = {r["case"]: r for r in csv.DictReader(f)}
             curves[arm].append([(r["wall_s"], r["dice_mean"]) for r in records if "dice_mean" in r])
             arms[arm]["runs"].append({

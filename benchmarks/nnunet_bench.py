@@ -25,6 +25,7 @@ import numpy as np
 
 from evaluate.report import bootstrap_ci
 from store.conventions import REGIONS
+from train.runfolder import read_metrics
 
 from . import peers, race
 from .report import write_result
@@ -156,7 +157,7 @@ def _our_run(work: Path, arm: str, store: Path, raw: Path, part: dict, wall: flo
     flags = [*ARMS[arm], *(["--snapshot-at", *(f"{m:g}" for m in at.values())] if at else [])]
     mem = _train(arm, flags, store, run_dir, 0, minutes["W"], work / "ours-train.log", patch)
     train_s = time.perf_counter() - t1
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     outside = train_s - records[-1]["wall_s"]  # the process's start (imports) and end, outside the trainer's clock
     test_dir, ours = _test_cases(work, raw, part["test"]), {}
     for name in race.SHARES:

@@ -7,6 +7,8 @@ import statistics
 import time
 from pathlib import Path
 
+from train.runfolder import read_metrics
+
 from .cohort import bench_inputs
 from .report import bar_chart, summarize, write_result
 
@@ -15,7 +17,6 @@ def scaling(b, amp: bool, steps: int) -> dict:
     """Samples/s and the memory the ram cache adds on the node, with 1 and 2 processes under torchrun (the
     trainer's own figures from metrics.jsonl: the second epoch's throughput, the cache's resident memory summed
     over the node's ranks). On a GPU machine each process takes one GPU, where there are two."""
-    import json
     import os
     import socket
     import subprocess
@@ -43,7 +44,7 @@ def scaling(b, amp: bool, steps: int) -> dict:
             r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             if r.returncode:
                 raise RuntimeError(f"torchrun with {nproc} process(es) failed: {r.stderr[-2000:]}")
-            last = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()][-1]
+            last = read_metrics(run_dir)[-1]
         out[str(nproc)] = {"samples_per_s": last["samples_per_s"], "cache_bytes_per_node": last["cache_bytes_per_node"],
                            "cache_rss_added_per_node": last["cache_rss_added_per_node"],
                            "threads_per_process": threads}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.runfolder import eval_dir
+
 from .scoring import FAMILIES as FAMILIES_DEFAULT
 
 TTA_NOTE = "mean of the sigmoid outputs over the 8 mirrorings of the spatial axes"
@@ -221,7 +223,7 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
     families = parse_metrics(metrics)
     dev, run, store, ids, conv = _open_split(run_dir, store_path, split, ensemble, device, task)
     rules = load_rules(run_dir, conv, tuple(run.config.regions)) if postprocessing else None
-    out_dir = Path(run_dir) / "eval"
+    out_dir = eval_dir(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scorer = SplitScorer(run, store, ids, dev, conv, families, rules, out_dir, task, tta, save_predictions,
                          overwrite)

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from store.conventions import compatible, region_masks, regions_to_label
+from train.runfolder import POSTPROCESSING
 from train.runs import RunError
 
 from .metrics import voxel_mm3
 
-FILE = "postprocessing.json"
+FILE = POSTPROCESSING  # the rules file of a run folder (train.runfolder names it)
 ET_RELABEL = "ET relabel"  # the rule that relabels a small ET as non-enhancing core, beside the region names
 ORDER = ("WT", "TC", "ET", "RC")  # outer regions first: a removed WT speck takes its TC and ET with it
 REMOVES = {"WT": ("WT", "TC", "ET"), "TC": ("TC", "ET"), "ET": ("ET",), "RC": ("RC",)}

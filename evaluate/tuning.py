@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from store.conventions import region_masks
+from train.runfolder import CONFIG, KFOLD, fold_name
 from train.runs import RunError
 
 from .postprocess import ET_RELABEL, FILE, ORDER, Rules, apply
@@ -143,9 +144,9 @@ def _enough_cases(parts: list[Path], store_path, min_cases: int) -> None:
 
     n = 0
     for part in parts:  # the config the trainer wrote beside each model: no network is loaded here
-        if not (part / "config.json").exists():
+        if not (part / CONFIG).exists():
             return  # not a run folder: loading it says why
-        cfg = TrainConfig.load(part / "config.json")
+        cfg = TrainConfig.load(part / CONFIG)
         n += len(splits_for(open_store(store_path or cfg.store), cfg.fold)[1])
     if 0 < n < min_cases:
         raise too_few(n, min_cases)
@@ -162,8 +163,8 @@ def tune_postprocessing(run_dir: str, metric: str = "brats2023", store_path: str
         raise ValueError(f"--metric must be one of {', '.join(OBJECTIVES)}, not {metric!r}")
     root = Path(run_dir)
     dev = resolve_device(device)
-    kfold = root / "kfold.json"
-    parts = ([root / f"fold-{f['fold']}" for f in json.loads(kfold.read_text())["folds"]] if kfold.exists()
+    kfold = root / KFOLD
+    parts = ([root / fold_name(f["fold"]) for f in json.loads(kfold.read_text())["folds"]] if kfold.exists()
              else [root])
     _enough_cases(parts, store_path, min_cases)
     cases: list[ValidationCase] = []

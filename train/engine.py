@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .device import amp_context, resolve_device
 from .distributed import Dist
 from .models import record as model_record
+from .runfolder import BEST, CONFIG, LAST, METRICS, PREPROCESSING
 from .validation import label_to_regions, validate
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -154,7 +155,7 @@ class Trainer:
                   f"cache {cfg.cache}; run folder {self.run_dir}")
 
     def _read_resume_state(self) -> dict | None:
-        last = self.run_dir / "last.pt"
+        last = self.run_dir / LAST
         if not (self.cfg.resume and last.exists()):
             return None
         state = load_checkpoint(last)
@@ -172,10 +173,10 @@ class Trainer:
         run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         sweep_temporary(run_dir)
-        self.cfg.save(run_dir / "config.json")
+        self.cfg.save(run_dir / CONFIG)
         # how the inputs were made, so `evaluate predict` preprocesses a new case the same way
         prep = {"params": self.store.params, "label_convention": self.store.label_convention}
-        (run_dir / "preprocessing.json").write_text(json.dumps(prep, indent=2) + "\n")
+        (run_dir / PREPROCESSING).write_text(json.dumps(prep, indent=2) + "\n")
 
     def _build_model(self) -> None:
         from .augment import make_augment
@@ -386,7 +387,7 @@ class Trainer:
             if self.dist.is_writer:
                 save_atomic({"model": self.core.state_dict(), "config": cfg.to_dict(), "epoch": epoch,
                              "architecture": model_record(cfg), "val_loss": v["val_loss"], "dice": v["dice"]},
-                            self.run_dir / "best.pt")
+                            self.run_dir / BEST)
         if self.writer and example is not None:
             img0, tgt0, pred0 = example
             self.writer.add_image("val/input", _middle(img0[0]), epoch, dataformats="HW")
@@ -412,7 +413,7 @@ class Trainer:
                 for r, d in record["dice"].items():
                     self.writer.add_scalar(f"val/dice_{r}", d, epoch)
             self.writer.flush()
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.progress:
             msg = f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, {record['samples_per_s']:.2f} " \
@@ -431,7 +432,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "epoch": epoch,
             "early_stopping": self.stopper.state_dict(), "rng": _rng_state(self.augment),
             "config": self.cfg.to_dict(), "architecture": model_record(self.cfg), "history": json.dumps(self.history),
-        }, self.run_dir / "last.pt")
+        }, self.run_dir / LAST)
 
 
 def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_dir: Path,

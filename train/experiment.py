@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .runfolder import CONFIG, KFOLD, fold_name
+
 
 def splits_for(store, fold: int | None) -> tuple[list[str], list[str]]:
     from .checks import ConfigError
@@ -90,18 +92,18 @@ def run(cfg, dist=None) -> dict:
     report = {"folds": []}
     for k in range(cfg.folds):
         train_ids, val_ids = splits_for(store, k)
-        fold_cfg = replace(cfg, fold=k, folds=None, run_dir=str(run_dir / f"fold-{k}"))
-        s = train_run(fold_cfg, train_ids, val_ids, run_dir / f"fold-{k}", dist=dist)
+        fold_cfg = replace(cfg, fold=k, folds=None, run_dir=str(run_dir / fold_name(k)))
+        s = train_run(fold_cfg, train_ids, val_ids, run_dir / fold_name(k), dist=dist)
         # relative to the run folder, so a moved or copied run folder keeps working
-        report["folds"].append({"fold": k, "run_dir": f"fold-{k}", **s})
+        report["folds"].append({"fold": k, "run_dir": fold_name(k), **s})
     best = min(report["folds"], key=lambda f: f["best_val_loss"])
     report["best_fold"] = best["fold"]
     report["selection"] = "lowest best validation loss (the seed's choice)"
     if dist.is_writer:
-        cfg.save(run_dir / "config.json")
-        tmp = run_dir / "kfold.json.tmp"
+        cfg.save(run_dir / CONFIG)
+        tmp = run_dir / f"{KFOLD}.tmp"
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(run_dir / "kfold.json")
+        tmp.replace(run_dir / KFOLD)
         print(f"k-fold: best fold {best['fold']} (validation loss {best['best_val_loss']:.4f}); "
-              f"{run_dir / 'kfold.json'}")
+              f"{run_dir / KFOLD}")
     return report

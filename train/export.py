@@ -19,6 +19,7 @@ import torch
 
 from .export_cli import FOLDER_FORMATS, FORMATS  # noqa: F401 (the formats, named where the parser is)
 from .options import training_command
+from .runfolder import POSTPROCESSING, eval_dir
 
 SUFFIXES = {".onnx": "onnx", ".ts": "torchscript", ".pt": "torchscript"}  # an --out that names a model file
 CARD_VERSION = 1
@@ -75,7 +76,7 @@ def _version() -> str:
 def _scores(run_dir: Path) -> dict:
     """The scorer's means from the run's evaluations (eval/<split>.json), per evaluation."""
     out = {}
-    for f in sorted((run_dir / "eval").glob("*.json")):
+    for f in sorted(eval_dir(run_dir).glob("*.json")):
         try:
             data = json.loads(f.read_text())
         except (OSError, ValueError):
@@ -130,7 +131,7 @@ def model_card(run_dir: Path, run, fmt: str, file_name: str, ensemble: bool) -> 
     gives (regions, label convention), with the run's scores, postprocessing, command and the project version."""
     cfg = run.config
     params = run.preprocessing.get("params", {})
-    rules_file = run_dir / "postprocessing.json"
+    rules_file = run_dir / POSTPROCESSING
     rules = json.loads(rules_file.read_text()) if rules_file.exists() else None
     command = training_command(run.configs[0])
     return {

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "kfold.json")
+from .runfolder import BEST, FOLD_GLOB, KFOLD, LAST, METRICS, PREPROCESSING, fold_name
+
+RUN_FILES = (LAST, BEST, METRICS, KFOLD)
 
 
 def holds_run(run_dir: Path) -> bool:
     """True when ``run_dir`` holds (part of) a training run: checkpoints, metrics, or k-fold folders."""
     return any((run_dir / f).exists() for f in RUN_FILES) or any(
-        (d / f).exists() for d in run_dir.glob("fold-*") for f in RUN_FILES)
+        (d / f).exists() for d in run_dir.glob(FOLD_GLOB) for f in RUN_FILES)
 
 
 def move_aside(run_dir: Path) -> Path:
@@ -48,9 +50,9 @@ def load_run(run_dir: str | Path, ensemble=False, device: str | torch.device = "
     ``ensemble`` may also list other run folders: every run's models (its best.pt, or every fold of a k-fold run)
     are averaged, refused in one line when the runs' regions, modalities or preprocessing differ."""
     others = list(ensemble) if isinstance(ensemble, (list, tuple)) else []
-    run = _load_one(run_dir, Path(run_dir, "kfold.json").exists() if others else bool(ensemble), device)
+    run = _load_one(run_dir, Path(run_dir, KFOLD).exists() if others else bool(ensemble), device)
     for other in others:
-        more = _load_one(other, Path(other, "kfold.json").exists(), device)
+        more = _load_one(other, Path(other, KFOLD).exists(), device)
         for what, a, b in (("regions", run.config.regions, more.config.regions),
                            ("modalities", run.config.modalities, more.config.modalities),
                            ("preprocessing", run.preprocessing.get("params"), more.preprocessing.get("params")),
@@ -79,20 +81,20 @@ def _load_one(run_dir: str | Path, ensemble: bool, device) -> LoadedRun:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run folder {run_dir} does not exist")
-    kfold = run_dir / "kfold.json"
+    kfold = run_dir / KFOLD
     if kfold.exists():
         report = json.loads(kfold.read_text())
         # every fold relative to this run folder (older reports recorded absolute paths): a moved or copied
         # run folder keeps working
-        folds = [run_dir / f"fold-{f['fold']}" for f in report["folds"]]
+        folds = [run_dir / fold_name(f["fold"]) for f in report["folds"]]
         if ensemble:
-            paths, kind = [f / "best.pt" for f in folds], f"ensemble of {len(folds)} folds"
+            paths, kind = [f / BEST for f in folds], f"ensemble of {len(folds)} folds"
         else:
-            paths, kind = [run_dir / f"fold-{report['best_fold']}" / "best.pt"], f"best fold {report['best_fold']}"
+            paths, kind = [run_dir / fold_name(report["best_fold"]) / BEST], f"best fold {report['best_fold']}"
     else:
         if ensemble:
-            raise RunError(f"--ensemble needs a k-fold run (kfold.json) in {run_dir}")
-        paths, kind = [run_dir / "best.pt"], "single model"
+            raise RunError(f"--ensemble needs a k-fold run ({KFOLD}) in {run_dir}")
+        paths, kind = [run_dir / BEST], "single model"
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise RunError(f"no checkpoint {missing[0]} in run folder {run_dir} (train it first)")
@@ -110,8 +112,8 @@ def _load_one(run_dir: str | Path, ensemble: bool, device) -> LoadedRun:
         m = build_from_record(ck["architecture"]) if "architecture" in ck else build(cfg)
         m.load_state_dict(ck["model"])
         models.append(m.to(device).eval())
-    prep_file = paths[0].parent / "preprocessing.json"
+    prep_file = paths[0].parent / PREPROCESSING
     if not prep_file.exists():
-        prep_file = run_dir / "preprocessing.json"
+        prep_file = run_dir / PREPROCESSING
     preprocessing = json.loads(prep_file.read_text()) if prep_file.exists() else {}
     return LoadedRun(models, configs[0], paths, preprocessing, kind, configs)

@@ -13,7 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-COPIED = ("best.pt", "config.json", "preprocessing.json", "metrics.jsonl")
+from .runfolder import BEST, CONFIG, METRICS, PREPROCESSING
+
+COPIED = (BEST, CONFIG, PREPROCESSING, METRICS)
 
 
 def folder(run_dir: str | Path, minutes: float) -> Path:

@@ -1,0 +1,39 @@
+"""Every name inside a run folder, spelled here once: the trainer, k-fold, snapshots, postprocessing tuning,
+evaluation, export and the benchmarks write and read a run's files through these (no torch: any layer may ask).
+
+A run folder holds ``config.json`` (the TrainConfig), ``best.pt`` and ``last.pt`` (checkpoints),
+``metrics.jsonl`` (one line per epoch), ``preprocessing.json`` (how the store was built), ``tb/`` (TensorBoard);
+a k-fold run holds ``kfold.json`` and one run folder per fold (``fold-K``); evaluation adds
+``postprocessing.json`` (tuned rules) and ``eval/`` (scores, pictures, predictions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIG = "config.json"
+BEST = "best.pt"
+LAST = "last.pt"
+METRICS = "metrics.jsonl"
+PREPROCESSING = "preprocessing.json"
+KFOLD = "kfold.json"
+POSTPROCESSING = "postprocessing.json"
+EVAL = "eval"
+TENSORBOARD = "tb"
+FOLD_GLOB = "fold-*"
+
+
+def fold_name(k: int) -> str:
+    """The folder of fold ``k`` inside a k-fold run folder."""
+    return f"fold-{k}"
+
+
+def eval_dir(run_dir: str | Path) -> Path:
+    """Where evaluation writes a run's scores, pictures and predictions."""
+    return Path(run_dir) / EVAL
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every epoch's record of ``metrics.jsonl``, in order."""
+    text = (Path(run_dir) / METRICS).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
