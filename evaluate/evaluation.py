@@ -52,6 +52,8 @@ class SplitScorer:
         self.tta, self.save_predictions, self.overwrite = tta, save_predictions, overwrite
         self.kept: list[Path] = []  # prediction files already there, left as they are (no --overwrite)
         self.suffix = "-tta" if tta else ""
+        # what an earlier evaluate wrote into the prediction folder, read once: those files it may replace
+        self.own = _written_by_evaluate(out_dir / f"pred{self.suffix}") if save_predictions else set()
         self.names = tuple(run.config.regions)
         self.model_channels = [store.modalities.index(m) for m in run.config.modalities]
         # the pictures' channel: FLAIR where the store has it
@@ -85,7 +87,7 @@ class SplitScorer:
             from .cases import write_prediction
 
             path = self.out_dir / f"pred{self.suffix}" / f"{cid}.nii.gz"
-            if path.exists() and not self.overwrite and path.name not in _written_by_evaluate(path.parent):
+            if path.exists() and not self.overwrite and path.name not in self.own:
                 self.kept.append(path)
             else:
                 write_prediction(pred, case.geometry["source_affine"], path, seg[0] if seg is not None else None,

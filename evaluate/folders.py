@@ -98,9 +98,9 @@ def _read_pair(case, pred_path: Path, convention: str, labels: str | None):
     return relabel(np.asarray(pred).astype(np.uint8), mapping), ref, spacing_of(ref_affine)
 
 
-def _predictions_in(pred_dir: Path) -> dict:
-    """case id -> its prediction file ``<case-id>.nii.gz`` in ``pred_dir`` (hidden files left out)."""
-    return {p.name[: -len(".nii.gz")]: p for p in sorted(pred_dir.glob("*.nii.gz")) if not p.name.startswith(".")}
+def _predictions_in(pred_dir: Path, ending: str = ".nii.gz") -> dict:
+    """case id -> its prediction file ``<case-id><ending>`` in ``pred_dir`` (hidden files left out)."""
+    return {p.name[: -len(ending)]: p for p in sorted(pred_dir.glob(f"*{ending}")) if not p.name.startswith(".")}
 
 
 def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAMILIES, labels: str | None = None,
@@ -118,7 +118,7 @@ def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAM
 
     pred_dir = Path(pred_dir)
     found = _predictions_in(pred_dir)
-    uncompressed = {p.name[: -len(".nii")]: p for p in sorted(pred_dir.glob("*.nii")) if not p.name.startswith(".")}
+    uncompressed = _predictions_in(pred_dir, ".nii")
     refs = {c.case_id: c for c in cases}
     out = Scored(DiceMetric(include_background=True, reduction="mean"))
     for cid in sorted(set(found) - set(refs) - set(ignore)):

@@ -55,4 +55,4 @@ def refuse_existing(paths, flag: str) -> None:
 def kept_note(kept: list, folder: str | Path) -> str:
     """The log line for output files that were already there and were left as they are."""
     names = ", ".join(sorted(str(k) for k in kept)[:5]) + (", ..." if len(kept) > 5 else "")
-    return (f"kept {len(kept)} file(s) already in {folder}, not replaced (--overwrite replaces them): {names}")
+    return f"kept {len(kept)} file(s) already in {folder}, not replaced (--overwrite replaces them): {names}"
