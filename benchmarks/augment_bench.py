@@ -2,6 +2,9 @@
 in one run on the same cores, on the benchmark's full-size cases (the patch and its enlarged read as nnU-Net sizes
 them: 205^3 for 128^3).
 
+- nnU-Net's own data path (``benchmarks.nnunet_path``): its ``nnUNetDataLoader`` over the cases in its
+  preprocessed format, with ``get_training_transforms``, in its multi-process augmenter with one process per core,
+  timed from the augmenter's start (each repeat starts a fresh one, so no batch made beforehand is counted);
 - batchgeneratorsv2, one process: nnU-Net's own transforms (built as ``nnUNetTrainer.get_training_transforms``
   builds them, from batchgeneratorsv2's classes) applied sample by sample to enlarged regions already in memory:
   the augmentation alone, as one of nnU-Net's augmentation processes does it;
@@ -11,8 +14,7 @@ them: 205^3 for 128^3).
   RandGaussianSmoothd, RandScaleIntensityd, RandAdjustContrastd, RandSimulateLowResolutiond, RandFlipd on each axis);
 - ours, for each cache mode: this project's loader reading the enlarged region and ``--augmentation nnunet``'s
   batched chain on the device, as the trainer runs them.
-nnU-Net's whole data path (its ``nnUNetDataLoader`` over its preprocessed cases in its multi-process augmenter)
-needs nnU-Net itself and is not an arm here yet.
+Without nnU-Net installed (the ``peers`` extra) the first arm is reported as not measured.
 """
 
 from __future__ import annotations
@@ -146,6 +148,20 @@ def _rate(fn, samples: int) -> float:
     return samples / (time.perf_counter() - t0)
 
 
+def _ratios(res: dict, modes, cores: int) -> dict:
+    """Ours per cache mode over nnU-Net's data path (where measured), batchgeneratorsv2's pool and one process."""
+    from . import nnunet_path
+
+    def over(arm):
+        return {m: res[f"ours, --cache {m}"]["median"] / res[arm]["median"] for m in modes}
+
+    nnunet_arm = f"nnU-Net's data path, {cores} processes"
+    return {"ours_over_batchgeneratorsv2_pool": over(f"batchgeneratorsv2, {cores} processes"),
+            "ours_over_batchgeneratorsv2_one_process": over("batchgeneratorsv2, 1 process"),
+            "ours_over_nnunet_data_path": over(nnunet_arm) if nnunet_arm in res else f"not measured: "
+                                                                                     f"{nnunet_path.HINT}"}
+
+
 def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = None) -> dict:
     import multiprocessing
 
@@ -156,6 +172,7 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     from train.loader import TrainLoader
     from train.nnunet_augment import NnunetBatchAugment, input_size
 
+    from . import nnunet_path
     from .loader_bench import _time_ours
 
     b = bench_inputs(work, size)
@@ -182,8 +199,10 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
             monai({"image": img.clone(), "label": seg.clamp_min(0).clone()})
 
     ctx = multiprocessing.get_context("fork")
-    arms: dict[str, list] = {"batchgeneratorsv2, 1 process": [], f"batchgeneratorsv2, {cores} processes": [],
-                             "MONAI, 1 process": []}
+    nnunet_arm = f"nnU-Net's data path, {cores} processes"
+    nnunet = nnunet_path.available()
+    arms: dict[str, list] = {**({nnunet_arm: []} if nnunet else {}), "batchgeneratorsv2, 1 process": [],
+                             f"batchgeneratorsv2, {cores} processes": [], "MONAI, 1 process": []}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     modes = ["ram", "none"] + (["gpu"] if device.type == "cuda" else [])
     for m in modes:
@@ -192,7 +211,12 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
                for m in modes}
     with ctx.Pool(cores, initializer=_pool_init, initargs=(regions, patch, 0)) as pool:
         pool.map(_pool_sample, range(cores))  # warm-up: each process builds its chain
+        if nnunet:
+            folder = nnunet_path.prepare(Path(work), b.store, ids, patch)
         for _ in range(reps):
+            if nnunet:
+                with nnunet_path.augmenter(folder, ids, patch, read, BATCH, cores, device.type == "cuda") as gen:
+                    arms[nnunet_arm].append(nnunet_path.rate(gen, per_arm * cores, BATCH))
             arms["batchgeneratorsv2, 1 process"].append(_rate(bg_one, per_arm))
             arms[f"batchgeneratorsv2, {cores} processes"].append(
                 _rate(lambda n: pool.map(_pool_sample, range(n)), per_arm * cores))
@@ -204,14 +228,9 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     for loader in loaders.values():
         loader.close()
     res = {k: summarize(v) for k, v in arms.items()}
-    base = res["batchgeneratorsv2, 1 process"]["median"]
-    pooled = res[f"batchgeneratorsv2, {cores} processes"]["median"]
     payload = {"size": size, "cases": len(ids), "patch": list(patch), "read": list(read), "batch": BATCH,
-               "device": str(device), "channels": 4, "samples_per_s": res,
-               "ours_over_batchgeneratorsv2_pool": {m: res[f"ours, --cache {m}"]["median"] / pooled for m in modes},
-               "ours_over_batchgeneratorsv2_one_process": {m: res[f"ours, --cache {m}"]["median"] / base
-                                                           for m in modes},
-               "nnunet_data_path": "not measured: needs nnU-Net's own loader over its preprocessed cases",
+               "device": str(device), "channels": 4, "samples_per_s": res, **_ratios(res, modes, cores),
+               "cores": cores,
                "goals": {"ours --cache ram / nnU-Net's data path": ">= 5x", "ours --cache none": ">= 3x"}}
     write_result(out_dir, "augment", payload)
     bar_chart(Path(out_dir) / "augment.png", f"nnU-Net's augmentation: samples/s ({'x'.join(map(str, patch))} from "

@@ -34,9 +34,14 @@ BENCHES = {
               "reaches W/4, W/2 and W, and predict from each; both scored by evaluate score, our time to "
               "nnU-Net's Dice, a PNG; nnU-Net's trainer is timed first and not run past --budget "
               "(on 2 CPU cores: --spacing 4, about 35 minutes in all)",
-    "augment": "nnU-Net's default augmentation chain: augmented 4-channel samples/s of batchgeneratorsv2 (one "
-               "process, one per core) and MONAI on enlarged regions in memory, and of this project's loader with "
-               "--augmentation nnunet per cache mode",
+    "augment": "nnU-Net's default augmentation chain: augmented 4-channel samples/s of nnU-Net's own data path "
+               "(its loader and multi-process augmenter over its preprocessed cases, one process per core; needs "
+               "the peers extra), of batchgeneratorsv2 (one process, one per core) and MONAI on enlarged regions in "
+               "memory, and of this project's loader with --augmentation nnunet per cache mode",
+    "augment-dice": "the seed's augmentation against nnU-Net's (--augmentation nnunet) at equal wall time: the "
+                    "models benchmark's UNet and recipe with each, 3 seeds, 3 min per run on its 120 cases at 2 mm "
+                    "(confounders on): test Dice/HD95 and brats2023 Dice, paired bootstrap intervals per region "
+                    "(about 30 minutes on 2 cores)",
     "demo": "record the demo run's test scores (--run-dir RUN: its eval/test.json, test.csv, test-tta.json) as "
             "demo.json, from which the README's demo table is generated",
     "table": "regenerate the tables of docs/performance.md and the README's headline table from the JSON results",
@@ -47,8 +52,8 @@ ALL = ("synth", "prep", "loader", "train", "infer")
 # the options that apply to some stages only (the others take --quick, --size, --out and --work)
 STAGE_OPTIONS = {"--amp": ("train", "infer", "modalities"), "--peers": ("prep",), "--trainer": ("nnunet",),
                  "--spacing": ("nnunet",), "--budget": ("nnunet",), "--full": ("modalities",),
-                 "--seeds": ("modalities", "models"), "--time-limit": ("models",), "--epochs": ("modalities",),
-                 "--run-dir": ("demo",)}
+                 "--seeds": ("modalities", "models", "augment-dice"), "--time-limit": ("models", "augment-dice"),
+                 "--epochs": ("modalities",), "--run-dir": ("demo",)}
 
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
@@ -89,10 +94,10 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
                    "run attempted; its trainer is timed for a few iterations first, and a run that would take "
                    "longer is not started (default: %(default)s)")
     p.add_argument("--full", action="store_true", help="modalities: 1 mm cases and 128^3 patches (for a GPU)")
-    p.add_argument("--seeds", type=int, nargs="+", help="modalities, models: the seeds each arm trains with (default: "
-                   "0 1 2; with --quick, modalities 0 1 and models 0)")
-    p.add_argument("--time-limit", type=float, metavar="MIN", help="models: minutes of training per run (default: "
-                   "3; 0.15 with --quick)")
+    p.add_argument("--seeds", type=int, nargs="+", help="modalities, models, augment-dice: the seeds each arm trains "
+                   "with (default: 0 1 2; with --quick, modalities 0 1 and models 0)")
+    p.add_argument("--time-limit", type=float, metavar="MIN", help="models, augment-dice: minutes of training per run "
+                   "(default: 3; 0.15 with --quick)")
     p.add_argument("--epochs", type=int, help="modalities: epochs per run instead of the scale's own (a shorter "
                    "budget, said in the table)")
     p.add_argument("--run-dir", help="demo: the demo's run folder (make demo: runs/demo)")
@@ -111,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.epochs and args.name != "modalities":
         parser.error("--epochs applies to the modalities benchmark only")
-    if args.seeds and args.name not in ("modalities", "models"):
-        parser.error("--seeds applies to the modalities and models benchmarks only")
-    if args.time_limit is not None and (args.name != "models" or args.time_limit <= 0):
-        parser.error("--time-limit applies to the models benchmark only, as a positive number of minutes")
+    if args.seeds and args.name not in ("modalities", "models", "augment-dice"):
+        parser.error("--seeds applies to the modalities, models and augment-dice benchmarks only")
+    if args.time_limit is not None and (args.name not in ("models", "augment-dice") or args.time_limit <= 0):
+        parser.error("--time-limit applies to the models and augment-dice benchmarks only, as a positive number of "
+                     "minutes")
     if (args.trainer != "nnUNetTrainer_1epoch" or args.budget != 60.0) and args.name != "nnunet":
         parser.error("--trainer and --budget apply to the nnunet benchmark only")
     if args.spacing is not None and (args.name != "nnunet" or args.spacing <= 0):
@@ -180,11 +186,12 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
 
         modalities.run(out, work / "modalities", quick=size != "full" and not args.full, full=args.full,
                        epochs=args.epochs, seeds=tuple(args.seeds) if args.seeds else None, amp=args.amp)
-    elif name == "models":
+    elif name in ("models", "augment-dice"):
         from . import models_bench
 
-        models_bench.run(out, work / "models", quick=size != "full", seeds=tuple(args.seeds) if args.seeds else None,
-                         minutes=args.time_limit)
+        arms = models_bench.ARCHITECTURES if name == "models" else models_bench.AUGMENTATIONS
+        models_bench.run(out, work / "models", size=size, seeds=tuple(args.seeds) if args.seeds else None,
+                         minutes=args.time_limit, arm_names=arms, name=name)
     elif name == "readers":
         from . import readers_bench
 

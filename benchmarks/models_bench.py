@@ -7,7 +7,10 @@ per-case differences against the seed's UNet with bootstrap 95% intervals, sampl
 training process, parameter counts, and validation mean Dice against wall seconds (PNG).
 
 The cohort is at 2 mm (SwinUNETR needs patches of 64 voxels a side, and cases at least that large), so every
-architecture trains on 64^3 patches.
+architecture trains on 64^3 patches. It is the synthetic generator's default, confounders on.
+
+``python -m benchmarks augment-dice`` runs two arms of it: the seed's UNet with the seed's augmentation against the
+same UNet and recipe with ``--augmentation nnunet`` (written as augment-dice.json, .md and .png).
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ ARMS = {
     "swinunetr": ["--model", "swinunetr", "--channels", "12", "--loss", "dicece", "--schedule", "cosine", "--lr",
                   "1e-3"],
 }
+NNUNET_AUG = "unet, nnU-Net augmentation"
+ARMS[NNUNET_AUG] = [*ARMS["unet (seed recipe)"], "--augmentation", "nnunet"]
 BASELINE = "unet (seed recipe)"
+ARCHITECTURES = ("unet (seed recipe)", "segresnet", "dynunet", "swinunetr")  # python -m benchmarks models
+AUGMENTATIONS = ("unet (seed recipe)", NNUNET_AUG)  # python -m benchmarks augment-dice
 SCALES = {  # grid, cases, minutes per run, seeds
     "tiny": ((40, 40, 28), 6, 0.05, (0,)),  # the tests' (with 16^3 patches)
     "quick": ((120, 120, 78), 8, 0.15, (0,)),
@@ -85,9 +92,10 @@ def _summarize_arms(arms: dict) -> None:
         a["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in a["runs"]))
 
 
-def _paired_vs_baseline(arms: dict, per_case: dict, seeds, test_ids) -> dict:
+def _paired_vs_baseline(arms: dict, per_case: dict, seeds, test_ids, metric: str = "dice") -> dict:
     """Per arm other than the seed's UNet, per region and their mean: the mean per-case difference of the
-    seed-averaged legacy Dice against the seed's UNet, with its 95% bootstrap interval."""
+    seed-averaged ``metric`` (legacy ``dice`` or ``brats2023_dice``) against the seed's UNet, with its 95% bootstrap
+    interval."""
 
     def case_mean(arm, case, keys):
         return np.mean([np.mean([float(per_case[arm][s][case][k]) for k in keys]) for s in seeds])
@@ -97,8 +105,8 @@ def _paired_vs_baseline(arms: dict, per_case: dict, seeds, test_ids) -> dict:
         if arm == BASELINE:
             continue
         paired[arm] = {}
-        for name, keys in [*((r, [f"dice_{r.lower()}"]) for r in REGIONS),
-                           ("mean", [f"dice_{r.lower()}" for r in REGIONS])]:
+        for name, keys in [*((r, [f"{metric}_{r.lower()}"]) for r in REGIONS),
+                           ("mean", [f"{metric}_{r.lower()}" for r in REGIONS])]:
             d = np.array([case_mean(arm, c, keys) - case_mean(BASELINE, c, keys) for c in test_ids])
             lo, hi = bootstrap_ci(d)
             paired[arm][name] = {"mean_difference": float(d.mean()), "ci95": [lo, hi],
@@ -120,13 +128,33 @@ def _store(work: Path, shape, n: int) -> tuple[Path, tuple, list[str]]:
     return store, spacing, open_store(store).splits["test"]
 
 
-def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] | None = None,
-        minutes: float | None = None) -> dict:
+def _one_run(arm: str, store: Path, work: Path, seed: int, minutes: float, patch: int):
+    """One arm's run with one seed, trained and scored on the test split: (its record, its per-case rows, its
+    validation curve)."""
     from evaluate.evaluation import evaluate_split
+
+    run_dir = work / f"run-{arm.split()[0].strip(',')}{'-nnaug' if arm == NNUNET_AUG else ''}-seed{seed}"
+    mem = _train(arm, ARMS[arm], store, run_dir, seed, minutes, work / f"{run_dir.name}.log", patch)
+    records = read_metrics(run_dir)
+    summary = evaluate_split(str(run_dir), str(store), "test", progress=False, metrics=("legacy", "brats2023"),
+                             postprocessing=False)
+    with open(eval_dir(run_dir) / "test.csv") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    print(f"models: {arm} seed {seed}: {len(records)} epochs in {records[-1]['wall_s']:.0f} s, test Dice "
+          + ", ".join(f"{r} {summary['scores'][f'dice_{r.lower()}']['mean']:.3f}" for r in REGIONS))
+    record = {"seed": seed, **mem, "epochs": len(records), "wall_s": records[-1]["wall_s"],
+              "samples_per_s": float(np.median([r["samples_per_s"] for r in records])),
+              "test": {k: v["mean"] for k, v in summary["scores"].items()}}
+    return record, rows, [(r["wall_s"], r["dice_mean"]) for r in records if "dice_mean" in r]
+
+
+def run(out_dir: Path, work: Path, size: str = "full", seeds: tuple[int, ...] | None = None,
+        minutes: float | None = None, arm_names=ARCHITECTURES, name: str = "models") -> dict:
     from train.models import build, parameter_count
     from train.options import build_parser, config_from_args
 
-    scale = "quick" if quick else "full"
+    scale = size
+    patch = 16 if scale == "tiny" else 64
     shape, n, scale_minutes, scale_seeds = SCALES[scale]
     seeds, minutes = seeds or scale_seeds, minutes or scale_minutes
     work.mkdir(parents=True, exist_ok=True)
@@ -135,53 +163,51 @@ def run(out_dir: Path, work: Path, quick: bool = False, seeds: tuple[int, ...] |
     arms: dict[str, dict] = {}
     per_case: dict[str, dict[int, dict]] = {}
     curves: dict[str, list] = {}
-    for arm, args in ARMS.items():
+    for arm in arm_names:
+        args = ARMS[arm]
         cfg = config_from_args(build_parser().parse_args(["--modalities", "t1", "t1ce", "t2", "flair", *args]))
         arms[arm] = {"flags": " ".join(args), "parameters": parameter_count(build(cfg)), "runs": []}
         per_case[arm], curves[arm] = {}, []
         for seed in seeds:
-            run_dir = work / f"run-{arm.split()[0]}-seed{seed}"
-            mem = _train(arm, args, store, run_dir, seed, minutes, work / f"{run_dir.name}.log")
-            records = read_metrics(run_dir)
-            summary = evaluate_split(str(run_dir), str(store), "test", progress=False,
-                                     metrics=("legacy", "brats2023"), postprocessing=False)
-            with open(eval_dir(run_dir) / "test.csv") as f:
-                per_case[arm][seed] = {r["case"]: r for r in csv.DictReader(f)}
-            curves[arm].append([(r["wall_s"], r["dice_mean"]) for r in records if "dice_mean" in r])
-            arms[arm]["runs"].append({
-                "seed": seed, **mem, "epochs": len(records), "wall_s": records[-1]["wall_s"],
-                "samples_per_s": float(np.median([r["samples_per_s"] for r in records])),
-                "test": {k: v["mean"] for k, v in summary["scores"].items()}})
-            print(f"models: {arm} seed {seed}: {len(records)} epochs in {records[-1]['wall_s']:.0f} s, test Dice "
-                  + ", ".join(f"{r} {summary['scores'][f'dice_{r.lower()}']['mean']:.3f}" for r in REGIONS))
+            record, per_case[arm][seed], curve = _one_run(arm, store, work, seed, minutes, patch)
+            arms[arm]["runs"].append(record)
+            curves[arm].append(curve)
     _summarize_arms(arms)
     paired = _paired_vs_baseline(arms, per_case, seeds, test_ids)
-    command = "python -m benchmarks models" + (" --quick" if quick else "") + (
+    paired_2023 = _paired_vs_baseline(arms, per_case, seeds, test_ids, "brats2023_dice")
+    command = f"python -m benchmarks {name}" + ("" if scale == "full" else f" --size {scale}") + (
         f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != scale_seeds else "")
-    table = _table(arms, paired, len(seeds), len(test_ids), minutes)
+    table = _table(arms, paired, paired_2023, len(seeds), len(test_ids), minutes)
     payload = {"scale": scale, "command": command, "minutes_per_run": minutes,
                "cohort": {"cases": n, "shape": list(shape), "spacing_mm": list(spacing), "seed": 2024,
-                          "test_cases": len(test_ids)},
-               "training": "64^3 patches, batch 2, 10 steps per epoch, validation every 3 epochs on 4 cases, "
+                          "test_cases": len(test_ids), "confounders": _confounders()},
+               "training": f"{patch}^3 patches, batch 2, 10 steps per epoch, validation every 3 epochs on 4 cases, "
                            "all four modalities, one process with 1 loader thread",
-               "arms": arms, "paired_dice_vs_seed_unet": paired, "curves": curves, "table_markdown": table,
+               "arms": arms, "paired_dice_vs_seed_unet": paired, "paired_brats2023_dice_vs_seed_unet": paired_2023,
+               "curves": curves, "table_markdown": table,
                "seconds": time.perf_counter() - t0,
                "conventions": "dice/hd95: legacy BraTS per region on the source grid; brats2023_dice: the BraTS "
                               "2023 lesion-wise scorer; no postprocessing; paired: per-case differences of the "
                               "seed-averaged Dice against the seed's UNet, 95% bootstrap interval over the test "
                               "cases; peak memory: the training process's maximum resident set"}
-    write_result(out_dir, "models", payload)
-    (Path(out_dir) / "models.md").write_text(
+    write_result(out_dir, name, payload)
+    (Path(out_dir) / f"{name}.md").write_text(
         f"`{command}`: {n} synthetic cases at {spacing[0]:.1f} mm, {len(test_ids)} test cases, every run trained "
         f"for {minutes:g} min of wall time (seeds {', '.join(map(str, seeds))}); mean +- std over seeds.\n\n"
         f"{table}\n")
-    _figure(Path(out_dir) / "models.png", curves, minutes)
+    _figure(Path(out_dir) / f"{name}.png", curves, minutes)
     print(table)
     return payload
 
 
-def _table(arms: dict, paired: dict, n_seeds: int, n_cases: int, minutes: float) -> str:
-    lines = ["| architecture | parameters | samples/s | peak memory | " + " | ".join(f"Dice {r}" for r in REGIONS)
+def _confounders() -> bool:
+    from prep.synth import SynthConfig
+
+    return SynthConfig(out=Path(".")).confounders
+
+
+def _table(arms: dict, paired: dict, paired_2023: dict, n_seeds: int, n_cases: int, minutes: float) -> str:
+    lines = ["| arm | parameters | samples/s | peak memory | " + " | ".join(f"Dice {r}" for r in REGIONS)
              + " | mean Dice | " + " | ".join(f"brats2023 Dice {r}" for r in REGIONS) + " |",
              "|---|" + "---|" * 10]
     for arm, a in arms.items():
@@ -193,10 +219,12 @@ def _table(arms: dict, paired: dict, n_seeds: int, n_cases: int, minutes: float)
                      + " | ".join(f"{m[f'brats2023_dice_{r.lower()}']:.3f}" for r in REGIONS) + " |")
     lines += ["", f"Paired Dice differences against the seed's UNet over the {n_cases} test cases (each case averaged "
                   f"over {n_seeds} seeds), {minutes:g} min of training each, mean [95% bootstrap interval]:", "",
-              "| architecture | TC | WT | ET | mean |", "|---|---|---|---|---|"]
-    for arm, per in paired.items():
-        lines.append(f"| {arm} | " + " | ".join(
-            f"{v['mean_difference']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for v in per.values()) + " |")
+              "| arm | Dice | TC | WT | ET | mean |", "|---|---|---|---|---|---|"]
+    for family, table in (("legacy", paired), ("brats2023", paired_2023)):
+        for arm, per in table.items():
+            lines.append(f"| {arm} | {family} | " + " | ".join(
+                f"{v['mean_difference']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for v in per.values())
+                + " |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Each benchmark runs in a tiny mode and writes well-formed JSON and a PNG (the numbers are not asserted)."""
 
 import json
+import os
 
 import pytest
 
@@ -193,8 +194,8 @@ def test_peers_without_nnunet_say_how_to_install_it(monkeypatch, capsys, tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["modalities", "--epochs", "0"], "--epochs must be at least 1"),
-    (["prep", "--seeds", "0"], "modalities and models benchmarks only"),
-    (["prep", "--time-limit", "2"], "models benchmark only"),
+    (["prep", "--seeds", "0"], "modalities, models and augment-dice benchmarks only"),
+    (["prep", "--time-limit", "2"], "models and augment-dice benchmarks only"),
     (["models", "--time-limit", "0"], "positive number of minutes"),
     (["models", "--budget", "30"], "nnunet benchmark only"),
     (["nnunet", "--budget", "-1"], "--budget must be a positive number of minutes"),
@@ -458,14 +459,39 @@ def test_the_demo_record_and_its_table(tiny_store, tmp_path, capsys):
 
 
 def test_the_augment_benchmark_tiny(tmp_path):
-    """Every arm of nnU-Net's chain measured in one run: batchgeneratorsv2 in one process and on every core, MONAI,
-    and ours per cache mode; the table row generated from its JSON."""
+    """Every arm of nnU-Net's chain measured in one run: nnU-Net's own data path over its preprocessed cases,
+    batchgeneratorsv2 in one process and on every core, MONAI, and ours per cache mode; the table row generated from
+    its JSON."""
     from benchmarks.table import render
+
+    cores = os.cpu_count()
 
     assert bench_main(["augment", "--size", "tiny", "--out", str(tmp_path), "--work", str(tmp_path / "w")]) == 0
     data = json.loads((tmp_path / "augment.json").read_text())
     arms = data["samples_per_s"]
-    assert {"batchgeneratorsv2, 1 process", "MONAI, 1 process", "ours, --cache ram", "ours, --cache none"} <= set(arms)
+    assert {f"nnU-Net's data path, {cores} processes", "batchgeneratorsv2, 1 process", "MONAI, 1 process",
+            "ours, --cache ram", "ours, --cache none"} <= set(arms)
     assert all(v["median"] > 0 for v in arms.values()) and data["read"] == [25, 25, 25]
+    assert set(data["ours_over_nnunet_data_path"]) == {"ram", "none"}
+    # nnU-Net's cases as its own loader reads them: images, labels (-1 outside the brain) and foreground locations
+    folder = tmp_path / "w" / "nnunet-preprocessed-16x16x16"
+    assert len(list(folder.glob("*_seg.b2nd"))) == data["cases"] == len(list(folder.glob("*.pkl")))
     assert (tmp_path / "augment.png").stat().st_size > 2000
     assert "| augment | nnU-Net's chain" in render(tmp_path)
+
+
+def test_the_augment_dice_benchmark_tiny(tmp_path):
+    """The seed's augmentation against nnU-Net's at equal wall time: both arms trained with the same UNet and recipe
+    and scored, paired intervals per region in legacy and brats2023 Dice, the cohort's confounders recorded."""
+    work = tmp_path / "w"
+    assert bench_main(["augment-dice", "--size", "tiny", "--out", str(tmp_path), "--work", str(work)]) == 0
+    d = json.loads((tmp_path / "augment-dice.json").read_text())
+    seed, nnaug = "unet (seed recipe)", "unet, nnU-Net augmentation"
+    assert list(d["arms"]) == [seed, nnaug]
+    assert d["arms"][nnaug]["flags"] == d["arms"][seed]["flags"] + " --augmentation nnunet"
+    for key in ("paired_dice_vs_seed_unet", "paired_brats2023_dice_vs_seed_unet"):
+        assert list(d[key]) == [nnaug] and set(d[key][nnaug]) == {"TC", "WT", "ET", "mean"}
+    assert d["cohort"]["confounders"] is True and d["command"].startswith("python -m benchmarks augment-dice")
+    configs = {p.parent.name: json.loads(p.read_text()) for p in work.glob("models/run-*/config.json")}
+    assert {c["augmentation"] for c in configs.values()} == {"seed", "nnunet"}
+    assert "| unet, nnU-Net augmentation | brats2023 |" in (tmp_path / "augment-dice.md").read_text()

@@ -231,8 +231,11 @@ def test_training_with_the_nnunet_preset_records_it_and_resumes_its_stream(tiny_
     assert train_main([*base, "--run-dir", str(tmp_path / "b"), "--epochs", "2"]) == 0
     assert train_main([*base, "--run-dir", str(tmp_path / "b"), "--epochs", "3", "--resume"]) == 0
     a, b = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
+    # on CUDA the float reductions of training are not bit-reproducible (a resumed run's loss was 2e-6 away on an
+    # H200); another augmentation stream moves it by far more than 1e-5
+    rel = 1e-5 if torch.cuda.is_available() else 1e-6
     for x, y in zip(a, b):
-        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6, abs=1e-7)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=rel, abs=1e-7)
     assert train_main(["export", "--run-dir", str(tmp_path / "a"), "--format", "torchscript"]) == 0
     card = (tmp_path / "a" / "export" / "model-card.json").read_text()
     assert '"augmentation": "nnunet"' in card
