@@ -11,7 +11,11 @@
 # trainer that fits 5 minutes, ours to the same whole wall time, about 15 minutes; nnU-Net and what it needs come
 # from WHEELS_DIR/race (RACE=1 bash benchmarks/gpu_wheels.sh puts them there: 47 wheels, 123 MB, SimpleITK 51 MB of
 # them, more than one call to a machine without network may carry at 64 MiB: carry them in parts to a warm machine).
-# Usage: bash benchmarks/gpu.sh [WHEELS_DIR]   (default .whl)
+# STAGES picks what runs (default "tests loader train infer augment"); the stage "plan" runs python -m train plan
+# on the GPU (bf16) for PLAN_CASES full-size synthetic cases (default 120, so that nnU-Net's 5% cap leaves the batch
+# to the budget) at each of PLAN_BUDGETS GB (default "1.5 0.5 16") and trains the first plan for 4 steps, writing the
+# plans to $out (about 5 minutes on 16 cores).
+# Usage: [STAGES="tests plan"] bash benchmarks/gpu.sh [WHEELS_DIR]   (default .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels=${1:-.whl}
@@ -37,6 +41,8 @@ work=$(mktemp -d)
 python3 -c "import torch, monai, zarr, dask; print('torch', torch.__version__, 'monai', monai.__version__, 'zarr', \
 zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))" || exit 1
 rc=0
+stages=" ${STAGES:-tests loader train infer augment} "
+want() { [[ $stages == *" $1 "* ]]; }
 step() {  # step SECONDS NAME COMMAND...: run with a time limit, report its time and status
   local limit=$1 name=$2 t0=$SECONDS; shift 2
   echo "=== $name (limit ${limit}s)"
@@ -56,12 +62,24 @@ if [ "${RACE:-0}" = 1 ]; then
 fi
 # the test files whose assertions run on CUDA where it is present (augmentation, loader cache modes, training
 # with AMP, prediction on the device), on 8 processes; the rest of the suite runs on every CPU machine
-step 150 tests env OMP_NUM_THREADS=2 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_augment.py \
+want tests && step 150 tests env OMP_NUM_THREADS=2 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_augment.py \
   tests/test_loader.py tests/test_train.py tests/test_predict.py tests/test_nnunet_augment.py
-step 240 loader python3 -m benchmarks loader --out "$out" --work "$work"
-step 80 train python3 -m benchmarks train --amp --out "$out" --work "$work"
-step 80 infer python3 -m benchmarks infer --amp --out "$out" --work "$work"
-step 240 augment python3 -m benchmarks augment --out "$out" --work "$work"
+want loader && step 240 loader python3 -m benchmarks loader --out "$out" --work "$work"
+want train && step 80 train python3 -m benchmarks train --amp --out "$out" --work "$work"
+want infer && step 80 infer python3 -m benchmarks infer --amp --out "$out" --work "$work"
+want augment && step 240 augment python3 -m benchmarks augment --out "$out" --work "$work"
+if want plan; then  # the planner's trial steps measured on the GPU, and a plan trained
+  budgets=(${PLAN_BUDGETS:-1.5 0.5 16})
+  step 200 plan-cohort bash -c "python3 -m prep synth --out $work/plan-raw --cases ${PLAN_CASES:-120} --workers 16 \
+>$work/plan-cohort.log 2>&1 && python3 -m prep build-store --source $work/plan-raw --store $work/plan.zarr \
+--workers 16 >>$work/plan-cohort.log 2>&1; s=\$?; tail -4 $work/plan-cohort.log; exit \$s"
+  for gb in "${budgets[@]}"; do
+    step 200 "plan-${gb}gb" python3 -m train plan --store "$work/plan.zarr" --device cuda --amp --memory "$gb" \
+      --out "$out/plan-${gb}gb.json" --overwrite
+  done
+  step 150 plan-train python3 -m train --plan "$out/plan-${budgets[0]}gb.json" --store "$work/plan.zarr" --run-dir \
+    "$work/plan-run" --epochs 1 --steps-per-epoch 4 --max-val-cases 1 --cache gpu --workers 2
+fi
 # the seed's experiment at 1 mm with 128^3 patches, one seed per arm and a shorter budget: about 8 more minutes,
 # so only when asked (MODALITIES=1); its table lands in $out/modalities.md, labelled with the device
 if [ "${MODALITIES:-0}" = 1 ]; then

@@ -43,27 +43,28 @@ def store_case_reader(store, source_dir: str | None = None):
     return load
 
 
-def label_maps_for_scoring(case, prob: np.ndarray, seg, conv: str, names) -> tuple:
+def label_maps_for_scoring(case, prob: np.ndarray, seg, conv: str, names, threshold: float) -> tuple:
     """(prediction, reference, spacing mm, grid): the final label map on the source grid (what is written) and
-    the source seg, as BraTS scores; on the store's grid where the source files are gone or changed."""
+    the source seg, as BraTS scores; on the store's grid where the source files are gone or changed. A voxel is in
+    a region where its probability is above ``threshold`` (the run's plan)."""
     if seg is not None:
-        pred = regions_to_label(regions_on_source(prob, case.geometry), conv, names)
+        pred = regions_to_label(regions_on_source(prob, case.geometry, threshold), conv, names)
         ref = _load_label(*seg)
         if mapping := case.meta.get("source_labels"):  # MSD's values, as the build mapped them
             ref = relabel(ref, mapping)
         return pred, ref, spacing_of(case.geometry["source_affine"]), "source"
-    return regions_to_label(prob > 0.5, conv, names), case.label(), case.spacing, "store"
+    return regions_to_label(prob > threshold, conv, names), case.label(), case.spacing, "store"
 
 
-def regions_on_source(prob: np.ndarray, geometry: dict) -> np.ndarray:
+def regions_on_source(prob: np.ndarray, geometry: dict, threshold: float) -> np.ndarray:
     """Probabilities (R, X, Y, Z) on the stored grid -> boolean regions on the source grid.
 
-    Resampled linearly, then thresholded at 0.5: smoother than nearest-neighbour labels on anisotropic or
-    oblique sources, and exact on 1 mm axis-aligned ones (prep.preprocess.to_source_grid).
+    Resampled linearly, then thresholded (the run's plan: 0.5 by default): smoother than nearest-neighbour labels
+    on anisotropic or oblique sources, and exact on 1 mm axis-aligned ones (prep.preprocess.to_source_grid).
     """
     from prep.preprocess import to_source_grid
 
-    return to_source_grid(prob.astype(np.float32), geometry, mode="bilinear") > 0.5
+    return to_source_grid(prob.astype(np.float32), geometry, mode="bilinear") > threshold
 
 
 def spacing_of(affine) -> tuple[float, float, float]:

@@ -78,7 +78,8 @@ class SplitScorer:
         from .postprocess import apply
 
         case, image, seg = loaded
-        raw, gt, spacing, grid = label_maps_for_scoring(case, prob, seg, self.conv, self.names)
+        raw, gt, spacing, grid = label_maps_for_scoring(case, prob, seg, self.conv, self.names,
+                                                        self.run.config.threshold)
         pred = apply(raw, spacing, self.rules, self.conv)  # what is written and scored
         self.grids.add(grid)
         self.tasks[cid] = self.task or case.task
@@ -127,7 +128,8 @@ class SplitScorer:
 
         picture = image[self.store.modalities.index(self.picture_channel)]
         store_gt = region_masks(case.label(), self.conv)
-        store_pred = region_masks(apply(regions_to_label(prob > 0.5, self.conv, self.names), case.spacing,
+        store_pred = region_masks(apply(regions_to_label(prob > self.run.config.threshold, self.conv, self.names),
+                                        case.spacing,
                                         self.rules, self.conv), self.conv)
         # the brain: nonzero in any channel (a voxel at its channel's mean is stored as 0, see FORMAT.md)
         save_overlay(picture, store_gt, store_pred, self.out_dir / f"png{self.suffix}" / f"{cid}.png",

@@ -50,7 +50,8 @@ def _predictor(run, dev, tta: bool, convention: str, rules=None):
 
     def finish(job, pre, prob):
         case, out = job
-        label = regions_to_label(regions_on_source(prob, pre.geometry), convention, run.config.regions)
+        label = regions_to_label(regions_on_source(prob, pre.geometry, run.config.threshold), convention,
+                                 run.config.regions)
         label = apply(label, spacing_of(pre.geometry["source_affine"]), rules, convention)
         write_prediction(label, pre.geometry["source_affine"], out, case.images[mods[0]], case.source_labels)
         return label

@@ -124,7 +124,8 @@ def _validation_cases(part: Path, store_path, source_dir, dev, tta: bool, progre
         return predict_probabilities(run, loaded[1][model_channels], dev, tta)
 
     def finish(cid, loaded, prob):
-        pred, ref, spacing, _ = label_maps_for_scoring(loaded[0], prob, loaded[2], conv, regions)
+        pred, ref, spacing, _ = label_maps_for_scoring(loaded[0], prob, loaded[2], conv, regions,
+                                                       run.config.threshold)
         cases.append(ValidationCase(cid, pred, ref, spacing, loaded[0].task))
 
     bar = progress_bar(len(ids), f"predict validation ({part.name})", "case", enabled=progress)

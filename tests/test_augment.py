@@ -4,12 +4,12 @@ import torch
 
 from train.augment import (
     BatchAugment,
-    RandBiasField,
-    RandFlip,
-    RandGaussianNoise,
-    RandRotate90,
-    RandScaleIntensity,
-    RandShiftIntensity,
+    BatchBiasField,
+    BatchFlip,
+    BatchGaussianNoise,
+    BatchRotate90,
+    BatchScaleIntensity,
+    BatchShiftIntensity,
     bias_field,
     seed_transforms,
 )
@@ -34,7 +34,7 @@ def _g(seed=0):
 def test_flip_twice_is_identity(device):
     img, lab = _batch(device)
     for axis in (0, 1):
-        t = RandFlip(spatial_axis=axis, prob=0.5)
+        t = BatchFlip(spatial_axis=axis, prob=0.5)
         p = t.draw(img.shape[0], _g())
         assert 0 < int(p["flip"].sum()) < img.shape[0]  # some flipped, some not
         once = t.apply(img, lab, p)
@@ -48,7 +48,7 @@ def test_rot90_moves_image_and_label_together(device):
     from monai.transforms import Rotate90
 
     img, lab = _batch(device, shape=(12, 12, 10))
-    t = RandRotate90(prob=0.5)
+    t = BatchRotate90(prob=0.5)
     p = t.draw(img.shape[0], _g(3))
     out, out_lab = t.apply(img, lab, p)
     assert torch.equal(out_lab, (out[:, :1] > 0.5).to(torch.uint8))
@@ -60,7 +60,7 @@ def test_rot90_moves_image_and_label_together(device):
 
 def test_rot90_refuses_non_square_plane():
     img, lab = _batch("cpu", shape=(12, 10, 10))
-    t = RandRotate90(prob=1.0)
+    t = BatchRotate90(prob=1.0)
     p = {"k": torch.ones(img.shape[0], dtype=torch.long)}
     with pytest.raises(ValueError, match="square"):
         t.apply(img, lab, p)
@@ -69,8 +69,8 @@ def test_rot90_refuses_non_square_plane():
 @pytest.mark.parametrize("device", DEVICES)
 def test_intensity_transforms_leave_label_untouched(device):
     img, lab = _batch(device)
-    for t in (RandScaleIntensity(0.1, 1.0), RandShiftIntensity(0.1, 1.0), RandGaussianNoise(0.1, 1.0),
-              RandBiasField(prob=1.0)):
+    for t in (BatchScaleIntensity(0.1, 1.0), BatchShiftIntensity(0.1, 1.0), BatchGaussianNoise(0.1, 1.0),
+              BatchBiasField(prob=1.0)):
         out, out_lab = t.apply(img, lab, t.draw(img.shape[0], _g()))
         assert out_lab is lab or torch.equal(out_lab, lab)
         assert not torch.equal(out, img)
@@ -79,13 +79,13 @@ def test_intensity_transforms_leave_label_untouched(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_scale_and_shift_are_monai_formulas(device):
     img, lab = _batch(device)
-    t = RandScaleIntensity(0.1, prob=1.0)
+    t = BatchScaleIntensity(0.1, prob=1.0)
     p = t.draw(img.shape[0], _g())
     out, _ = t.apply(img, lab, p)
     f = p["factor"].float().to(device).view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(out, img * (1 + f))
     assert (p["factor"].abs() <= 0.1).all() and p["factor"].std() > 0
-    t = RandShiftIntensity(0.1, prob=1.0)
+    t = BatchShiftIntensity(0.1, prob=1.0)
     p = t.draw(img.shape[0], _g())
     out, _ = t.apply(img, lab, p)
     torch.testing.assert_close(out, img + p["offset"].float().to(device).view(-1, 1, 1, 1, 1))
@@ -95,7 +95,7 @@ def test_scale_and_shift_are_monai_formulas(device):
 def test_noise_statistics(device):
     img = torch.zeros((4, 2, 40, 40, 40), device=device)
     lab = torch.zeros((4, 1, 40, 40, 40), dtype=torch.uint8, device=device)
-    t = RandGaussianNoise(std=0.1, prob=1.0)
+    t = BatchGaussianNoise(std=0.1, prob=1.0)
     p = t.draw(4, _g(5))
     out, _ = t.apply(img, lab, p)
     for i in range(4):
@@ -110,7 +110,7 @@ def test_bias_field_matches_monai(device):
     from monai.transforms import RandBiasField as MonaiBias
 
     img, lab = _batch(device)
-    t = RandBiasField(degree=2, prob=1.0)
+    t = BatchBiasField(degree=2, prob=1.0)
     p = t.draw(img.shape[0], _g(2))
     out, _ = t.apply(img, lab, p)
     monai = MonaiBias(degree=2, coeff_range=(0.0, 0.1), prob=1.0)
@@ -134,8 +134,8 @@ def test_bias_field_is_smooth_and_bounded():
 @pytest.mark.parametrize("device", DEVICES)
 def test_probability_zero_is_identity(device):
     img, lab = _batch(device)
-    for t in (RandRotate90(prob=0.0), RandFlip(0, prob=0.0), RandScaleIntensity(0.1, 0.0),
-              RandShiftIntensity(0.1, 0.0), RandGaussianNoise(0.1, 0.0), RandBiasField(prob=0.0)):
+    for t in (BatchRotate90(prob=0.0), BatchFlip(0, prob=0.0), BatchScaleIntensity(0.1, 0.0),
+              BatchShiftIntensity(0.1, 0.0), BatchGaussianNoise(0.1, 0.0), BatchBiasField(prob=0.0)):
         out, out_lab = t.apply(img, lab, t.draw(img.shape[0], _g()))
         assert torch.equal(out, img) and torch.equal(out_lab, lab)
 
@@ -143,8 +143,8 @@ def test_probability_zero_is_identity(device):
 def test_rates_follow_probabilities():
     n = 4000
     g = _g(11)
-    for t, key, p in ((RandRotate90(0.5), "k", 0.5), (RandFlip(0, 0.5), "flip", 0.5),
-                      (RandScaleIntensity(0.1, 0.25), "factor", 0.25), (RandBiasField(prob=0.5), "on", 0.5)):
+    for t, key, p in ((BatchRotate90(0.5), "k", 0.5), (BatchFlip(0, 0.5), "flip", 0.5),
+                      (BatchScaleIntensity(0.1, 0.25), "factor", 0.25), (BatchBiasField(prob=0.5), "on", 0.5)):
         v = t.draw(n, g)[key]
         rate = float((v != 0).double().mean())
         assert abs(rate - p) < 0.03, (type(t).__name__, rate)
@@ -167,7 +167,7 @@ def test_same_result_on_every_device(device):
     """Every device present gives the CPU's result for the same parameters (noise aside: each device has its
     own random stream, its statistics are tested above)."""
     img, lab = _batch("cpu")
-    transforms = [t for t in seed_transforms() if not isinstance(t, RandGaussianNoise)]
+    transforms = [t for t in seed_transforms() if not isinstance(t, BatchGaussianNoise)]
     aug = BatchAugment(transforms, seed=1)
     params = aug.draw(img.shape[0])
     cpu = aug.apply(img, lab, params)

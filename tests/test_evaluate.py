@@ -60,7 +60,7 @@ def _round_trip(tmp_path, affine, shape):
     src = np.asanyarray(nib.load(case.seg).dataobj)
     # a perfect "prediction" on the stored grid, as probabilities, sent back with predict's geometry code
     prob = region_masks(pre.label, "brats2021").astype(np.float32)
-    back = regions_on_source(prob, pre.geometry)
+    back = regions_on_source(prob, pre.geometry, 0.5)
     return back, region_masks(src, "brats2021")
 
 

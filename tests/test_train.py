@@ -110,6 +110,7 @@ def test_kfold_outputs(tiny_store, tmp_path):
     (["--modalities", "t1", "dwi"], "unknown modality dwi"),
     (["--patch-size", "64", "64", "64"], "larger than every training case"),
     (["--fold", "9"], "the store has 5 folds"),
+    (["--patch-size", "16", "24", "16"], "so they must be square there: --patch-size 16 24 16"),
 ])
 def test_bad_input_fails_before_work(tiny_store, tmp_path, capsys, args, message):
     rc = train_main(["--store", tiny_store, "--run-dir", str(tmp_path / "run"), "--channels", "4", "8", "16",

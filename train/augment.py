@@ -7,7 +7,8 @@ RandBiasField (degree 2, coefficients U(0, 0.1), p 0.5). MONAI applies these to 
 here each transform draws its parameters for the whole batch from a seeded generator (``draw``), then applies
 a deterministic function of them (``apply``) to the batch tensor where it lives, so every augmentation can be
 repeated, logged and tested. Spatial transforms move image and label together; intensity transforms never
-touch the label.
+touch the label. Each class is named after MONAI's transform with Batch for Rand (BatchRotate90 for RandRotate90),
+so that neither shadows the other where both are imported.
 
 Tensors: image (B, C, X, Y, Z) float, label (B, L, X, Y, Z) any dtype.
 """
@@ -44,7 +45,7 @@ def _selected(mask: torch.Tensor) -> list[int]:
 
 
 @dataclass
-class RandRotate90(_Transform):
+class BatchRotate90(_Transform):
     prob: float = 0.5
     max_k: int = 3
     spatial_axes: tuple[int, int] = (0, 1)
@@ -62,7 +63,7 @@ class RandRotate90(_Transform):
 
 
 @dataclass
-class RandFlip(_Transform):
+class BatchFlip(_Transform):
     spatial_axis: int
     prob: float = 0.5
     spatial = True
@@ -78,12 +79,8 @@ class RandFlip(_Transform):
         return _apply_spatial([self], [params], image, label)
 
 
-def _per_sample(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return v.to(device=ref.device, dtype=ref.dtype).view(-1, *([1] * (ref.ndim - 1)))
-
-
 @dataclass
-class RandScaleIntensity(_Transform):
+class BatchScaleIntensity(_Transform):
     factors: float = 0.1
     prob: float = 0.25
 
@@ -98,7 +95,7 @@ class RandScaleIntensity(_Transform):
 
 
 @dataclass
-class RandShiftIntensity(_Transform):
+class BatchShiftIntensity(_Transform):
     offsets: float = 0.1
     prob: float = 0.25
 
@@ -113,7 +110,7 @@ class RandShiftIntensity(_Transform):
 
 
 @dataclass
-class RandGaussianNoise(_Transform):
+class BatchGaussianNoise(_Transform):
     """Noise N(0, s) with s drawn U(0, std) per sample (MONAI's sample_std); the noise itself comes from a
     device generator seeded by the drawn ``seed``, so it is generated where the batch lives, and only for the
     samples it applies to (the costliest draw of the set)."""
@@ -170,7 +167,7 @@ def bias_field(coeffs: torch.Tensor, shape, degree: int = 2) -> torch.Tensor:
 
 
 @dataclass
-class RandBiasField(_Transform):
+class BatchBiasField(_Transform):
     degree: int = 2
     coeff_range: tuple[float, float] = (0.0, 0.1)
     prob: float = 0.5
@@ -240,7 +237,7 @@ class _Spatial:
         a kernel launch of its own, so one torch.flip does it."""
         y = x.permute(0, *(1 + p for p in self.perm))
         if tuple(y.shape) != tuple(out.shape):
-            raise ValueError(f"RandRotate90 on a batch needs square patches in the rotation plane, got "
+            raise ValueError(f"BatchRotate90 on a batch needs square patches in the rotation plane, got "
                              f"{tuple(x.shape[1:])}")
         dims = [1 + d for d, f in enumerate(self.flips) if f]
         if not dims:
@@ -279,9 +276,9 @@ def _apply_spatial(transforms, params, image, label, out=None):
 
 def seed_transforms() -> list:
     """The seed's augmentation, in its order."""
-    return [RandRotate90(prob=0.5), RandFlip(spatial_axis=0, prob=0.5), RandFlip(spatial_axis=1, prob=0.5),
-            RandScaleIntensity(0.1, prob=0.25), RandShiftIntensity(0.1, prob=0.25),
-            RandGaussianNoise(0.1, prob=0.25), RandBiasField(degree=2, prob=0.5)]
+    return [BatchRotate90(prob=0.5), BatchFlip(spatial_axis=0, prob=0.5), BatchFlip(spatial_axis=1, prob=0.5),
+            BatchScaleIntensity(0.1, prob=0.25), BatchShiftIntensity(0.1, prob=0.25),
+            BatchGaussianNoise(0.1, prob=0.25), BatchBiasField(degree=2, prob=0.5)]
 
 
 @dataclass

@@ -135,7 +135,8 @@ def metadata(card: dict) -> dict:
         "label_classes": _label_classes(card),
         "pred_classes": f"{len(regions)} channels, " + ", ".join(f"{k} {REGION_NAMES.get(r, r)}" for k, r in
                                                                  enumerate(regions)) +
-                        " (sigmoid > 0.5, overlapping: ET inside TC inside WT); saved as " + _label_classes(card),
+                        f" (sigmoid > {_step(card, 'threshold')['value']:g}, overlapping: ET inside TC inside WT); "
+                        "saved as " + _label_classes(card),
         "eval_metrics": scores,
         "intended_use": "Research; not for diagnostic use",
         "references": ["Baid U. et al. The RSNA-ASNR-MICCAI BraTS 2021 Benchmark on Brain Tumor Segmentation and "
@@ -181,7 +182,7 @@ is read.
 
 `models/model-card.json` lists every step; in short: crop to the voxels nonzero in any modality plus
 {margin} voxels, RAS, {spacing} mm (bilinear), z-score over nonzero voxels per channel, sliding window of
-{roi} (overlap {overlap}, constant blending), sigmoid, probabilities resampled back to the source grid
+{roi} (overlap {overlap}, {blending} blending), sigmoid, probabilities resampled back to the source grid
 (MONAI's Invertd, bilinear), threshold {threshold}, regions nested as BraTS labels, then the postprocessing
 rules the card records ({rules}).
 
@@ -209,7 +210,7 @@ def _readme(card: dict) -> str:
         kind=card["kind"], modalities=", ".join(card["input"]["modalities"]),
         labels=card["output"]["label_convention"] or "brats2021", margin=card["input"]["crop_margin"],
         spacing="x".join(map(str, card["input"]["spacing_mm"] or [1, 1, 1])), roi="x".join(map(str, sw["roi_size"])),
-        overlap=sw["overlap"], threshold=_step(card, "threshold")["value"],
+        overlap=sw["overlap"], blending=sw["mode"], threshold=_step(card, "threshold")["value"],
         rules=json.dumps({k: v for k, v in rules.items() if k in ("min_component_mm3", "et_relabel_below_mm3")})
         if rules else "none", scores=scores)
 

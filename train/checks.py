@@ -9,10 +9,7 @@ from store.conventions import trainable_regions
 
 from .config import TrainConfig
 from .distributed import Dist
-
-
-class ConfigError(ValueError):
-    """Bad input found before any work starts."""
+from .errors import ConfigError
 
 
 def case_cache_bytes(shape, n_modalities: int) -> int:

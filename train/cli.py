@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .options import build_parser, config_from_args  # no torch: --help stays fast
+from .options import config_from_args, parse_args  # no torch: --help stays fast
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,18 +19,29 @@ def main(argv: list[str] | None = None) -> int:
         from .export import run_command
 
         return run_command(export_args)
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["plan"]:
+        from .plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
+    from .errors import ConfigError
+
+    try:
+        args, plan = parse_args(argv)
+    except ConfigError as e:
+        print(f"python -m train: error: {e}", file=sys.stderr)
+        return 2
     cfg = config_from_args(args)
     from store import FormatError
 
     from .checkpoints import CheckpointError
-    from .checks import ConfigError
     from .distributed import CollectiveError, Dist
-    from .experiment import check_flags, run
+    from .experiment import check_flags, check_plan, run
 
     dist = Dist.from_env(timeout_s=cfg.dist_timeout if cfg.dist_timeout > 0 else 300.0)
     try:
         check_flags(cfg)
+        if plan is not None:
+            check_plan(plan, cfg)
         if dist.enabled:
             import torch
 

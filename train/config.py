@@ -43,6 +43,11 @@ class TrainConfig:
     fg_fraction: float = 1 / 3
     augmentation: str = "seed"  # the preset: seed (train.augment) or nnunet (train.nnunet_augment)
     sw_batch_size: int = 2
+    # inference (train.plan's inference section): the sliding window's overlap and blending (MONAI's mode), the
+    # probability above which a voxel is in a region
+    overlap: float = 0.5
+    blending: str = "constant"
+    threshold: float = 0.5
     t0: int = 10
     eta_min: float = 1e-6
     max_val_cases: int | None = None

@@ -7,8 +7,8 @@ import contextlib
 
 import torch
 
-from .checks import ConfigError
 from .config import TrainConfig
+from .errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import ConfigError
 from .runfolder import CONFIG, KFOLD, fold_name
 
 
 def splits_for(store, fold: int | None) -> tuple[list[str], list[str]]:
-    from .checks import ConfigError
-
+    """The train and validation case ids of the store's split, or of its fold ``fold``."""
     sp = store.splits
     if fold is None:
         return sp["train"], sp["val"]
@@ -20,11 +20,20 @@ def splits_for(store, fold: int | None) -> tuple[list[str], list[str]]:
     return sp["folds"][fold]["train"], sp["folds"][fold]["val"]
 
 
+def check_plan(plan: dict, cfg) -> None:
+    """A plan made for another store (modalities it lacks, another spacing or label convention): one line."""
+    from store import open_store
+
+    from .plan import mismatch
+
+    if problem := mismatch(plan, open_store(cfg.store)):
+        raise ConfigError(f"--plan: {problem}")
+
+
 def check_flags(cfg) -> None:
     """Flags that make no sense whatever the store holds, refused before any work."""
     from store.conventions import REGIONS
 
-    from .checks import ConfigError
     from .models import check as model_problem
 
     checks = [
@@ -45,6 +54,12 @@ def check_flags(cfg) -> None:
         (all(m > 0 for m in cfg.snapshot_at) and len(set(cfg.snapshot_at)) == len(cfg.snapshot_at),
          "--snapshot-at takes distinct positive numbers of minutes, not "
          + " ".join(f"{m:g}" for m in cfg.snapshot_at)),
+        (cfg.augmentation != "seed" or cfg.patch_size[0] == cfg.patch_size[1],
+         f"--augmentation seed rotates patches by 90 degrees in the plane of the first two axes, so they must be "
+         f"square there: --patch-size {' '.join(map(str, cfg.patch_size))}"),
+        (0 <= cfg.overlap < 1 and 0 < cfg.threshold < 1 and cfg.blending in ("constant", "gaussian"),
+         f"the plan's inference needs an overlap in [0, 1), a threshold in (0, 1) and constant or gaussian blending, "
+         f"not {cfg.overlap:g}, {cfg.threshold:g}, {cfg.blending}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -56,7 +71,6 @@ def check_flags(cfg) -> None:
 def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool, is_writer: bool = True) -> None:
     """A folder holding a run is continued (``--resume``), moved aside (``--overwrite``), or refused: a run is
     never overwritten."""
-    from .checks import ConfigError
     from .runs import holds_run, move_aside
 
     if resume or not holds_run(run_dir):
@@ -75,7 +89,6 @@ def run(cfg, dist=None) -> dict:
 
     from store import open_store
 
-    from .checks import ConfigError
     from .distributed import Dist
     from .engine import train_run
 

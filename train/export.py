@@ -105,7 +105,7 @@ def recipe(cfg, params: dict, convention: str | None, rules: dict | None) -> lis
         {"step": "normalisation", "what": "per channel, z-score over its nonzero voxels (population std; a std of 0 "
                                           "counts as 1); zero voxels stay 0",
          "library": "monai.transforms.NormalizeIntensity(nonzero=True, channel_wise=True)"},
-        {"step": "sliding window", "roi_size": list(cfg.patch_size), "overlap": 0.5, "mode": "constant",
+        {"step": "sliding window", "roi_size": list(cfg.patch_size), "overlap": cfg.overlap, "mode": cfg.blending,
          "padding_mode": "constant", "cval": 0.0, "sw_batch_size": cfg.sw_batch_size,
          "library": "monai.inferers.sliding_window_inference (its defaults otherwise)"},
         {"step": "activation", "what": "sigmoid of each output channel (regions, which overlap: not a softmax)"},
@@ -114,7 +114,8 @@ def recipe(cfg, params: dict, convention: str | None, rules: dict | None) -> lis
         {"step": "to the source grid", "what": "the probabilities uncropped into the resampled grid (0 outside the "
                                                "crop), then resampled onto the source affine and shape, linearly",
          "library": "monai.transforms.SpatialResample(mode='bilinear', padding_mode='zeros')"},
-        {"step": "threshold", "value": 0.5, "what": "a voxel is in a region where its probability is above 0.5"},
+        {"step": "threshold", "value": cfg.threshold,
+         "what": f"a voxel is in a region where its probability is above {cfg.threshold:g}"},
         {"step": "labels", "what": "nested as BraTS defines them: WT voxels get the oedema value, then TC voxels the "
                                    "necrosis value, then ET voxels the enhancing value (ET inside TC inside WT)",
          "values": {k: conv[k] for k in ("edema", "necrosis", "enhancing", "cavity") if k in conv},
@@ -141,12 +142,15 @@ def model_card(run_dir: Path, run, fmt: str, file_name: str, ensemble: bool) -> 
                   "patch_size": list(cfg.patch_size), "spacing_mm": params.get("spacing_mm"),
                   "orientation": params.get("orientation", "RAS"), "normalization": params.get("normalization"),
                   "crop_margin": params.get("crop_margin")},
-        "output": {"name": "logits", "regions": list(cfg.regions), "layout": "B, R, X, Y, Z (float32, sigmoid > 0.5)",
+        "output": {"name": "logits", "regions": list(cfg.regions),
+                   "layout": f"B, R, X, Y, Z (float32, sigmoid > {cfg.threshold:g})",
                    "label_convention": run.preprocessing.get("label_convention")},
-        "inference": {"sliding_window_overlap": 0.5, "sw_batch_size": cfg.sw_batch_size, "ensemble": ensemble},
+        "inference": {"sliding_window_overlap": cfg.overlap, "blending": cfg.blending, "threshold": cfg.threshold,
+                      "sw_batch_size": cfg.sw_batch_size, "ensemble": ensemble},
         "preprocessing": run.preprocessing,
         "postprocessing": rules,
         "recipe": recipe(cfg, params, run.preprocessing.get("label_convention"), rules),
+        "plan": run.plan,
         "scores": _scores(run_dir),
         "training": {"command": command, "config": {**cfg.to_dict(), "amp": False}},
     }

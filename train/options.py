@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from dataclasses import fields
 
+from .config import TrainConfig as D  # every default below is the dataclass's: one source
 from .models import LOSSES, MODELS, OPTIMIZERS, SCHEDULES  # no torch: --help stays fast
 
 
@@ -17,51 +19,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer and --schedule choose others. Early stopping on validation loss, sliding-window validation, "
         "checkpoints best.pt and last.pt (with the architecture to rebuild the network), TensorBoard logs and "
         "metrics.jsonl (wall seconds with every validation) in --run-dir. 'python -m train export --help' exports a "
-        "trained run as ONNX, TorchScript, a MONAI bundle or a BraTS submission image's build context.",
+        "trained run as ONNX, TorchScript, a MONAI bundle or a BraTS submission image's build context; 'python -m "
+        "train plan --help' writes a plan sized to a store and a device for --plan.",
     )
-    p.add_argument("--store", default="data/brats.zarr", help="store path (default: %(default)s)")
-    p.add_argument("--modalities", nargs="+", default=["t1", "t2", "flair"], metavar="M",
-                   help="input channels among t1 t1ce t2 flair (default: t1 t2 flair)")
-    p.add_argument("--regions", nargs="+", metavar="R",
-                   help="output channels: TC WT ET (default), and RC (resection cavity) on a BraTS 2024 store")
+    _data_options(p)
     p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16 "
                    "with a GradScaler on CUDA; on the CPU bf16 autocast where the CPU has native bf16, else it says "
                    "so and runs in float32")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: %(default)s)")
-    p.add_argument("--patience", type=int, default=10,
+    p.add_argument("--epochs", type=int, default=D.epochs, help="maximum epochs (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=D.patience,
                    help="validations without a better loss before stopping (default: %(default)s)")
-    p.add_argument("--min-delta", type=float, default=0.0,
-                   help="a validation loss must beat the best by more than this to count (default: 0)")
-    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default: %(default)s)")
-    p.add_argument("--patch-size", type=int, nargs=3, default=[128, 128, 128], metavar=("X", "Y", "Z"),
-                   help="training patch and sliding-window size in voxels (default: 128 128 128)")
-    p.add_argument("--batch-size", type=int, default=2, help="patches per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
-    p.add_argument("--cache", choices=["ram", "none", "gpu"], default="ram",
+    p.add_argument("--min-delta", type=float, default=D.min_delta,
+                   help="a validation loss must beat the best by more than this to count (default: %(default)s)")
+    p.add_argument("--val-every", type=int, default=D.val_every, help="validate every N epochs (default: %(default)s)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=list(D.patch_size), metavar=("X", "Y", "Z"),
+                   help="training patch and sliding-window size in voxels (default: "
+                   f"{' '.join(map(str, D.patch_size))})")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="patches per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=D.lr, help="learning rate (default: %(default)s)")
+    p.add_argument("--cache", choices=["ram", "none", "gpu"], default=D.cache,
                    help="ram: decoded cases in shared memory; none: patches read from the Zarr chunks; gpu: cases "
                    "resident on the device (default: %(default)s)")
-    p.add_argument("--cache-rate", type=float, default=1.0, help="share of cases the ram cache holds (default: 1)")
-    p.add_argument("--augmentation", choices=["seed", "nnunet"], default="seed",
+    p.add_argument("--cache-rate", type=float, default=D.cache_rate,
+                   help="share of cases the ram cache holds (default: %(default)s)")
+    p.add_argument("--augmentation", choices=["seed", "nnunet"], default=D.augmentation,
                    help="seed: the seed's set (rot90, flips, intensity scale and shift, noise, bias field) on the "
                    "patch; nnunet: nnU-Net v2.8.1's default chain (rotation and scaling resampled, noise, blur, "
                    "brightness, contrast, low resolution, gamma, mirroring) on an enlarged read (205^3 for 128^3); "
                    "both batched on the device (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--workers", type=int, default=D.workers,
                    help="loader threads assembling batches ahead of the step; 0 assembles each batch in the "
                    "training loop (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fold", type=int, help="train fold K of the store's k folds (into the run folder)")
     g.add_argument("--folds", type=int, help="train every fold 0..N-1 into RUN_DIR/fold-K and write kfold.json")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=D.device,
                    help="auto: CUDA when present (default: %(default)s)")
-    p.add_argument("--run-dir", default="runs/default", help="output folder (default: %(default)s)")
+    p.add_argument("--run-dir", default=D.run_dir, help="output folder (default: %(default)s)")
     g2 = p.add_mutually_exclusive_group()
     g2.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
     g2.add_argument("--overwrite", action="store_true",
                     help="--run-dir holds an earlier run: move it aside to RUN_DIR.old-N (nothing is deleted) and "
                     "start over; without --resume or --overwrite a used run folder is refused")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and augmentation (default: 0)")
-    p.add_argument("--model", choices=list(MODELS), default="unet",
+    p.add_argument("--seed", type=int, default=D.seed, help="seed of weights, patches and augmentation (default: 0)")
+    p.add_argument("--model", choices=list(MODELS), default=D.model,
                    help="the network (MONAI): " + "; ".join(f"{k}: {v.note}" for k, v in MODELS.items())
                    + " (default: %(default)s)")
     p.add_argument("--channels", type=int, nargs="+", default=None,
@@ -72,16 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep-supervision", action="store_true",
                    help="dynunet only: the loss also over the decoder's lower-resolution outputs, weights halving "
                    "per level, as nnU-Net weighs them")
-    p.add_argument("--loss", choices=LOSSES, default="dice",
+    p.add_argument("--loss", choices=LOSSES, default=D.loss,
                    help="on sigmoid outputs per region: dice (the seed's), dicece (Dice + binary cross-entropy, as "
                    "nnU-Net), dicefocal (default: %(default)s)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=D.optimizer,
                    help="adamw (the seed's) or sgd (Nesterov, momentum 0.99, as nnU-Net) (default: %(default)s)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine-restarts",
+    p.add_argument("--schedule", choices=SCHEDULES, default=D.schedule,
                    help="learning rate per epoch: cosine-restarts (the seed's, T_0 10), poly (lr x (1 - epoch / "
                    "epochs)^0.9, as nnU-Net), cosine (one cosine over --epochs) (default: %(default)s)")
     _budget_options(p)
     return p
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    """What is trained on and for: the store, a plan, the input modalities and the output regions."""
+    p.add_argument("--store", default=D.store, help="store path (default: %(default)s)")
+    p.add_argument("--plan", metavar="FILE", help="train the plan in FILE (python -m train plan writes one; a run's "
+                   "plan.json is one too): its modalities, regions, patch, batch, network, augmentation, loss, "
+                   "optimiser, schedule and inference become the defaults, so flags given beside it still win; a plan "
+                   "made for another store (modalities, spacing or labels) is refused"),
+    p.add_argument("--modalities", nargs="+", default=list(D.modalities), metavar="M",
+                   help=f"input channels among t1 t1ce t2 flair (default: {' '.join(D.modalities)})")
+    p.add_argument("--regions", nargs="+", metavar="R",
+                   help=f"output channels: {' '.join(D.regions)} (default), and RC (resection cavity) on a BraTS "
+                   "2024 store")
 
 
 def _budget_options(p: argparse.ArgumentParser) -> None:
@@ -90,7 +105,7 @@ def _budget_options(p: argparse.ArgumentParser) -> None:
                    help="minutes of wall time: training stops cleanly (validation run, checkpoints written) when "
                    "the next epoch and its validation would pass the limit, so runs compare at equal time (default: "
                    "none)")
-    p.add_argument("--snapshot-at", type=float, nargs="+", default=[], metavar="MIN",
+    p.add_argument("--snapshot-at", type=float, nargs="+", default=list(D.snapshot_at), metavar="MIN",
                    help="keep the run as it stands at these minutes of wall time: at the end of the last epoch before "
                    "each (validated then), best.pt, config and metrics are copied to RUN_DIR/at-<MIN>min, a run "
                    "folder evaluate and predict read; a run that ends earlier takes them at its end (default: none)")
@@ -98,27 +113,35 @@ def _budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimizer steps per epoch on every process (default: training cases / (processes x "
                    "batch size), rounded up, so each case is seen about once per epoch)")
-    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+    p.add_argument("--dist-timeout", type=float, default=D.dist_timeout, metavar="S",
                    help="under torchrun: seconds a collective may wait for the other processes before the job "
                    "stops with an error naming the rank and the step (default: %(default)s)")
 
 
-def config_from_args(args: argparse.Namespace):
-    from .config import TrainConfig
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
+    """The command's flags and the plan they name (``--plan``), whose values are the flags' defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.plan:
+        return args, None
+    from .plan import config_values, read_plan
 
-    return TrainConfig(
-        store=args.store, modalities=tuple(args.modalities), regions=tuple(args.regions or TrainConfig.regions),
-        run_dir=args.run_dir, epochs=args.epochs,
-        patience=args.patience, min_delta=args.min_delta, val_every=args.val_every, patch_size=tuple(args.patch_size),
-        batch_size=args.batch_size, lr=args.lr, amp=args.amp, cache=args.cache, cache_rate=args.cache_rate,
-        workers=args.workers, fold=args.fold, folds=args.folds, device=args.device, resume=args.resume,
-        overwrite=args.overwrite,
-        seed=args.seed, channels=tuple(args.channels or MODELS[args.model].default_channels),
-        max_val_cases=args.max_val_cases, steps_per_epoch=args.steps_per_epoch, dist_timeout=args.dist_timeout,
-        model=args.model, deep_supervision=args.deep_supervision, loss=args.loss, optimizer=args.optimizer,
-        schedule=args.schedule, time_limit=args.time_limit,
-        snapshot_at=tuple(sorted(args.snapshot_at)), augmentation=args.augmentation,
-    )
+    plan = read_plan(args.plan)
+    parser.set_defaults(**{k: list(v) if isinstance(v, (list, tuple)) else v
+                           for k, v in config_values(plan).items()})
+    return parser.parse_args(argv), plan
+
+
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig the parsed flags give: every field the parser has a flag for from its flag, the others (and
+    flags left unset: regions, channels) from the dataclass's defaults."""
+    given = vars(args)
+    kw = {f.name: tuple(given[f.name]) if isinstance(given[f.name], list) else given[f.name]
+          for f in fields(D) if f.name in given and given[f.name] is not None}
+    kw["channels"] = tuple(args.channels or MODELS[args.model].default_channels)
+    kw["snapshot_at"] = tuple(sorted(args.snapshot_at))
+    kw.update(fold=args.fold, folds=args.folds)
+    return D(**kw)
 
 
 def training_command(cfg) -> str:

@@ -1,7 +1,8 @@
 """Every name inside a run folder, spelled here once: the trainer, k-fold, snapshots, postprocessing tuning,
 evaluation, export and the benchmarks write and read a run's files through these (no torch: any layer may ask).
 
-A run folder holds ``config.json`` (the TrainConfig), ``best.pt`` and ``last.pt`` (checkpoints),
+A run folder holds ``config.json`` (the TrainConfig), ``plan.json`` (its recipe, train.plan), ``invocation.json``
+(what ran it), ``best.pt`` and ``last.pt`` (checkpoints),
 ``metrics.jsonl`` (one line per epoch), ``preprocessing.json`` (how the store was built), ``tb/`` (TensorBoard);
 a k-fold run holds ``kfold.json`` and one run folder per fold (``fold-K``); evaluation adds
 ``postprocessing.json`` (tuned rules) and ``eval/`` (scores, pictures, predictions)."""
@@ -12,6 +13,8 @@ import json
 from pathlib import Path
 
 CONFIG = "config.json"
+PLAN = "plan.json"
+INVOCATION = "invocation.json"
 BEST = "best.pt"
 LAST = "last.pt"
 METRICS = "metrics.jsonl"

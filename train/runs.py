@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .runfolder import BEST, FOLD_GLOB, KFOLD, LAST, METRICS, PREPROCESSING, fold_name
+from .runfolder import BEST, FOLD_GLOB, KFOLD, LAST, METRICS, PLAN, PREPROCESSING, fold_name
 
 RUN_FILES = (LAST, BEST, METRICS, KFOLD)
 
@@ -43,6 +43,8 @@ class LoadedRun:
     kind: str  # "single", "best fold K", "ensemble of N folds"
     configs: list  # each model's own TrainConfig (its patch size and precision for the sliding window)
     card: dict | None = None  # an exported model's card (evaluate.exported), None for a run folder
+    folder: Path | None = None  # the run folder it was loaded from
+    plan: dict | None = None  # the first model's plan (train.plan): plan.json, or made from its config
 
 
 def load_run(run_dir: str | Path, ensemble=False, device: str | torch.device = "cpu") -> LoadedRun:
@@ -62,7 +64,7 @@ def load_run(run_dir: str | Path, ensemble=False, device: str | torch.device = "
                 raise RunError(f"--ensemble {other}: its {what} ({_shown(b)}) differ from {run_dir}'s ({_shown(a)}); "
                                f"an ensemble averages runs trained with the same {what}")
         run = LoadedRun(run.models + more.models, run.config, run.checkpoints + more.checkpoints, run.preprocessing,
-                        "", run.configs + more.configs)
+                        "", run.configs + more.configs, folder=run.folder, plan=run.plan)
     if others:
         names = sorted({c.model for c in run.configs})
         run.kind = f"ensemble of {len(run.models)} models ({', '.join(names)})"
@@ -116,4 +118,16 @@ def _load_one(run_dir: str | Path, ensemble: bool, device) -> LoadedRun:
     if not prep_file.exists():
         prep_file = run_dir / PREPROCESSING
     preprocessing = json.loads(prep_file.read_text()) if prep_file.exists() else {}
-    return LoadedRun(models, configs[0], paths, preprocessing, kind, configs)
+    return LoadedRun(models, configs[0], paths, preprocessing, kind, configs, folder=run_dir,
+                     plan=_plan_of(paths[0].parent, configs[0], preprocessing))
+
+
+def _plan_of(model_dir: Path, cfg, preprocessing: dict) -> dict:
+    """The plan a model was trained with: its plan.json, or (runs trained before plans were written) the plan its
+    config and preprocessing give."""
+    from .plan import make_plan
+
+    path = model_dir / PLAN
+    if path.exists():
+        return json.loads(path.read_text())
+    return make_plan(cfg, preprocessing.get("label_convention"), preprocessing.get("params", {}).get("spacing_mm", ()))

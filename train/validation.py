@@ -18,18 +18,20 @@ def label_to_regions(label: torch.Tensor, convention: str, regions=REGIONS) -> t
 
 
 def sliding_window_logits(model, image: torch.Tensor, cfg: TrainConfig, autocast) -> torch.Tensor:
-    """Logits (B, 3, X, Y, Z) of a whole image by MONAI's sliding window (roi = patch size, overlap 0.5)."""
+    """Logits (B, R, X, Y, Z) of a whole image by MONAI's sliding window: roi = patch size, the overlap and
+    blending of the run's plan (``cfg.overlap``, ``cfg.blending``)."""
     from monai.inferers import sliding_window_inference
 
     with torch.no_grad(), autocast():
         out = sliding_window_inference(image, roi_size=cfg.patch_size, sw_batch_size=cfg.sw_batch_size,
-                                       predictor=model, overlap=0.5)
+                                       predictor=model, overlap=cfg.overlap, mode=cfg.blending)
     return out.float()
 
 
 def validate(model, store, case_ids: list[str], cfg: TrainConfig, device, autocast, loss_fn,
              dist: Dist | None = None) -> dict:
-    """Validation loss and Dice per region (TC, WT, ET; sigmoid > 0.5), means over ``case_ids``.
+    """Validation loss and Dice per region (TC, WT, ET; sigmoid above the plan's threshold), means over
+    ``case_ids``.
 
     With several ranks each scores its share of the cases and the sums are reduced, so every rank returns the
     same figures, those one process would compute (MONAI's compute_dice per case, as DiceMetric defines it).
@@ -48,7 +50,7 @@ def validate(model, store, case_ids: list[str], cfg: TrainConfig, device, autoca
         target = label_to_regions(torch.from_numpy(case.label())[None, None].to(device), store.label_convention,
                                   names)
         logits = sliding_window_logits(model, img, cfg, autocast)
-        pred = (torch.sigmoid(logits) > 0.5).float()
+        pred = (torch.sigmoid(logits) > cfg.threshold).float()
         d = compute_dice(pred, target, include_background=True, ignore_empty=False)[0].cpu().numpy()
         sums[0] += float(loss_fn(logits, target))
         sums[1] += 1
