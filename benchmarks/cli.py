@@ -42,6 +42,9 @@ BENCHES = {
                     "models benchmark's UNet and recipe with each, 3 seeds, 3 min per run on its 120 cases at 2 mm "
                     "(confounders on): test Dice/HD95 and brats2023 Dice, paired bootstrap intervals per region "
                     "(about 30 minutes on 2 cores)",
+    "plan": "python -m train plan beside nnU-Net v2's planner (the peers extra) on the synthetic cohort at 1, 2 and 4 "
+            "mm: patch, batch and depth of each, our measured peak (the CPU) beside nnU-Net's static VRAM estimate "
+            "(about 5 minutes on 2 cores)",
     "demo": "record the demo run's test scores (--run-dir RUN: its eval/test.json, test.csv, test-tta.json) as "
             "demo.json, from which the README's demo table is generated",
     "table": "regenerate the tables of docs/performance.md and the README's headline table from the JSON results",
@@ -205,6 +208,10 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
         from . import augment_bench
 
         augment_bench.run(out, work, size)
+    elif name == "plan":
+        from . import plan_bench
+
+        plan_bench.run(out, work, size)
     elif name == "demo":
         from .demo_record import record
 

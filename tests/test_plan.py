@@ -133,3 +133,16 @@ def test_train_plan_help_imports_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0 and "--memory" in r.stdout, r.stderr
+
+
+def test_nnunets_planner_on_the_same_cases(tiny_store, tiny_cohort, tmp_path):
+    """The plan benchmark's nnU-Net side: its ExperimentPlanner's 3d_fullres plan for the store's cases (its own
+    pooling per axis, so no common multiple), its static estimate converted to GB at its batch."""
+    from benchmarks.plan_bench import nnunet_plan
+
+    plan = nnunet_plan(tiny_store, tiny_cohort, tmp_path, memory_gb=8.0)
+    assert plan["batch_size"] >= 2 and plan["n_stages"] >= 2 and plan["estimate_gb"] > 0
+    assert len(plan["patch_size"]) == 3 and all(p >= 4 for p in plan["patch_size"])
+    assert len(plan["features_per_stage"]) == plan["n_stages"]
+    fingerprint = json.loads(next((tmp_path / "preprocessed").glob("*/dataset_fingerprint.json")).read_text())
+    assert len(fingerprint["shapes_after_crop"]) == 6
