@@ -136,6 +136,13 @@ def build_predict_parser() -> argparse.ArgumentParser:
                    "case folder)")
     _overwrite_option(p, "replace prediction files already at --out")
     _postprocessing_option(p)
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="with --source: predict on a local Dask cluster of N one-thread worker processes, each "
+                   "loading the model once (default 0: in this process, reading and writing in threads)")
+    c.add_argument("--scheduler", metavar="ADDRESS", help="with --source: predict on the Dask cluster whose "
+                   "scheduler is at ADDRESS (tcp://host:8786); its workers need this project and the model's files "
+                   "at the same paths")
     return p
 
 
@@ -219,12 +226,24 @@ def main(argv: list[str] | None = None) -> int:
                 if not a.or_skip:
                     raise
                 print(f"python -m evaluate tune-postprocessing: skipped: {e}")
+        elif predict and a.case and (a.workers or a.scheduler):
+            parser().error("--workers and --scheduler go with --source (a cohort), not --case")
         elif predict and a.case:
             predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta, not a.no_postprocessing, a.model,
                          overwrite=a.overwrite)
         elif predict:
+            if a.workers < 0:
+                parser().error(f"--workers must be 0 or more, not {a.workers}")
+            cluster = None
+            if a.scheduler or a.workers:
+                from functools import partial
+
+                from .cluster import predict_on_cluster
+
+                cluster = partial(predict_on_cluster, scheduler=a.scheduler, workers=a.workers)
             rep = predict_folder(a.run_dir, a.source, a.out, a.ensemble, a.device, a.tta,
-                                 postprocessing=not a.no_postprocessing, model=a.model, overwrite=a.overwrite)
+                                 postprocessing=not a.no_postprocessing, model=a.model, overwrite=a.overwrite,
+                                 cluster=cluster)
             print(f"predicted {len(rep['written'])}, skipped {len(rep['skipped'])} already written, failed "
                   f"{len(rep['failed'])} -> {a.out}")
             if rep["skipped"]:

@@ -3,6 +3,7 @@ convention (what a challenge submission holds)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -118,14 +119,53 @@ def predict_case(run_dir: str, case_dir: str, out: str, ensemble: bool = False, 
     return path
 
 
+MARKER = ".predicted-by.json"  # in a --source prediction folder: which model, TTA and rules wrote its files
+
+
+def _identity(run, tta: bool, rules) -> dict:
+    """What makes a prediction folder's files: the model files' bytes (hashed), test-time augmentation, the rules."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in run.checkpoints:
+        h.update(Path(path).read_bytes())
+    return {"model_sha256": h.hexdigest(), "kind": run.kind, "tta": bool(tta),
+            "postprocessing": dataclasses.asdict(rules) if rules is not None else None}
+
+
+def _check_marker(dst: Path, identity: dict, overwrite: bool) -> None:
+    """A folder holding another model's predictions (its marker differs) is refused in one line; the marker is
+    (re)written before any prediction, so an interrupted run leaves it."""
+    from .outputs import OutputError
+
+    marker = dst / MARKER
+    if marker.exists() and not overwrite:
+        try:
+            before = json.loads(marker.read_text())
+        except ValueError:
+            before = None
+        if before != identity:
+            changed = ", ".join(k for k in identity if not isinstance(before, dict) or before.get(k) != identity[k])
+            raise OutputError(f"--out {dst} holds predictions made otherwise (their {changed} differ, by its "
+                              f"{MARKER}): choose another --out, or --overwrite to replace them")
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(identity, indent=1) + "\n")
+    tmp.replace(marker)
+
+
 def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, device: str = "auto",
                    tta: bool = False, progress: bool = True, postprocessing: bool = True,
-                   model: str | None = None, overwrite: bool = False) -> dict:
+                   model: str | None = None, overwrite: bool = False, cluster=None) -> dict:
     """Every case folder under ``source`` (BraTS 2021, 2023 or 2024 layout, no seg needed) -> ``out/<case-id>.nii.gz``
     in its source geometry and label convention, as challenge submissions are named. Files already in ``out``
     are kept (a killed run resumes), unless ``overwrite``; a bad case is reported and the others are predicted.
     ``out`` outside the cohort (through links) and writable, checked before any work. ``model``: an exported
-    model file instead of the run. Returns {"written", "skipped", "failed": {case: reason}}."""
+    model file instead of the run. ``cluster``: ``f(spec, jobs, progress) -> (written, failed)`` that predicts
+    the jobs elsewhere from ``spec`` (evaluate.cluster's Dask cluster), the same files.
+    ``out/.predicted-by.json`` names the model, TTA and rules that wrote the folder; another model's folder is
+    refused. Returns {"written", "skipped", "failed": {case: reason}}."""
     from prep.discover import discover
 
     from .outputs import refuse_inside, writable_folder
@@ -143,7 +183,13 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
         path = dst / f"{case.case_id}.nii.gz"
         (skipped.append(case.case_id) if path.exists() and not overwrite else jobs.append((case, path)))
     rules = _postprocessing_rules(run_dir, run, convention, postprocessing)
-    written, errors = predict_jobs(run, dev, jobs, convention, tta, progress, rules)
+    _check_marker(dst, _identity(run, tta, rules), overwrite)
+    if cluster is not None:
+        spec = {"run_dir": run_dir, "ensemble": ensemble, "device": device, "model": model, "tta": tta,
+                "convention": convention, "postprocessing": postprocessing}
+        written, errors = cluster(spec, jobs, progress)
+    else:
+        written, errors = predict_jobs(run, dev, jobs, convention, tta, progress, rules)
     failed.update(errors)
     return {"written": written, "skipped": skipped, "failed": failed, "ignored": dict(cohort.skipped)}
 

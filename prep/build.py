@@ -172,18 +172,24 @@ class SchedulerError(ValueError):
     """A --scheduler address where no Dask scheduler answers."""
 
 
-def _client(cfg: BuildConfig):
+def connect(scheduler: str | None, workers: int):
+    """(client, the LocalCluster started for it or None): the cluster at ``scheduler``, else a LocalCluster of
+    ``workers`` one-thread processes; build-store, evaluate predict and score all connect through this."""
     from distributed import Client
 
-    if cfg.scheduler:
+    if scheduler:
         try:
-            return Client(cfg.scheduler, timeout="10s"), None
+            return Client(scheduler, timeout="10s"), None
         except (OSError, TimeoutError) as e:
-            raise SchedulerError(f"--scheduler {cfg.scheduler}: no Dask scheduler answered there "
+            raise SchedulerError(f"--scheduler {scheduler}: no Dask scheduler answered there "
                                  f"({type(e).__name__}); start one with 'dask scheduler' and its workers with "
                                  f"'dask worker ADDRESS'") from None
-    cluster = local_cluster(cfg.workers)
+    cluster = local_cluster(workers)
     return Client(cluster), cluster
+
+
+def _client(cfg: BuildConfig):
+    return connect(cfg.scheduler, cfg.workers)
 
 
 def _import_in_background(*modules: str) -> None:

@@ -1,6 +1,10 @@
 """Challenge-ready prediction: whole folders, resumable, bad cases reported; test-time augmentation; ensembles
-that travel; the pipeline that overlaps reading, inference and writing."""
+that travel; the pipeline that overlaps reading, inference and writing; the same on a Dask cluster (--workers,
+--scheduler): the one-process files bit for bit, a rerun that predicts only what is missing, another model's folder
+refused, an unreachable scheduler one line."""
 
+import gzip
+import json
 import shutil
 import threading
 
@@ -17,7 +21,7 @@ from train.runs import load_run
 
 from .conftest import TINY as TINY_SHAPE
 from .conftest import needs_cuda, no_cuda
-from .helpers import fake_kfold
+from .helpers import fake_kfold, free_port
 
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0"]
 
@@ -104,7 +108,8 @@ def test_predict_a_whole_folder_resumes_and_reports_bad_cases(run, tiny_cohort, 
     captured = capsys.readouterr()
     assert "missing modality flair" in captured.err and "BraTS2021_00002" in captured.err
     good = ["BraTS2021_00000", "BraTS2021_00003", "BraTS2021_00004", "BraTS2021_00005"]
-    assert sorted(p.name for p in out.iterdir()) == [f"{c}.nii.gz" for c in good]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in good]
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".nii.gz")) == [".predicted-by.json"]
     for c in good:
         pred, t1 = nib.load(out / f"{c}.nii.gz"), nib.load(src / c / f"{c}_t1.nii.gz")
         assert pred.shape == t1.shape and np.allclose(pred.affine, t1.affine)
@@ -239,3 +244,54 @@ def test_predict_source_keeps_what_is_there_unless_overwrite(run, tiny_cohort, t
     assert "predicted 6, skipped 0" in capsys.readouterr().out
     assert nib.load(out / "BraTS2021_00000.nii.gz").shape == TINY_SHAPE and (out / "notes.txt").read_text() == "kept"
     assert tree_hashes(tiny_cohort) == before
+
+
+# ---------------------------------------------------------------------------------- on a Dask cluster
+
+
+def _decoded(folder):
+    return {p.name: gzip.decompress(p.read_bytes()) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+def test_two_workers_write_the_one_process_files_and_a_rerun_predicts_only_what_is_missing(run, tiny_cohort, tmp_path,
+                                                                                           capsys):
+    src = _cohort_with_bad_cases(tiny_cohort, tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = ["predict", "--run-dir", str(run), "--source", str(src)]
+    assert eval_main([*base, "--out", str(one)]) == 1
+    capsys.readouterr()
+    assert eval_main([*base, "--out", str(two), "--workers", "2"]) == 1
+    captured = capsys.readouterr()
+    # the bad cases: one line each, the four good ones written
+    assert "missing modality flair" in captured.err and "case BraTS2021_00002" in captured.err
+    assert "predicted 4, skipped 0" in captured.out
+    assert len(_decoded(two)) == 4 and _decoded(two) == _decoded(one)  # every voxel and header byte
+    marker = json.loads((two / ".predicted-by.json").read_text())
+    assert marker == json.loads((one / ".predicted-by.json").read_text()) and len(marker["model_sha256"]) == 64
+    assert not [p for p in two.iterdir() if ".tmp" in p.name]
+    (two / "BraTS2021_00004.nii.gz").unlink()
+    kept = (two / "BraTS2021_00000.nii.gz").stat().st_mtime_ns
+    assert eval_main([*base, "--out", str(two), "--workers", "2"]) == 1
+    assert "predicted 1, skipped 3" in capsys.readouterr().out
+    assert _decoded(two) == _decoded(one) and (two / "BraTS2021_00000.nii.gz").stat().st_mtime_ns == kept
+
+
+def test_another_models_folder_and_an_unreachable_scheduler_are_one_line(run, tiny_cohort, tmp_path, capsys):
+    out = tmp_path / "pred"
+    base = ["predict", "--run-dir", str(run), "--source", str(tiny_cohort), "--out", str(out)]
+    assert eval_main(base) == 0
+    names = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert eval_main([*base, "--tta", "--workers", "2"]) == 2  # the same model with TTA writes other labels
+    err = capsys.readouterr().err.strip()
+    assert "holds predictions made otherwise (their tta differ" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == names
+    port = free_port()
+    assert eval_main([*base[:-1], str(tmp_path / "other"), "--scheduler", f"tcp://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--scheduler tcp://127.0.0.1:{port}: no Dask scheduler answered there" in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        eval_main(["predict", "--run-dir", str(run), "--case", str(tiny_cohort / "BraTS2021_00000"), "--out",
+                   str(tmp_path / "x.nii.gz"), "--workers", "2"])
+    assert "go with --source" in capsys.readouterr().err
