@@ -24,7 +24,7 @@ POOL = 24
 
 def _cohort(pool: Path, root: Path, n: int) -> Path:
     """``n`` case folders whose files are hard links to the pool's (case i is pool case i % POOL)."""
-    from prep.layouts import case_id
+    from prep.synth.layouts import case_id
 
     pool_ids = sorted(p.name for p in pool.iterdir() if p.is_dir())
     out = root / f"{pool.name}-x{n}"

@@ -17,7 +17,7 @@ def run(out_dir: Path, size: str = "full") -> dict:
 
 
 def _run(out_dir: Path, size: str) -> dict:
-    from prep.synth import FULL_SHAPE, _anatomy, write_case
+    from prep.synth.generator import FULL_SHAPE, _anatomy, write_case
 
     shape = {"full": FULL_SHAPE, "quick": (120, 120, 78), "tiny": (40, 40, 28)}[size]
     n = {"full": 8, "quick": 3, "tiny": 2}[size]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prep.preview import save_figure
+from prep.synth.preview import save_figure
 from store.conventions import REGIONS
 
 REGION_COLOURS = {"WT": "#2ca02c", "TC": "#d62728", "ET": "#ffdd00"}

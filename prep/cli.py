@@ -33,7 +33,7 @@ def _synth(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(f"wrote {len(ids)} {cfg.layout} cases of shape {'x'.join(map(str, cfg.shape))} to {cfg.out} "
           f"in {dt:.1f} s ({dt / len(ids):.2f} s per case with {cfg.workers} worker(s))")
-    from .layouts import grade_of
+    from .synth.layouts import grade_of
 
     for i, cid in enumerate(ids[:3]):
         where = ("imagesTs" if i % 5 == 4 else "imagesTr") if cfg.layout == "msd" else grade_of(cfg.layout, i) or ""
@@ -44,8 +44,8 @@ def _synth(args: argparse.Namespace) -> int:
         print("preview: drawn for the BraTS layouts only (an MSD case is one 4D file)")
     elif args.preview:
         from .discover import discover
-        from .preview import save_case_preview
-        from .tumour import tumour_params
+        from .synth.preview import save_case_preview
+        from .synth.tumour import tumour_params
 
         cohort = discover(cfg.out)
         # a multifocal case where the cohort has one: it shows everything the generator does
@@ -56,7 +56,7 @@ def _synth(args: argparse.Namespace) -> int:
                                  f"slices through the largest)")
         print(f"preview of {case.case_id}: {path}")
         if cfg.confounders:
-            from .preview import save_confounders_preview
+            from .synth.preview import save_confounders_preview
 
             shown = Path(args.preview)
             path = save_confounders_preview(cfg.seed, cfg.shape, shown.with_name(f"{shown.stem}-confounders.png"),

@@ -7,7 +7,7 @@ import pytest
 from prep.cli import main as prep_main
 from prep.discover import discover
 from prep.synth import FULL_SHAPE, SynthConfig, brats_affine, make_case, synth_cohort
-from prep.tumour import tumour_params
+from prep.synth.tumour import tumour_params
 from store.conventions import MODALITIES
 
 from .conftest import TINY
@@ -211,7 +211,7 @@ def test_each_confounder_looks_as_on_real_scans():
 
 
 def test_thick_slices_keep_what_is_constant_and_the_zeros():
-    from prep.confounders import _thick
+    from prep.synth.confounders import _thick
 
     ramp = np.tile(np.arange(1, 31, dtype=np.int16)[None, None] * 10, (4, 5, 1))
     ramp[0] = 0  # outside the brain

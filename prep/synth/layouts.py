@@ -13,7 +13,7 @@ import numpy as np
 
 from store.conventions import relabel
 
-from .discover import LAYOUTS
+from ..discover import LAYOUTS
 
 LAYOUT_CHOICES = ("brats2021", "brats2023", "brats2024", "brats2019", "msd")
 

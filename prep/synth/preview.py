@@ -85,14 +85,14 @@ CONFOUNDER_VIEWS = {  # confounder -> (the modality that shows it, title)
 
 def save_confounders_preview(seed: int, shape, out: str | Path, layout: str = "brats2021",
                              max_cases: int = 40) -> Path:
-    """Each confounder (prep.confounders) on the first case of the cohort ``seed`` that has it: the slice holding
+    """Each confounder (prep.synth.confounders) on the first case of the cohort ``seed`` that has it: the slice holding
     most of it, with it outlined in cyan, beside the same slice of the clean case; the label in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .synth import make_case
+    from .generator import make_case
 
     found: dict = {}
     for i in range(max_cases):

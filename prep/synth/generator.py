@@ -54,7 +54,7 @@ class SynthConfig:
     layout: str = "brats2021"
     shape: tuple[int, int, int] = FULL_SHAPE
     workers: int = 1
-    confounders: bool = True  # prep.confounders: vessels, non-tumour hyperintensities, thick slices, residue
+    confounders: bool = True  # prep.synth.confounders: vessels, non-tumour hyperintensities, thick slices, residue
 
 
 def brats_affine(shape: tuple[int, int, int]) -> np.ndarray:
@@ -302,9 +302,9 @@ def make_case(index: int, seed: int, shape=FULL_SHAPE, layout: str = "brats2021"
     """Generate one case: dict modality -> int16 (X, Y, Z), label uint8 (X, Y, Z), affine (4, 4).
 
     The work happens only at voxels that can hold brain (about a fifth of the grid) and in the tumour's box.
-    ``confounders``: add what misleads real models (prep.confounders), drawn from a stream of their own after
+    ``confounders``: add what misleads real models (prep.synth.confounders), drawn from a stream of their own after
     everything else (off: the same bytes as a cohort made without them, labels the same either way). ``details``,
-    when given, receives what was added where (``"confounders"``: prep.confounders.Confounded).
+    when given, receives what was added where (``"confounders"``: prep.synth.confounders.Confounded).
     """
     rng = np.random.default_rng([seed, index])
     shape = tuple(int(s) for s in shape)
