@@ -24,6 +24,7 @@ import os
 import time
 from pathlib import Path
 
+from . import nnunet_path
 from .cohort import bench_inputs
 from .report import bar_chart, summarize, write_result
 
@@ -72,7 +73,7 @@ def nnunet_chain(patch):
         MirrorTransform(allowed_axes=(0, 1, 2)),
         MaskImageTransform(apply_to_channels=[0, 1, 2, 3], channel_idx_in_seg=0, set_outside_to=0),
         RemoveLabelTransform(-1, 0),
-        ConvertSegmentationToRegionsTransform(regions=[(1, 2, 4), (1, 4), (4,)], channel_in_seg=0),
+        ConvertSegmentationToRegionsTransform(regions=list(nnunet_path.REGIONS), channel_in_seg=0),
     ])
 
 
@@ -150,7 +151,6 @@ def _rate(fn, samples: int) -> float:
 
 def _ratios(res: dict, modes, cores: int) -> dict:
     """Ours per cache mode over nnU-Net's data path (where measured), batchgeneratorsv2's pool and one process."""
-    from . import nnunet_path
 
     def over(arm):
         return {m: res[f"ours, --cache {m}"]["median"] / res[arm]["median"] for m in modes}
@@ -172,7 +172,6 @@ def run(out_dir: Path, work: Path, size: str = "full", repeats: int | None = Non
     from train.loader import TrainLoader
     from train.nnunet_augment import NnunetBatchAugment, input_size
 
-    from . import nnunet_path
     from .loader_bench import _time_ours
 
     b = bench_inputs(work, size)

@@ -23,8 +23,9 @@ import os
 import time
 from pathlib import Path
 
-REGIONS = ((1, 2, 4), (1, 4), (4,))  # WT, TC, ET in BraTS 2021's values, as the other arms convert them
-LABELS = {"background": 0, "whole tumor": [1, 2, 4], "tumor core": [1, 4], "enhancing tumor": [4]}
+REGIONS = ((1, 2, 4), (1, 4), (4,))  # WT, TC, ET in BraTS 2021's values, as every arm converts them
+LABELS = {"background": 0, **{name: list(r) for name, r in zip(("whole tumor", "tumor core", "enhancing tumor"),
+                                                                   REGIONS)}}
 HINT = "needs nnU-Net v2 (pip install -e '.[peers]')"
 
 

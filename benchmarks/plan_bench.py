@@ -45,6 +45,7 @@ def nnunet_plan(store_path, raw: Path, work: Path, memory_gb: float = 8.0, datas
     import numpy as np
 
     from prep.discover import discover
+    from prep.synth import FOV_MM
     from store import open_store
 
     from .peers import _environment, to_nnunet_raw
@@ -55,7 +56,7 @@ def nnunet_plan(store_path, raw: Path, work: Path, memory_gb: float = 8.0, datas
     folder = to_nnunet_raw(cases, work / "raw", dataset_id)
     shapes = [list(store.case(c).shape) for c in store.case_ids]
     spacing = [float(v) for v in store.params["spacing_mm"]]
-    grid = [round(f / s) for f, s in zip((240.0, 240.0, 155.0), spacing)]
+    grid = [round(f / s) for f, s in zip(FOV_MM, spacing)]
     intensity = {"mean": 0.0, "median": 0.0, "std": 1.0, "min": -5.0, "max": 5.0, "percentile_99_5": 3.0,
                  "percentile_00_5": -3.0}
     fingerprint = {"spacings": [spacing] * len(shapes), "shapes_after_crop": shapes,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
+
+from train.runfolder import write_json
 
 from .machine import machine_info
 
@@ -19,11 +20,7 @@ def write_result(out_dir: str | Path, name: str, payload: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": machine_info(), **payload}
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(out_dir / f"{name}.json", payload)
 
 
 def bar_chart(path: str | Path, title: str, unit: str, bars: dict[str, dict], log: bool | None = None) -> Path:

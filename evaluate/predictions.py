@@ -149,10 +149,10 @@ def _check_marker(dst: Path, identity: dict, overwrite: bool) -> None:
             changed = ", ".join(k for k in identity if not isinstance(before, dict) or before.get(k) != identity[k])
             raise OutputError(f"--out {dst} holds predictions made otherwise (their {changed} differ, by its "
                               f"{MARKER}): choose another --out, or --overwrite to replace them")
+    from train.runfolder import write_json
+
     dst.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(identity, indent=1) + "\n")
-    tmp.replace(marker)
+    write_json(marker, identity)
 
 
 def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, device: str = "auto",
@@ -172,7 +172,9 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
 
     dst = refuse_inside(out, "--out", {"--source": source})
     writable_folder(dst, "--out")
-    run, dev = _model_and_device(run_dir, ensemble, device, model)
+    # on a cluster the workers predict on ``device``; this process reads the run only for what it records (its
+    # modalities, convention, files and rules), on the CPU, so a driver without the workers' GPU can start them
+    run, dev = _model_and_device(run_dir, ensemble, "cpu" if cluster is not None else device, model)
     cohort = discover(source, require_seg=False, required=tuple(run.config.modalities))
     failed = dict(cohort.problems)
     if not cohort.cases:

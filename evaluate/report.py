@@ -4,7 +4,6 @@ before and after postprocessing as a PNG, a table on the console."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +64,9 @@ def write_reports(out_dir: Path, split: str, rows: list[dict], columns: list[str
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / f"{split}.csv", rows, columns)
     if summary is not None:
-        tmp = out_dir / f".{split}.json.tmp"
-        tmp.write_text(json.dumps({**summary, "conventions": CONVENTIONS}, indent=2) + "\n")
-        tmp.replace(out_dir / f"{split}.json")
+        from train.runfolder import write_json
+
+        write_json(out_dir / f"{split}.json", {**summary, "conventions": CONVENTIONS})
 
 
 LESION_COLUMNS = ["case", "region", "side", "index", "volume_mm3", "status", "matches", "dice", "hd95"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from store.conventions import region_masks
-from train.runfolder import CONFIG, KFOLD, fold_name
+from train.runfolder import CONFIG, KFOLD, fold_name, write_json
 from train.runs import RunError
 
 from .postprocess import ET_RELABEL, FILE, ORDER, Rules, apply
@@ -188,9 +188,7 @@ def tune_postprocessing(run_dir: str, metric: str = "brats2023", store_path: str
         "grids_mm3": {"components": list(COMPONENT_GRID_MM3), "et_relabel": list(ET_RELABEL_GRID_MM3)},
         **record,
     }
-    tmp = root / f".{FILE}.tmp"
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(root / FILE)
+    write_json(root / FILE, out)
     shown = "; ".join(out["rules"]) or "no rule whose gain is above zero at 95%"
     print(f"postprocessing on {len(cases)} validation cases ({metric}): {record['score_before']:.4f} -> "
           f"{record['score_after']:.4f}; {shown} -> {root / FILE}")

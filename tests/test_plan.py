@@ -9,7 +9,8 @@ from pathlib import Path
 
 from train.cli import main as train_main
 from train.config import TrainConfig
-from train.plan import SECTIONS, make_plan, write_plan
+from train.plan import SECTIONS, make_plan
+from train.runfolder import write_json
 
 TINY = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--batch-size", "2", "--workers", "0",
         "--epochs", "1", "--steps-per-epoch", "1", "--max-val-cases", "1"]
@@ -40,7 +41,7 @@ def test_a_run_writes_its_plan_and_its_invocation(tiny_store, tmp_path):
 def test_a_plan_trains_and_flags_beside_it_win(tiny_store, tmp_path):
     cfg = TrainConfig(modalities=("t2", "flair"), patch_size=(24, 24, 16), batch_size=3, channels=(4, 8, 16),
                       lr=2e-3, overlap=0.25, threshold=0.4, blending="gaussian", loss="dicece")
-    plan_file = write_plan(tmp_path / "plan.json", make_plan(cfg, "brats2021", _spacing(tiny_store)))
+    plan_file = write_json(tmp_path / "plan.json", make_plan(cfg, "brats2021", _spacing(tiny_store)))
     run = tmp_path / "run"
     assert train_main(["--store", tiny_store, "--run-dir", str(run), "--plan", str(plan_file), "--batch-size", "2",
                        "--workers", "0", "--epochs", "1", "--steps-per-epoch", "1", "--max-val-cases", "1"]) == 0
@@ -69,7 +70,7 @@ def test_a_plan_for_another_store_is_one_line(tiny_store, tmp_path, capsys):
         "labels": (make_plan(TrainConfig(), "brats2023", spacing), "brats2023 labels, the store holds brats2021"),
     }
     for name, (plan, message) in cases.items():
-        f = write_plan(tmp_path / f"{name}.json", plan)
+        f = write_json(tmp_path / f"{name}.json", plan)
         assert train_main(["--store", tiny_store, "--run-dir", str(tmp_path / name), "--plan", str(f)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and not (tmp_path / name).exists(), err

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from store.conventions import REGIONS
 
+from .runfolder import write_json
+
 # Fields that may differ when a run is resumed (they do not change what is computed per epoch).
 RESUMABLE_CHANGES = {"epochs", "resume", "workers", "run_dir", "dist_timeout", "overwrite", "time_limit",
                      "snapshot_at"}
@@ -67,10 +69,7 @@ class TrainConfig:
         return json.loads(json.dumps(asdict(self)))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

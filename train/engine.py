@@ -22,8 +22,8 @@ from .device import amp_context, resolve_device
 from .distributed import Dist
 from .errors import ConfigError
 from .models import record as model_record
-from .plan import invocation, make_plan, write_plan
-from .runfolder import BEST, CONFIG, INVOCATION, LAST, METRICS, PLAN, PREPROCESSING
+from .plan import invocation, make_plan
+from .runfolder import BEST, CONFIG, INVOCATION, LAST, METRICS, PLAN, PREPROCESSING, write_json
 from .validation import label_to_regions, validate
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -176,9 +176,9 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         sweep_temporary(run_dir)
         self.cfg.save(run_dir / CONFIG)
-        write_plan(run_dir / PLAN, make_plan(self.cfg, self.store.label_convention,
+        write_json(run_dir / PLAN, make_plan(self.cfg, self.store.label_convention,
                                              self.store.params.get("spacing_mm", ())))
-        write_plan(run_dir / INVOCATION, invocation(self.cfg))
+        write_json(run_dir / INVOCATION, invocation(self.cfg))
         # how the inputs were made, so `evaluate predict` preprocesses a new case the same way
         prep = {"params": self.store.params, "label_convention": self.store.label_convention}
         (run_dir / PREPROCESSING).write_text(json.dumps(prep, indent=2) + "\n")

@@ -3,11 +3,10 @@ that the CLI, the benchmarks and the tests call alike)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import ConfigError
-from .runfolder import CONFIG, KFOLD, fold_name
+from .runfolder import CONFIG, KFOLD, fold_name, write_json
 
 
 def splits_for(store, fold: int | None) -> tuple[list[str], list[str]]:
@@ -114,9 +113,7 @@ def run(cfg, dist=None) -> dict:
     report["selection"] = "lowest best validation loss (the seed's choice)"
     if dist.is_writer:
         cfg.save(run_dir / CONFIG)
-        tmp = run_dir / f"{KFOLD}.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(run_dir / KFOLD)
+        write_json(run_dir / KFOLD, report)
         print(f"k-fold: best fold {best['fold']} (validation loss {best['best_val_loss']:.4f}); "
               f"{run_dir / KFOLD}")
     return report

@@ -7,8 +7,9 @@ export read the inference values from the run's configuration, whose fields the 
 ``invocation.json`` records what does not change what is computed: the store's path, the run folder, the device,
 the loader's workers, resume, the seed.
 
-``python -m train plan --store S`` writes a plan for a store (``train.planner``); ``python -m train --plan FILE``
-trains it: the plan's values become the defaults of the command's flags, so a flag given beside it still wins.
+Both are written with ``train.runfolder.write_json``. ``python -m train plan --store S`` writes a plan for a store
+(``train.planner``); ``python -m train --plan FILE`` trains it: the plan's values become the defaults of the
+command's flags, so a flag given beside it still wins.
 """
 
 from __future__ import annotations
@@ -44,14 +45,6 @@ def make_plan(cfg: TrainConfig, label_convention: str | None, spacing_mm, extra:
     plan["data"].update(label_convention=label_convention, spacing_mm=[float(v) for v in spacing_mm])
     plan["inference"].update(window=list(cfg.patch_size), tta=False)
     return plan | (extra or {})
-
-
-def write_plan(path: str | Path, plan: dict) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def read_plan(path: str | Path) -> dict:

@@ -51,8 +51,8 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--out {out} exists: pass --overwrite to replace it, or another --out")
         from store import FormatError, open_store
 
-        from .plan import write_plan
         from .planner import plan_for_store
+        from .runfolder import write_json
 
         try:
             store = open_store(args.store)
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         print(f"python -m train plan: error: {e}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_plan(out, plan)
+    write_json(out, plan)
     s = plan["sizing"]
     print(f"wrote {out}: patch {'x'.join(map(str, plan['training']['patch_size']))}, batch "
           f"{plan['training']['batch_size']}, {s['levels']} levels {json.dumps(plan['network']['channels'])}; "

@@ -36,6 +36,16 @@ def eval_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / EVAL
 
 
+def write_json(path: str | Path, obj, indent: int = 2) -> Path:
+    """``obj`` as JSON at ``path``, atomically: written to a hidden temporary file beside it, then renamed, so a
+    reader never meets half a file and a killed write leaves the earlier one whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Every epoch's record of ``metrics.jsonl``, in order."""
     text = (Path(run_dir) / METRICS).read_text()
