@@ -147,3 +147,18 @@ def test_nnunets_planner_on_the_same_cases(tiny_store, tiny_cohort, tmp_path):
     assert len(plan["features_per_stage"]) == plan["n_stages"]
     fingerprint = json.loads(next((tmp_path / "preprocessed").glob("*/dataset_fingerprint.json")).read_text())
     assert len(fingerprint["shapes_after_crop"]) == 6
+
+
+def test_bad_plan_values_and_planner_flags_are_one_line(tiny_store, tmp_path, capsys):
+    """A plan whose inference values make no sense is refused before work; --memory must be positive."""
+    spacing = _spacing(tiny_store)
+    for field, value in (("threshold", 1.5), ("overlap", 1.0), ("blending", "median")):
+        plan = make_plan(TrainConfig(), "brats2021", spacing)
+        plan["inference"][field] = value
+        f = write_json(tmp_path / f"{field}.json", plan)
+        assert train_main(["--store", tiny_store, "--run-dir", str(tmp_path / field), "--plan", str(f)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "the plan's inference needs an overlap in [0, 1), a threshold in (0, 1)" in err, err
+        assert len(err.splitlines()) == 1 and not (tmp_path / field).exists()
+    assert train_main(["plan", "--store", tiny_store, "--memory", "0", "--out", str(tmp_path / "p.json")]) == 2
+    assert "--memory must be a positive number of GB, not 0" in capsys.readouterr().err

@@ -295,3 +295,6 @@ def test_another_models_folder_and_an_unreachable_scheduler_are_one_line(run, ti
         eval_main(["predict", "--run-dir", str(run), "--case", str(tiny_cohort / "BraTS2021_00000"), "--out",
                    str(tmp_path / "x.nii.gz"), "--workers", "2"])
     assert "go with --source" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main([*base[:-1], str(tmp_path / "neg"), "--workers", "-1"])
+    assert "--workers must be 0 or more, not -1" in capsys.readouterr().err
