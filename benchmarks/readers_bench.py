@@ -36,9 +36,11 @@ def writer_axis(store_path: str, reps: int = 5) -> dict:
     case = store.case(store.case_ids[0])
     out, tmp = {}, Path(tempfile.mkdtemp())
     try:
-        for name in ("image", "label"):
-            meta = json.loads(store.location.read_bytes(f"{case._group_path}/{name}/zarr.json"))
-            data = np.asarray(case._group[name][...])
+        for name, path in case.arrays_paths.items():
+            if name == "foreground":
+                continue
+            meta = json.loads(store.location.read_bytes(f"{case._group_path}/{path}/zarr.json"))
+            data = np.asarray(case._group[path][...])
             spec_meta = {k: v for k, v in meta.items()
                          if k not in ("zarr_format", "node_type", "attributes", "storage_transformers")}
             times = {"project": [], "tensorstore": []}
@@ -80,7 +82,7 @@ def _tensorstore_arms(store, cases, regions, channels: int, biggest) -> dict:
                           "file_io_concurrency": {"limit": 1}})
     opened = {c.case_id: [ts.open({"driver": "zarr3", "kvstore": kvstore_spec(store.location,
                                                                               f"{c._group_path}/{name}")},
-                                  read=True, context=context).result() for name in ("image", "label")]
+                                  read=True, context=context).result() for name in ("image", c.label_path)]
               for c in cases}
     converted = np.empty((channels, *biggest), np.float32)
 

@@ -19,6 +19,9 @@ class FormatV1:
     # Chunking and codec chosen by measurement (FORMAT.md, "Why these choices").
     # int16 in steps of one source intensity unit (value * scale[c] = z-score); 0 is background.
     image_dtype = "int16"
+    # where a case's label map lives (inside its group)
+    label_path = "label"
+    label_layer = None  # no OME-Zarr label layer
     # one modality per chunk: a subset of modalities reads only its channels. Readers take the chunk shape and
     # codec from each array's metadata, so stores written with other chunks (earlier 128^3) read the same.
     image_chunks = (1, 64, 64, 64)
@@ -39,8 +42,26 @@ class FormatV1:
         return attrs.get("format") == FORMAT_NAME and attrs.get("format_version") == cls.version
 
 
-FORMATS = (FormatV1,)
-CURRENT = FormatV1
+class FormatV2(FormatV1):
+    """Version 1 with the label map as an OME-Zarr 0.5 label layer, ``labels/seg`` (its one level at
+    ``labels/seg/0``), so that OME-Zarr viewers show the segmentation over the image; the arrays, chunks, codec and
+    every attribute are version 1's."""
+
+    version = 2
+    label_path = "labels/seg/0"
+    label_layer = "seg"
+    # what a store of an earlier version lacks (store verify says it)
+    adds = ("the OME-Zarr label layer (labels/seg): OME-Zarr viewers (napari's ome-zarr plugin) show its images "
+            "without the segmentation")
+
+
+FORMATS = (FormatV1, FormatV2)
+CURRENT = FormatV2
+
+
+def lacks(fmt) -> list[str]:
+    """What a store of format ``fmt`` lacks that the current format has, one line per later version."""
+    return [f"format {f.version}: {f.adds}" for f in FORMATS if f.version > fmt.version]
 
 
 def detect(attrs: dict):

@@ -76,6 +76,8 @@ class Case:
         self.case_id: str = self.meta["case_id"]
         self.shape: tuple[int, int, int] = tuple(self.meta["shape"])
         self.scale = np.asarray(self.meta["image_scale"], dtype=np.float32)
+        # where the label map lives in the group: "label" (format 1) or the label layer's level (format 2)
+        self.label_path: str = store.format.label_path
         self._check_objects()
 
     def _check_objects(self) -> None:
@@ -159,7 +161,7 @@ class Case:
         sl = self._region(region)
         reads = [(self._reader("image"), [(slice(c, c + 1), *sl) for c in self._channels(modalities)])]
         if self.has_label:
-            reads.append((self._reader("label"), [sl]))
+            reads.append((self._reader(self.label_path), [sl]))
         return reads
 
     @property
@@ -201,20 +203,22 @@ class Case:
 
     def label(self, region=None) -> np.ndarray:
         """uint8 (X, Y, Z) in the store's label convention."""
-        if "label" not in self._group:
+        if not self.has_label:
             raise KeyError(f"case {self.case_id} has no label")
-        return self._reader("label").read(self._region(region)).astype(np.uint8, copy=False)
+        return self._reader(self.label_path).read(self._region(region)).astype(np.uint8, copy=False)
 
     def label_into(self, out: np.ndarray, region=None, at=(0, 0, 0), fetched=None) -> np.ndarray:
         """Write ``region`` (3 slices, X, Y, Z of the stored grid) of the label into the uint8 array ``out`` (X, Y,
         Z) at offset ``at``; the rest is left as it is. Returns ``out``."""
-        if "label" not in self._group:
+        if not self.has_label:
             raise KeyError(f"case {self.case_id} has no label")
-        return self._reader("label").read_into(self._region(region), out, at, fetched)
+        return self._reader(self.label_path).read_into(self._region(region), out, at, fetched)
 
     @property
     def has_label(self) -> bool:
-        return "label" in self._group
+        if not hasattr(self, "_has_label"):
+            self._has_label = self.label_path in self._group
+        return self._has_label
 
     @property
     def task(self) -> str:
@@ -265,8 +269,14 @@ class Case:
 
     @property
     def arrays(self):
-        """The raw zarr arrays (for verification and fast readers)."""
-        return {k: self._group[k] for k in ("image", "label", "foreground") if k in self._group}
+        """The raw zarr arrays (for verification and fast readers): "image", "label" (wherever the format keeps
+        it) and "foreground"."""
+        return {k: self._group[p] for k, p in self.arrays_paths.items() if p in self._group}
+
+    @property
+    def arrays_paths(self) -> dict[str, str]:
+        """Each array's path inside the case's group ("label": wherever the store's format keeps it)."""
+        return {"image": "image", "label": self.label_path, "foreground": "foreground"}
 
     def __repr__(self) -> str:
         return f"Case({self.case_id!r}, shape={self.shape})"

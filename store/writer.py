@@ -16,7 +16,7 @@ from .conventions import compatible
 from .encoding import EncodedImage, content_checksum
 from .format import CASES_GROUP, CURRENT, FORMAT_NAME, FormatError, detect
 from .location import Location
-from .ome import ome_metadata
+from .ome import label_layer, ome_metadata
 from .reader import open_group, zarr_store
 
 LOCK_KEY = ".build.lock"
@@ -272,6 +272,10 @@ def _delete_group(root, path: str) -> None:
         del root[path]
 
 
+def _group_json(attrs: dict) -> str:
+    return json.dumps({"attributes": attrs, "zarr_format": 3, "node_type": "group"}, indent=2)
+
+
 def case_group_name(case_id: str, token: str) -> str:
     return f"{CASES_GROUP}/{case_id}.{token}"
 
@@ -298,7 +302,7 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
                                               dimension_names=["c", "x", "y", "z"]))}
     if label is not None:
         lchunks = tuple(min(c, s) for c, s in zip(fmt.label_chunks, label.shape))
-        arrays["label"] = (label, array_metadata(label.shape, np.uint8, lchunks, fmt.codec,
+        arrays[fmt.label_path] = (label, array_metadata(label.shape, np.uint8, lchunks, fmt.codec,
                                                  shards=shard_shape(label.shape, lchunks),
                                                  dimension_names=["x", "y", "z"]))
     fg = np.ascontiguousarray(foreground, dtype=np.int32).reshape(-1, 4)
@@ -306,7 +310,10 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
     checked = [arrays["image"][0]] + ([label] if label is not None else [])
     attrs = dict(attrs, content_crc32=content_checksum(*checked), shape=list(img16.shape[1:]), image_scale=scale)
     attrs = json.loads(json.dumps(attrs))
-    attrs["ome"] = ome_metadata(attrs, label is not None)
+    attrs["ome"] = ome_metadata(attrs, fmt.label_path if label is not None else None)
+    # the groups between the case and its label array: the OME-Zarr label layer (store.ome.label_layer)
+    groups = {k: {"ome": v} for k, v in label_layer(attrs, fmt.label_layer).items()} \
+        if label is not None and fmt.label_layer else {}
     loc = Location(store_path)
     if loc.local:
         folder = Path(store_path, group_name)
@@ -314,14 +321,17 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
             shutil.rmtree(folder)  # a leftover of a killed build
         folder.mkdir(parents=True)
         # the group first: a build killed from here on leaves a group the next build's garbage collection finds
-        (folder / "zarr.json").write_text(json.dumps({"attributes": attrs, "zarr_format": 3, "node_type": "group"},
-                                                     indent=2))
+        (folder / "zarr.json").write_text(_group_json(attrs))
+        for path, group_attrs in groups.items():
+            (folder / path).mkdir(parents=True)
+            (folder / path / "zarr.json").write_text(_group_json(group_attrs))
         for name, (data, meta) in arrays.items():
             write_array(folder / name, meta, data)
     elif loc.remote:  # the same objects, one PUT each: a shard per channel, not a request per chunk
         loc.remove(group_name)  # a leftover of a killed build
-        loc.write_atomic(f"{group_name}/zarr.json", json.dumps({"attributes": attrs, "zarr_format": 3,
-                                                                 "node_type": "group"}, indent=2).encode())
+        loc.write_atomic(f"{group_name}/zarr.json", _group_json(attrs).encode())
+        for path, group_attrs in groups.items():
+            loc.write_atomic(f"{group_name}/{path}/zarr.json", _group_json(group_attrs).encode())
         for name, (data, meta) in arrays.items():
             for key, b in array_objects(meta, data):
                 loc.write_atomic(f"{group_name}/{name}/{key}", b)
@@ -332,6 +342,8 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
         if group_name in root:
             _delete_group(root, group_name)  # a leftover of a killed build
         g = root.create_group(group_name, attributes=attrs)
+        for path, group_attrs in groups.items():
+            g.create_group(path, attributes=group_attrs)
         for name, (data, meta) in arrays.items():
             write_array_zarr(g, name, meta, data)
     if loc.zip:

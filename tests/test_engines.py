@@ -29,7 +29,8 @@ def _tensorstore(store, cid: str, name: str) -> np.ndarray:
 
     from benchmarks.engines import kvstore_spec
 
-    key = f"{store.case(cid)._group_path}/{name}"
+    case = store.case(cid)
+    key = f"{case._group_path}/{case.arrays_paths[name]}"
     spec = {"driver": "zarr3", "kvstore": kvstore_spec(store.location, key)}
     return ts.open(spec, read=True).result().read().result()
 
@@ -41,7 +42,7 @@ def _zarr(store, cid: str, name: str, zarrs: bool) -> np.ndarray:
         if zarrs:
             zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
         group = zarr.open_group(store.path, mode="r")
-        return np.asarray(group[f"{case._group_path}/{name}"][...])
+        return np.asarray(group[f"{case._group_path}/{case.arrays_paths[name]}"][...])
     finally:
         zarr.config.set({"codec_pipeline.path": pipeline})
 
@@ -94,19 +95,23 @@ def test_an_unknown_engine_is_named():
 
 
 def _check_ome(store) -> None:
-    """Each case group is an OME-Zarr 0.5 image (validated by ome-zarr-models): image on c, x, y, z, label on
-    x, y, z, in millimetres; scale and translation place every voxel where the stored affine does."""
+    """Each case group is an OME-Zarr 0.5 image (validated by ome-zarr-models): image on c, x, y, z in
+    millimetres, its label layer labels/seg on x, y, z; scale and translation place every voxel where the stored
+    affine does, in both."""
     from ome_zarr_models.v05.image import Image
 
     for cid in store.case_ids:
         case = store.case(cid)
         group = zarr.open_group(store.path, mode="r")[case._group_path]
-        ms = Image.from_zarr(group).ome_attributes.multiscales
-        assert [m.datasets[0].path for m in ms] == ["image", "label"]
+        image = Image.from_zarr(group)
+        ms = image.ome_attributes.multiscales
+        assert [m.datasets[0].path for m in ms] == ["image"]
         assert [a.name for a in ms[0].axes] == ["c", "x", "y", "z"] and ms[0].axes[0].type == "channel"
-        assert [a.unit for a in ms[1].axes] == ["millimeter"] * 3
+        assert [a.unit for a in ms[0].axes[1:]] == ["millimeter"] * 3
+        label = image.labels.get_image_labels_group("seg").ome_attributes.multiscales
+        assert [m.datasets[0].path for m in label] == ["0"] and [a.name for a in label[0].axes] == ["x", "y", "z"]
         aff = np.asarray(case.meta["stored_affine"])
-        for m, lead in zip(ms, (1, 0)):
+        for m, lead in zip((ms[0], label[0]), (1, 0)):
             scale, shift = (t.model_dump() for t in m.datasets[0].coordinateTransformations)
             idx = np.array([3, 5, 7])
             world = np.asarray(scale["scale"][lead:]) * idx + np.asarray(shift["translation"][lead:])

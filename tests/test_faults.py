@@ -19,6 +19,7 @@ from prep.build import BuildConfig, build_store, run_cli
 from prep.discover import discover
 from store import FormatError, open_store
 from store.cli import main as store_main
+from store.format import CURRENT
 from store.verify import verify_store
 from train.cli import main as train_main
 
@@ -72,7 +73,7 @@ def test_a_truncated_shard_and_a_damaged_chunk_are_caught(store, tmp_path, capsy
     shard.write_bytes(data)  # back to whole
     # same size, one flipped bit inside a chunk: no listing sees it; blosc refuses the chunk as it decodes (a
     # damaged chunk that still decodes is the checksum's: test_the_ram_fill_checks_each_cases_checksum)
-    label = _case_dir(store, b) / "label" / "c.0.0.0"
+    label = _case_dir(store, b) / CURRENT.label_path / "c.0.0.0"
     raw = bytearray(label.read_bytes())
     raw[40] ^= 0x10
     label.write_bytes(bytes(raw))
@@ -98,13 +99,13 @@ def test_the_ram_fill_checks_each_cases_checksum(store):
     folder = _case_dir(store, cid)
     label = s.case(cid).label().copy()
     label[label.shape[0] // 2, label.shape[1] // 2, :] = 2  # a line of oedema the build never wrote
-    meta = json.loads((folder / "label" / "zarr.json").read_text())
-    shutil.rmtree(folder / "label")
-    write_array(folder / "label", meta, label)
+    meta = json.loads((folder / CURRENT.label_path / "zarr.json").read_text())
+    shutil.rmtree(folder / CURRENT.label_path)
+    write_array(folder / CURRENT.label_path, meta, label)
     group = json.loads((folder / "zarr.json").read_text())
     sizes = group["attributes"]["objects"]
     for key in sizes:
-        if key.startswith("label/"):
+        if key.startswith(f"{CURRENT.label_path}/"):
             sizes[key] = (folder / key).stat().st_size
     (folder / "zarr.json").write_text(json.dumps(group))
     case = open_store(store).case(cid)  # the listing is satisfied
@@ -137,9 +138,9 @@ def test_older_stores_without_the_object_record_still_open(store):
 def test_evaluate_names_a_missing_object(store, tmp_path, capsys):
     assert _train(store, tmp_path / "run") == 0
     cid = open_store(store).splits["test"][0]
-    (_case_dir(store, cid) / "label" / "c.0.0.0").unlink()
+    (_case_dir(store, cid) / CURRENT.label_path / "c.0.0.0").unlink()
     assert eval_main(["--run-dir", str(tmp_path / "run"), "--store", str(store)]) == 2
-    assert f"case {cid}: object label/c.0.0.0 is missing" in capsys.readouterr().err
+    assert f"case {cid}: object {CURRENT.label_path}/c.0.0.0 is missing" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- builds

@@ -85,7 +85,7 @@ def test_a_missing_or_damaged_object_on_s3_is_caught(s3_server, tiny_cohort, tmp
     root = url[len("s3://"):]
     fs = _fs()
     fs.rm(f"{root}/{s.index[a]['group']}/image/c.0.0.0.0")
-    shard = f"{root}/{s.index[b]['group']}/label/c.0.0.0"
+    shard = f"{root}/{s.index[b]['group']}/{s.case(b).label_path}/c.0.0.0"
     data = bytearray(fs.cat_file(shard))
     data[40] ^= 0x10
     fs.pipe_file(shard, bytes(data))

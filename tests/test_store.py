@@ -18,6 +18,7 @@ from prep.discover import discover
 from prep.preprocess import to_source_grid
 from store import FormatError, open_store
 from store.cli import main as store_main
+from store.format import CURRENT
 
 from .helpers import lps_affine, make_arrays, oblique_affine, write_case
 
@@ -101,7 +102,7 @@ def test_metadata_contract(tmp_path):
         write_case(src, f"BraTS2021_0000{i}", seed=i)
     build_store(BuildConfig(source=str(src), store=str(tmp_path / "s.zarr"), workers=0), progress=False)
     s = open_store(tmp_path / "s.zarr")
-    assert s.format_version == 1 and s.modalities == ("t1", "t1ce", "t2", "flair")
+    assert s.format_version == 2 and s.modalities == ("t1", "t1ce", "t2", "flair")
     assert s.label_convention == "brats2021" and s.case_ids == [f"BraTS2021_0000{i}" for i in range(3)]
     c = s.case("BraTS2021_00001")
     m = c.meta
@@ -173,7 +174,7 @@ def test_info_summary(tmp_path, capsys):
     build_store(BuildConfig(source=str(src), store=str(tmp_path / "s.zarr"), workers=0), progress=False)
     assert store_main(["info", str(tmp_path / "s.zarr")]) == 0
     out = capsys.readouterr().out
-    assert "cases      4" in out and "brats-zarr v1" in out and "t1, t1ce, t2, flair" in out and "on disk" in out
+    assert "cases      4" in out and "brats-zarr v2" in out and "t1, t1ce, t2, flair" in out and "on disk" in out
 
 
 def test_rebuild_skips_unchanged_and_refuses_other_params(tmp_path, capsys):
@@ -290,7 +291,7 @@ def test_kill_and_resume(tmp_path):
     (store / "cases" / "BraTS2021_09998.0123456789ab").mkdir()
     half = store / "cases" / "BraTS2021_09999.0123456789ab"
     shutil.copytree(store / partial.index[partial.case_ids[0]]["group"], half)
-    shutil.rmtree(half / "label")
+    shutil.rmtree(half / CURRENT.label_path)
     r = build_store(BuildConfig(source=str(src), store=str(store), workers=0), progress=False)
     assert r.ok and len(r.skipped) == len(partial) and len(r.built) == n - len(partial)
     s = open_store(store)
