@@ -15,7 +15,7 @@ DEMO_SPACING ?= 2.5
 DEMO_EPOCHS ?= 40
 DEMO_STEPS ?= 10
 
-.PHONY: install demo test lint clean
+.PHONY: install browser demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -43,8 +43,14 @@ demo: install
 	$(PY) -m evaluate --run-dir $(RUN) --split test --tta --metrics legacy
 	$(PY) -m benchmarks demo --run-dir $(RUN) --out $(RUN)/benchmarks
 	$(PY) -m benchmarks all --quick --out $(RUN)/benchmarks
+	$(PY) -m evaluate report --run-dir $(RUN)
 
-test: install
+# Debian's Chromium, for the report's browser test (tests/test_report.py), where it is missing
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -47,6 +47,11 @@ BENCHES = {
             "(about 5 minutes on 2 cores)",
     "demo": "record the demo run's test scores (--run-dir RUN: its eval/test.json, test.csv, test-tta.json) as "
             "demo.json, from which the README's demo table is generated",
+    "predict-cluster": "evaluate predict --source in one process against a local Dask cluster of 1 and 2 one-thread "
+                       "workers (--workers): seconds per case of each whole command on the benchmark cohort's "
+                       "full-size cases (goals: 2 workers >= 1.7x the cases/s of 1; 1 worker <= 1.1x one process)",
+    "report": "the run's HTML report (--run-dir RUN; python -m evaluate report): render time, bytes, and headless "
+              "Chromium's load time with the network refused (goals: under 2 s, at most 5 MB), with a screenshot",
     "table": "regenerate the tables of docs/performance.md and the README's headline table from the JSON results",
 }
 ALL = ("synth", "prep", "loader", "train", "infer")
@@ -56,7 +61,7 @@ ALL = ("synth", "prep", "loader", "train", "infer")
 STAGE_OPTIONS = {"--amp": ("train", "infer", "modalities"), "--peers": ("prep",), "--trainer": ("nnunet",),
                  "--spacing": ("nnunet",), "--budget": ("nnunet",), "--full": ("modalities",),
                  "--seeds": ("modalities", "models", "augment-dice"), "--time-limit": ("models", "augment-dice"),
-                 "--epochs": ("modalities",), "--run-dir": ("demo",)}
+                 "--epochs": ("modalities",), "--run-dir": ("demo", "report")}
 
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
@@ -103,7 +108,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
                    "(default: 3; 0.15 with --quick)")
     p.add_argument("--epochs", type=int, help="modalities: epochs per run instead of the scale's own (a shorter "
                    "budget, said in the table)")
-    p.add_argument("--run-dir", help="demo: the demo's run folder (make demo: runs/demo)")
+    p.add_argument("--run-dir", help="demo, report: the demo's run folder (make demo: runs/demo)")
     p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
     p.add_argument("--work", help="folder for the benchmark cohorts (default: a temporary folder)")
     p.add_argument = add
@@ -128,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--trainer and --budget apply to the nnunet benchmark only")
     if args.spacing is not None and (args.name != "nnunet" or args.spacing <= 0):
         parser.error("--spacing applies to the nnunet benchmark only, as a positive number of millimetres")
-    if (args.run_dir is None) != (args.name != "demo"):
-        parser.error("--run-dir goes with the demo benchmark, which needs it")
+    if (args.run_dir is None) != (args.name not in ("demo", "report")):
+        parser.error("--run-dir goes with the demo and report benchmarks, which need it")
     if args.budget <= 0:
         parser.error(f"--budget must be a positive number of minutes, not {args.budget:g}")
     out = Path(args.out)
@@ -216,6 +221,14 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
         from .demo_record import record
 
         print(f"wrote {record(args.run_dir, out)}")
+    elif name == "predict-cluster":
+        from . import cluster_bench
+
+        cluster_bench.run(out, work, size)
+    elif name == "report":
+        from . import report_bench
+
+        print(f"wrote {report_bench.run(out, args.run_dir)}")
     elif name == "table":
         from .table import update_page, update_readme
 

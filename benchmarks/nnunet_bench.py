@@ -59,7 +59,7 @@ def score_folder(pred_dir: Path, cases, labels: str | None = None) -> dict[str, 
     scored = score_predictions(pred_dir, cases, cases[0].label_convention, ("legacy", "brats2023"), labels)
     if scored.problems:
         raise RuntimeError("benchmark scoring failed: " + "; ".join(scored.problems.values()))
-    return scored.rows
+    return {row["case"]: row for row in scored.rows}
 
 
 def _means(rows: dict[str, dict]) -> dict:

@@ -189,8 +189,25 @@ def _augment_rows(a: dict) -> list[str]:
             f"{'x'.join(map(str, a['read']))}, 4 channels): {arms} | {ratios} | {goal} | {machine(a)} |"]
 
 
+def _predict_cluster_rows(c: dict) -> list[str]:
+    """evaluate predict in one process against a local Dask cluster of 1 and 2 workers."""
+    s = {k: v["median"] for k, v in c["seconds_per_case"].items()}
+    return [f"| predict-cluster | s per case, {c['cases']} cases {'x'.join(map(str, c['grid']))}, whole command: "
+            f"one process / 1 worker / 2 workers | {s['one process']:.2f} / {s['1 worker']:.2f} / "
+            f"{s['2 workers']:.2f} (2 workers {c['two_over_one_worker']:.2f}x the cases/s of 1; 1 worker "
+            f"{c['one_worker_over_one_process']:.2f}x one process's time, "
+            f"{c.get('one_worker_over_one_thread', float('nan')):.2f}x one process on one torch thread) | "
+            f">= 1.7x; <= 1.1x | {machine(c)} |"]
+
+
+def _report_rows(r: dict) -> list[str]:
+    return [f"| report | the demo run's report.html: MB; s to open in headless Chromium, network refused | "
+            f"{r['bytes'] / 1e6:.2f}; {r['chromium_load_s']['median']:.3f} | <= 5 MB; < 2 s | {machine(r)} |"]
+
+
 STAGES = (("synth", _synth_rows), ("prep", _prep_rows), ("loader", _loader_rows), ("train", _train_rows),
-          ("scale", _scale_rows), ("readers", _readers_rows), ("infer", _infer_rows), ("augment", _augment_rows))
+          ("scale", _scale_rows), ("readers", _readers_rows), ("infer", _infer_rows), ("augment", _augment_rows),
+          ("predict-cluster", _predict_cluster_rows), ("report", _report_rows))
 
 
 def render(out: str | Path) -> str:

@@ -6,6 +6,7 @@ evaluate.predictions (labels for raw case folders).
     python -m evaluate score --pred PRED_DIR --ref COHORT_DIR [--labels nnunet] [--out DIR] [--only-predicted]
     python -m evaluate predict --run-dir DIR --source COHORT_DIR --out PRED_DIR [--tta] [--ensemble]
     python -m evaluate predict --run-dir DIR --case CASE_DIR --out PRED.nii.gz
+    python -m evaluate report --run-dir DIR
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from store.conventions import NUMBERINGS, TASKS
 
-from .scoring import FAMILIES  # numpy and the conventions only: --help stays fast
+from .scoring import FAMILIES, REGISTRY  # numpy and the conventions only: --help stays fast
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "unless --overwrite")
     _overwrite_option(p, "with --save-predictions: replace every prediction file already in RUN/eval/pred")
     p.add_argument("--metrics", nargs="+", default=list(FAMILIES), choices=FAMILIES, metavar="FAMILY",
-                   help="any of: legacy (BraTS 2017-2021: Dice and HD95 per region over the whole case); brats2023 "
-                   "(the 2023 lesion-wise ranking: lesions merged by dilation, many-to-one hits, small lesions left "
-                   "out, false positives penalised; per-task parameters); brats2025 (the 2024-25 scorer on "
-                   "panoptica: one-to-one matching, lesion-wise Dice of matched lesions, detection F1, global "
-                   "Dice/NSD/HD95). Default: all three")
+                   help="any of: " + "; ".join(f"{f.name} ({f.description})" for f in REGISTRY.values())
+                   + ". Default: all three")
     p.add_argument("--task", choices=TASKS, default=None,
                    help="the BraTS task whose brats2023 dilation and volume threshold apply (gli, ssa, ped, goat: 3 "
                    "voxels, 50 mm^3; men: 1, 50 mm^3; met: 1, 2 mm^3). Default: each case's own, as the build "
@@ -136,13 +134,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
                    "case folder)")
     _overwrite_option(p, "replace prediction files already at --out")
     _postprocessing_option(p)
-    c = p.add_mutually_exclusive_group()
-    c.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="with --source: predict on a local Dask cluster of N one-thread worker processes, each "
-                   "loading the model once (default 0: in this process, reading and writing in threads)")
-    c.add_argument("--scheduler", metavar="ADDRESS", help="with --source: predict on the Dask cluster whose "
-                   "scheduler is at ADDRESS (tcp://host:8786); its workers need this project and the model's files "
-                   "at the same paths")
+    _cluster_options(p, "predict", "model's and the cohort's")
     return p
 
 
@@ -180,7 +172,53 @@ def build_score_parser() -> argparse.ArgumentParser:
                    "(their predictions missing still count); predictions of other cases are left out")
     p.add_argument("--only-predicted", action="store_true", help="score only the cases that have a prediction in "
                    "--pred (as nnU-Net's -chill); by default a missing prediction is a case not scored")
+    _cluster_options(p, "score", "score")
     return p
+
+
+def _cluster_options(p: argparse.ArgumentParser, what: str, needs: str) -> None:
+    """--workers N | --scheduler ADDRESS: the cases on a Dask cluster (evaluate.cluster), predict and score alike."""
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--workers", type=int, default=0, metavar="N",
+                   help=f"{what} on a local Dask cluster of N one-thread worker processes"
+                   + (", each loading the model once" if what == "predict" else "") + " (default 0: in this process)")
+    c.add_argument("--scheduler", metavar="ADDRESS", help=f"{what} on the Dask cluster whose scheduler is at ADDRESS "
+                   f"(tcp://host:8786); its workers need this project and the {needs} files at the same paths")
+
+
+def _cluster(a, parser):
+    """The cluster runner --workers/--scheduler ask for (None: this process)."""
+    if a.workers < 0:
+        parser.error(f"--workers must be 0 or more, not {a.workers}")
+    if not (a.scheduler or a.workers):
+        return None
+    from functools import partial
+
+    from .cluster import run_on_cluster
+
+    return partial(run_on_cluster, scheduler=a.scheduler, workers=a.workers)
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m evaluate report",
+        description="Write RUN/report.html: one self-contained page (no server, no network; figures embedded) with "
+        "the run's training curves per region, learning rate, time per epoch and data wait; every evaluation's "
+        "scores per family as tables sortable in the page, with means and their bootstrap 95%% intervals; every "
+        "scored case's overlay (the three planes through the tumour), worst first; the recipe (plan.json, the "
+        "model card's steps, config.json) and the postprocessing rules with what they changed. 'python -m evaluate' "
+        "refreshes it after scoring a split. A run with no evaluation yet gets a page that says so. Writes nothing "
+        "else, and refuses to replace a report.html it did not write.",
+    )
+    p.add_argument("--run-dir", required=True, help="the run folder (a k-fold run: every fold's curves)")
+    return p
+
+
+def _report(run_dir) -> int:
+    from .html_report import write_report
+
+    print(f"report: {write_report(run_dir)}")
+    return 0
 
 
 def _score(a) -> int:
@@ -189,7 +227,8 @@ def _score(a) -> int:
     if (a.split is None) != (a.store is None):
         build_score_parser().error("--split and --store go together: the store's split names the cases")
     summary = score_folder(a.pred, a.ref, a.metrics, a.task, a.labels, a.out, overwrite=a.overwrite,
-                           store=a.store, split=a.split, only_predicted=a.only_predicted)
+                           store=a.store, split=a.split, only_predicted=a.only_predicted,
+                           cluster=_cluster(a, build_score_parser()))
     for reason in summary["problems"].values():
         print(f"  {reason}", file=sys.stderr)
     print(f"scored {summary['cases']} cases, {len(summary['problems'])} not scored")
@@ -198,9 +237,9 @@ def _score(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in ("predict", "tune-postprocessing", "score") else None
+    command = argv[0] if argv and argv[0] in ("predict", "tune-postprocessing", "score", "report") else None
     parser = {"predict": build_predict_parser, "tune-postprocessing": build_tune_parser,
-              "score": build_score_parser}.get(command, build_parser)
+              "score": build_score_parser, "report": build_report_parser}.get(command, build_parser)
     a = parser().parse_args(argv[1:] if command else argv)
     if hasattr(a, "ensemble"):  # None: the run's best model; []: every fold; [RUN ...]: those runs' models too
         a.ensemble = False if a.ensemble is None else (a.ensemble or True)
@@ -211,12 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     from train.runs import RunError
 
     from .evaluation import evaluate_split
+    from .html_report import ReportError
     from .predictions import predict_case, predict_folder
     from .tuning import TooFewCases, tune_postprocessing
 
     try:
         if command == "score":
             return _score(a)
+        if command == "report":
+            return _report(a.run_dir)
         if command == "tune-postprocessing":
             if a.min_cases < 1:
                 parser().error(f"--min-cases must be at least 1, not {a.min_cases}")
@@ -232,15 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             predict_case(a.run_dir, a.case, a.out, a.ensemble, a.device, a.tta, not a.no_postprocessing, a.model,
                          overwrite=a.overwrite)
         elif predict:
-            if a.workers < 0:
-                parser().error(f"--workers must be 0 or more, not {a.workers}")
-            cluster = None
-            if a.scheduler or a.workers:
-                from functools import partial
-
-                from .cluster import predict_on_cluster
-
-                cluster = partial(predict_on_cluster, scheduler=a.scheduler, workers=a.workers)
+            cluster = _cluster(a, parser())
             rep = predict_folder(a.run_dir, a.source, a.out, a.ensemble, a.device, a.tta,
                                  postprocessing=not a.no_postprocessing, model=a.model, overwrite=a.overwrite,
                                  cluster=cluster)
@@ -258,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_split(a.run_dir, a.store, a.split, a.ensemble, a.save_predictions, a.source, a.device,
                            a.metrics, tta=a.tta, task=a.task, postprocessing=not a.no_postprocessing,
                            overwrite=a.overwrite)
+            try:  # the run's page shows the new scores
+                _report(a.run_dir)
+            except ReportError as e:
+                print(f"python -m evaluate: the report was not refreshed: {e}", file=sys.stderr)
     except (RunError, DiscoveryError, CaseError, FormatError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"python -m evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -44,8 +44,9 @@ class SplitScorer:
 
     def __init__(self, run, store, ids, dev, conv: str, families, rules, out_dir: Path, task: str | None,
                  tta: bool, save_predictions: bool, overwrite: bool = False):
-        from monai.metrics import DiceMetric
         from torch.utils.tensorboard import SummaryWriter
+
+        from .sheet import ScoreSheet
 
         self.run, self.store, self.ids, self.dev, self.conv = run, store, list(ids), dev, conv
         self.families, self.rules, self.out_dir, self.task = families, rules, out_dir, task
@@ -58,12 +59,10 @@ class SplitScorer:
         self.model_channels = [store.modalities.index(m) for m in run.config.modalities]
         # the pictures' channel: FLAIR where the store has it
         self.picture_channel = "flair" if "flair" in store.modalities else run.config.modalities[0]
-        self.rows: dict = {}
-        self.unprocessed: dict = {}
-        self.lesion_rows: dict = {}
+        self.sheet = ScoreSheet(order=self.ids)  # after postprocessing
+        self.unprocessed = ScoreSheet(order=self.ids)  # before it, only where a rule is in force
         self.grids: set = set()
         self.tasks: dict = {}
-        self.monai_dice = DiceMetric(include_background=True, reduction="mean")
         self.tb = SummaryWriter(str(out_dir / "tb"))
 
     def infer(self, loaded) -> np.ndarray:
@@ -99,25 +98,13 @@ class SplitScorer:
 
     def _score(self, cid: str, raw, pred, gt, spacing, grid: str) -> None:
         """Every family's scores of the postprocessed label map (and of the raw one, where a rule is in force),
-        the lesions, and MONAI's Dice, into the collected rows."""
-        from store.conventions import region_masks
-
-        from .metrics import monai_dice_inputs
-        from .scoring import score_case
+        the lesions, and MONAI's Dice, onto the score sheets."""
+        from .sheet import score_label_maps
 
         task = self.tasks[cid]
-        lesions = [] if "brats2023" in self.families else None
-        scores = score_case(pred, gt, self.conv, spacing, self.families, case=cid, task=task, lesions=lesions)
-        p_reg, g_reg = region_masks(pred, self.conv), region_masks(gt, self.conv)
-        case_info = {"task": task, "grid": grid, "voxels_gt_wt": int(g_reg[1].sum()),
-                     "voxels_pred_wt": int(p_reg[1].sum())}
-        self.rows[cid] = {"case": cid, **scores, **case_info}
+        self.sheet.add(score_label_maps(cid, pred, gt, self.conv, spacing, self.families, task, grid))
         if self.rules is not None and self.rules.describe():
-            self.unprocessed[cid] = {"case": cid, **score_case(raw, gt, self.conv, spacing, self.families, case=cid,
-                                                               task=task),
-                                     **case_info, "voxels_pred_wt": int(region_masks(raw, self.conv, ("WT",))[0].sum())}
-        self.lesion_rows[cid] = [{"case": cid, "region": region, **vars(lesion)} for region, lesion in (lesions or [])]
-        self.monai_dice(*monai_dice_inputs(p_reg, g_reg))
+            self.unprocessed.add(score_label_maps(cid, raw, gt, self.conv, spacing, self.families, task, grid))
 
     def _draw(self, cid: str, case, image: np.ndarray, prob: np.ndarray) -> None:
         """The overlay PNG and TensorBoard slices, on the stored grid (RAS), from the stored-grid label map."""
@@ -185,7 +172,7 @@ def _summary(scorer: SplitScorer, run_dir: str, split: str, rows: list, score_co
         "tasks": {t: sum(1 for v in tasks.values() if v == t) for t in sorted(set(tasks.values()))},
         "task_source": "--task" if task else TASK_NOTE,
         "postprocessing": shown_rules,
-        "monai_dice_mean": float(scorer.monai_dice.aggregate()),
+        "monai_dice_mean": scorer.sheet.monai_dice_mean(),
         "monai_dice_note": MONAI_DICE_NOTE,
         "scores": summarize(rows, score_cols),
     }
@@ -204,7 +191,7 @@ def _write_outputs(scorer: SplitScorer, stem: str, rows: list, unprocessed: list
         write_reports(scorer.out_dir, f"{stem}-before-postprocessing", unprocessed, columns, None)
     write_reports(scorer.out_dir, stem, rows, columns, summary)
     if "brats2023" in scorer.families:
-        write_lesions(scorer.out_dir / f"{stem}-lesions.csv", [r for c in scorer.ids for r in scorer.lesion_rows[c]])
+        write_lesions(scorer.out_dir / f"{stem}-lesions.csv", scorer.sheet.lesions)
     save_score_figure(scorer.out_dir / f"{stem}-scores.png", unprocessed, rows, scorer.families, scorer.conv)
 
 
@@ -237,8 +224,8 @@ def evaluate_split(run_dir: str, store_path: str | None = None, split: str = "te
     bar.close()
     if failures:  # a case that cannot be scored is an error: the table would silently cover fewer cases
         raise failures[0][1]
-    rows = [scorer.rows[c] for c in ids]
-    unprocessed = [scorer.unprocessed[c] for c in ids] if scorer.unprocessed else rows
+    rows = scorer.sheet.rows
+    unprocessed = scorer.unprocessed.rows if scorer.unprocessed else rows
     scorer.close()
     score_cols = score_columns(conv, families)
     summary = _summary(scorer, run_dir, split, rows, score_cols, task, postprocessing)

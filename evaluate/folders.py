@@ -9,7 +9,6 @@ cases are scored."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,6 @@ STEM = "predictions"  # <out>/predictions.csv, .json, -lesions.csv, -scores.png
 
 class ScoreError(ValueError):
     """Inputs that cannot be scored at all (no reference cases, no prediction folder); the message names them."""
-
-
-@dataclass
-class Scored:
-    """Per case: its row (scores, task, grid, voxel counts) and its brats2023 lesions; per case that could not be
-    scored, one line; MONAI's DiceMetric over every scored case (as evaluate reports it beside the families)."""
-
-    monai_dice: object
-    rows: dict = field(default_factory=dict)
-    lesions: dict = field(default_factory=dict)
-    problems: dict = field(default_factory=dict)
 
 
 def _load(path: Path):
@@ -103,56 +91,71 @@ def _predictions_in(pred_dir: Path, ending: str = ".nii.gz") -> dict:
     return {p.name[: -len(ending)]: p for p in sorted(pred_dir.glob(f"*{ending}")) if not p.name.startswith(".")}
 
 
+def score_file(case, pred_path: str | Path, convention: str, families=FAMILIES, labels: str | None = None,
+               task: str | None = None):
+    """One case (prep.discover.CaseFiles with its seg) scored from its prediction file: its CaseScores
+    (evaluate.sheet). A prediction that cannot be scored raises ValueError or OSError naming the file. Runs in this
+    process or on a cluster's worker alike."""
+    from .sheet import score_label_maps
+
+    pred_path = Path(pred_path)
+    try:
+        pred, ref, spacing = _read_pair(case, pred_path, convention, labels)
+        return score_label_maps(case.case_id, pred, ref, convention, spacing, families, task or case.task, "source")
+    except (ValueError, OSError) as e:
+        raise type(e)(str(e) if str(pred_path) in str(e) else f"{pred_path}: {e}") from None
+
+
 def score_predictions(pred_dir: str | Path, cases, convention: str, families=FAMILIES, labels: str | None = None,
-                      task: str | None = None, ignore=()) -> Scored:
+                      task: str | None = None, ignore=(), cluster=None):
     """Every case of ``cases`` (prep.discover.CaseFiles with segs, one label convention) scored from
-    ``pred_dir/<case-id>.nii.gz``; predictions of no case in ``cases`` (but those of ``ignore``, cases left out on
-    purpose) and cases without a prediction are problems. ``labels``: the predictions' numbering (None: the
-    reference files'); ``task``: the brats2023 task (default: each case's own)."""
-    from monai.metrics import DiceMetric
-
-    from store.conventions import region_masks
-
-    from .metrics import monai_dice_inputs
-    from .scoring import score_case
+    ``pred_dir/<case-id>.nii.gz`` into a ScoreSheet (evaluate.sheet); predictions of no case in ``cases`` (but
+    those of ``ignore``, cases left out on purpose) and cases without a prediction are problems. ``labels``: the
+    predictions' numbering (None: the reference files'); ``task``: the brats2023 task (default: each case's own);
+    ``cluster``: None (this process) or a callable that runs (fn, args) tasks on a Dask cluster
+    (evaluate.cluster.run_on_cluster with its address bound)."""
+    from .sheet import ScoreSheet
 
     pred_dir = Path(pred_dir)
     found = _predictions_in(pred_dir)
     uncompressed = _predictions_in(pred_dir, ".nii")
     refs = {c.case_id: c for c in cases}
-    out = Scored(DiceMetric(include_background=True, reduction="mean"))
+    sheet = ScoreSheet()
     for cid in sorted(set(found) - set(refs) - set(ignore)):
-        out.problems[cid] = f"{found[cid]}: a prediction with no reference case"
+        sheet.problems[cid] = f"{found[cid]}: a prediction with no reference case"
+    tasks = {}
     for cid, case in refs.items():
         if cid not in found:
-            out.problems[cid] = f"case {cid}: no prediction {pred_dir / f'{cid}.nii.gz'}" + (
+            sheet.problems[cid] = f"case {cid}: no prediction {pred_dir / f'{cid}.nii.gz'}" + (
                 f"; {uncompressed[cid].name} is there: predictions are read as .nii.gz (gzip it)"
                 if cid in uncompressed else "")
             continue
-        try:
-            pred, ref, spacing = _read_pair(case, found[cid], convention, labels)
-            lesions = [] if "brats2023" in families else None
-            scores = score_case(pred, ref, convention, spacing, families, case=cid, task=task or case.task,
-                                lesions=lesions)
-        except (ValueError, OSError) as e:
-            out.problems[cid] = str(e) if str(found[cid]) in str(e) else f"{found[cid]}: {e}"
-            continue
-        p_reg, g_reg = region_masks(pred, convention), region_masks(ref, convention)
-        out.rows[cid] = {"case": cid, **scores, "task": task or case.task, "grid": "source",
-                         "voxels_gt_wt": int(g_reg[1].sum()), "voxels_pred_wt": int(p_reg[1].sum())}
-        out.lesions[cid] = [{"case": cid, "region": r, **vars(lesion)} for r, lesion in (lesions or [])]
-        out.monai_dice(*monai_dice_inputs(p_reg, g_reg))
-    return out
+        tasks[cid] = (score_file, (case, str(found[cid]), convention, tuple(families), labels, task))
+    if cluster is None:
+        done, failed = {}, {}
+        for cid, (fn, args) in tasks.items():
+            try:
+                done[cid] = fn(*args)
+            except (ValueError, OSError) as e:
+                failed[cid] = str(e)
+    else:
+        done, failed = cluster(tasks, "score")
+    for cid in sorted(done):
+        sheet.add(done[cid])
+    sheet.problems.update(failed)
+    return sheet
 
 
 def score_folder(pred_dir: str | Path, ref_dir: str | Path, metrics=FAMILIES, task: str | None = None,
                  labels: str | None = None, out_dir: str | Path | None = None, overwrite: bool = False,
-                 store: str | None = None, split: str | None = None, only_predicted: bool = False) -> dict:
+                 store: str | None = None, split: str | None = None, only_predicted: bool = False,
+                 cluster=None) -> dict:
     """Score ``pred_dir`` against the cohort at ``ref_dir`` (any layout discovery reads) and write, into ``out_dir``
     (default ``<pred_dir>-scores`` beside it), what ``evaluate`` writes: predictions.csv, .json, -lesions.csv and
     -scores.png. ``store`` and ``split``: only that split's cases; ``only_predicted``: only the cases with a
-    prediction. ``out_dir`` is checked before any scoring: outside both inputs, writable, and holding no earlier
-    reports unless ``overwrite``. Returns the summary, its ``problems`` one line per case that could not be scored."""
+    prediction; ``cluster``: score on a Dask cluster (``score_predictions``). ``out_dir`` is checked before any
+    scoring: outside both inputs, writable, and holding no earlier reports unless ``overwrite``. Returns the
+    summary, its ``problems`` one line per case that could not be scored."""
     from prep.discover import discover
     from store.conventions import TASKS
 
@@ -175,7 +178,7 @@ def score_folder(pred_dir: str | Path, ref_dir: str | Path, metrics=FAMILIES, ta
         raise ScoreError(f"--ref {ref_dir}: no case folders in it")
     cases, problems, ignore = _chosen_cases(cohort, pred_dir, store, split, only_predicted)
     convention = _convention(cohort.label_convention or "brats2021", cases)
-    scored = score_predictions(pred_dir, cases, convention, families, labels, task, ignore)
+    scored = score_predictions(pred_dir, cases, convention, families, labels, task, ignore, cluster)
     scored.problems = {**problems, **scored.problems}
     return _write(scored, out, pred_dir, convention, families, task)
 
@@ -222,16 +225,15 @@ def _convention(named: str, cases) -> str:
     return named
 
 
-def _write(scored: Scored, out: Path, pred_dir: Path, convention: str, families, task) -> dict:
-    """The reports of a scored folder, as ``evaluate`` writes them, and the console table."""
+def _write(scored, out: Path, pred_dir: Path, convention: str, families, task) -> dict:
+    """The reports of a scored folder (a ScoreSheet), as ``evaluate`` writes them, and the console table."""
     from store.conventions import REGIONS, trainable_regions
 
     from .evaluation import CASE_COLUMNS, MONAI_DICE_NOTE, TASK_NOTE
     from .report import print_table, save_score_figure, summarize, write_lesions, write_reports
     from .scoring import score_columns
 
-    ids = sorted(scored.rows)
-    rows = [scored.rows[c] for c in ids]
+    rows = scored.rows
     score_cols = score_columns(convention, families)
     tasks = [r["task"] for r in rows]
     summary = {
@@ -239,13 +241,13 @@ def _write(scored: Scored, out: Path, pred_dir: Path, convention: str, families,
         "cases": len(rows), "label_convention": convention, "metrics": list(families), "grid": "source",
         "tasks": {t: tasks.count(t) for t in sorted(set(tasks))}, "task_source": "--task" if task else TASK_NOTE,
         "postprocessing": ["none: the predictions as found"],
-        "monai_dice_mean": float(scored.monai_dice.aggregate()) if rows else float("nan"),
+        "monai_dice_mean": scored.monai_dice_mean(),
         "monai_dice_note": MONAI_DICE_NOTE, "scores": summarize(rows, score_cols),
         "problems": dict(sorted(scored.problems.items())),
     }
     write_reports(out, STEM, rows, ["case", *score_cols, *CASE_COLUMNS], summary)
     if "brats2023" in families:
-        write_lesions(out / f"{STEM}-lesions.csv", [r for c in ids for r in scored.lesions[c]])
+        write_lesions(out / f"{STEM}-lesions.csv", scored.lesions)
     if rows:
         save_score_figure(out / f"{STEM}-scores.png", rows, rows, families, convention)
         print_table(rows, summary, list(trainable_regions(convention)) if "legacy" in families else list(REGIONS))

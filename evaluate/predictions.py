@@ -162,8 +162,8 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     in its source geometry and label convention, as challenge submissions are named. Files already in ``out``
     are kept (a killed run resumes), unless ``overwrite``; a bad case is reported and the others are predicted.
     ``out`` outside the cohort (through links) and writable, checked before any work. ``model``: an exported
-    model file instead of the run. ``cluster``: ``f(spec, jobs, progress) -> (written, failed)`` that predicts
-    the jobs elsewhere from ``spec`` (evaluate.cluster's Dask cluster), the same files.
+    model file instead of the run. ``cluster``: evaluate.cluster.run_on_cluster with its address bound, which runs
+    ``predict_task`` for each case on a Dask cluster's workers: the same files.
     ``out/.predicted-by.json`` names the model, TTA and rules that wrote the folder; another model's folder is
     refused. Returns {"written", "skipped", "failed": {case: reason}}."""
     from prep.discover import discover
@@ -189,7 +189,9 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     if cluster is not None:
         spec = {"run_dir": run_dir, "ensemble": ensemble, "device": device, "model": model, "tta": tta,
                 "convention": convention, "postprocessing": postprocessing}
-        written, errors = cluster(spec, jobs, progress)
+        done, errors = cluster({case.case_id: (predict_task, (spec, case, str(path))) for case, path in jobs},
+                               "predict", progress=progress)
+        written = sorted(done)
     else:
         written, errors = predict_jobs(run, dev, jobs, convention, tta, progress, rules)
     failed.update(errors)
@@ -232,3 +234,40 @@ def _output_convention(run, case_convention: str) -> str:
         return case_convention
     raise RunError(f"the run was trained on {trained} labels; the cases are named as {case_convention} cases "
                    f"(a model predicts in the label convention it was trained on)")
+
+
+# ---------------------------------------------------------------- on a cluster's worker (evaluate.cluster)
+
+_LOADED: dict = {}
+
+
+def _worker_predictor(spec: dict):
+    """(load, infer, finish) of ``spec``'s model on this worker, loaded on its first case."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _LOADED:
+        import torch
+        from distributed import get_worker
+
+        try:
+            threads = get_worker().state.nthreads
+        except ValueError:  # run in the driver (a test calling it directly)
+            threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads))
+        run, dev = _model_and_device(spec["run_dir"], spec["ensemble"], spec["device"], spec["model"])
+        rules = _postprocessing_rules(spec["run_dir"], run, spec["convention"], spec["postprocessing"])
+        _LOADED.clear()
+        _LOADED[key] = _predictor(run, dev, spec["tta"], spec["convention"], rules)
+    return _LOADED[key]
+
+
+def predict_task(spec: dict, case, path: str) -> str:
+    """One case predicted and written on a worker; its case id. A file already at ``path`` is this task's own,
+    finished by an earlier attempt (on a worker that died before it could report): the driver submits only cases
+    without one. So a rescheduled task writes nothing twice."""
+    if Path(path).exists():
+        return case.case_id
+    load, infer, finish = _worker_predictor(spec)
+    job = (case, Path(path))
+    pre = load(job)
+    finish(job, pre, infer(pre))
+    return case.case_id

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .scoring import CONVENTIONS
+from .scoring import CONVENTIONS, REGISTRY
 
-# the headline score of each family per region, as the figure and the gains show them
-HEADLINE = {"legacy": ("dice_{r}", "legacy Dice"), "brats2023": ("brats2023_dice_{r}", "brats2023 lesion-wise Dice"),
-            "brats2025": ("brats2025_lw_dice_{r}", "brats2025 lesion-wise Dice (sq_dsc)")}
+# the headline score of each family per region, as the figure, the gains and the run report show them
+HEADLINE = {f.name: (f.headline, f.headline_name) for f in REGISTRY.values()}
 
 
 def summarize(rows: list[dict], score_cols: list[str]) -> dict:

@@ -14,6 +14,9 @@ rule there, so the scores are those of the very array a prediction file holds. T
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from store.conventions import LABEL_CONVENTIONS, label_values, region_masks, trainable_regions
@@ -129,6 +132,44 @@ def brats2025_scores(pred: np.ndarray, ref: np.ndarray, convention: str, spacing
     return out
 
 
+@dataclass(frozen=True)
+class Family:
+    """A scorer family: its name (``--metrics``), what it is (``--help``), its scores of one case (``score``:
+    pred, ref, convention, spacing, task, lesions -> {column: value}), its columns for a convention, and the
+    columns the reports lead with: its Dice and its distance per region (``{r}``: the region, lower case)."""
+
+    name: str
+    description: str
+    score: Callable
+    columns: Callable
+    headline: str
+    headline_name: str
+    distance: str
+
+
+def _legacy_columns(convention: str) -> list[str]:
+    names = [n.lower() for n in trainable_regions(convention)]
+    return [f"dice_{n}" for n in names] + [f"hd95_{n}" for n in names]
+
+
+REGISTRY = {f.name: f for f in (
+    Family("legacy", "BraTS 2017-2021: Dice and HD95 per region over the whole case",
+           lambda pred, ref, conv, spacing, task, lesions: legacy_scores(pred, ref, conv, spacing),
+           _legacy_columns, "dice_{r}", "legacy Dice", "hd95_{r}"),
+    Family("brats2023", "the 2023 lesion-wise ranking: lesions merged by dilation, many-to-one hits, small lesions "
+           "left out, false positives penalised; per-task parameters",
+           brats2023_scores,
+           lambda conv: [f"brats2023_{k}_{n.lower()}" for k in BRATS2023_FIELDS for n in brats2023.REGIONS],
+           "brats2023_dice_{r}", "brats2023 lesion-wise Dice", "brats2023_hd95_{r}"),
+    Family("brats2025", "the 2024-25 scorer on panoptica: one-to-one matching, lesion-wise Dice of matched lesions, "
+           "detection F1, global Dice/NSD/HD95",
+           lambda pred, ref, conv, spacing, task, lesions: brats2025_scores(pred, ref, conv, spacing),
+           lambda conv: [f"brats2025_{k}_{n.lower()}" for k in brats2025.FIELDS for n in brats2025_regions(conv)],
+           "brats2025_lw_dice_{r}", "brats2025 lesion-wise Dice (sq_dsc)", "brats2025_hd95_{r}"),
+)}
+assert tuple(REGISTRY) == FAMILIES
+
+
 def score_case(pred: np.ndarray, ref: np.ndarray, convention: str, spacing, families=FAMILIES,
                case: str = "", task: str = "gli", lesions: list | None = None) -> dict:
     """Every requested family's scores of a predicted uint8 label map (X, Y, Z) against the reference on the same grid,
@@ -140,25 +181,12 @@ def score_case(pred: np.ndarray, ref: np.ndarray, convention: str, spacing, fami
     check_labels(pred, convention, f"{where}the prediction")
     check_labels(ref, convention, f"{where}the reference")
     out = {}
-    if "legacy" in families:
-        out.update(legacy_scores(pred, ref, convention, spacing))
-    if "brats2023" in families:
-        out.update(brats2023_scores(pred, ref, convention, spacing, task, lesions))
-    if "brats2025" in families:
-        out.update(brats2025_scores(pred, ref, convention, spacing))
+    for name, family in REGISTRY.items():
+        if name in families:
+            out.update(family.score(pred, ref, convention, spacing, task, lesions))
     return out
 
 
 def score_columns(convention: str, families=FAMILIES) -> list[str]:
     """The score columns of ``score_case`` for a convention, in a stable order."""
-    cols = []
-    if "legacy" in families:
-        names = [n.lower() for n in trainable_regions(convention)]
-        cols += [f"dice_{n}" for n in names] + [f"hd95_{n}" for n in names]
-    if "brats2023" in families:
-        for k in BRATS2023_FIELDS:
-            cols += [f"brats2023_{k}_{n.lower()}" for n in brats2023.REGIONS]
-    if "brats2025" in families:
-        for k in brats2025.FIELDS:
-            cols += [f"brats2025_{k}_{n.lower()}" for n in brats2025_regions(convention)]
-    return cols
+    return [c for name, family in REGISTRY.items() if name in families for c in family.columns(convention)]

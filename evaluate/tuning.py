@@ -19,6 +19,7 @@ from train.runfolder import CONFIG, KFOLD, fold_name, write_json
 from train.runs import RunError
 
 from .postprocess import ET_RELABEL, FILE, ORDER, Rules, apply
+from .scoring import REGISTRY
 
 MIN_CASES = 10
 KEEP = "the lower bound of the paired bootstrap 95% interval of the gain over the validation cases is above zero"
@@ -26,10 +27,9 @@ COMPONENT_GRID_MM3 = (0, 10, 25, 50, 100, 200, 500, 1000)
 ET_RELABEL_GRID_MM3 = (0, 25, 50, 100, 200, 500, 1000)
 
 
-OBJECTIVES = {
-    "brats2023": "mean over validation cases and ET, TC, WT of the brats2023 lesion-wise Dice",
-    "legacy": "mean over validation cases and TC, WT, ET of the legacy Dice",
-}
+# the families tuning can raise, each by its headline Dice (evaluate.scoring.REGISTRY) over TC, WT, ET
+OBJECTIVES = {name: f"mean over validation cases and TC, WT, ET of the {REGISTRY[name].headline_name}"
+              for name in ("brats2023", "legacy")}
 
 
 class TooFewCases(RunError):

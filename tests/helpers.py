@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import nibabel as nib
@@ -143,3 +144,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dask_processes(workers: int = 2):
+    """A Dask scheduler and ``workers`` one-thread worker processes (no nanny: a killed worker stays dead) on
+    127.0.0.1, started with Dask's own command lines; yields (address, the worker processes, a list the test may
+    add its own processes to). Every process is killed on the way out."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        started = [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                                     "--name", f"w{k}", "--host", "127.0.0.1"], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k in range(workers)]
+        procs += started
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(workers, timeout=60)
+        yield address, started, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)

@@ -11,9 +11,7 @@ from pathlib import Path
 from store import open_store
 from store.verify import verify_store
 
-from .helpers import free_port, write_case
-
-DASK = str(Path(sys.executable).with_name("dask"))
+from .helpers import dask_processes, free_port, write_case
 
 
 def _published(store: Path) -> int:
@@ -28,20 +26,10 @@ def test_build_on_a_cluster_of_processes_survives_a_killed_worker(tmp_path):
     n = 12
     for i in range(n):
         write_case(src, f"BraTS2021_{i:05d}", seed=i, shape=(60, 64, 44))
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        workers = [subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                                     "--name", f"w{k}", "--host", "127.0.0.1"], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k in range(2)]
-        procs += workers
+    with dask_processes(2) as (address, workers, procs):
         from distributed import Client
 
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=60)
         store = tmp_path / "s.zarr"
         build = subprocess.Popen([sys.executable, "-m", "prep", "build-store", "--source", str(src), "--store",
                                   str(store), "--scheduler", address], env=env, stdout=subprocess.PIPE,
@@ -60,11 +48,6 @@ def test_build_on_a_cluster_of_processes_survives_a_killed_worker(tmp_path):
         with Client(address, timeout="60s") as client:
             executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
         assert sum(executed.values()) >= 1, executed
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
 
 
 def test_an_unreachable_scheduler_is_one_line(tmp_path):
@@ -74,3 +57,14 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path):
                         str(tmp_path / "s.zarr"), "--scheduler", f"tcp://127.0.0.1:{free_port()}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "scheduler" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_predict_cluster_benchmark_tiny(tmp_path):
+    from benchmarks import cluster_bench
+
+    res = cluster_bench.run(tmp_path / "out", tmp_path / "work", "tiny", repeats=1)
+    saved = json.loads((tmp_path / "out" / "predict-cluster.json").read_text())
+    assert saved["cases"] == 3 and set(saved["seconds_per_case"]) == set(cluster_bench.ARMS)
+    assert all(v["median"] > 0 for v in res["seconds_per_case"].values())
+    assert res["two_over_one_worker"] == res["cases_per_s"]["2 workers"] / res["cases_per_s"]["1 worker"]
+    assert (tmp_path / "out" / "predict-cluster.png").stat().st_size > 1000

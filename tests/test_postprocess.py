@@ -175,6 +175,11 @@ def test_tune_writes_rules_that_evaluate_and_predict_replay(pp_run, tiny_store, 
     summary = json.loads((ev / "test.json").read_text())
     assert summary["postprocessing"] == ["WT components under 1e+09 mm^3 removed"]
     assert "brats2023_dice_wt" in summary["postprocessing_gain"]
+    # the run's report shows the rule and the gain it made, with its interval
+    page = (pp_run / "report.html").read_text()
+    gain = summary["postprocessing_gain"]["brats2023_dice_wt"]
+    assert "WT components under 1e+09 mm^3 removed" in page
+    assert f"<td>brats2023_dice_wt</td><td>{gain['mean_gain']:.4f}</td><td>[{gain['ci95'][0]:.4f}" in page
     assert sorted(own) == sorted(f.name for f in (ev / "pred").glob("*.nii.gz"))
     for name, (lab, zooms) in own.items():
         out = np.asanyarray(nib.load(ev / "pred" / name).dataobj)

@@ -3,10 +3,13 @@ that travel; the pipeline that overlaps reading, inference and writing; the same
 --scheduler): the one-process files bit for bit, a rerun that predicts only what is missing, another model's folder
 refused, an unreachable scheduler one line."""
 
+import contextlib
 import gzip
 import json
+import os
 import shutil
 import threading
+import time
 
 import nibabel as nib
 import numpy as np
@@ -21,7 +24,7 @@ from train.runs import load_run
 
 from .conftest import TINY as TINY_SHAPE
 from .conftest import needs_cuda, no_cuda
-from .helpers import fake_kfold, free_port
+from .helpers import dask_processes, fake_kfold, free_port
 
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0"]
 
@@ -298,3 +301,52 @@ def test_another_models_folder_and_an_unreachable_scheduler_are_one_line(run, ti
     with pytest.raises(SystemExit):
         eval_main([*base[:-1], str(tmp_path / "neg"), "--workers", "-1"])
     assert "--workers must be 0 or more, not -1" in capsys.readouterr().err
+
+
+def test_a_worker_killed_mid_run_loses_nothing_and_writes_nothing_twice(run, tmp_path):
+    """A cluster of a scheduler and 2 worker processes (Dask's own command lines): one worker is killed once the
+    first prediction is written; every case is predicted, each file written once (its inode never changes while
+    the run goes on) and whole, and the files are the one-process files byte for byte after decompression."""
+    import signal
+    import subprocess
+    import sys
+
+    from .helpers import write_case
+
+    src = tmp_path / "raw"
+    n = 10
+    for i in range(n):
+        write_case(src, f"BraTS2021_{i:05d}", seed=i, shape=(48, 52, 36))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "pred"
+    with dask_processes(2) as (address, workers, procs):
+        predict = subprocess.Popen([sys.executable, "-m", "evaluate", "predict", "--run-dir", str(run), "--source",
+                                    str(src), "--out", str(out), "--scheduler", address], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(predict)
+        inodes: dict = {}
+
+        def look():
+            for p in [p for p in out.glob("*.nii.gz") if not p.name.startswith(".")] if out.exists() else []:
+                with contextlib.suppress(FileNotFoundError):
+                    inodes.setdefault(p.name, set()).add(p.stat().st_ino)
+
+        deadline = time.time() + 180
+        while not inodes and predict.poll() is None and time.time() < deadline:
+            look()
+            time.sleep(0.01)
+        assert predict.poll() is None and len(inodes) < n, "the run ended before a worker could be killed"
+        workers[0].send_signal(signal.SIGKILL)  # a worker dies, holding a case or about to take one
+        while predict.poll() is None and time.time() < deadline:
+            look()
+            time.sleep(0.01)
+        stdout, stderr = predict.communicate(timeout=60)
+        look()
+        assert predict.returncode == 0, stderr[-3000:]
+        assert f"predicted {n}, skipped 0 already written, failed 0" in stdout
+    assert sorted(inodes) == [f"BraTS2021_{i:05d}.nii.gz" for i in range(n)]
+    assert all(len(seen) == 1 for seen in inodes.values()), inodes  # written once each
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    one = tmp_path / "one"
+    assert eval_main(["predict", "--run-dir", str(run), "--source", str(src), "--out", str(one)]) == 0
+    assert _decoded(out) == _decoded(one)  # whole: every file decompresses, to the one-process bytes

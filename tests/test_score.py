@@ -199,6 +199,13 @@ def test_a_folder_mixing_every_bad_class_scores_its_good_cases_as_a_clean_run(tm
     assert len(good) == 3 and got[0] == clean[0]
     assert got[1:] == [line for line in clean[1:] if line.split(",")[0] in good]
     assert (tree_hashes(cohort), tree_hashes(mixed)) == hashes
+    # on a local Dask cluster of 2 worker processes: the same reports byte for byte, the same lines, exit 1
+    assert eval_main(["score", "--pred", str(mixed), "--ref", str(cohort), "--workers", "2", "--out",
+                      str(tmp_path / "on-cluster")]) == 1
+    err2 = [e.strip() for e in capsys.readouterr().err.strip().splitlines() if not e.startswith("score:")]
+    assert sorted(err2) == sorted(e.strip() for e in err)
+    for name in ("predictions.csv", "predictions.json", "predictions-lesions.csv"):
+        assert (tmp_path / "on-cluster" / name).read_bytes() == (tmp_path / "mixed-scores" / name).read_bytes(), name
 
 
 def test_the_reports_never_replace_an_input_or_an_earlier_report(tiny_cohort, tmp_path, capsys):

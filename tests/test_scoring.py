@@ -20,6 +20,7 @@ from store import open_store
 from store.conventions import (
     ConventionError,
     convention_for_labels,
+    label_values,
     region_masks,
     regions_to_label,
     trainable_regions,
@@ -335,3 +336,25 @@ def test_bounding_box_is_the_box_of_every_voxel_widened_and_clipped():
             idx, k = np.argwhere(m), int(rng.integers(0, 4))
             lo, hi = np.maximum(idx.min(0) - k, 0), np.minimum(idx.max(0) + k + 1, m.shape)
             assert bounding_box(m, k) == tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+@pytest.mark.parametrize("convention", ["brats2021", "brats2023", "brats2024"])
+def test_the_family_registry_names_every_column_a_family_scores(convention):
+    """One registry (evaluate.scoring.REGISTRY) behind score_case, score_columns and the reports' headline and
+    distance columns: for every subset of families, the columns score_case fills are score_columns' exactly."""
+    import itertools
+
+    from evaluate.scoring import FAMILIES, REGISTRY, score_columns
+
+    rng = np.random.default_rng(0)
+    values = np.array(label_values(convention), np.uint8)
+    ref = values[rng.integers(0, len(values), (12, 12, 10))]
+    pred = np.roll(ref, 1, axis=0)
+    for k in range(1, len(FAMILIES) + 1):
+        for families in itertools.combinations(FAMILIES, k):
+            scores = score_case(pred, ref, convention, (1.0, 1.0, 1.0), families)
+            assert sorted(scores) == sorted(score_columns(convention, families)), families
+    for family in REGISTRY.values():
+        cols = family.columns(convention)
+        for region in ("tc", "wt", "et"):
+            assert family.headline.format(r=region) in cols and family.distance.format(r=region) in cols

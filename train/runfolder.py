@@ -5,7 +5,8 @@ A run folder holds ``config.json`` (the TrainConfig), ``plan.json`` (its recipe,
 (what ran it), ``best.pt`` and ``last.pt`` (checkpoints),
 ``metrics.jsonl`` (one line per epoch), ``preprocessing.json`` (how the store was built), ``tb/`` (TensorBoard);
 a k-fold run holds ``kfold.json`` and one run folder per fold (``fold-K``); evaluation adds
-``postprocessing.json`` (tuned rules) and ``eval/`` (scores, pictures, predictions)."""
+``postprocessing.json`` (tuned rules) and ``eval/`` (scores, pictures, predictions); ``python -m evaluate report``
+writes ``report.html``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ POSTPROCESSING = "postprocessing.json"
 EVAL = "eval"
 TENSORBOARD = "tb"
 FOLD_GLOB = "fold-*"
+REPORT = "report.html"
 
 
 def fold_name(k: int) -> str:
@@ -39,9 +41,14 @@ def eval_dir(run_dir: str | Path) -> Path:
 def write_json(path: str | Path, obj, indent: int = 2) -> Path:
     """``obj`` as JSON at ``path``, atomically: written to a hidden temporary file beside it, then renamed, so a
     reader never meets half a file and a killed write leaves the earlier one whole."""
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` at ``path``, atomically (a hidden temporary file beside it, then renamed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 
