@@ -73,9 +73,10 @@ def spacing_of(affine) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.linalg.norm(a, axis=0))
 
 
-def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None = None) -> None:
+def write_label_nifti(label: np.ndarray, affine, path, like: Path | None = None) -> None:
     """Write a uint8 label map (X, Y, Z, in the voxel axes of ``affine``, a (4, 4) voxel-to-world matrix in mm)
-    atomically, qform/sform codes copied from ``like`` when given."""
+    atomically, qform/sform codes copied from ``like`` when given; ``path`` a local path or an object-storage
+    URL (s3://...)."""
     import nibabel as nib
 
     img = nib.Nifti1Image(label.astype(np.uint8), np.asarray(affine, float))
@@ -86,6 +87,16 @@ def write_label_nifti(label: np.ndarray, affine, path: Path, like: Path | None =
     img.set_qform(np.asarray(affine, float), code=codes[0])
     img.set_sform(np.asarray(affine, float), code=codes[1])
     img.header.set_xyzt_units("mm", "sec")
+    if "://" in str(path):  # object storage: the file made aside, then one PUT (atomic by itself)
+        import tempfile
+
+        from store.location import Location
+
+        parent, name = str(path).rsplit("/", 1)
+        with tempfile.TemporaryDirectory() as d:
+            nib.save(img, f"{d}/{name}")
+            Location(parent).write_atomic(name, Path(d, name).read_bytes())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.nii.gz")
     try:
@@ -104,7 +115,7 @@ def to_source_labels(label: np.ndarray, source_labels: dict | None) -> np.ndarra
     return relabel(label, {stored: int(source) for source, stored in source_labels.items()})
 
 
-def write_prediction(label: np.ndarray, affine, path: Path, like: Path | None, source_labels: dict | None) -> None:
+def write_prediction(label: np.ndarray, affine, path, like: Path | None, source_labels: dict | None) -> None:
     """The final label map as its case's sources number it (MSD's values for an MSD case), written as NIfTI on
     ``affine``: what ``evaluate --save-predictions`` and ``evaluate predict`` both write."""
     write_label_nifti(to_source_labels(label, source_labels), affine, path, like)

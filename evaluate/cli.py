@@ -130,8 +130,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
     g.add_argument("--source", help="a cohort folder: every case folder in it is predicted")
     g.add_argument("--case", help="one case folder, e.g. data/raw/BraTS2021_00000")
     p.add_argument("--out", required=True, help="with --source: the output folder (outside the cohort; files "
-                   "already in it are kept, so a killed run resumes); with --case: the output .nii.gz (outside the "
-                   "case folder)")
+                   "already in it are kept, so a killed run resumes), or an object-storage prefix s3://bucket/path "
+                   "(the s3 extra; credentials from the standard AWS environment); with --case: the output .nii.gz "
+                   "(outside the case folder)")
     _overwrite_option(p, "replace prediction files already at --out")
     _postprocessing_option(p)
     _cluster_options(p, "predict", "model's and the cohort's")

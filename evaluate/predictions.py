@@ -83,6 +83,9 @@ def _check_case_output(case_dir: str, out: str, overwrite: bool) -> Path:
     if not Path(case_dir).is_dir():
         raise DiscoveryError(f"--case {case_dir}: {'not a folder' if Path(case_dir).exists() else 'no such folder'}"
                              f" (one case folder, e.g. data/raw/BraTS2021_00000)")
+    if "://" in str(out):
+        raise OutputError(f"--out {out}: with --case, --out names a local .nii.gz file (--source writes a cohort's "
+                          f"predictions to object storage)")
     path = Path(out)
     if path.is_dir():
         raise OutputError(f"--out {out}: a folder; with --case, --out names the .nii.gz file to write (--source "
@@ -134,25 +137,58 @@ def _identity(run, tta: bool, rules) -> dict:
             "postprocessing": dataclasses.asdict(rules) if rules is not None else None}
 
 
-def _check_marker(dst: Path, identity: dict, overwrite: bool) -> None:
-    """A folder holding another model's predictions (its marker differs) is refused in one line; the marker is
-    (re)written before any prediction, so an interrupted run leaves it."""
-    from .outputs import OutputError
+class _Folder:
+    """``predict --source``'s --out: a local folder (outside the cohort through links, and writable) or an
+    object-storage prefix (s3://bucket/path: its bucket answers), checked before any work; what it holds, its
+    marker, and each case's file, written by store.location.Location either way."""
 
-    marker = dst / MARKER
-    if marker.exists() and not overwrite:
-        try:
-            before = json.loads(marker.read_text())
-        except ValueError:
-            before = None
-        if before != identity:
-            changed = ", ".join(k for k in identity if not isinstance(before, dict) or before.get(k) != identity[k])
-            raise OutputError(f"--out {dst} holds predictions made otherwise (their {changed} differ, by its "
-                              f"{MARKER}): choose another --out, or --overwrite to replace them")
-    from train.runfolder import write_json
+    def __init__(self, out: str, source: str):
+        from store.location import Location
 
-    dst.mkdir(parents=True, exist_ok=True)
-    write_json(marker, identity)
+        from .outputs import refuse_inside, writable_folder
+
+        self.loc = Location(str(out))
+        if self.loc.remote:
+            self.loc.check_reachable()
+            self.root = str(out).rstrip("/")
+        else:
+            self.root = refuse_inside(out, "--out", {"--source": source})
+            writable_folder(self.root, "--out")
+            self.loc = Location(self.root)
+
+    def path(self, name: str):
+        return f"{self.root}/{name}" if self.loc.remote else self.root / name
+
+    def names(self) -> set[str]:
+        """The files directly in the folder (one listing)."""
+        return {k for k in self.loc.sizes("") if "/" not in k}
+
+    def check_marker(self, identity: dict, overwrite: bool) -> None:
+        """A folder holding another model's predictions (its marker differs) is refused in one line; the marker is
+        (re)written before any prediction, so an interrupted run leaves it."""
+        from .outputs import OutputError
+
+        if MARKER in self.names() and not overwrite:
+            try:
+                before = json.loads(self.loc.read_bytes(MARKER))
+            except ValueError:
+                before = None
+            if before != identity:
+                changed = ", ".join(k for k in identity if not isinstance(before, dict)
+                                    or before.get(k) != identity[k])
+                raise OutputError(f"--out {self.root} holds predictions made otherwise (their {changed} differ, by "
+                                  f"its {MARKER}): choose another --out, or --overwrite to replace them")
+        self.loc.write_atomic(MARKER, (json.dumps(identity, indent=2) + "\n").encode())
+
+
+def _written(path) -> bool:
+    """A prediction file at ``path`` (local, or an object-storage URL) is there."""
+    if "://" in str(path):
+        from store.location import Location
+
+        parent, name = str(path).rsplit("/", 1)
+        return Location(parent).exists(name)
+    return Path(path).exists()
 
 
 def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, device: str = "auto",
@@ -161,17 +197,15 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     """Every case folder under ``source`` (BraTS 2021, 2023 or 2024 layout, no seg needed) -> ``out/<case-id>.nii.gz``
     in its source geometry and label convention, as challenge submissions are named. Files already in ``out``
     are kept (a killed run resumes), unless ``overwrite``; a bad case is reported and the others are predicted.
-    ``out`` outside the cohort (through links) and writable, checked before any work. ``model``: an exported
+    ``out`` outside the cohort (through links) and writable, checked before any work; or an object-storage URL
+    (s3://bucket/prefix), each file one PUT. ``model``: an exported
     model file instead of the run. ``cluster``: evaluate.cluster.run_on_cluster with its address bound, which runs
     ``predict_task`` for each case on a Dask cluster's workers: the same files.
     ``out/.predicted-by.json`` names the model, TTA and rules that wrote the folder; another model's folder is
     refused. Returns {"written", "skipped", "failed": {case: reason}}."""
     from prep.discover import discover
 
-    from .outputs import refuse_inside, writable_folder
-
-    dst = refuse_inside(out, "--out", {"--source": source})
-    writable_folder(dst, "--out")
+    dst = _Folder(out, source)
     # on a cluster the workers predict on ``device``; this process reads the run only for what it records (its
     # modalities, convention, files and rules), on the CPU, so a driver without the workers' GPU can start them
     run, dev = _model_and_device(run_dir, ensemble, "cpu" if cluster is not None else device, model)
@@ -180,12 +214,12 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
     if not cohort.cases:
         return {"written": [], "skipped": [], "failed": failed}
     convention = _output_convention(run, cohort.label_convention)
-    jobs, skipped = [], []
+    jobs, skipped, there = [], [], dst.names()
     for case in cohort.cases:
-        path = dst / f"{case.case_id}.nii.gz"
-        (skipped.append(case.case_id) if path.exists() and not overwrite else jobs.append((case, path)))
+        name = f"{case.case_id}.nii.gz"
+        (skipped.append(case.case_id) if name in there and not overwrite else jobs.append((case, dst.path(name))))
     rules = _postprocessing_rules(run_dir, run, convention, postprocessing)
-    _check_marker(dst, _identity(run, tta, rules), overwrite)
+    dst.check_marker(_identity(run, tta, rules), overwrite)
     if cluster is not None:
         spec = {"run_dir": run_dir, "ensemble": ensemble, "device": device, "model": model, "tta": tta,
                 "convention": convention, "postprocessing": postprocessing}
@@ -264,10 +298,10 @@ def predict_task(spec: dict, case, path: str) -> str:
     """One case predicted and written on a worker; its case id. A file already at ``path`` is this task's own,
     finished by an earlier attempt (on a worker that died before it could report): the driver submits only cases
     without one. So a rescheduled task writes nothing twice."""
-    if Path(path).exists():
+    if _written(path):
         return case.case_id
     load, infer, finish = _worker_predictor(spec)
-    job = (case, Path(path))
+    job = (case, path if "://" in str(path) else Path(path))
     pre = load(job)
     finish(job, pre, infer(pre))
     return case.case_id

@@ -128,3 +128,35 @@ def test_an_s3_url_without_s3fs_names_the_extra(monkeypatch, tmp_path, capsys):
     assert "pip install -e '.[s3]'" in capsys.readouterr().err
     assert train_main(["--store", "s3://bucket/s.zarr", "--run-dir", str(tmp_path / "r"), *TINY_NET]) == 2
     assert "pip install -e '.[s3]'" in capsys.readouterr().err
+
+
+def test_predict_a_cohort_to_object_storage(s3_server, tiny_store, tiny_cohort, tmp_path, capsys):
+    """evaluate predict --source ... --out s3://...: the files a local --out gets (after decompression), in this
+    process and from a cluster's workers, the folder's marker beside them; a rerun predicts nothing, another
+    model's (TTA's) predictions are refused in one line, --case refuses a URL."""
+    import gzip
+    import json
+
+    run = tmp_path / "run"
+    assert train_main(["--store", tiny_store, "--run-dir", str(run), *TINY_NET]) == 0
+    base = ["predict", "--run-dir", str(run), "--source", str(tiny_cohort)]
+    assert eval_main([*base, "--out", str(tmp_path / "local")]) == 0
+    local = {p.name: gzip.decompress(p.read_bytes()) for p in (tmp_path / "local").glob("*.nii.gz")}
+    assert len(local) == 6
+    fs, bucket = _fs(), s3_server()
+    for prefix, extra in (("one", []), ("cluster", ["--workers", "2"])):
+        url = f"s3://{bucket}/{prefix}"
+        assert eval_main([*base, "--out", url, *extra]) == 0
+        got = {k.rsplit("/", 1)[1]: gzip.decompress(fs.cat_file(k)) for k in fs.find(f"{bucket}/{prefix}")
+               if k.endswith(".nii.gz")}
+        assert got == local, prefix
+        marker = json.loads(fs.cat_file(f"{bucket}/{prefix}/.predicted-by.json"))
+        assert marker == json.loads((tmp_path / "local" / ".predicted-by.json").read_text())
+    capsys.readouterr()
+    assert eval_main([*base, "--out", f"s3://{bucket}/one"]) == 0
+    assert "predicted 0, skipped 6" in capsys.readouterr().out
+    assert eval_main([*base, "--out", f"s3://{bucket}/one", "--tta"]) == 2
+    assert "holds predictions made otherwise (their tta differ" in capsys.readouterr().err
+    case = sorted(tiny_cohort.iterdir())[0]
+    assert eval_main(["predict", "--run-dir", str(run), "--case", str(case), "--out", f"s3://{bucket}/x.nii.gz"]) == 2
+    assert "with --case, --out names a local .nii.gz file" in capsys.readouterr().err
