@@ -23,11 +23,12 @@ from train.runfolder import (
     KFOLD,
     METRICS,
     PLAN,
-    POSTPROCESSING,
     PREPROCESSING,
     REPORT,
     eval_dir,
+    read_evaluations,
     read_metrics,
+    read_rules,
     write_text,
 )
 
@@ -35,7 +36,6 @@ from .report import HEADLINE, bootstrap_ci
 from .scoring import REGISTRY
 
 GENERATOR = "brats-pipeline evaluate report"  # the page's <meta name="generator">: how a rerun knows its own file
-BEFORE = "-before-postprocessing"
 
 
 class ReportError(ValueError):
@@ -136,15 +136,10 @@ def _evaluation(folder: Path, stem: str, summary: dict, regions: list[str]) -> d
 
 
 def _evaluations(run_dir: Path, regions: list[str]) -> list[dict]:
-    folder = eval_dir(run_dir)
-    out = []
-    for path in sorted(folder.glob("*.json"), key=lambda p: (not p.stem.startswith("test"), p.stem)):
-        if path.stem.endswith(BEFORE):
-            continue
-        summary = json.loads(path.read_text())
-        if "scores" in summary:
-            out.append(_evaluation(folder, path.stem, summary, regions))
-    return out
+    """Every evaluation of the run, the test split's first."""
+    found = read_evaluations(run_dir)
+    order = sorted(found, key=lambda stem: (not stem.startswith("test"), stem))
+    return [_evaluation(eval_dir(run_dir), stem, found[stem], regions) for stem in order]
 
 
 def _json(path: Path):
@@ -165,7 +160,7 @@ def collect(run_dir: str | Path) -> dict:
     regions = config.get("regions") or list(REGIONS)
     plan = _json(first / PLAN)
     evaluations = _evaluations(run_dir, regions)
-    rules = _json(run_dir / POSTPROCESSING)
+    rules = read_rules(run_dir)
     missing = []
     if not evaluations:
         missing.append(f"no evaluation yet: python -m evaluate --run-dir {run_dir} scores the test split and "

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from store.conventions import region_masks
+from train.plan import record_postprocessing
 from train.runfolder import CONFIG, KFOLD, fold_name, write_json
 from train.runs import RunError
 
@@ -189,6 +190,7 @@ def tune_postprocessing(run_dir: str, metric: str = "brats2023", store_path: str
         **record,
     }
     write_json(root / FILE, out)
+    record_postprocessing(root, out)  # the plan records the whole recipe, its tuned rules too
     shown = "; ".join(out["rules"]) or "no rule whose gain is above zero at 95%"
     print(f"postprocessing on {len(cases)} validation cases ({metric}): {record['score_before']:.4f} -> "
           f"{record['score_after']:.4f}; {shown} -> {root / FILE}")

@@ -299,6 +299,14 @@ class Store:
         self.index: dict = attrs["index"]
         self.failures: dict = attrs.get("failures", {})
 
+    def modality_error(self, modalities) -> str | None:
+        """The message for ``modalities`` this store lacks, or None (every store keeps all four; a store question,
+        asked by the trainer before any work and by a loader opened on its own)."""
+        bad = [m for m in modalities if m not in self.modalities]
+        if bad:
+            return f"unknown modality {', '.join(bad)}; the store has {', '.join(self.modalities)}"
+        return None
+
     @property
     def case_ids(self) -> list[str]:
         return sorted(self.index)

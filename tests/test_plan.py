@@ -33,6 +33,7 @@ def test_a_run_writes_its_plan_and_its_invocation(tiny_store, tmp_path):
     assert plan["inference"] == {"overlap": 0.5, "blending": "constant", "threshold": 0.5, "sw_batch_size": 2,
                                  "window": [16, 16, 16], "tta": False}
     assert plan["training"]["augmentation"] == "nnunet" and plan["data"]["modalities"] == ["t1", "flair"]
+    assert plan["postprocessing"] is None  # until tune-postprocessing records its rules (test_postprocess)
     inv = json.loads((run / "invocation.json").read_text())
     assert inv["store"] == tiny_store and inv["run_dir"] == str(run) and inv["workers"] == 0
     assert not set(inv) & {k for names in SECTIONS.values() for k in names}  # the recipe is not the invocation

@@ -159,6 +159,11 @@ def test_tune_writes_rules_that_evaluate_and_predict_replay(pp_run, tiny_store, 
     assert made["validation_cases"] == sorted(open_store(tiny_store).splits["val"])
     assert made["score_after"] >= made["score_before"] and made["metric"] == "legacy"
     assert set(made["min_component_mm3"]) == {"WT", "TC", "ET"}
+    # the run's plan records the tuned rules (it was written with none)
+    plan = json.loads((pp_run / "plan.json").read_text())["postprocessing"]
+    assert plan["file"] == "postprocessing.json" and plan["metric"] == "legacy"
+    assert {k: plan[k] for k in ("min_component_mm3", "et_relabel_below_mm3", "rules")} == {
+        k: made[k] for k in ("min_component_mm3", "et_relabel_below_mm3", "rules")}
     # a rule that removes every WT component but each case's largest: evaluate writes what the rule makes of the
     # model's own labels
     from scipy.ndimage import label as components

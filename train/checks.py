@@ -19,9 +19,9 @@ def case_cache_bytes(shape, n_modalities: int) -> int:
 
 def check_inputs(cfg: TrainConfig, store, train_ids: list[str], val_ids: list[str]) -> None:
     """Every bad input named by the CLI contract, before any work starts."""
-    from .loader import CACHE_MODES, modality_error
+    from .loader import CACHE_MODES
 
-    if err := modality_error(store, cfg.modalities):
+    if err := store.modality_error(cfg.modalities):
         raise ConfigError(err)
     allowed = trainable_regions(store.label_convention)
     if bad := [r for r in cfg.regions if r not in allowed]:

@@ -113,8 +113,9 @@ class Trainer:
     per epoch and one validation reduction, and only the writer (rank 0) touches the run folder."""
 
     def __init__(self, cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_dir: Path,
-                 dist: Dist | None = None, progress: bool = True):
+                 dist: Dist | None = None, progress: bool = True, store=None):
         self.cfg, self.train_ids, self.val_ids, self.run_dir = cfg, list(train_ids), list(val_ids), Path(run_dir)
+        self.store = store  # the opened store (store.open_store), or None: opened in setup
         self.dist = dist or Dist()
         self.progress = progress and self.dist.is_writer
         self.history: list[dict] = []
@@ -139,7 +140,8 @@ class Trainer:
             if dist.enabled:
                 self.device = torch.device("cuda", dist.local_rank)
                 torch.cuda.set_device(self.device)
-        self.store = open_store(cfg.store)
+        if self.store is None:
+            self.store = open_store(cfg.store)
         check_inputs(cfg, self.store, self.train_ids, self.val_ids)
         state = self._read_resume_state()
         self._prepare_run_dir(state)
@@ -237,7 +239,7 @@ class Trainer:
                                   self.augment.read_size(cfg.patch_size),
                                   cfg.batch_size, cfg.cache, cfg.cache_rate, cfg.workers, self.device,
                                   seed=cfg.seed * 1000 + dist.rank, fg_fraction=cfg.fg_fraction,
-                                  progress=self.progress, steps=self.steps)
+                                  progress=self.progress, steps=self.steps, store=self.store)
         cached = getattr(self.loader.source, "nbytes", lambda: 0)()
         nodes = max(1, dist.world // dist.local_world)
         total = dist.sum([cached, max(resident_bytes() - rss, 0)], "the cache report")
@@ -441,6 +443,7 @@ class Trainer:
 
 
 def train_run(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], run_dir: Path,
-              progress: bool = True, dist: Dist | None = None) -> dict:
-    """Train one model into ``run_dir``; returns its summary (best validation loss, Dice, epoch)."""
-    return Trainer(cfg, train_ids, val_ids, run_dir, dist, progress).fit()
+              progress: bool = True, dist: Dist | None = None, store=None) -> dict:
+    """Train one model into ``run_dir``; returns its summary (best validation loss, Dice, epoch). ``store``: the
+    store already opened (every fold of a k-fold run trains from the one opened store)."""
+    return Trainer(cfg, train_ids, val_ids, run_dir, dist, progress, store).fit()

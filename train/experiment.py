@@ -98,14 +98,14 @@ def run(cfg, dist=None) -> dict:
     prepare_run_folder(run_dir, cfg.resume, cfg.overwrite, dist.is_writer)
     if cfg.folds is None:
         train_ids, val_ids = splits_for(store, cfg.fold)
-        return train_run(cfg, train_ids, val_ids, run_dir, dist=dist)
+        return train_run(cfg, train_ids, val_ids, run_dir, dist=dist, store=store)
     if cfg.folds > len(store.splits["folds"]):
         raise ConfigError(f"--folds {cfg.folds}: the store has {len(store.splits['folds'])} folds")
     report = {"folds": []}
     for k in range(cfg.folds):
         train_ids, val_ids = splits_for(store, k)
         fold_cfg = replace(cfg, fold=k, folds=None, run_dir=str(run_dir / fold_name(k)))
-        s = train_run(fold_cfg, train_ids, val_ids, run_dir / fold_name(k), dist=dist)
+        s = train_run(fold_cfg, train_ids, val_ids, run_dir / fold_name(k), dist=dist, store=store)
         # relative to the run folder, so a moved or copied run folder keeps working
         report["folds"].append({"fold": k, "run_dir": fold_name(k), **s})
     best = min(report["folds"], key=lambda f: f["best_val_loss"])

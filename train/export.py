@@ -19,7 +19,7 @@ import torch
 
 from .export_cli import FOLDER_FORMATS, FORMATS  # noqa: F401 (the formats, named where the parser is)
 from .options import training_command
-from .runfolder import POSTPROCESSING, eval_dir
+from .runfolder import read_evaluations, read_rules
 
 SUFFIXES = {".onnx": "onnx", ".ts": "torchscript", ".pt": "torchscript"}  # an --out that names a model file
 CARD_VERSION = 1
@@ -74,17 +74,10 @@ def _version() -> str:
 
 
 def _scores(run_dir: Path) -> dict:
-    """The scorer's means from the run's evaluations (eval/<split>.json), per evaluation."""
-    out = {}
-    for f in sorted(eval_dir(run_dir).glob("*.json")):
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and "scores" in data:
-            out[f.stem] = {"cases": data.get("cases"), "model": data.get("models"),
-                           "means": {k: v.get("mean") if isinstance(v, dict) else v for k, v in data["scores"].items()}}
-    return out
+    """The scorer's means from the run's evaluations (train.runfolder.read_evaluations), per evaluation."""
+    return {stem: {"cases": data.get("cases"), "model": data.get("models"),
+                   "means": {k: v.get("mean") if isinstance(v, dict) else v for k, v in data["scores"].items()}}
+            for stem, data in read_evaluations(run_dir).items()}
 
 
 def recipe(cfg, params: dict, convention: str | None, rules: dict | None) -> list[dict]:
@@ -132,8 +125,7 @@ def model_card(run_dir: Path, run, fmt: str, file_name: str, ensemble: bool) -> 
     gives (regions, label convention), with the run's scores, postprocessing, command and the project version."""
     cfg = run.config
     params = run.preprocessing.get("params", {})
-    rules_file = run_dir / POSTPROCESSING
-    rules = json.loads(rules_file.read_text()) if rules_file.exists() else None
+    rules = read_rules(run_dir)
     command = training_command(run.configs[0])
     return {
         "card_version": CARD_VERSION, "format": fmt, "file": file_name, "project_version": _version(),

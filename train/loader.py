@@ -35,14 +35,6 @@ from .distributed import heap_returned_to_os
 CACHE_MODES = ("ram", "none", "gpu")
 
 
-def modality_error(store, modalities) -> str | None:
-    """The message for modalities the store lacks, or None; the trainer and the loader both check with it."""
-    bad = [m for m in modalities if m not in store.modalities]
-    if bad:
-        return f"unknown modality {', '.join(bad)}; the store has {', '.join(store.modalities)}"
-    return None
-
-
 @dataclass(frozen=True)
 class PatchSpec:
     case: int  # index into the loader's case list
@@ -362,19 +354,22 @@ class GpuSource:
 
 class TrainLoader:
     """Batches of patches for one epoch at a time, delivered on ``device`` (image float16, label uint8);
-    ``steps`` batches an epoch (default: one pass over the cases)."""
+    ``steps`` batches an epoch (default: one pass over the cases). ``store``: the store at ``store_path`` already
+    opened, and its modalities and the cache mode already checked, by the caller (the trainer); None: opened and
+    checked here."""
 
     def __init__(self, store_path: str, case_ids: list[str], modalities=MODALITIES, patch=(128, 128, 128),
                  batch_size: int = 2, cache: str = "ram", cache_rate: float = 1.0, workers: int = 2,
                  device: str | torch.device = "cpu", seed: int = 0, fg_fraction: float = 1 / 3,
-                 progress: bool = False, steps: int | None = None):
+                 progress: bool = False, steps: int | None = None, store=None):
         from store import open_store
 
-        if cache not in CACHE_MODES:
-            raise ValueError(f"cache must be ram, none or gpu, not {cache!r}")
-        store = open_store(store_path)
-        if err := modality_error(store, modalities):
-            raise ValueError(err)
+        if store is None:  # opened here, so checked here; a trainer passes the store it opened and checked
+            if cache not in CACHE_MODES:
+                raise ValueError(f"cache must be ram, none or gpu, not {cache!r}")
+            store = open_store(store_path)
+            if err := store.modality_error(modalities):
+                raise ValueError(err)
         self.device = torch.device(device)
         if cache == "gpu" and self.device.type != "cuda":
             raise ValueError("--cache gpu needs a CUDA device")

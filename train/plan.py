@@ -44,7 +44,28 @@ def make_plan(cfg: TrainConfig, label_convention: str | None, spacing_mm, extra:
         plan[section] = {k: values[k] for k in names}
     plan["data"].update(label_convention=label_convention, spacing_mm=[float(v) for v in spacing_mm])
     plan["inference"].update(window=list(cfg.patch_size), tta=False)
+    plan["postprocessing"] = None  # none until tuned: evaluate tune-postprocessing records its rules here
     return plan | (extra or {})
+
+
+POSTPROCESSING_KEYS = ("convention", "regions", "min_component_mm3", "et_relabel_below_mm3", "rules", "metric")
+
+
+def record_postprocessing(run_dir: str | Path, record: dict) -> list[Path]:
+    """Put the tuned rules (``record``: what postprocessing.json holds) into the postprocessing section of every
+    plan of the run (the run's own, each fold's), so the plan stays the record of the whole recipe; returns the
+    plans rewritten. Plans are rewritten atomically; a run trained before plans existed has none to update."""
+    from .runfolder import FOLD_GLOB, PLAN, POSTPROCESSING, write_json
+
+    run_dir = Path(run_dir)
+    section = {"file": POSTPROCESSING, **{k: record.get(k) for k in POSTPROCESSING_KEYS}}
+    done = []
+    for path in [run_dir / PLAN, *sorted(run_dir.glob(f"{FOLD_GLOB}/{PLAN}"))]:
+        if path.exists():
+            plan = json.loads(path.read_text())
+            plan["postprocessing"] = section
+            done.append(write_json(path, plan))
+    return done
 
 
 def read_plan(path: str | Path) -> dict:

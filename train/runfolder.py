@@ -57,3 +57,29 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """Every epoch's record of ``metrics.jsonl``, in order."""
     text = (Path(run_dir) / METRICS).read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+BEFORE_POSTPROCESSING = "-before-postprocessing"  # an evaluation's scores before its rules: <stem>-before-...
+
+
+def read_evaluations(run_dir: str | Path) -> dict[str, dict]:
+    """Every evaluation of a run, ``eval/<stem>.json`` (``<split>`` or ``<split>-tta``) -> its summary, in stem
+    order; the scores before postprocessing and unreadable files left out. What export's model card and the run
+    report read, so no reader outside evaluate spells evaluate's file names."""
+    out = {}
+    for f in sorted(eval_dir(run_dir).glob("*.json")):
+        if f.stem.endswith(BEFORE_POSTPROCESSING):
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "scores" in data:
+            out[f.stem] = data
+    return out
+
+
+def read_rules(run_dir: str | Path) -> dict | None:
+    """The run's tuned postprocessing record (``postprocessing.json``), or None where it has none."""
+    path = Path(run_dir) / POSTPROCESSING
+    return json.loads(path.read_text()) if path.exists() else None
