@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from store import open_store
 from store.verify import verify_store
 
@@ -60,11 +62,12 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path):
 
 
 def test_the_predict_cluster_benchmark_tiny(tmp_path):
+    """The benchmark's machinery on tiny cases, two of its arms (a cluster of one worker and one process); the
+    four arms and the ratios run in `python -m benchmarks predict-cluster`."""
     from benchmarks import cluster_bench
 
-    res = cluster_bench.run(tmp_path / "out", tmp_path / "work", "tiny", repeats=1)
+    cluster_bench.run(tmp_path / "out", tmp_path / "work", "tiny", repeats=1, arms=("one process", "1 worker"))
     saved = json.loads((tmp_path / "out" / "predict-cluster.json").read_text())
-    assert saved["cases"] == 3 and set(saved["seconds_per_case"]) == set(cluster_bench.ARMS)
-    assert all(v["median"] > 0 for v in res["seconds_per_case"].values())
-    assert res["two_over_one_worker"] == res["cases_per_s"]["2 workers"] / res["cases_per_s"]["1 worker"]
-    assert (tmp_path / "out" / "predict-cluster.png").stat().st_size > 1000
+    assert saved["cases"] == 3 and set(saved["seconds_per_case"]) == {"one process", "1 worker"}
+    assert all(v["median"] > 0 for v in saved["seconds_per_case"].values())
+    assert saved["cases_per_s"]["1 worker"] == pytest.approx(3 / saved["seconds_per_case"]["1 worker"]["median"])

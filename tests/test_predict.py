@@ -314,7 +314,7 @@ def test_a_worker_killed_mid_run_loses_nothing_and_writes_nothing_twice(run, tmp
     from .helpers import write_case
 
     src = tmp_path / "raw"
-    n = 10
+    n = 8
     for i in range(n):
         write_case(src, f"BraTS2021_{i:05d}", seed=i, shape=(48, 52, 36))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
