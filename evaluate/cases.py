@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from store.conventions import compatible, regions_to_label, relabel
+from store.location import remote_file
 from train.runs import RunError
 
 
@@ -87,16 +88,15 @@ def write_label_nifti(label: np.ndarray, affine, path, like: Path | None = None)
     img.set_qform(np.asarray(affine, float), code=codes[0])
     img.set_sform(np.asarray(affine, float), code=codes[1])
     img.header.set_xyzt_units("mm", "sec")
-    if "://" in str(path):  # object storage: the file made aside, then one PUT (atomic by itself)
+    if remote := remote_file(path):  # object storage: the file made aside, then one PUT (atomic by itself)
         import tempfile
 
-        from store.location import Location
-
-        parent, name = str(path).rsplit("/", 1)
+        folder, name = remote
         with tempfile.TemporaryDirectory() as d:
             nib.save(img, f"{d}/{name}")
-            Location(parent).write_atomic(name, Path(d, name).read_bytes())
+            folder.write_atomic(name, Path(d, name).read_bytes())
         return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.nii.gz")
     try:

@@ -161,6 +161,7 @@ def collect(run_dir: str | Path) -> dict:
     plan = _json(first / PLAN)
     evaluations = _evaluations(run_dir, regions)
     rules = read_rules(run_dir)
+    preprocessing = _json(first / PREPROCESSING)
     missing = []
     if not evaluations:
         missing.append(f"no evaluation yet: python -m evaluate --run-dir {run_dir} scores the test split and "
@@ -169,8 +170,8 @@ def collect(run_dir: str | Path) -> dict:
         missing.append(f"no {PLAN} (a run trained before plans existed): the recipe shown is its {CONFIG}")
     return {"generator": GENERATOR, "run_dir": str(run_dir), "kind": "k-fold" if (run_dir / KFOLD).exists() else
             "single model", "regions": regions, "training": _training(parts), "evaluations": evaluations,
-            "plan": plan, "config": config, "preprocessing": _json(first / PREPROCESSING),
-            "recipe": _recipe(config, _json(first / PREPROCESSING) or {}, rules), "rules": rules,
+            "plan": plan, "config": config, "preprocessing": preprocessing,
+            "recipe": _recipe(config, preprocessing or {}, rules), "rules": rules,
             "missing": missing}
 
 

@@ -163,12 +163,12 @@ class _Folder:
         """The files directly in the folder (one listing)."""
         return {k for k in self.loc.sizes("") if "/" not in k}
 
-    def check_marker(self, identity: dict, overwrite: bool) -> None:
+    def check_marker(self, identity: dict, overwrite: bool, there: set[str]) -> None:
         """A folder holding another model's predictions (its marker differs) is refused in one line; the marker is
-        (re)written before any prediction, so an interrupted run leaves it."""
+        (re)written before any prediction, so an interrupted run leaves it. ``there``: ``names()``, listed once."""
         from .outputs import OutputError
 
-        if MARKER in self.names() and not overwrite:
+        if MARKER in there and not overwrite:
             try:
                 before = json.loads(self.loc.read_bytes(MARKER))
             except ValueError:
@@ -183,11 +183,10 @@ class _Folder:
 
 def _written(path) -> bool:
     """A prediction file at ``path`` (local, or an object-storage URL) is there."""
-    if "://" in str(path):
-        from store.location import Location
+    from store.location import remote_file
 
-        parent, name = str(path).rsplit("/", 1)
-        return Location(parent).exists(name)
+    if remote := remote_file(path):
+        return remote[0].exists(remote[1])
     return Path(path).exists()
 
 
@@ -219,7 +218,7 @@ def predict_folder(run_dir: str, source: str, out: str, ensemble: bool = False, 
         name = f"{case.case_id}.nii.gz"
         (skipped.append(case.case_id) if name in there and not overwrite else jobs.append((case, dst.path(name))))
     rules = _postprocessing_rules(run_dir, run, convention, postprocessing)
-    dst.check_marker(_identity(run, tta, rules), overwrite)
+    dst.check_marker(_identity(run, tta, rules), overwrite, there)
     if cluster is not None:
         spec = {"run_dir": run_dir, "ensemble": ensemble, "device": device, "model": model, "tta": tta,
                 "convention": convention, "postprocessing": postprocessing}
@@ -301,7 +300,7 @@ def predict_task(spec: dict, case, path: str) -> str:
     if _written(path):
         return case.case_id
     load, infer, finish = _worker_predictor(spec)
-    job = (case, path if "://" in str(path) else Path(path))
+    job = (case, path)  # a local path or a URL: write_label_nifti takes either
     pre = load(job)
     finish(job, pre, infer(pre))
     return case.case_id

@@ -55,16 +55,16 @@ def _info(args) -> int:
 
 def _verify(args) -> int:
     from . import open_store
-    from .format import CURRENT, lacks
+    from .format import CURRENT, newer
     from .verify import verify_store
 
     store = open_store(args.path)
     faults = verify_store(store, progress=True)
     for f in faults:
         print(f, file=sys.stderr)
-    for line in lacks(store.format):  # an older store reads; what it lacks is said, not a fault
+    for later in newer(store.format):  # an older store reads; what it lacks is said, not a fault
         print(f"note: this store is format {store.format.version}, the current is {CURRENT.version}; it lacks "
-              f"{line.split(': ', 1)[1]} ('python -m prep build-store --overwrite' rebuilds it)")
+              f"{later.adds} ('python -m prep build-store --overwrite' rebuilds it)")
     print(f"{'FAULTS: ' + str(len(faults)) if faults else 'ok'}")
     return 1 if faults else 0
 

@@ -59,9 +59,9 @@ FORMATS = (FormatV1, FormatV2)
 CURRENT = FormatV2
 
 
-def lacks(fmt) -> list[str]:
-    """What a store of format ``fmt`` lacks that the current format has, one line per later version."""
-    return [f"format {f.version}: {f.adds}" for f in FORMATS if f.version > fmt.version]
+def newer(fmt) -> list:
+    """The formats after ``fmt``: what a store of format ``fmt`` lacks is what each of them ``adds``."""
+    return [f for f in FORMATS if f.version > fmt.version]
 
 
 def detect(attrs: dict):

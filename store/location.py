@@ -178,6 +178,14 @@ class Location:
                 fs.rm(child, recursive=True)
 
 
+def remote_file(path) -> tuple[Location, str] | None:
+    """(the Location of its folder, its key) for a file at an object-storage URL; None for a local path."""
+    if not Location(str(path)).remote:
+        return None
+    parent, name = str(path).rsplit("/", 1)
+    return Location(parent), name
+
+
 def describe_os_error(e: OSError, path) -> str:
     """One line for a filesystem error a user can cause: a full disk, a read-only filesystem, no permission."""
     if e.errno == errno.ENOSPC:

@@ -25,16 +25,16 @@ def _level(name: str, path: str, axes: list, scale: list, translation: list) -> 
         {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]}]}
 
 
-def ome_metadata(attrs: dict, label_path: str | None) -> dict:
+def ome_metadata(attrs: dict, label_beside: bool) -> dict:
     """OME-Zarr (NGFF 0.5) multiscales of a case group, so viewers (napari, neuroglancer) place its arrays in
     RAS millimetres: one level, ``image`` on axes c, x, y, z, scale = the stored spacing, translation = the stored
-    grid's origin (its affine is axis-aligned RAS: world = origin + index * spacing). ``label_path`` "label" (format
-    1): the label map as a second multiscales entry on x, y, z; otherwise the image alone (format 2 lists its label
-    in ``labels``, ``label_layer``)."""
+    grid's origin (its affine is axis-aligned RAS: world = origin + index * spacing). ``label_beside`` (format 1's
+    ``label`` array beside the image): the label map as a second multiscales entry on x, y, z; otherwise the image
+    alone (format 2 lists its label in ``labels``, ``label_layer``)."""
     spacing, origin, space = _space(attrs)
     multiscales = [_level("image", "image", [{"name": "c", "type": "channel"}, *space], [1.0, *spacing],
                           [0.0, *origin])]
-    if label_path == "label":
+    if label_beside:
         multiscales.append(_level("label", "label", space, spacing, origin))
     return {"version": NGFF, "multiscales": multiscales}
 

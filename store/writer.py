@@ -310,7 +310,7 @@ def write_case(store_path: str, group_name: str, image: EncodedImage, label: np.
     checked = [arrays["image"][0]] + ([label] if label is not None else [])
     attrs = dict(attrs, content_crc32=content_checksum(*checked), shape=list(img16.shape[1:]), image_scale=scale)
     attrs = json.loads(json.dumps(attrs))
-    attrs["ome"] = ome_metadata(attrs, fmt.label_path if label is not None else None)
+    attrs["ome"] = ome_metadata(attrs, label is not None and not fmt.label_layer)
     # the groups between the case and its label array: the OME-Zarr label layer (store.ome.label_layer)
     groups = {k: {"ome": v} for k, v in label_layer(attrs, fmt.label_layer).items()} \
         if label is not None and fmt.label_layer else {}

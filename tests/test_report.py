@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.report_bench import CHROMIUM, FLAGS
 from evaluate.cli import main as eval_main
 from evaluate.html_report import GENERATOR
 from store import open_store
 from train.cli import main as train_main
 
 from .helpers import fake_kfold
-
-CHROMIUM = "/usr/bin/chromium"  # Debian's package: .ci/run and make test install it where it is missing
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +113,8 @@ def test_the_report_in_headless_chromium(scored_run, tmp_path):
     url = (scored_run / "report.html").resolve().as_uri()
     requests, table = [], "#table-train-legacy"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        # Debian's Chromium (make test installs it where missing), started as the report benchmark starts it
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1600})
             page.on("request", lambda r: requests.append(r.url))
