@@ -157,6 +157,8 @@ def test_predict_a_cohort_to_object_storage(s3_server, tiny_store, tiny_cohort, 
     assert "predicted 0, skipped 6" in capsys.readouterr().out
     assert eval_main([*base, "--out", f"s3://{bucket}/one", "--tta"]) == 2
     assert "holds predictions made otherwise (their tta differ" in capsys.readouterr().err
+    assert eval_main([*base, "--out", "s3://no-such-bucket-here/pred"]) == 2  # checked before any case
+    assert "bucket no-such-bucket-here does not exist" in capsys.readouterr().err
     case = sorted(tiny_cohort.iterdir())[0]
     assert eval_main(["predict", "--run-dir", str(run), "--case", str(case), "--out", f"s3://{bucket}/x.nii.gz"]) == 2
     assert "with --case, --out names a local .nii.gz file" in capsys.readouterr().err

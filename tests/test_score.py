@@ -16,7 +16,7 @@ from prep.discover import discover
 from store.conventions import label_values, numbering_to, relabel
 
 from .conftest import TINY
-from .helpers import BAD_FILES, spoil, tree_hashes
+from .helpers import BAD_FILES, free_port, spoil, tree_hashes
 
 
 def _write(path: Path, data: np.ndarray, affine) -> None:
@@ -134,6 +134,16 @@ def test_a_reference_folder_without_segs_and_usage_errors(tiny_cohort, tmp_path,
     assert e.value.code == 2
     assert eval_main(["score", "--pred", str(tmp_path / "nowhere"), "--ref", str(tiny_cohort)]) == 2
     assert "--pred" in capsys.readouterr().err
+    # on a cluster: a negative --workers, a scheduler that does not answer (one line each, nothing written)
+    with pytest.raises(SystemExit) as e:
+        eval_main(["score", "--pred", str(pred), "--ref", str(tiny_cohort), "--workers", "-1"])
+    assert e.value.code == 2 and "--workers must be 0 or more, not -1" in capsys.readouterr().err
+    port = free_port()
+    assert eval_main(["score", "--pred", str(pred), "--ref", str(tiny_cohort), "--out", str(tmp_path / "c"),
+                      "--scheduler", f"tcp://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--scheduler tcp://127.0.0.1:{port}: no Dask scheduler answered there" in err[0]
+    assert not (tmp_path / "c" / "predictions.csv").exists()
     assert label_values("brats2021") == (0, 1, 2, 4)
 
 
