@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 import tempfile
@@ -28,12 +29,12 @@ BENCHES = {
               "cores)",
     "readers": "the Zarr engines (this project's reader, tensorstore, zarr-python with zarrs) on the same patches: "
                "--cache none patches/s with 1 and 2 loader threads, ram cache fill, S3 patches/s, requests per patch",
-    "nnunet": "the race: nnU-Net v2 (the peers extra) beside our best recipe on the models cohort and split, "
-              "nnU-Net's plan and preprocess, train 3d_fullres fold 0 with a fixed-length trainer and predict, "
-              "each timed (its whole wall time W); ours build-store, one train with snapshots where our whole "
-              "reaches W/4, W/2 and W, and predict from each; both scored by evaluate score, our time to "
-              "nnU-Net's Dice, a PNG; nnU-Net's trainer is timed first and not run past --budget "
-              "(on 2 CPU cores: --spacing 4, about 35 minutes in all)",
+    "nnunet": "the race: nnU-Net v2 (the peers extra) trained on BraTS's regions with a trainer whose schedule "
+              "fills W, beside our default recipe (and --augmentation nnunet), each side's whole pipeline (prepare, "
+              "train, predict) within W per seed, 40 test cases scored by evaluate score without and with mirroring; "
+              "per-region paired intervals, the spread over seeds, our anytime curve, where the time goes, the "
+              "load measured; in parts (one --seeds value at a time), each part saved (on 2 CPU cores at the "
+              "defaults: about 50 minutes per seed)",
     "augment": "nnU-Net's default augmentation chain: augmented 4-channel samples/s of nnU-Net's own data path "
                "(its loader and multi-process augmenter over its preprocessed cases, one process per core; needs "
                "the peers extra), of batchgeneratorsv2 (one process, one per core) and MONAI on enlarged regions in "
@@ -58,9 +59,10 @@ ALL = ("synth", "prep", "loader", "train", "infer")
 
 
 # the options that apply to some stages only (the others take --quick, --size, --out and --work)
-STAGE_OPTIONS = {"--amp": ("train", "infer", "modalities"), "--peers": ("prep",), "--trainer": ("nnunet",),
+STAGE_OPTIONS = {"--amp": ("train", "infer", "modalities"), "--peers": ("prep",), "--systems": ("nnunet",),
                  "--spacing": ("nnunet",), "--budget": ("nnunet",), "--full": ("modalities",),
-                 "--seeds": ("modalities", "models", "augment-dice"), "--time-limit": ("models", "augment-dice"),
+                 "--seeds": ("modalities", "models", "augment-dice", "nnunet"),
+                 "--time-limit": ("models", "augment-dice"),
                  "--epochs": ("modalities",), "--run-dir": ("demo", "report")}
 
 
@@ -92,15 +94,15 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true", help="prep: also time nnU-Net v2's fingerprint, planning and "
                    "preprocessing on the same cases (needs pip install -e '.[peers]'; without it, says so and "
                    "measures the rest)")
-    p.add_argument("--trainer", default="nnUNetTrainer_1epoch", help="nnunet: nnU-Net's trainer class "
-                   "(default: %(default)s, 250 iterations, its shortest; nnUNetTrainer_5epochs ... for more; auto: "
-                   "the longest of its fixed-length trainers whose training fits --budget)")
-    p.add_argument("--spacing", type=float, metavar="MM", help="nnunet: the cohort's voxel size, its grid the "
-                   "BraTS field of view at that spacing (4 on a CPU: 60 x 60 x 39; 1 on a GPU; default: the models "
-                   "cohort's 2 mm)")
-    p.add_argument("--budget", type=float, default=60.0, metavar="MIN", help="nnunet: the longest nnU-Net training "
-                   "run attempted; its trainer is timed for a few iterations first, and a run that would take "
-                   "longer is not started (default: %(default)s)")
+    p.add_argument("--spacing", type=float, default=4.0, metavar="MM", help="nnunet: the cohort's voxel size, its "
+                   "grid the BraTS field of view at that spacing (default: %(default)s on a CPU, 60 x 60 x 39; 1 on "
+                   "a GPU)")
+    p.add_argument("--budget", type=float, default=15.0, metavar="MIN", help="nnunet: W, the whole-pipeline wall "
+                   "time of each side and seed: preparation, training and prediction (default: %(default)s)")
+    p.add_argument("--systems", nargs="+", choices=["nnunet", "ours", "ours-nnunet-aug"],
+                   default=["nnunet", "ours", "ours-nnunet-aug"], help="nnunet: the parts to run for each seed "
+                   "(parts already saved for the same cohort and budget are kept; the report is made from every "
+                   "part saved) (default: all three)")
     p.add_argument("--full", action="store_true", help="modalities: 1 mm cases and 128^3 patches (for a GPU)")
     p.add_argument("--seeds", type=int, nargs="+", help="modalities, models, augment-dice: the seeds each arm trains "
                    "with (default: 0 1 2; with --quick, modalities 0 1 and models 0)")
@@ -124,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.epochs and args.name != "modalities":
         parser.error("--epochs applies to the modalities benchmark only")
-    if args.seeds and args.name not in ("modalities", "models", "augment-dice"):
-        parser.error("--seeds applies to the modalities, models and augment-dice benchmarks only")
+    if args.seeds and args.name not in ("modalities", "models", "augment-dice", "nnunet"):
+        parser.error("--seeds applies to the modalities, models, augment-dice and nnunet benchmarks only")
     if args.time_limit is not None and (args.name not in ("models", "augment-dice") or args.time_limit <= 0):
         parser.error("--time-limit applies to the models and augment-dice benchmarks only, as a positive number of "
                      "minutes")
-    if (args.trainer != "nnUNetTrainer_1epoch" or args.budget != 60.0) and args.name != "nnunet":
-        parser.error("--trainer and --budget apply to the nnunet benchmark only")
-    if args.spacing is not None and (args.name != "nnunet" or args.spacing <= 0):
-        parser.error("--spacing applies to the nnunet benchmark only, as a positive number of millimetres")
+    nnunet_flags = {"--budget": args.budget != 15.0, "--spacing": args.spacing != 4.0,
+                    "--systems": len(args.systems) != 3}
+    if args.name != "nnunet" and any(nnunet_flags.values()):
+        parser.error(f"{', '.join(k for k, v in nnunet_flags.items() if v)} applies to the nnunet benchmark only")
+    if args.spacing <= 0:
+        parser.error(f"--spacing must be a positive number of millimetres, not {args.spacing:g}")
     if (args.run_dir is None) != (args.name not in ("demo", "report")):
         parser.error("--run-dir goes with the demo and report benchmarks, which need it")
     if args.budget <= 0:
@@ -142,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or ("quick" if args.quick else "full")
     names = list(ALL) if args.name == "all" else [args.name]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="brats-bench-"))
+    from . import report
     from .scope import changed, isolated, settings
 
+    report.INVOCATION["command"] = shlex.join(["python", "-m", "benchmarks", *argv])
     try:
         for name in names:
+            report.COHORTS.clear()
             before = settings()
             with isolated():
                 _stage(name, out, work, size, args)
@@ -205,10 +212,11 @@ def _stage(name: str, out: Path, work: Path, size: str, args) -> None:
 
         readers_bench.run(out, work, size)
     elif name == "nnunet":
-        from . import nnunet_bench
+        from . import nnunet_bench, report
 
-        nnunet_bench.run(out, work / "nnunet", trainer=args.trainer, size=size, budget_min=args.budget,
-                         spacing=args.spacing)
+        nnunet_bench.run(out, work / "nnunet", budget_min=args.budget, spacing=args.spacing,
+                         seeds=tuple(args.seeds) if args.seeds else (0, 1, 2), systems=tuple(args.systems),
+                         cases=nnunet_bench.CASES if size == "full" else 60, command=report.INVOCATION["command"])
     elif name == "augment":
         from . import augment_bench
 
@@ -240,10 +248,11 @@ def _store_format(out: Path, quick: bool) -> None:
     from prep.discover import discover
     from prep.synth import FULL_SHAPE, SynthConfig, synth_cohort
 
-    from . import store_format
+    from . import report, store_format
 
     with tempfile.TemporaryDirectory() as d:
         shape = (120, 120, 78) if quick else FULL_SHAPE
         synth_cohort(SynthConfig(out=Path(d), cases=2 if quick else 3, seed=99, shape=shape, workers=2),
                      progress=False)
+        report.cohort_record(d)
         store_format.run(out, discover(d).cases, quick=quick)

@@ -49,6 +49,9 @@ def bench_inputs(root: str | Path, size: str) -> Bench:
         synth_cohort(SynthConfig(out=b.raw, cases=n, seed=31, shape=shape, workers=2 if size != "tiny" else 1),
                      progress=False)
         (b.raw / "done").write_text("")
+    from .report import cohort_record
+
+    cohort_record(b.raw)
     if not Path(b.store, "zarr.json").exists():
         rep = build_store(BuildConfig(source=str(b.raw), store=b.store, workers=0, spacing=b.spacing),
                           progress=False)

@@ -7,10 +7,12 @@
 # (measured: 111 tests 81 s, loader 215 s, train 47 s with both augmentation presets, infer 69 s, augment 93 s);
 # MODALITIES=1 adds the modalities experiment with --full (one seed per arm), about 8 minutes more; MODELS=1 the
 # architectures at equal wall time (1 minute per run, one seed each), about 6 minutes more. RACE=1 runs the race
-# against nnU-Net v2 instead, alone (its figures are wall times): the cohort at 1 mm, nnU-Net's longest fixed-length
-# trainer that fits 5 minutes, ours to the same whole wall time, about 15 minutes; nnU-Net and what it needs come
+# against nnU-Net v2 instead, alone (its figures are wall times): the quick cohort (60 cases) at 1 mm, W = 5 minutes,
+# one seed, one side per call: RACE_SYSTEMS=nnunet (the default; with the cohort, the preparation and the probes),
+# then RACE_SYSTEMS=ours on the same warm machine (the work folder kept); nnU-Net and what it needs come
 # from WHEELS_DIR/race (RACE=1 bash benchmarks/gpu_wheels.sh puts them there: 47 wheels, 123 MB, SimpleITK 51 MB of
-# them, more than one call to a machine without network may carry at 64 MiB: carry them in parts to a warm machine).
+# them, more than one call to a machine without network may carry at 64 MiB: carry them in parts to a warm machine,
+# RACE_INSTALL_ONLY=1 with each part but the last).
 # STAGES picks what runs (default "tests loader train infer augment"); the stage "plan" runs python -m train plan
 # on the GPU (bf16) for PLAN_CASES full-size synthetic cases (default 120, so that nnU-Net's 5% cap leaves the batch
 # to the budget) at each of PLAN_BUDGETS GB (default "1.5 0.5 16") and trains the first plan for 4 steps, writing the
@@ -18,6 +20,7 @@
 # Usage: [STAGES="tests plan"] bash benchmarks/gpu.sh [WHEELS_DIR]   (default .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}  # what an earlier call on this machine installed
 wheels=${1:-.whl}
 out=${OUT:-benchmarks/results}/gpu
 mkdir -p "$out"
@@ -51,13 +54,21 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, report its time
   [ $s -eq 0 ] || rc=1
 }
 if [ "${RACE:-0}" = 1 ]; then
-  if ! python3 -c "import nnunetv2" 2>/dev/null; then
-    echo "installing nnU-Net v2 from $wheels/race"
+  # nnU-Net's wheels (123 MB) pass what one call carries (64 MiB): carry WHEELS_DIR/race in parts to a warm machine,
+  # each call installing the part it carries into /tmp/site (RACE_INSTALL_ONLY=1 stops there), then run the race
+  if compgen -G "$wheels/race/*.whl" > /dev/null; then
+    echo "installing from $wheels/race"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "$wheels"/race/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PYTHONPATH PATH=/tmp/site/bin:$PATH
+    [[ :${PYTHONPATH:-}: == *:/tmp/site:* ]] || export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
   fi
-  step 840 race python3 -m benchmarks nnunet --spacing 1 --trainer auto --budget 5 --out "$out" --work "$work/race"
+  [ "${RACE_INSTALL_ONLY:-0}" = 1 ] && exit 0
+  python3 -c "import nnunetv2" 2>/dev/null || { echo "nnU-Net v2 is not installed: carry $wheels/race first" \
+    "(in parts, RACE_INSTALL_ONLY=1)"; exit 1; }
+  export PATH=/tmp/site/bin:$PATH
+  # one side per call (RACE_SYSTEMS), the work folder kept for the next call on the same warm machine
+  step 590 race python3 -m benchmarks nnunet --quick --spacing 1 --budget 5 --seeds 0 \
+    --systems ${RACE_SYSTEMS:-nnunet} --out "$out" --work /tmp/brats-race
   exit $rc
 fi
 # the test files whose assertions run on CUDA where it is present (augmentation, loader cache modes, training

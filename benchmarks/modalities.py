@@ -86,6 +86,9 @@ def _cohort(work: Path, n: int, shape, spacing) -> tuple[Path, list[str]]:
 
     work.mkdir(parents=True, exist_ok=True)
     synth_cohort(SynthConfig(out=work / "raw", cases=n, seed=2024, shape=shape, workers=2), progress=False)
+    from .report import cohort_record
+
+    cohort_record(work / "raw")
     store = work / "store.zarr"
     rep = build_store(BuildConfig(source=str(work / "raw"), store=str(store), workers=2, spacing=spacing),
                       progress=False)

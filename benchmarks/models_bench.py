@@ -61,6 +61,9 @@ def make_cohort(work: Path, shape, n: int) -> tuple[Path, tuple]:
         # the same bytes whatever the number of processes
         synth_cohort(SynthConfig(out=raw, cases=n, seed=2024, shape=shape, workers=min(8, os.cpu_count() or 1)),
                      progress=False)
+    from .report import cohort_record
+
+    cohort_record(raw)
     return raw, tuple(f / s for f, s in zip(FOV_MM, shape))
 
 

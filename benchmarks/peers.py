@@ -11,9 +11,11 @@ BraTS 2021's 4 becomes 3) and each command is timed as a whole. Per case, once s
   them (about 45 s on one process here for 4 cases as for 8).
 
 Training beside ours (``python -m benchmarks nnunet``): the same conversion for the training and validation cases,
-our split as nnU-Net's fold 0 (``splits_final.json``), ``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train
-3d_fullres 0`` with one of nnU-Net's fixed-length trainer classes, ``nnUNetv2_predict`` on the test cases, each
-command timed as a whole; its label files are mapped back to the source convention and scored as ours are.
+with BraTS's regions (WT, TC, ET through ``regions_class_order``, as nnU-Net trains BraTS), our split as
+nnU-Net's fold 0 (``splits_final.json``), ``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train 3d_fullres 0`` with a
+trainer whose epochs and iterations fill the time budget (:func:`write_trainer`), ``nnUNetv2_predict`` on the test
+cases without and with its mirroring, each command timed as a whole; its label files are mapped back to the
+source convention and scored as ours are.
 
 nnU-Net v2 is an optional peer (``pip install -e '.[peers]'``), never needed by the project itself.
 """
@@ -81,10 +83,11 @@ def link_images(cases, folder: Path) -> Path:
     return folder
 
 
-def to_nnunet_raw(cases, raw_root: Path, dataset_id: int = DATASET_ID) -> Path:
+def to_nnunet_raw(cases, raw_root: Path, dataset_id: int = DATASET_ID, regions: bool = False) -> Path:
     """``cases`` (prep.discover.CaseFiles, one label convention) as nnU-Net's raw dataset under ``raw_root``:
     imagesTr/{case}_{channel:04d}.nii.gz linked to the sources, labelsTr/{case}.nii.gz with the labels renumbered
-    0, 1, 2, ... in the convention's order, dataset.json. Returns the dataset folder."""
+    0, 1, 2, ... in the convention's order, dataset.json. With ``regions``, dataset.json declares BraTS's regions
+    (:func:`region_labels`) instead of the labels, as nnU-Net trains BraTS. Returns the dataset folder."""
     import nibabel as nib
     import numpy as np
 
@@ -114,8 +117,31 @@ def to_nnunet_raw(cases, raw_root: Path, dataset_id: int = DATASET_ID) -> Path:
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
     }
+    if regions:
+        meta["labels"], meta["regions_class_order"] = region_labels(convention)
     (folder / "dataset.json").write_text(json.dumps(meta, indent=1))
     return folder
+
+
+def region_labels(convention: str) -> tuple[dict, list[int]]:
+    """BraTS's regions in nnU-Net's terms for ``convention``'s labels renumbered 0, 1, 2, ...: each region (WT, TC,
+    ET, in that order) the list of nnU-Net labels it unites, and ``regions_class_order``, the label each predicted
+    region paints over the ones before it (WT first, so the core and then the enhancing part overwrite it); a
+    region's label is its one label the later regions do not hold."""
+    from store.conventions import region_labels as members_of
+
+    values = nnunet_labels(convention)
+    order = ("WT", "TC", "ET")
+    members = {r: sorted(values.index(v) for v in members_of(convention, r)) for r in order}
+    labels = {"background": 0, **{f"region {r}": members[r] for r in order}}
+    paint = []
+    for i, r in enumerate(order):
+        later = {m for q in order[i + 1:] for m in members[q]}
+        own = [m for m in members[r] if m not in later]
+        if len(own) != 1:
+            raise ValueError(f"{convention}: region {r} has no single label of its own ({own})")
+        paint.append(own[0])
+    return labels, paint
 
 
 def _command(name: str) -> str:
@@ -161,12 +187,19 @@ t = get_trainer_from_args(sys.argv[1], "3d_fullres", 0, sys.argv[2], device=torc
 t.on_train_start()
 t.on_train_epoch_start()
 t.train_step(next(t.dataloader_train))  # warm-up
-times = []
+times, val = [], []
 for _ in range(int(sys.argv[4])):
     t0 = time.perf_counter()
     t.train_step(next(t.dataloader_train))
     times.append(time.perf_counter() - t0)
+t.on_validation_epoch_start()
+with torch.no_grad():
+    for _ in range(int(sys.argv[4])):
+        t0 = time.perf_counter()
+        t.validation_step(next(t.dataloader_val))
+        val.append(time.perf_counter() - t0)
 print(json.dumps({"seconds_per_iteration": statistics.median(times), "timed_iterations": len(times),
+                  "seconds_per_val_iteration": statistics.median(val),
                   "iterations_per_epoch": t.num_iterations_per_epoch, "epochs": t.num_epochs,
                   "val_iterations_per_epoch": t.num_val_iterations_per_epoch}), flush=True)
 os._exit(0)  # its data-augmentation processes end with it
@@ -174,11 +207,11 @@ os._exit(0)  # its data-augmentation processes end with it
 
 
 def plan_and_preprocess(train_cases, val_cases, work: Path, processes: int = 2) -> dict:
-    """nnU-Net's ``plan_and_preprocess`` of our training and validation cases, our split as its fold 0; its wall
-    seconds and the 3d_fullres plan."""
+    """nnU-Net's ``plan_and_preprocess`` of our training and validation cases with BraTS's regions, our split as its
+    fold 0; its wall seconds and the 3d_fullres plan."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    raw = to_nnunet_raw([*train_cases, *val_cases], work / "raw")
+    raw = to_nnunet_raw([*train_cases, *val_cases], work / "raw", regions=True)
     wall = _run([_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np",
                  str(processes)], _environment(work), work / "nnunet.log")
     write_split(work / "preprocessed" / raw.name, [c.case_id for c in train_cases], [c.case_id for c in val_cases])
@@ -188,14 +221,18 @@ def plan_and_preprocess(train_cases, val_cases, work: Path, processes: int = 2) 
             "plan": {k: plan.get(k) for k in ("patch_size", "batch_size", "spacing", "median_image_size_in_voxels")}}
 
 
-def training_estimate(work: Path, trainer: str, device: str = "cpu", iterations: int = 3) -> dict:
-    """nnU-Net's own trainer timed for a few training iterations (after one warm-up) on the preprocessed data,
-    and the training time of a whole ``trainer`` run at that rate (its training iterations only: validation
-    iterations and the final validation come on top, so it is a lower bound)."""
+def training_estimate(work: Path, trainer: str, device: str = "cpu", iterations: int = 3,
+                      processes: int | None = None) -> dict:
+    """nnU-Net's own trainer timed for a few training and validation iterations (after one warm-up) on the
+    preprocessed data, with ``processes`` augmentation processes (``nnUNet_n_proc_DA``; None: its own choice), and
+    the training time of a whole ``trainer`` run at that rate (its training iterations only: validation iterations
+    and the final validation come on top, so it is a lower bound). Each iteration includes its wait for the batch."""
     out, err = work / "probe.out", work / "probe.err"
     with open(out, "w") as fo, open(err, "w") as fe:  # files, not pipes: its augmentation workers inherit them
         proc = subprocess.Popen([sys.executable, "-c", _PROBE, str(DATASET_ID), trainer, device, str(iterations)],
-                                env=_environment(work), stdout=fo, stderr=fe, start_new_session=True)
+                                env={**_environment(work), **({} if processes is None else
+                                                              {"nnUNet_n_proc_DA": str(processes)})},
+                                stdout=fo, stderr=fe, start_new_session=True)
         try:
             rc = proc.wait()
         finally:
@@ -208,29 +245,131 @@ def training_estimate(work: Path, trainer: str, device: str = "cpu", iterations:
     return probe
 
 
-def nnunet_train_predict(train_cases, val_cases, test_cases, work: Path, trainer: str, processes: int = 2,
-                         device: str = "cpu", prepared: dict | None = None) -> dict:
-    """nnU-Net v2 end to end on our split: plan and preprocess the training and validation cases (unless
-    ``prepared``, what :func:`plan_and_preprocess` returned), train ``3d_fullres`` fold 0 (our validation cases)
-    with ``trainer``, predict ``test_cases`` (nnU-Net's defaults: mirroring at test time, the final checkpoint).
-    Returns each command's wall seconds, the prediction folder (labels in nnU-Net's numbering;
-    :func:`from_nnunet` maps them back) and the log."""
-    prepared = prepared or plan_and_preprocess(train_cases, val_cases, work, processes)
+TRAINER = "nnUNetTrainer_race"
+_TRAINER_SOURCE = '''"""Written by the race (python -m benchmarks nnunet, benchmarks.peers.write_trainer): nnU-Net's own
+trainer with a schedule that ends inside the time budget, so that its poly learning rate anneals to the end,
+seeded, and timed by phase into race_times.json beside its checkpoints."""
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class {name}(nnUNetTrainer):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        seed = int(os.environ.get("nnUNet_race_seed", "0"))
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = {epochs}
+        self.num_iterations_per_epoch = {iterations}
+        self.num_val_iterations_per_epoch = {val_iterations}
+        self.race = {{"seed": seed, "epochs": {epochs}, "iterations_per_epoch": {iterations},
+                     "val_iterations_per_epoch": {val_iterations}, "setup_s": 0.0, "training_iterations_s": 0.0,
+                     "validation_s": 0.0, "epoch_end_s": 0.0, "final_validation_s": 0.0, "lr": []}}
+        self._t = time.perf_counter()
+
+    def _lap(self, key):
+        now = time.perf_counter()
+        self.race[key] += now - self._t
+        self._t = now
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._lap("setup_s")
+
+    def on_train_epoch_start(self):
+        self._lap("epoch_end_s")  # what passed since the last epoch ended: the epoch's end and checkpoint
+        super().on_train_epoch_start()
+        self.race["lr"].append(self.optimizer.param_groups[0]["lr"])
+
+    def on_train_epoch_end(self, outputs):
+        super().on_train_epoch_end(outputs)
+        self._lap("training_iterations_s")
+
+    def on_validation_epoch_end(self, outputs):
+        super().on_validation_epoch_end(outputs)
+        self._lap("validation_s")
+
+    def perform_actual_validation(self, save_probabilities=False):
+        self._lap("epoch_end_s")
+        super().perform_actual_validation(save_probabilities)
+        self._lap("final_validation_s")
+        with open(os.path.join(self.output_folder, "race_times.json"), "w") as f:
+            json.dump(self.race, f, indent=1)
+'''
+
+
+def write_trainer(epochs: int, iterations: int, val_iterations: int, name: str = TRAINER) -> Path:
+    """nnU-Net's trainer with ``epochs`` of ``iterations`` training and ``val_iterations`` validation iterations,
+    written where nnU-Net looks for trainer classes (its own ``training/nnUNetTrainer`` folder) in the environment
+    it runs in; its seed comes from ``nnUNet_race_seed`` in the environment."""
+    if min(epochs, iterations, val_iterations) < 1:
+        raise ValueError(f"a trainer needs at least one epoch and iteration, not {epochs}, {iterations}, "
+                         f"{val_iterations}")
+    spec = importlib.util.find_spec("nnunetv2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(INSTALL_HINT)
+    path = Path(list(spec.submodule_search_locations)[0]) / "training" / "nnUNetTrainer" / f"{name}.py"
+    path.write_text(_TRAINER_SOURCE.format(name=name, epochs=epochs, iterations=iterations,
+                                           val_iterations=val_iterations))
+    return path
+
+
+def fit_schedule(train_s: float, per_iteration_s: float, per_val_iteration_s: float, per_epoch_s: float,
+                 iterations: int = 250, val_ratio: int = 5, min_epochs: int = 10) -> dict:
+    """nnU-Net's epochs for ``train_s`` seconds of its training loop: its own epoch (``iterations`` training and
+    ``iterations / val_ratio`` validation iterations: 250 and 50) where ``min_epochs`` of them fit, else shorter
+    epochs in the same ratio, so that ``min_epochs`` fit: its poly learning rate steps once an epoch, and anneals
+    only over several. Each epoch costs its iterations' measured times and ``per_epoch_s`` more (its end:
+    logging, plotting); at least one epoch of one iteration."""
+    fit = (train_s / min_epochs - per_epoch_s) / (per_iteration_s + per_val_iteration_s / val_ratio)
+    iterations = max(1, min(iterations, int(fit)))
+    val = max(1, iterations // val_ratio)
+    epoch = iterations * per_iteration_s + val * per_val_iteration_s + per_epoch_s
+    return {"epochs": max(1, int(train_s // epoch)), "iterations_per_epoch": iterations,
+            "val_iterations_per_epoch": val, "epoch_s_estimate": epoch}
+
+
+def nnunet_train(work: Path, results: Path, seed: int, processes: int, device: str = "cpu") -> dict:
+    """``nnUNetv2_train 3d_fullres 0`` with :data:`TRAINER` (written first by :func:`write_trainer`), its results in
+    ``results`` (one folder per seed, emptied first), ``processes`` augmentation processes: its wall seconds, its phases
+    (race_times.json) and its own log's epochs."""
+    from .race import nnunet_epochs
+
+    env = {**_environment(work), "nnUNet_results": str(results), "nnUNet_race_seed": str(seed),
+           "nnUNet_n_proc_DA": str(processes)}
+    log = results / "nnunet-train.log"
+    shutil.rmtree(results, ignore_errors=True)  # what a killed attempt left
+    results.mkdir(parents=True)
+    wall = _run([_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", device],
+                env, log)
+    fold = next(results.glob(f"Dataset{DATASET_ID:03d}_*/{TRAINER}__nnUNetPlans__3d_fullres/fold_0"))
+    return {"train_s": wall, "phases": json.loads((fold / "race_times.json").read_text()),
+            "epochs_log": nnunet_epochs(fold), "fold": str(fold), "log": str(log)}
+
+
+def nnunet_predict(work: Path, results: Path, test_cases, out: Path, mirroring: bool, processes: int,
+                   device: str = "cpu") -> float:
+    """``nnUNetv2_predict`` of ``test_cases`` with the trained model in ``results`` (its final checkpoint, its
+    default), with or without its test-time mirroring: its wall seconds. Labels in nnU-Net's numbering, regions
+    painted back into labels by its ``regions_class_order`` (:func:`from_nnunet` maps them to the convention)."""
     inputs = link_images(test_cases, work / "imagesTs")
-    env, d, npr, log = _environment(work), str(DATASET_ID), str(processes), work / "nnunet.log"
-    walls = {"plan_and_preprocess_s": prepared["plan_and_preprocess_s"]}
-    walls["train_s"] = _run([_command("nnUNetv2_train"), d, "3d_fullres", "0", "-tr", trainer, "-device", device],
-                            env, log)
-    out = work / "predictions"
-    walls["predict_s"] = _run([_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", d, "-c",
-                               "3d_fullres", "-f", "0", "-tr", trainer, "-device", device, "-npp", npr, "-nps", npr,
-                               "--disable_progress_bar"], env, log)
+    env, npr = {**_environment(work), "nnUNet_results": str(results)}, str(processes)
+    wall = _run([_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET_ID), "-c",
+                 "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", device, "-npp", npr, "-nps", npr,
+                 "--disable_progress_bar", *([] if mirroring else ["--disable_tta"])], env,
+                results / "nnunet-predict.log")
     written = sorted(out.glob("*.nii.gz"))
     if len(written) != len(test_cases):
-        raise RuntimeError(f"nnU-Net predicted {len(written)} of {len(test_cases)} test cases; see {log}")
-    return {"version": _version(), "trainer": trainer, "device": device, "processes": processes,
-            "wall_s": {**walls, "total_s": sum(walls.values())}, "predictions": str(out), "log": str(log),
-            "plan": prepared["plan"]}
+        raise RuntimeError(f"nnU-Net predicted {len(written)} of {len(test_cases)} test cases; see {results}")
+    return wall
 
 
 def _bytes_under(folder: Path) -> int:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .report import write_result
+from .report import cohort_record, write_result
 
 SPACINGS = {"full": (1.0, 2.0, 4.0), "quick": (2.0, 4.0), "tiny": (4.0,)}
 CASES = {"full": 12, "quick": 8, "tiny": 4}
@@ -89,6 +89,7 @@ def run(out_dir: Path, work: Path, size: str = "full", memory_gb: float = 8.0) -
         if not raw.is_dir():
             synth_cohort(SynthConfig(out=raw, cases=CASES[size], seed=2024, shape=grid,
                                      workers=min(8, os.cpu_count() or 1)), progress=False)
+        cohort_record(raw)
         if not (store / "zarr.json").exists():
             rep = build_store(BuildConfig(source=str(raw), store=str(store), workers=2, spacing=(mm, mm, mm)),
                               progress=False)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .report import bar_chart, summarize, write_result
+from .report import bar_chart, cohort_record, summarize, write_result
 
 
 def _decode(case) -> int:
@@ -237,6 +237,7 @@ def run(out_dir: Path, size: str = "full", peers: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="prep-bench-"))
     try:
         synth_cohort(SynthConfig(out=work / "raw", cases=n, seed=123, shape=shape, workers=2), progress=False)
+        cohort_record(work / "raw")
         cohort = discover(work / "raw")
         params = build_params(BuildConfig(spacing=spacing))
         src_image_bytes = sum(p.stat().st_size for c in cohort.cases for p in c.images.values())

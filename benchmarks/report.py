@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -15,11 +16,30 @@ def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+INVOCATION: dict = {"command": None}  # the command line the results come from, set by ``python -m benchmarks``
+COHORTS: dict[str, dict] = {}  # every synthetic cohort a benchmark used in this process, by folder
+
+
+def cohort_record(folder: str | Path) -> dict:
+    """The synthetic cohort in ``folder`` as its ``synth.json`` describes it (generator version, seed, cases,
+    grid, confounders), remembered for every result this process writes; a folder without one says so."""
+    from prep.synth.generator import MANIFEST
+
+    path = Path(folder) / MANIFEST
+    record = {"folder": str(folder), **(json.loads(path.read_text()) if path.exists() else
+                                         {"manifest": f"no {MANIFEST}: made before cohorts recorded their settings"})}
+    COHORTS[str(folder)] = record
+    return record
+
+
 def write_result(out_dir: str | Path, name: str, payload: dict) -> Path:
-    """Write ``<out_dir>/<name>.json`` with the machine recorded beside the figures."""
+    """Write ``<out_dir>/<name>.json`` with the machine, the command and the synthetic cohorts used recorded
+    beside the figures."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine_info(), **payload}
+    payload = {"benchmark": name, "machine": machine_info(), "command": INVOCATION["command"],
+               "synthetic_cohorts": [{k: v for k, v in c.items() if k != "folder"} for c in COHORTS.values()],
+               **payload}
     return write_json(out_dir / f"{name}.json", payload)
 
 

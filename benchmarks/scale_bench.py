@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .report import summarize, write_result
+from .report import cohort_record, summarize, write_result
 
 COUNTS = {"full": (100, 400, 1251), "quick": (20, 60, 120), "tiny": (6, 12)}
 GRID = (48, 48, 31)  # 5 mm voxels over the BraTS field of view
@@ -139,6 +139,7 @@ def run(out_dir: Path, work: Path, size: str = "full") -> dict:
         synth_cohort(SynthConfig(out=pool, cases=min(POOL, max(counts)), seed=77, shape=grid, workers=2),
                      progress=False)
         marker.write_text("")
+    cohort_record(pool)
     per_n = {}
     for n in counts:
         raw = _cohort(pool, work, n)

@@ -272,25 +272,6 @@ def test_race_arithmetic():
     assert race.time_to_reach([(1.0, 0.2), (2.0, 0.7), (3.0, 0.5), (4.0, 0.9)], 0.6)["seconds"] == pytest.approx(1.8)
 
 
-def test_auto_takes_nnunets_longest_trainer_within_the_budget(monkeypatch, tmp_path):
-    from benchmarks import nnunet_bench, peers
-
-    timed = []
-
-    def estimate(work, trainer):
-        timed.append(trainer)
-        return {"seconds_per_iteration": 0.1, "iterations_per_epoch": 250, "epochs": 1, "training_s_at_least": 25.0}
-
-    monkeypatch.setattr(peers, "training_estimate", estimate)
-    # 25 s an epoch: 100 epochs fit in 60 min, 250 do not
-    assert nnunet_bench._pick_trainer(tmp_path, "auto", 60.0)[0] == "nnUNetTrainer_100epochs"
-    trainer, probe = nnunet_bench._pick_trainer(tmp_path, "auto", 2.5)  # 5 epochs fit in 2.5 min, 10 do not
-    assert trainer == "nnUNetTrainer_5epochs" and probe["training_s_at_least"] == pytest.approx(125.0)
-    assert nnunet_bench._pick_trainer(tmp_path, "auto", 0.1)[0] == "nnUNetTrainer_1epoch"  # to be reported over
-    assert nnunet_bench._pick_trainer(tmp_path, "nnUNetTrainer_10epochs", 0.1)[0] == "nnUNetTrainer_10epochs"
-    assert timed == ["nnUNetTrainer_1epoch"] * 3 + ["nnUNetTrainer_10epochs"]
-
-
 def test_nnunets_own_log_gives_its_epochs(tmp_path):
     from benchmarks import race
 
@@ -309,81 +290,11 @@ def test_nnunets_own_log_gives_its_epochs(tmp_path):
     assert race.nnunet_epochs(tmp_path / "nowhere") == []
 
 
-def test_nnunet_benchmark_flow_with_a_stand_in_for_nnunet(monkeypatch, tmp_path, capsys):
-    """Everything but nnU-Net's own commands: our build, our split handed over, one time-limited training with
-    snapshots at W/4 and W/2, a prediction from each point, nnU-Net's files mapped back and scored by the same
-    scorer, the goals against its figures, the PNG."""
-    import nibabel as nib
-    import numpy as np
-
-    from benchmarks import nnunet_bench, peers
-
-    handed = {}
-
-    def prepare(train, val, work, processes=2):
-        handed.update(train=[c.case_id for c in train], val=[c.case_id for c in val])
-        return {"plan_and_preprocess_s": 1.0, "plan": {"patch_size": [16, 16, 16]}}
-
-    def stand_in(train, val, test, work, trainer, processes=2, device="cpu", prepared=None):
-        # nnU-Net "predicts" the references, in its numbering
-        assert prepared["plan"] == {"patch_size": [16, 16, 16]}
-        handed.update(test=[c.case_id for c in test])
-        out = work / "predictions"
-        out.mkdir(parents=True)
-        for c in test:
-            ref = nib.load(str(c.seg))
-            lab = np.asanyarray(ref.dataobj).astype(np.uint8)
-            lab[lab == 4] = 3
-            nib.save(nib.Nifti1Image(lab, ref.affine), str(out / f"{c.case_id}.nii.gz"))
-        return {"version": "stand-in", "trainer": trainer, "wall_s": {"plan_and_preprocess_s": 1.0, "train_s": 2.0,
-                                                                      "predict_s": 1.0, "total_s": 4.0},
-                "predictions": str(out)}
-
-    monkeypatch.setattr(peers, "available", lambda: True)
-    monkeypatch.setattr(peers, "_version", lambda: "stand-in")
-    monkeypatch.setattr(peers, "plan_and_preprocess", prepare)
-    monkeypatch.setattr(peers, "training_estimate", lambda work, trainer: {
-        "seconds_per_iteration": 0.1, "iterations_per_epoch": 250, "epochs": 1, "training_s_at_least": 25.0})
-    monkeypatch.setattr(peers, "nnunet_train_predict", stand_in)
-    monkeypatch.setattr(nnunet_bench, "training_minutes", lambda wall, share, build: 0.05 * share)
-    res = nnunet_bench.run(tmp_path / "out", tmp_path / "work", size="tiny")
-    from store import open_store
-
-    splits = open_store(tmp_path / "work" / "store.zarr").splits
-    assert handed == {k: list(splits[k]) for k in ("train", "val", "test")}
-    assert res["means"]["nnU-Net"]["mean_dice"] == 1.0  # the references, mapped back: 3 is 4 again
-    assert list(res["ours"]) == ["W/4", "W/2", "W"]
-    for name, share in (("W/4", 0.25), ("W/2", 0.5), ("W", 1.0)):
-        ours = res["ours"][name]
-        assert ours["epochs"] >= 1 and ours["time_limit_min"] == pytest.approx(0.05)  # one run
-        assert ours["snapshot_at_min"] == (None if name == "W" else pytest.approx(0.05 * share))
-        assert ours["wall_s"]["total_s"] == pytest.approx(sum(v for k, v in ours["wall_s"].items() if k != "total_s"))
-        assert 0 <= res["means"][f"ours at {name}"]["mean_dice"] < 1.0
-        assert "brats2023" in res["paired_mean_dice_vs_nnunet"][f"ours at {name}"]
-    walls = [res["ours"][n]["wall_s"]["train_s"] for n in ("W/4", "W/2", "W")]
-    assert walls == sorted(walls)  # the snapshots stand earlier in the same run
-    assert res["goals"] == {k: False for k in res["goals"]}
-    assert res["time_to_nnunet_dice"] == {"seconds": None, "how": "not reached"}
-    assert (tmp_path / "out" / "nnunet.png").stat().st_size > 0
-    saved = json.loads((tmp_path / "out" / "nnunet.json").read_text())
-    assert saved["ours_arm"] == "unet (seed recipe)" and "| nnU-Net v2 stand-in" in saved["table_markdown"]
-    assert (tmp_path / "out" / "nnunet-cases.csv").read_text().count("\n") == 1 + 4 * len(splits["test"])
-    # a trainer that would run past the budget is timed, reported and not started; nothing is compared
-    monkeypatch.setattr(peers, "training_estimate", lambda work, trainer: {
-        "seconds_per_iteration": 40.0, "iterations_per_epoch": 250, "epochs": 1, "training_s_at_least": 10000.0})
-    monkeypatch.setattr(peers, "nnunet_train_predict", lambda *a, **k: pytest.fail("started over the budget"))
-    res = nnunet_bench.run(tmp_path / "out", tmp_path / "w3", size="tiny", budget_min=60)
-    assert res["status"] == "over budget" and "at least 167 min of training" in res["note"]
-    assert "more than the budget of 60 min" in (tmp_path / "out" / "nnunet.md").read_text()
-    monkeypatch.setattr(peers, "available", lambda: False)
-    assert nnunet_bench.run(tmp_path / "out", tmp_path / "w2", size="tiny") is None
-    assert "pip install -e '.[peers]'" in capsys.readouterr().out
-
-
 def test_gpu_script_runs_the_race_alone_with_nnunets_wheels(tmp_path):
     """RACE=1 bash benchmarks/gpu.sh, with stand-ins for the GPU (nvidia-smi) and for python3 that record what they
-    are asked: nnU-Net installed from the carried wheels' race folder, the race at 1 mm within a 5-minute nnU-Net
-    budget, and none of the other benchmarks."""
+    are asked: the carried part of nnU-Net's wheels installed (RACE_INSTALL_ONLY=1 stops there, for wheels carried
+    in parts), then the race's one side at 1 mm with W = 5 minutes, and none of the other benchmarks; without
+    nnU-Net and nothing carried, one line and exit 1."""
     import os
     import subprocess
     from pathlib import Path
@@ -391,28 +302,41 @@ def test_gpu_script_runs_the_race_alone_with_nnunets_wheels(tmp_path):
     root = Path(__file__).resolve().parents[1]
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
     bin_dir.mkdir()
+    (tmp_path / "wheels" / "race").mkdir(parents=True)
+    (tmp_path / "wheels" / "race" / "nnunetv2-2.8.1-py3-none-any.whl").write_bytes(b"")
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB, 570.00'\n")
     (bin_dir / "python3").write_text(f"""#!/bin/bash
 echo "$*" >> {calls}
 case "$*" in
-  "-c import nnunetv2") exit 1 ;;
+  "-c import nnunetv2") [ -n "$HAS_NNUNET" ] || exit 1 ;;
   -) cat > /dev/null; echo "" ;;
 esac
 exit 0
 """)
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "RACE": "1", "OUT": str(tmp_path / "out")}
-    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(tmp_path / "wheels")], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=60)
+
+    def gpu_sh(wheels, **extra):
+        calls.unlink(missing_ok=True)
+        env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "RACE": "1", "OUT": str(tmp_path / "out"), **extra}
+        r = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(wheels)], env=env, cwd=root,
+                           capture_output=True, text=True, timeout=60)
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return r, [x for x in lines if x.startswith("-m pip install")], [x for x in lines if
+                                                                         x.startswith("-m benchmarks")]
+
+    r, install, race = gpu_sh(tmp_path / "wheels", HAS_NNUNET="1")
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = calls.read_text().splitlines()
-    install = [x for x in lines if x.startswith("-m pip install")]
     assert len(install) == 1 and install[0].endswith(f"{tmp_path}/wheels/race/*.whl")
-    race = [x for x in lines if x.startswith("-m benchmarks")]
-    assert len(race) == 1 and race[0].startswith("-m benchmarks nnunet --spacing 1 --trainer auto --budget 5 --out "
-                                                 f"{tmp_path}/out/gpu ")
+    assert race == [f"-m benchmarks nnunet --quick --spacing 1 --budget 5 --seeds 0 --systems nnunet --out "
+                    f"{tmp_path}/out/gpu --work /tmp/brats-race"]
     assert "=== race: exit 0" in r.stdout and (tmp_path / "out" / "gpu" / "gpu.log").exists()
+    r, install, race = gpu_sh(tmp_path / "wheels", RACE_INSTALL_ONLY="1")
+    assert r.returncode == 0 and len(install) == 1 and race == []
+    r, install, race = gpu_sh(tmp_path / "wheels", HAS_NNUNET="1", RACE_SYSTEMS="ours")
+    assert race[0].split(" --out")[0].endswith("--systems ours")
+    r, install, race = gpu_sh(tmp_path / "nothing")
+    assert r.returncode == 1 and install == [] and race == [] and "nnU-Net v2 is not installed" in r.stdout
 
 
 def test_a_stage_help_shows_its_own_options(capsys):

@@ -12,6 +12,7 @@ files whatever the number of workers.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -373,4 +374,21 @@ def synth_cohort(cfg: SynthConfig, progress: bool = True) -> list[str]:
                 ids.append(cid)
                 bar.update()
     bar.close()
+    (cfg.out / MANIFEST).write_text(json.dumps(manifest(cfg), indent=1) + "\n")
     return ids
+
+
+MANIFEST = "synth.json"
+
+
+def manifest(cfg: SynthConfig) -> dict:
+    """What made a synthetic cohort, written beside its cases as ``synth.json``: the generator's settings
+    (confounders on or off among them) and its version, the SHA-256 of the generator's source files (any change to
+    the generator changes it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {"generator": "prep.synth", "generator_sha256": digest.hexdigest(), "cases": cfg.cases, "seed": cfg.seed,
+            "layout": cfg.layout, "shape": list(cfg.shape), "confounders": cfg.confounders}
