@@ -94,15 +94,13 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true", help="prep: also time nnU-Net v2's fingerprint, planning and "
                    "preprocessing on the same cases (needs pip install -e '.[peers]'; without it, says so and "
                    "measures the rest)")
-    p.add_argument("--spacing", type=float, default=4.0, metavar="MM", help="nnunet: the cohort's voxel size, its "
-                   "grid the BraTS field of view at that spacing (default: %(default)s on a CPU, 60 x 60 x 39; 1 on "
-                   "a GPU)")
-    p.add_argument("--budget", type=float, default=15.0, metavar="MIN", help="nnunet: W, the whole-pipeline wall "
-                   "time of each side and seed: preparation, training and prediction (default: %(default)s)")
+    p.add_argument("--spacing", type=float, metavar="MM", help="nnunet: the cohort's voxel size, its grid the BraTS "
+                   "field of view at that spacing (default: 4 on a CPU, 60 x 60 x 39; 1 on a GPU)")
+    p.add_argument("--budget", type=float, metavar="MIN", help="nnunet: W, the whole-pipeline wall time of each side "
+                   "and seed: preparation, training and prediction (default: 15)")
     p.add_argument("--systems", nargs="+", choices=["nnunet", "ours", "ours-nnunet-aug"],
-                   default=["nnunet", "ours", "ours-nnunet-aug"], help="nnunet: the parts to run for each seed "
-                   "(parts already saved for the same cohort and budget are kept; the report is made from every "
-                   "part saved) (default: all three)")
+                   help="nnunet: the parts to run for each seed (parts already saved for the same cohort and budget "
+                   "are kept; the report is made from every part saved) (default: all three)")
     p.add_argument("--full", action="store_true", help="modalities: 1 mm cases and 128^3 patches (for a GPU)")
     p.add_argument("--seeds", type=int, nargs="+", help="modalities, models, augment-dice: the seeds each arm trains "
                    "with (default: 0 1 2; with --quick, modalities 0 1 and models 0)")
@@ -131,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_limit is not None and (args.name not in ("models", "augment-dice") or args.time_limit <= 0):
         parser.error("--time-limit applies to the models and augment-dice benchmarks only, as a positive number of "
                      "minutes")
-    nnunet_flags = {"--budget": args.budget != 15.0, "--spacing": args.spacing != 4.0,
-                    "--systems": len(args.systems) != 3}
-    if args.name != "nnunet" and any(nnunet_flags.values()):
-        parser.error(f"{', '.join(k for k, v in nnunet_flags.items() if v)} applies to the nnunet benchmark only")
+    nnunet_flags = {"--budget": args.budget, "--spacing": args.spacing, "--systems": args.systems}
+    if args.name != "nnunet" and any(v is not None for v in nnunet_flags.values()):
+        parser.error(f"{', '.join(k for k, v in nnunet_flags.items() if v is not None)} applies to the nnunet "
+                     "benchmark only")
+    args.spacing = 4.0 if args.spacing is None else args.spacing
+    args.budget = 15.0 if args.budget is None else args.budget
+    args.systems = args.systems or ["nnunet", "ours", "ours-nnunet-aug"]
     if args.spacing <= 0:
         parser.error(f"--spacing must be a positive number of millimetres, not {args.spacing:g}")
     if (args.run_dir is None) != (args.name not in ("demo", "report")):

@@ -143,15 +143,28 @@ def _reserve(parts: list[dict], side: str) -> float:
     return statistics.median(seen) if seen else FIRST_RESERVE_S[side]
 
 
+def measured_rates(parts: list[dict]) -> dict | None:
+    """nnU-Net's seconds per training iteration, per validation iteration and per epoch end as its earlier parts
+    measured them in their whole runs (medians over parts); None before any. The probe's few iterations run
+    faster than a whole run's (its augmentation processes start with their queues full)."""
+    done = [p["phases"] for p in parts if p["side"] == "nnunet"]
+    if not done:
+        return None
+    per = lambda key, n: statistics.median(ph[key] / (ph["epochs"] * ph[n]) for ph in done)  # noqa: E731
+    return {"iteration_s": per("training_iterations_s", "iterations_per_epoch"),
+            "val_iteration_s": per("validation_s", "val_iterations_per_epoch"),
+            "epoch_end_s": statistics.median(ph["epoch_end_s"] / ph["epochs"] for ph in done)}
+
+
 def nnunet_part(work: Path, st: dict, seed: int, budget_s: float, earlier: list[dict]) -> dict:
     """One seed of nnU-Net: its schedule fitted to the budget, trained, predicted without and with mirroring."""
     part = _split(work, Path(st["cohort"]["folder"]))
     prep_s = st["nnunet_prepared"]["plan_and_preprocess_s"]
     probe = st["probes"]["nnunet"]
-    per_epoch = [p["phases"]["epoch_end_s"] / p["phases"]["epochs"] for p in earlier if p["side"] == "nnunet"]
+    rates = measured_rates(earlier) or {"iteration_s": probe["seconds_per_iteration"],
+                                        "val_iteration_s": probe["seconds_per_val_iteration"], "epoch_end_s": 2.0}
     loop_s = budget_s - prep_s - _reserve(earlier, "nnunet")
-    schedule = peers.fit_schedule(loop_s, probe["seconds_per_iteration"], probe["seconds_per_val_iteration"],
-                                  statistics.median(per_epoch) if per_epoch else 2.0)
+    schedule = peers.fit_schedule(loop_s, rates["iteration_s"], rates["val_iteration_s"], rates["epoch_end_s"])
     peers.write_trainer(schedule["epochs"], schedule["iterations_per_epoch"], schedule["val_iterations_per_epoch"])
     print(f"nnunet: seed {seed}: {schedule['epochs']} epochs of {schedule['iterations_per_epoch']} iterations for "
           f"{loop_s:.0f} s of its training loop")
@@ -170,7 +183,7 @@ def nnunet_part(work: Path, st: dict, seed: int, budget_s: float, earlier: list[
                  ph["final_validation_s"], "prediction_s": predict_s}
     whole = prep_s + trained["train_s"] + predict_s
     return {"side": "nnunet", "system": "nnunet", "seed": seed, "version": peers._version(),
-            "trainer": peers.TRAINER, "schedule": schedule, "phases": ph, "final_lr": ph["lr"][-1],
+            "trainer": peers.TRAINER, "schedule": schedule, "sized_from": rates, "phases": ph, "final_lr": ph["lr"][-1],
             "epochs_log": trained["epochs_log"], "log": trained["log"], "checkpoint": "final",
             "breakdown_s": breakdown, "whole_s": whole, "outside_loop_s": whole - prep_s - loop,
             "prediction_tta_s": tta_s, "load": load.summary(),

@@ -201,9 +201,33 @@ def region_table(pairs: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, systems: dict, curve: dict | None, title: str) -> Path:
+def time_table(systems: dict, budget_s: float) -> str:
+    """Where W went, per system: each phase's seconds (mean over seeds) and its share of W; the whole against W."""
+    keys = ("preprocessing_s", "start_s", "training_iterations_s", "validation_s", "epoch_end_s",
+            "final_validation_s", "prediction_s")
+    lines = ["| system | " + " | ".join(k[:-2].replace("_", " ") for k in keys) + " | whole | inside W |",
+             "|---|" + "---|" * (len(keys) + 2)]
+    for system, parts in systems.items():
+        cells = []
+        for k in keys:
+            v = [p["breakdown_s"][k] for p in parts if k in p["breakdown_s"]]
+            cells.append(f"{np.mean(v):.0f} s ({np.mean(v) / budget_s:.0%})" if v else "-")
+        inside = sum(p["whole_s"] <= budget_s for p in parts)
+        lines.append(f"| {NAMES[system]} | " + " | ".join(cells) +
+                     f" | {np.mean([p['whole_s'] for p in parts]):.0f} s | {inside} of {len(parts)} seeds |")
+    return "\n".join(lines)
+
+
+def machine_words() -> str:
+    from .machine import machine_info
+    from .table import machine
+
+    return machine({"machine": machine_info()})
+
+
+def plot(path: Path, systems: dict, budget_s: float, title: str) -> Path:
     """Test mean legacy Dice against whole wall minutes: each nnU-Net seed's point and their mean as a dotted
-    level; each of our seeds' anytime curve (W/4, W/2, W) and, per arm, the curve of the seeds' means."""
+    level; each of our seeds' anytime curve (W/4, W/2, W); W as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +248,8 @@ def plot(path: Path, systems: dict, curve: dict | None, title: str) -> Path:
             xs = [pt["whole_s"] / 60 for pt in p["curve"]]
             ys = [summary(pt.get("scores") or p["scores"]["none"])["mean_dice"] for pt in p["curve"]]
             ax.plot(xs, ys, "o-", color=c, alpha=0.5, label=f"{NAMES[system]}, each seed" if i == 0 else None)
+    ax.axvline(budget_s / 60, color="grey", linestyle="--", linewidth=1)
+    ax.annotate("W", (budget_s / 60, 0.02), xytext=(-12, 0), textcoords="offset points", fontsize=8)
     ax.set_xlabel("wall minutes, whole pipeline (prepare + train + predict)")
     ax.set_ylabel("test mean Dice (TC, WT, ET)")
     ax.set_xlim(left=0)
@@ -267,6 +293,7 @@ def report(out_dir: Path, st: dict, parts: list[dict], budget_s: float, command:
         "load": {f"{p['system']} seed {p['seed']}": p["load"] for p in parts},
         "means": stats, "paired_vs_nnunet": pairs, "anytime": curves, "verdict_at_W": verdict,
         "table_markdown": table(systems, stats, pairs), "regions_markdown": region_table(pairs),
+        "time_markdown": time_table(systems, budget_s),
         "seconds_this_call": seconds,
         "conventions": "legacy Dice per region and the brats2023 lesion-wise Dice, no postprocessing on either side, "
                        "scored on the source grid by evaluate score; paired: per case each side averaged over its "
@@ -276,9 +303,9 @@ def report(out_dir: Path, st: dict, parts: list[dict], budget_s: float, command:
                        "its final checkpoint, ours with its best (validation loss)."}
     write_result(out_dir, "nnunet", payload)
     _write_md(Path(out_dir), payload, systems)
-    plot(Path(out_dir) / "nnunet.png", systems, curves,
-         f"{command}: {cohort['split']['test']} test cases at {cohort['spacing_mm'][0]:g} mm, W = "
-         f"{budget_s / 60:g} min, CPU")
+    plot(Path(out_dir) / "nnunet.png", systems, budget_s,
+         f"the race: {cohort['split']['test']} test cases at {cohort['spacing_mm'][0]:g} mm, W = {budget_s / 60:g} "
+         f"min, {machine_words()}")
     with open(Path(out_dir) / "nnunet-cases.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["system", "seed", "tta", "case", *(f"dice_{r.lower()}" for r in REGIONS),
@@ -302,7 +329,9 @@ def _write_md(out_dir: Path, payload: dict, systems: dict) -> None:
              f"per side and seed; seeds: " + "; ".join(f"{NAMES[s]} {', '.join(str(p['seed']) for p in v)}"
                                                        for s, v in systems.items()) + ".", "",
              payload["table_markdown"], "", "Ours minus nnU-Net per region, paired over the test cases (95% "
-             "bootstrap interval):", "", payload["regions_markdown"], ""]
+             "bootstrap interval):", "", payload["regions_markdown"], "", "Where W went (mean over seeds, share of W; "
+             "nnU-Net's phases timed by its trainer, ours from metrics.jsonl; start: the process's start and end "
+             "around its training loop):", "", payload["time_markdown"], ""]
     for s, a in payload["anytime"].items():
         t, ci = a["time_to_nnunet_dice"], a["ci95_s"]
         lines.append(f"{NAMES[s]}: time to nnU-Net's mean Dice ({a['nnunet_mean_dice']:.3f}): " + (

@@ -194,13 +194,14 @@ def test_peers_without_nnunet_say_how_to_install_it(monkeypatch, capsys, tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["modalities", "--epochs", "0"], "--epochs must be at least 1"),
-    (["prep", "--seeds", "0"], "modalities, models and augment-dice benchmarks only"),
+    (["prep", "--seeds", "0"], "modalities, models, augment-dice and nnunet benchmarks only"),
     (["prep", "--time-limit", "2"], "models and augment-dice benchmarks only"),
     (["models", "--time-limit", "0"], "positive number of minutes"),
     (["models", "--budget", "30"], "nnunet benchmark only"),
     (["nnunet", "--budget", "-1"], "--budget must be a positive number of minutes"),
-    (["nnunet", "--spacing", "0"], "--spacing applies to the nnunet benchmark only"),
+    (["nnunet", "--spacing", "-1"], "--spacing must be a positive number of millimetres"),
     (["models", "--spacing", "4"], "--spacing applies to the nnunet benchmark only"),
+    (["models", "--systems", "ours"], "--systems applies to the nnunet benchmark only"),
 ])
 def test_bad_benchmark_flags_are_refused(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -327,7 +328,7 @@ exit 0
 
     r, install, race = gpu_sh(tmp_path / "wheels", HAS_NNUNET="1")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert len(install) == 1 and install[0].endswith(f"{tmp_path}/wheels/race/*.whl")
+    assert len(install) == 1 and install[0].endswith(f"{tmp_path}/wheels/race/nnunetv2-2.8.1-py3-none-any.whl")
     assert race == [f"-m benchmarks nnunet --quick --spacing 1 --budget 5 --seeds 0 --systems nnunet --out "
                     f"{tmp_path}/out/gpu --work /tmp/brats-race"]
     assert "=== race: exit 0" in r.stdout and (tmp_path / "out" / "gpu" / "gpu.log").exists()

@@ -103,7 +103,7 @@ def test_load_meter_counts_other_processes_not_ours():
         other.wait()
     assert s["our_cpu_s"] > 0.2
     if s["machine_busy_cpu_s"] is not None:
-        assert s["other_processes_cpu_s"] > 0.6 * s["wall_s"] - s["our_cpu_s"] * 0.1
+        assert s["other_processes_cpu_s"] > 0.25 * s["wall_s"]  # the stranger, sharing the cores with whatever runs
         assert 0 < s["other_processes_share_of_machine"] <= 1
     assert s["samples"] >= 3 and s["loadavg_1min_max"] is not None
 
@@ -173,6 +173,7 @@ def test_report_from_parts(tmp_path):
     assert [p["final_lr"] for p in res["nnunet"]["schedule"]] == [1e-4] * 3
     md = (tmp_path / "nnunet.md").read_text()
     assert "confounders on" in md and "W = 10 min" in md and "ours (default recipe) | 3 | none" in md
+    assert "| nnU-Net v2 | 30 s (5%) | - | 400 s (67%) |" in md and "| 3 of 3 seeds |" in md  # where W went
     rows = (tmp_path / "nnunet-cases.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 9 * 2 * 12
     assert (tmp_path / "nnunet.png").stat().st_size > 0
