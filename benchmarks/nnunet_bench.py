@@ -272,7 +272,7 @@ def run(out_dir: Path, work: Path, budget_min: float = 15.0, spacing: float = 4.
     st = setup(work, spacing, cases)
     folder = _parts_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "setup.json").write_text(json.dumps({k: v for k, v in st.items()}, indent=1))
+    (folder / "setup.json").write_text(json.dumps(st, indent=1))
     for seed in seeds:
         for system in systems:
             path = folder / f"{system}-seed{seed}.json"
