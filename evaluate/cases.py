@@ -11,6 +11,7 @@ import numpy as np
 
 from store.conventions import compatible, regions_to_label, relabel
 from store.location import remote_file
+from store.records import SOURCE_GRID
 from train.runs import RunError
 
 
@@ -65,7 +66,7 @@ def regions_on_source(prob: np.ndarray, geometry: dict, threshold: float) -> np.
     """
     from prep.preprocess import to_source_grid
 
-    return to_source_grid(prob.astype(np.float32), geometry, mode="bilinear") > threshold
+    return to_source_grid(prob.astype(np.float32), geometry, mode=SOURCE_GRID["interpolation"]) > threshold
 
 
 def spacing_of(affine) -> tuple[float, float, float]:

@@ -32,6 +32,7 @@ from store.conventions import (
     relabel,
 )
 from store.encoding import EncodedImage, encode_image, encode_integer_source
+from store.records import SOURCE_GRID
 
 from .discover import CaseFiles
 
@@ -204,9 +205,9 @@ def _orient_resample(img, label, affine, spacing):
         orient = Orientation(axcodes="RAS")
         x = orient(_metatensor(img, affine))
         y = orient(_metatensor(label[None], affine)) if label is not None else None
-        x = Spacing(pixdim=spacing, mode="bilinear")(x)
+        x = Spacing(pixdim=spacing, mode="bilinear", padding_mode=SOURCE_GRID["padding_mode"])(x)
         if y is not None:
-            y = Spacing(pixdim=spacing, mode="nearest")(y)
+            y = Spacing(pixdim=spacing, mode="nearest", padding_mode=SOURCE_GRID["padding_mode"])(y)
     return x, y
 
 
@@ -371,7 +372,9 @@ def to_source_grid(arr: np.ndarray, geometry: dict, mode: str = "nearest") -> np
     """Map an array on the stored grid ((X, Y, Z) or (C, X, Y, Z)) back onto the source grid.
 
     Uncrop into the resampled grid (zeros outside), then MONAI SpatialResample from the resampled RAS 1 mm
-    grid onto the source affine and shape: inverse resampling and inverse orientation in one step.
+    grid onto the source affine and shape: inverse resampling and inverse orientation in one step, padded as
+    MONAI's Spacing pads on the way in (border: a source voxel beyond the resampled grid's edge takes the edge's
+    value), so that it gives what MONAI's Invertd gives when it inverts Spacing and Orientation one by one.
     """
     import torch
     from monai.transforms import SpatialResample
@@ -396,7 +399,7 @@ def to_source_grid(arr: np.ndarray, geometry: dict, mode: str = "nearest") -> np
     img = _metatensor(full, res_aff)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = SpatialResample(mode=mode, padding_mode="zeros")(
+        out = SpatialResample(mode=mode, padding_mode=SOURCE_GRID["padding_mode"])(
             img, dst_affine=torch.as_tensor(np.asarray(geometry["source_affine"]), dtype=torch.float64),
             spatial_size=tuple(geometry["source_shape"]),
         )

@@ -10,6 +10,10 @@ from .format import FormatError
 
 GEOMETRY_KEYS = ("source_affine", "source_shape", "resampled_affine", "resampled_shape", "crop_box",
                  "stored_affine", "spacing_mm", "orientation")
+# The way back from the stored grid to the source grid (prep.preprocess.to_source_grid): probabilities uncropped
+# (0 outside the crop), then resampled linearly onto the source affine and shape, padded as MONAI's Spacing pads on
+# the way in (border), then thresholded. The plan records it and the model card describes it from here.
+SOURCE_GRID = {"interpolation": "bilinear", "padding_mode": "border"}
 
 
 @dataclass(frozen=True)

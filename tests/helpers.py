@@ -176,3 +176,14 @@ def dask_processes(workers: int = 2):
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
+
+
+def regridded(cohort: Path, out: Path, affine: np.ndarray) -> Path:
+    """The cohort's cases with every image and label on ``affine`` instead (the same voxels): sources the model's
+    spacing does not match, which both predictors resample before cropping."""
+    for case in sorted(p for p in cohort.iterdir() if p.is_dir()):
+        (out / case.name).mkdir(parents=True)
+        for f in case.glob("*.nii.gz"):
+            img = nib.load(str(f))
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header), str(out / case.name / f.name))
+    return out

@@ -18,6 +18,8 @@ import pytest
 from evaluate.cli import main as eval_main
 from train.cli import main as train_main
 
+from .helpers import lps_affine, oblique_affine, regridded
+
 TINY_NET = ["--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--workers", "0"]
 PROJECT = ("prep", "store", "train", "evaluate", "benchmarks")
 TO_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
@@ -123,7 +125,7 @@ def test_the_bundle_has_the_specifications_layout_and_fields(exported):
     assert "1 NCR" in meta["label_classes"] and "4 ET" in meta["label_classes"]
     config = json.loads((b / "configs" / "inference.json").read_text())
     assert [t["_target_"] for t in config["preprocessing"]["transforms"]] == \
-        ["LoadImaged", "CropForegroundd", "Orientationd", "Spacingd", "NormalizeIntensityd"]
+        ["LoadImaged", "Orientationd", "Spacingd", "CropForegroundd", "NormalizeIntensityd"]
     assert config["inferer"]["_target_"] == "SlidingWindowInferer" and config["rules"] == RULES
     imported = set()
     for node in ast.walk(ast.parse((b / "scripts" / "brats.py").read_text())):
@@ -134,14 +136,23 @@ def test_the_bundle_has_the_specifications_layout_and_fields(exported):
     assert imported <= {"__future__", "sys", "uuid", "pathlib", "numpy", "nibabel", "scipy", "torch", "monai"}, imported
 
 
-def test_monais_runner_predicts_the_labels_of_evaluate_predict(exported, tiny_cohort, tmp_path, capsys):
+SOURCES = {"at the model's spacing": None, "5 x 5 x 3.9 mm (LPS)": lps_affine((5.0, 5.0, 3.9)),
+           "oblique": oblique_affine() @ np.diag([4.0, 5.0, 2.5, 1.0])}
+
+
+@pytest.mark.parametrize("grid", list(SOURCES))
+def test_monais_runner_predicts_the_labels_of_evaluate_predict(exported, tiny_cohort, tmp_path, grid):
     """``python -m monai.bundle run`` with the input and output folders on its command line, in a process that
     cannot import this project, against ``evaluate predict --model`` of the bundle's own model file: the same
-    grids, and the same label in at least 99.9% of the voxels of every case. The steps are the same MONAI
-    transforms and sliding window, but not the same code: the bundle brings the probabilities back through MONAI's
-    Invertd, the project through its own uncrop and SpatialResample, and this barely trained network's
-    probabilities lie near 0.5 everywhere, where float rounding decides a voxel."""
+    grids, and the same label in at least 99.9% of the voxels of every case, on sources at the model's spacing
+    (cropped before any resampling by the project) and on anisotropic and oblique ones (resampled, then cropped).
+    The steps are the same MONAI transforms in the same order and the same sliding window, but not the same code
+    back: the bundle returns the probabilities through MONAI's Invertd step by step, the project uncrops and
+    resamples in one SpatialResample, and this barely trained network's probabilities lie near 0.5 everywhere,
+    where float rounding decides a voxel."""
     b = exported["bundle"]
+    if SOURCES[grid] is not None:
+        tiny_cohort = regridded(tiny_cohort, tmp_path / "sources", SOURCES[grid])
     assert eval_main(["predict", "--model", str(b / "models" / "model.ts"), "--source", str(tiny_cohort), "--out",
                       str(tmp_path / "project")]) == 0
     ours = _labels(tmp_path / "project")

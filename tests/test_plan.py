@@ -31,7 +31,8 @@ def test_a_run_writes_its_plan_and_its_invocation(tiny_store, tmp_path):
         assert {k: plan[section][k] for k in names} == {k: cfg[k] for k in names}, section
     assert plan["data"]["label_convention"] == "brats2021" and len(plan["data"]["spacing_mm"]) == 3
     assert plan["inference"] == {"overlap": 0.5, "blending": "constant", "threshold": 0.5, "sw_batch_size": 2,
-                                 "window": [16, 16, 16], "tta": False}
+                                 "window": [16, 16, 16], "tta": False,
+                                 "to_source_grid": {"interpolation": "bilinear", "padding_mode": "border"}}
     assert plan["training"]["augmentation"] == "nnunet" and plan["data"]["modalities"] == ["t1", "flair"]
     assert plan["postprocessing"] is None  # until tune-postprocessing records its rules (test_postprocess)
     inv = json.loads((run / "invocation.json").read_text())
@@ -151,7 +152,8 @@ def test_nnunets_planner_on_the_same_cases(tiny_store, tiny_cohort, tmp_path):
 
 
 def test_bad_plan_values_and_planner_flags_are_one_line(tiny_store, tmp_path, capsys):
-    """A plan whose inference values make no sense is refused before work; --memory must be positive."""
+    """A plan whose inference values make no sense, or whose way back to the source grid is not the store's
+    resampling inverted, is refused before work; --memory must be positive."""
     spacing = _spacing(tiny_store)
     for field, value in (("threshold", 1.5), ("overlap", 1.0), ("blending", "median")):
         plan = make_plan(TrainConfig(), "brats2021", spacing)
@@ -161,5 +163,12 @@ def test_bad_plan_values_and_planner_flags_are_one_line(tiny_store, tmp_path, ca
         err = capsys.readouterr().err.strip()
         assert "the plan's inference needs an overlap in [0, 1), a threshold in (0, 1)" in err, err
         assert len(err.splitlines()) == 1 and not (tmp_path / field).exists()
+    plan = make_plan(TrainConfig(), "brats2021", spacing)
+    plan["inference"]["to_source_grid"]["padding_mode"] = "zeros"  # not the inverse of the store's resampling
+    f = write_json(tmp_path / "back.json", plan)
+    assert train_main(["--store", tiny_store, "--run-dir", str(tmp_path / "back"), "--plan", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the way back to the source grid is" in err and '"zeros"' in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "back").exists()
     assert train_main(["plan", "--store", tiny_store, "--memory", "0", "--out", str(tmp_path / "p.json")]) == 2
     assert "--memory must be a positive number of GB, not 0" in capsys.readouterr().err

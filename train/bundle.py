@@ -51,10 +51,11 @@ def inference_config(card: dict) -> dict:
         "datalist": "$scripts.brats.cases(@dataset_dir, @modalities, @output_dir, @overwrite)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "LoadImaged", "keys": "image", "ensure_channel_first": True, "dtype": "$numpy.float32"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": _step(card, "orientation")["what"]},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": spacing["mm"], "mode": spacing["interpolation"],
+             "padding_mode": spacing.get("padding_mode", "border")},  # Invertd pads the way back as this pads
             {"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
              "select_fn": "$lambda x: x != 0", "margin": _step(card, "crop")["crop_margin"], "allow_smaller": True},
-            {"_target_": "Orientationd", "keys": "image", "axcodes": _step(card, "orientation")["what"]},
-            {"_target_": "Spacingd", "keys": "image", "pixdim": spacing["mm"], "mode": spacing["interpolation"]},
             {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True},
         ]},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
@@ -180,8 +181,8 @@ is read.
 
 ## Steps
 
-`models/model-card.json` lists every step; in short: crop to the voxels nonzero in any modality plus
-{margin} voxels, RAS, {spacing} mm (bilinear), z-score over nonzero voxels per channel, sliding window of
+`models/model-card.json` lists every step; in short: RAS, {spacing} mm (bilinear), crop to the voxels nonzero
+in any modality plus {margin} voxels, z-score over nonzero voxels per channel, sliding window of
 {roi} (overlap {overlap}, {blending} blending), sigmoid, probabilities resampled back to the source grid
 (MONAI's Invertd, bilinear), threshold {threshold}, regions nested as BraTS labels, then the postprocessing
 rules the card records ({rules}).

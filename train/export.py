@@ -84,17 +84,22 @@ def recipe(cfg, params: dict, convention: str | None, rules: dict | None) -> lis
     """Every step from the source files to the label map, as 'evaluate predict --model' takes them, with the
     libraries' own names for each: what a predictor written from the card alone must do."""
     from store.conventions import LABEL_CONVENTIONS
+    from store.records import SOURCE_GRID
 
-    conv = LABEL_CONVENTIONS.get(convention or "", {})
+    conv, pad = LABEL_CONVENTIONS.get(convention or "", {}), SOURCE_GRID["padding_mode"]
     return [
         {"step": "read", "what": "one 3D NIfTI per modality of input.modalities, in that order, on one grid (the same "
                                  "shape and affine); zero is background (skull-stripped)"},
-        {"step": "crop", "what": "to the bounding box of the voxels nonzero in any modality, widened by crop_margin "
-                                 "voxels on each side within the grid (on the source grid where it is axis-aligned "
-                                 "at the spacing, else after resampling)", "crop_margin": params.get("crop_margin")},
         {"step": "orientation", "what": "RAS", "library": "monai.transforms.Orientation(axcodes='RAS')"},
-        {"step": "spacing", "mm": params.get("spacing_mm"), "interpolation": "bilinear",
-         "library": "monai.transforms.Spacing(pixdim=mm, mode='bilinear')"},
+        {"step": "spacing", "mm": params.get("spacing_mm"), "interpolation": "bilinear", "padding_mode": pad,
+         "library": f"monai.transforms.Spacing(pixdim=mm, mode='bilinear', padding_mode='{pad}')"},
+        {"step": "crop", "what": "the resampled image, to the bounding box of the voxels nonzero in any modality, "
+                                 "widened by crop_margin voxels on each side within the grid (where the source is "
+                                 "axis-aligned at the spacing, orientation and spacing only permute and flip it: the "
+                                 "same box cropped on the source grid first gives the same image)",
+         "crop_margin": params.get("crop_margin"),
+         "library": "monai.transforms.CropForeground(select_fn=lambda x: x != 0, margin=crop_margin, "
+                    "allow_smaller=True)"},
         {"step": "normalisation", "what": "per channel, z-score over its nonzero voxels (population std; a std of 0 "
                                           "counts as 1); zero voxels stay 0",
          "library": "monai.transforms.NormalizeIntensity(nonzero=True, channel_wise=True)"},
@@ -105,8 +110,11 @@ def recipe(cfg, params: dict, convention: str | None, rules: dict | None) -> lis
         {"step": "test-time augmentation", "what": "none by default; with evaluate predict --tta the mean of the "
                                                    "probabilities over the 8 mirrorings of the three spatial axes"},
         {"step": "to the source grid", "what": "the probabilities uncropped into the resampled grid (0 outside the "
-                                               "crop), then resampled onto the source affine and shape, linearly",
-         "library": "monai.transforms.SpatialResample(mode='bilinear', padding_mode='zeros')"},
+                                               "crop), then resampled onto the source affine and shape, "
+                                               "padded as the spacing step pads (the spacing and orientation steps "
+                                               "inverted, as MONAI's Invertd inverts them)",
+         "interpolation": SOURCE_GRID["interpolation"], "padding_mode": pad,
+         "library": f"monai.transforms.SpatialResample(mode='{SOURCE_GRID['interpolation']}', padding_mode='{pad}')"},
         {"step": "threshold", "value": cfg.threshold,
          "what": f"a voxel is in a region where its probability is above {cfg.threshold:g}"},
         {"step": "labels", "what": "nested as BraTS defines them: WT voxels get the oedema value, then TC voxels the "

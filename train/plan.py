@@ -2,8 +2,9 @@
 
 A training run writes ``plan.json`` beside ``config.json``: the data (modalities, regions, label convention, the
 store's spacing), the training (patch, batch, augmentation preset, loss, optimiser, schedule), the network and
-inference (window, overlap, blending, threshold, test-time augmentation). Validation, evaluation, prediction and
-export read the inference values from the run's configuration, whose fields the plan names, and nowhere else.
+inference (window, overlap, blending, threshold, test-time augmentation, and the way back to the source grid,
+``store.records.SOURCE_GRID``). Validation, evaluation, prediction and export read the inference values from the
+run's configuration, whose fields the plan names, and nowhere else.
 ``invocation.json`` records what does not change what is computed: the store's path, the run folder, the device,
 the loader's workers, resume, the seed.
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from pathlib import Path
+
+from store.records import SOURCE_GRID
 
 from .config import TrainConfig
 from .errors import ConfigError
@@ -43,7 +46,7 @@ def make_plan(cfg: TrainConfig, label_convention: str | None, spacing_mm, extra:
     for section, names in SECTIONS.items():
         plan[section] = {k: values[k] for k in names}
     plan["data"].update(label_convention=label_convention, spacing_mm=[float(v) for v in spacing_mm])
-    plan["inference"].update(window=list(cfg.patch_size), tta=False)
+    plan["inference"].update(window=list(cfg.patch_size), tta=False, to_source_grid=dict(SOURCE_GRID))
     plan["postprocessing"] = None  # none until tuned: evaluate tune-postprocessing records its rules here
     return plan | (extra or {})
 
@@ -81,6 +84,10 @@ def read_plan(path: str | Path) -> dict:
             isinstance(plan.get(s), dict) for s in SECTIONS):
         raise ConfigError(f"--plan {path}: not a plan file of version {PLAN_VERSION} (sections "
                           f"{', '.join(SECTIONS)})")
+    back = plan["inference"].get("to_source_grid", SOURCE_GRID)
+    if back != SOURCE_GRID:
+        raise ConfigError(f"--plan {path}: the way back to the source grid is {json.dumps(SOURCE_GRID)} (the "
+                          f"store's resampling inverted), not {json.dumps(back)}")
     return plan
 
 
