@@ -128,7 +128,7 @@ def _regions(store_path, ids, read, n):
     import torch
 
     from store import open_store
-    from train.loader import crop_pad
+    from train.sampling import crop_pad
 
     s = open_store(store_path)
     out = []

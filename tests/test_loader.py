@@ -6,7 +6,8 @@ import torch
 
 from store import open_store
 from store.conventions import region_masks
-from train.loader import PatchSampler, RamSource, TrainLoader, crop_pad
+from train.loader import RamSource, TrainLoader
+from train.sampling import PatchSampler, crop_pad
 
 from .conftest import needs_cuda
 

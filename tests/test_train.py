@@ -193,3 +193,20 @@ def test_a_used_run_folder_is_refused_or_moved_aside_never_deleted(tiny_store, t
     assert (tmp_path / "run.old-1" / "metrics.jsonl").read_text() == before  # moved, not deleted
     assert (tmp_path / "run.old-1" / "best.pt").exists()
     assert "moved to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cache", ["ram", "none"])
+def test_a_run_opens_the_store_once(tiny_store, tmp_path, monkeypatch, cache):
+    """From the command line to the loader's last batch, with a plan to check against the store: the store is
+    opened once, and every case read (the cache's fill, the patches, validation) goes through that opening."""
+    import store
+    from train.config import TrainConfig
+    from train.plan import make_plan
+    from train.runfolder import write_json
+
+    real, opened = store.open_store, []
+    monkeypatch.setattr(store, "open_store", lambda *a, **k: opened.append(a) or real(*a, **k))
+    spacing = real(tiny_store).params["spacing_mm"]
+    plan = write_json(tmp_path / "plan.json", make_plan(TrainConfig(), "brats2021", spacing))
+    assert _train(tiny_store, tmp_path / "run", "--epochs", "2", "--cache", cache, "--plan", str(plan)) == 0
+    assert len(opened) == 1, opened

@@ -35,18 +35,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoints import CheckpointError
     from .distributed import CollectiveError, Dist
-    from .experiment import check_flags, check_plan, run
+    from .experiment import check_flags, run
 
     dist = Dist.from_env(timeout_s=cfg.dist_timeout if cfg.dist_timeout > 0 else 300.0)
     try:
         check_flags(cfg)
-        if plan is not None:
-            check_plan(plan, cfg)
         if dist.enabled:
             import torch
 
             dist.init(use_cuda=torch.cuda.is_available() and cfg.device != "cpu")
-        run(cfg, dist)
+        run(cfg, dist, plan)
     except (ConfigError, FormatError, FileNotFoundError, KeyError, ImportError) as e:
         print(f"python -m train: error: {e}", file=sys.stderr)
         return 2

@@ -19,16 +19,6 @@ def splits_for(store, fold: int | None) -> tuple[list[str], list[str]]:
     return sp["folds"][fold]["train"], sp["folds"][fold]["val"]
 
 
-def check_plan(plan: dict, cfg) -> None:
-    """A plan made for another store (modalities it lacks, another spacing or label convention): one line."""
-    from store import open_store
-
-    from .plan import mismatch
-
-    if problem := mismatch(plan, open_store(cfg.store)):
-        raise ConfigError(f"--plan: {problem}")
-
-
 def check_flags(cfg) -> None:
     """Flags that make no sense whatever the store holds, refused before any work."""
     from store.conventions import REGIONS
@@ -82,18 +72,23 @@ def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool, is_writer: 
         print(f"{run_dir} held an earlier run: moved to {aside}")
 
 
-def run(cfg, dist=None) -> dict:
-    """Train as configured; returns the summary (one run) or the k-fold report (written by rank 0 only)."""
+def run(cfg, dist=None, plan: dict | None = None) -> dict:
+    """Train as configured; returns the summary (one run) or the k-fold report (written by rank 0 only). ``plan``:
+    the plan the configuration came from (``--plan``), refused in one line where it was made for another store
+    (modalities it lacks, another spacing or label convention), before the run folder is touched."""
     from dataclasses import replace
 
     from store import open_store
 
     from .distributed import Dist
     from .engine import train_run
+    from .plan import mismatch
 
     dist = dist or Dist()
     check_flags(cfg)
-    store = open_store(cfg.store)
+    store = open_store(cfg.store)  # once: the loader, the splits and the plan's check all ask this one
+    if plan is not None and (problem := mismatch(plan, store)):
+        raise ConfigError(f"--plan: {problem}")
     run_dir = Path(cfg.run_dir)
     prepare_run_folder(run_dir, cfg.resume, cfg.overwrite, dist.is_writer)
     if cfg.folds is None:

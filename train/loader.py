@@ -1,7 +1,9 @@
 """Training data path: seeded patch sampling over a store, three cache modes, batches moved to the device.
 
-- The sampler draws every patch position from a seeded generator, before any data is read, so ``ram``,
-  ``none`` and ``gpu`` deliver the same batches for the same seed.
+- The sampler (``train.sampling``) draws every patch position from a seeded generator, before any data is read,
+  so ``ram``, ``none`` and ``gpu`` deliver the same batches for the same seed.
+- The store is opened once: the trainer's opened store, or one opened here, gives the case objects every source
+  reads through (worker processes, which get the paths only, open it once each).
 - ``workers`` loader threads assemble whole batches ahead of the step (reading, decoding and copying release the
   GIL); each patch is written once, straight into its slot of a batch tensor reused once the caller drops it.
 - A batch: image float16 (B, C, P, P, P) z-scores of the chosen modalities only, label uint8 (B, 1, P, P, P)
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,104 +31,25 @@ from monai.transforms import Transform
 from store.conventions import MODALITIES
 
 from .distributed import heap_returned_to_os
+from .sampling import PatchSampler, PatchSpec, crop_pad, region
 
 CACHE_MODES = ("ram", "none", "gpu")
-
-
-@dataclass(frozen=True)
-class PatchSpec:
-    case: int  # index into the loader's case list
-    start: tuple[int, int, int]  # corner on the stored grid; may overhang (then zero-padded)
-
-
-def _start_range(shape, patch) -> list[tuple[int, int]]:
-    """Allowed corner positions per axis: inside the case, or centred-ish overhang where the case is smaller."""
-    return [(0, s - p) if s >= p else (s - p, 0) for s, p in zip(shape, patch)]
-
-
-class PatchSampler:
-    """Seeded patch positions for an epoch: cases in shuffled order, as the seed's loader, one pass over them
-    per epoch by default; with ``batches`` an epoch is that many batches, drawn from as many shuffled passes as
-    it takes (so every rank of a distributed run can run the same number of steps)."""
-
-    def __init__(self, shapes: list[tuple[int, int, int]], foreground: list[np.ndarray], patch, batch_size: int,
-                 fg_fraction: float = 1 / 3, seed: int = 0, batches: int | None = None):
-        self.shapes = shapes
-        self.fg = foreground  # per case: int32 (N, 4) region, x, y, z
-        self.patch = tuple(int(p) for p in patch)
-        self.batch_size = batch_size
-        self.fg_fraction = fg_fraction
-        self.seed = seed
-        self.batches = batches
-
-    def batches_per_epoch(self) -> int:
-        return self.batches or max(1, math.ceil(len(self.shapes) / self.batch_size))
-
-    def n_foreground(self) -> int:
-        return int(round(self.batch_size * self.fg_fraction))
-
-    def epoch(self, epoch: int) -> list[list[PatchSpec]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        n = self.batches_per_epoch() * self.batch_size
-        order = np.concatenate([rng.permutation(len(self.shapes)) for _ in range(math.ceil(n / len(self.shapes)))])
-        batches = []
-        for b in range(self.batches_per_epoch()):
-            specs = []
-            for i in range(self.batch_size):
-                c = int(order[b * self.batch_size + i])
-                force_fg = i >= self.batch_size - self.n_foreground()
-                specs.append(PatchSpec(c, self._start(rng, c, force_fg)))
-            batches.append(specs)
-        return batches
-
-    def _start(self, rng, c: int, force_fg: bool) -> tuple[int, int, int]:
-        ranges = _start_range(self.shapes[c], self.patch)
-        fg = self.fg[c]
-        if force_fg and len(fg):
-            regions = np.unique(fg[:, 0])
-            r = regions[rng.integers(len(regions))]
-            pts = fg[fg[:, 0] == r]
-            centre = pts[rng.integers(len(pts)), 1:]
-            return tuple(int(np.clip(x - p // 2, lo, hi)) for x, p, (lo, hi) in zip(centre, self.patch, ranges))
-        return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in ranges)
-
-
-def crop_pad(arr, start, patch, out=None):
-    """Window ``patch`` at ``start`` of the last three axes of ``arr`` (numpy or torch), zero where it overhangs.
-
-    With ``out`` (same kind, shape (..., *patch)) the window is written there: one pass over the data."""
-    shape = arr.shape[-3:]
-    src = tuple(slice(max(s, 0), min(s + p, n)) for s, p, n in zip(start, patch, shape))
-    dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
-    lead = arr.shape[:-3]
-    inside = all(a.stop - a.start == p for a, p in zip(src, patch))
-    if out is None:
-        if isinstance(arr, torch.Tensor):
-            out = (torch.empty if inside else torch.zeros)((*lead, *patch), dtype=arr.dtype, device=arr.device)
-        else:
-            out = (np.empty if inside else np.zeros)((*lead, *patch), dtype=arr.dtype)
-    elif not inside:
-        out[...] = 0
-    out[(..., *dst)] = arr[(..., *src)]
-    return out
-
-
-def _region(start, patch, shape):
-    return tuple(slice(max(s, 0), min(s + p, n)) for s, p, n in zip(start, patch, shape))
 
 
 # ----------------------------------------------------------------------------------------------- sources
 
 
 class StoreSource:
-    """``none``: patches read from the Zarr chunks they overlap. Holds only paths, so workers can open it."""
+    """``none``: patches read from the Zarr chunks they overlap. Pickles as paths only, so a worker process opens
+    the store itself; in this process it reads through ``opened`` (the cases already opened, in ``case_ids``
+    order) where given."""
 
-    def __init__(self, store_path: str, case_ids: list[str], modalities):
+    def __init__(self, store_path: str, case_ids: list[str], modalities, opened=None):
         self.store_path = store_path
         self.case_ids = case_ids
         self.modalities = tuple(modalities)
         self._store = None
-        self._cases: dict[int, object] = {}
+        self._cases: dict[int, object] = dict(enumerate(opened or ()))
 
     def __getstate__(self):
         return {"store_path": self.store_path, "case_ids": self.case_ids, "modalities": self.modalities}
@@ -137,11 +58,11 @@ class StoreSource:
         self.__init__(**state)
 
     def _case(self, c: int):
-        from store import open_store
-
-        if self._store is None:
-            self._store = open_store(self.store_path)
         if c not in self._cases:
+            if self._store is None:
+                from store import open_store
+
+                self._store = open_store(self.store_path)
             self._cases[c] = self._store.case(self.case_ids[c])
         return self._cases[c]
 
@@ -153,7 +74,7 @@ class StoreSource:
         cases = [self._case(s.case) for s in specs]
         if not cases or not cases[0].remote:
             return None
-        reads = [case.patch_reads(self.modalities, _region(s.start, patch, case.shape))
+        reads = [case.patch_reads(self.modalities, region(s.start, patch, case.shape))
                  for s, case in zip(specs, cases)]
         got = fetch_together([r for per_spec in reads for r in per_spec])
         out, k = [], 0
@@ -167,7 +88,7 @@ class StoreSource:
         ``lab_out`` (X, Y, Z); parts outside the case stay zero (``fetched``: the batch's bytes fetched together on
         object storage)."""
         case = self._case(spec.case)
-        reg = _region(spec.start, patch, case.shape)
+        reg = region(spec.start, patch, case.shape)
         at = tuple(r.start - s for r, s in zip(reg, spec.start))  # where the read block sits in the patch
         if any(r.stop - r.start != p for r, p in zip(reg, patch)):  # overhangs the case: zero background
             img_out[...] = 0
@@ -180,13 +101,17 @@ class StoreSource:
 
 
 def load_case_arrays(store_path: str, case_id: str, modalities, shared: bool = False) -> dict:
-    """A whole case decoded: image float16 tensor (C, X, Y, Z) of ``modalities``, label uint8 tensor (X, Y, Z) or
-    None; both in shared memory with ``shared`` (the ram cache keeps them there: the image is decoded straight
-    into it, so the case is never held twice, even briefly); checked against the checksum written with it (a
-    whole-case read reads everything the checksum covers anyway)."""
+    """``decode_case`` of one case of the store at ``store_path``, which is opened for it."""
     from store import open_store
 
-    case = open_store(store_path).case(case_id)
+    return decode_case(open_store(store_path).case(case_id), modalities, shared)
+
+
+def decode_case(case, modalities, shared: bool = False) -> dict:
+    """A whole case (a store's case object) decoded: image float16 tensor (C, X, Y, Z) of ``modalities``, label
+    uint8 tensor (X, Y, Z) or None; both in shared memory with ``shared`` (the ram cache keeps them there: the image
+    is decoded straight into it, so the case is never held twice, even briefly); checked against the checksum
+    written with it (a whole-case read reads everything the checksum covers anyway)."""
     out = torch.empty((len(modalities), *case.shape), dtype=torch.float16)
     image, label = case.decode_checked(modalities, out=out.share_memory_() if shared else out)
     label = torch.from_numpy(label) if label is not None else None
@@ -197,15 +122,30 @@ def load_case_arrays(store_path: str, case_id: str, modalities, shared: bool = F
 
 class _LoadCase(Transform):
     """{'case_id'} -> the decoded case as tensors. A MONAI Transform and deterministic, so CacheDataset caches
-    its output."""
+    its output. Reads through ``opened`` (case id -> the case already opened) where given; pickles as the path
+    only, so a worker process opens the store itself, once."""
 
-    def __init__(self, store_path: str, modalities):
+    def __init__(self, store_path: str, modalities, opened: dict | None = None):
         self.store_path = store_path
         self.modalities = tuple(modalities)
+        self._opened = dict(opened or {})
+        self._store = None
+
+    def __getstate__(self):
+        return {"store_path": self.store_path, "modalities": self.modalities}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
 
     def __call__(self, item: dict) -> dict:
-        arrays = load_case_arrays(self.store_path, item["case_id"], self.modalities, shared=True)
-        return {"case_id": item["case_id"], **arrays}
+        case = self._opened.get(item["case_id"])
+        if case is None:
+            from store import open_store
+
+            if self._store is None:
+                self._store = open_store(self.store_path)
+            case = self._store.case(item["case_id"])
+        return {"case_id": item["case_id"], **decode_case(case, self.modalities, shared=True)}
 
 
 class RamSource:
@@ -215,7 +155,7 @@ class RamSource:
     """
 
     def __init__(self, store_path: str, case_ids: list[str], modalities, cache_rate: float = 1.0,
-                 num_workers: int = 1, progress: bool = False):
+                 num_workers: int = 1, progress: bool = False, opened=None):
         from monai.data import CacheDataset
 
         from store.progress import on_terminal
@@ -223,7 +163,8 @@ class RamSource:
         self.case_ids = case_ids
         self.modalities = tuple(modalities)
         with heap_returned_to_os():
-            ds = CacheDataset([{"case_id": c} for c in case_ids], transform=_LoadCase(store_path, modalities),
+            load = _LoadCase(store_path, modalities, dict(zip(case_ids, opened)) if opened else None)
+            ds = CacheDataset([{"case_id": c} for c in case_ids], transform=load,
                               cache_rate=cache_rate, num_workers=max(1, num_workers),
                               progress=progress and on_terminal(),
                               copy_cache=False)
@@ -231,7 +172,7 @@ class RamSource:
         for i, item in enumerate(ds._cache):
             if isinstance(item, dict):  # in shared memory already: _LoadCase decoded it there, inside the scope
                 self.cached[i] = {"image": item["image"], "label": item["label"]}
-        self._fallback = StoreSource(store_path, case_ids, modalities)
+        self._fallback = StoreSource(store_path, case_ids, modalities, opened)
         del ds  # the shared tensors are the cache now
 
     def nbytes(self) -> int:
@@ -325,7 +266,7 @@ class _Batches:
 class GpuSource:
     """``gpu``: every case resident on the device in float16, patches cut there."""
 
-    def __init__(self, store_path: str, case_ids: list[str], modalities, device, shapes):
+    def __init__(self, store_path: str, case_ids: list[str], modalities, device, shapes, opened=None):
         # float16 image channels plus the uint8 label, per voxel of each case (``shapes``: the stored shapes)
         need = sum((2 * len(modalities) + 1) * int(np.prod(shape)) for shape in shapes)
         if torch.device(device).type == "cuda":
@@ -339,8 +280,8 @@ class GpuSource:
                              f"{free / 2**30:.1f} GiB free; use --cache ram or fewer cases")
         self.cases = []
         with heap_returned_to_os():
-            for c in case_ids:
-                a = load_case_arrays(store_path, c, modalities)
+            for k, c in enumerate(case_ids):
+                a = decode_case(opened[k], modalities) if opened else load_case_arrays(store_path, c, modalities)
                 self.cases.append((a["image"].to(device), a["label"].to(device)))
 
     def nbytes(self) -> int:
@@ -383,11 +324,12 @@ class TrainLoader:
         self.workers = workers
         self._threads = None
         if cache == "ram":
-            self.source = RamSource(store_path, self.case_ids, modalities, cache_rate, workers, progress)
+            self.source = RamSource(store_path, self.case_ids, modalities, cache_rate, workers, progress, cases)
         elif cache == "none":
-            self.source = StoreSource(store_path, self.case_ids, modalities)
+            self.source = StoreSource(store_path, self.case_ids, modalities, cases)
         else:
-            self.source = GpuSource(store_path, self.case_ids, modalities, self.device, [c.shape for c in cases])
+            self.source = GpuSource(store_path, self.case_ids, modalities, self.device, [c.shape for c in cases],
+                                    cases)
         self._batches = _Batches(self.source, self.sampler)
         # batches in flight (2 per thread, 1 more being filled) + the caller's + one it may keep a step longer
         self._buffers = _BufferPool(keep=3 * max(workers, 1) + 2)
