@@ -286,7 +286,7 @@ def run(out_dir: Path, work: Path, budget_min: float = 15.0, spacing: float = 4.
             path.write_text(json.dumps(rec, indent=1))
     parts = [p for p in load_parts(out_dir, st) if p["budget_s"] == budget_s]
     keep_logs(folder, parts)
-    return race.report(out_dir, st, parts, budget_s, command, time.perf_counter() - t0)
+    return race.report(out_dir, st, parts, budget_s, command, time.perf_counter() - t0, quick=cases != CASES)
 
 
 def keep_logs(folder: Path, parts: list[dict]) -> None:

@@ -259,7 +259,17 @@ def plot(path: Path, systems: dict, budget_s: float, title: str) -> Path:
     return save_png(fig, path)
 
 
-def report(out_dir: Path, st: dict, parts: list[dict], budget_s: float, command: str, seconds: float) -> dict:
+def reproducing(parts: list[dict], budget_s: float, spacing_mm: float, quick: bool) -> str:
+    """The one command that runs every part the report is made from (parts may come from several calls), each
+    value spelled out, so that it does not hang on a default."""
+    seeds = " ".join(str(s) for s in sorted({p["seed"] for p in parts}))
+    systems = " ".join(s for s in NAMES if any(p["system"] == s for p in parts))
+    return (f"python -m benchmarks nnunet{' --quick' if quick else ''} --seeds {seeds} --systems {systems} "
+            f"--budget {budget_s / 60:g} --spacing {spacing_mm:g}")
+
+
+def report(out_dir: Path, st: dict, parts: list[dict], budget_s: float, command: str, seconds: float,
+           quick: bool = False) -> dict:
     """nnunet.json, nnunet.md, nnunet.png and nnunet-cases.csv from every saved part of this setup and budget."""
     import csv
 
@@ -272,6 +282,9 @@ def report(out_dir: Path, st: dict, parts: list[dict], budget_s: float, command:
         return {"parts": [f"{p['system']} seed {p['seed']}" for p in parts]}
     stats = {s: {t: over_seeds(v, t) for t in TTA} for s, v in systems.items()}
     pairs = {s: {t: paired(v, systems["nnunet"], t) for t in TTA} for s, v in systems.items() if s != "nnunet"}
+    # each other arm of ours against our default recipe, paired the same way (arm minus default)
+    arms = {s: {t: paired(v, systems["ours"], t) for t in TTA} for s, v in systems.items()
+            if s not in ("nnunet", "ours") and "ours" in systems}
     curves = {s: anytime(v, systems["nnunet"]) for s, v in systems.items() if s != "nnunet"}
     nn = systems["nnunet"]
     cohort = st["cohort"]
@@ -280,7 +293,9 @@ def report(out_dir: Path, st: dict, parts: list[dict], budget_s: float, command:
                                if p["none"]["legacy mean"]["ci95"][1] < 0 else "no difference shown")}
                for s, p in pairs.items()}
     payload = {
-        "command": command, "budget_s": budget_s, "cohort": cohort,
+        "command": reproducing(parts, budget_s, cohort["spacing_mm"][0], quick),
+        "calls": sorted({p.get("command") or command for p in parts} | {command}), "budget_s": budget_s,
+        "cohort": cohort,
         "setup": {k: st[k] for k in ("build_store_s", "nnunet_prepared", "probes", "load")},
         "nnunet": {"version": nn[0]["version"], "trainer": nn[0]["trainer"],
                    "regions": "WT (labels 1, 2, 3), TC (1, 3), ET (3) in its numbering, regions_class_order [2, 1, 3]",
@@ -291,7 +306,8 @@ def report(out_dir: Path, st: dict, parts: list[dict], budget_s: float, command:
         "inside_budget": {f"{p['system']} seed {p['seed']}": p["whole_s"] <= budget_s for p in parts},
         "breakdown_s": {f"{p['system']} seed {p['seed']}": p["breakdown_s"] for p in parts},
         "load": {f"{p['system']} seed {p['seed']}": p["load"] for p in parts},
-        "means": stats, "paired_vs_nnunet": pairs, "anytime": curves, "verdict_at_W": verdict,
+        "means": stats, "paired_vs_nnunet": pairs, "arms_vs_default": arms, "anytime": curves,
+        "verdict_at_W": verdict,
         "table_markdown": table(systems, stats, pairs), "regions_markdown": region_table(pairs),
         "time_markdown": time_table(systems, budget_s),
         "seconds_this_call": seconds,
@@ -338,4 +354,10 @@ def _write_md(out_dir: Path, payload: dict, systems: dict) -> None:
             f"{t['seconds']:.0f} s ({t['how']}), 95% interval over cases "
             f"[{'never' if ci[0] is None else f'{ci[0]:.0f} s'}, {'never' if ci[1] is None else f'{ci[1]:.0f} s'}]"
             if t["seconds"] is not None else "not reached") + ".")
+    for s, by_tta in payload["arms_vs_default"].items():
+        lines.append(f"{NAMES[s]} minus {NAMES['ours']}, mean legacy Dice paired over the test cases: " + "; ".join(
+            f"{tta} {d['mean_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            + (f" (same-seed pairs {d['seed_pairs']['min']:+.3f} to {d['seed_pairs']['max']:+.3f})"
+               if d["seed_pairs"] else "")
+            for tta, d in ((t, by_tta[t]["legacy mean"]) for t in TTA)) + ".")
     (out_dir / "nnunet.md").write_text("\n".join(lines) + "\n")

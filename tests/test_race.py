@@ -152,9 +152,15 @@ def test_report_from_parts(tmp_path):
     cases = [f"case{i:02d}" for i in range(12)]
     parts = [_part("nnunet", s, 0.5, rng, cases) for s in (0, 1, 2)]
     parts += [_part("ours", s, 0.7, rng, cases) for s in (0, 1, 2)]
-    twins = [dict(p, system="ours-nnunet-aug", side="ours", curve=[{"point": "W", "whole_s": 500.0}])
-             for p in parts[:3]]
-    res = race.report(tmp_path, _setup(), parts + twins, 600.0, "python -m benchmarks nnunet", 1.0)
+    twins = [dict(p, system="ours-nnunet-aug", side="ours", curve=[{"point": "W", "whole_s": 500.0}],
+                  command="python -m benchmarks nnunet --seeds 1 2 --systems ours-nnunet-aug") for p in parts[:3]]
+    res = race.report(tmp_path, _setup(), parts + twins, 600.0, "python -m benchmarks nnunet --seeds 2", 1.0)
+    # parts from several calls: the command recorded runs them all, each value spelled out; the calls are kept
+    assert res["command"] == ("python -m benchmarks nnunet --seeds 0 1 2 --systems nnunet ours ours-nnunet-aug "
+                              "--budget 10 --spacing 4")
+    assert "python -m benchmarks nnunet --seeds 1 2 --systems ours-nnunet-aug" in res["calls"]
+    one = race.reproducing(parts[:1] + parts[3:4], 900.0, 2.0, quick=True)
+    assert one == "python -m benchmarks nnunet --quick --seeds 0 --systems nnunet ours --budget 15 --spacing 2"
     ours = res["paired_vs_nnunet"]["ours"]["none"]
     for key in ("legacy TC", "legacy WT", "legacy ET", "legacy mean", "brats2023 mean"):
         assert ours[key]["mean_difference"] == pytest.approx(0.2, abs=0.03)
@@ -163,6 +169,8 @@ def test_report_from_parts(tmp_path):
     assert res["verdict_at_W"]["ours"]["reading"] == "ours higher"
     same = res["paired_vs_nnunet"]["ours-nnunet-aug"]["none"]["legacy mean"]
     assert same["mean_difference"] == 0 and res["verdict_at_W"]["ours-nnunet-aug"]["reading"] == "no difference shown"
+    arm = res["arms_vs_default"]["ours-nnunet-aug"]["none"]["legacy mean"]  # the arm minus our default, paired
+    assert arm["mean_difference"] == pytest.approx(-0.2, abs=0.03) and arm["ci95"][1] < 0
     assert res["seeds"] == {"nnunet": [0, 1, 2], "ours": [0, 1, 2], "ours-nnunet-aug": [0, 1, 2]}
     assert res["test_cases"] == 12 and all(res["inside_budget"].values())
     spread = res["means"]["nnunet"]["none"]["mean_dice"]
@@ -175,6 +183,7 @@ def test_report_from_parts(tmp_path):
     md = (tmp_path / "nnunet.md").read_text()
     assert "confounders on" in md and "W = 10 min" in md and "ours (default recipe) | 3 | none" in md
     assert "| nnU-Net v2 | 30 s (5%) | - | 400 s (67%) |" in md and "| 3 of 3 seeds |" in md  # where W went
+    assert "ours, --augmentation nnunet minus ours (default recipe), mean legacy Dice paired" in md
     rows = (tmp_path / "nnunet-cases.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 9 * 2 * 12
     assert (tmp_path / "nnunet.png").stat().st_size > 0
