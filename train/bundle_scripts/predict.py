@@ -28,8 +28,11 @@ def main(argv=None) -> int:
     config = BUNDLE / "configs" / "inference.json"
     regions = json.loads(config.read_text())["regions"]
     sys.path.insert(0, str(BUNDLE))  # the bundle's scripts package
-    # MONAI imports matplotlib where it is installed, which writes a font cache under HOME; nothing here draws
-    sys.modules.setdefault("matplotlib", None)
+    # MONAI imports matplotlib and (some versions) onnxruntime where they are installed; on import matplotlib writes
+    # a font cache under HOME, and onnxruntime a device id under HOME and a file in TMPDIR. Nothing here draws or
+    # runs ONNX, and the submission writes only into its output folder.
+    for optional in ("matplotlib", "onnxruntime"):
+        sys.modules.setdefault(optional, None)
     from monai.bundle import run
 
     try:
