@@ -31,6 +31,8 @@ def _step(card: dict, name: str) -> dict:
 
 def inference_config(card: dict) -> dict:
     """``configs/inference.json`` from a model card: the card's recipe as MONAI components."""
+    from store.records import SOURCE_GRID
+
     sw, spacing = _step(card, "sliding window"), _step(card, "spacing")
     return {
         "imports": ["$import scripts"],
@@ -53,7 +55,7 @@ def inference_config(card: dict) -> dict:
             {"_target_": "LoadImaged", "keys": "image", "ensure_channel_first": True, "dtype": "$numpy.float32"},
             {"_target_": "Orientationd", "keys": "image", "axcodes": _step(card, "orientation")["what"]},
             {"_target_": "Spacingd", "keys": "image", "pixdim": spacing["mm"], "mode": spacing["interpolation"],
-             "padding_mode": spacing.get("padding_mode", "border")},  # Invertd pads the way back as this pads
+             "padding_mode": spacing.get("padding_mode", SOURCE_GRID["padding_mode"])},  # Invertd pads back so
             {"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
              "select_fn": "$lambda x: x != 0", "margin": _step(card, "crop")["crop_margin"], "allow_smaller": True},
             {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True},

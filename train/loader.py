@@ -57,7 +57,8 @@ class StoreSource:
     def __setstate__(self, state):
         self.__init__(**state)
 
-    def _case(self, c: int):
+    def case(self, c: int):
+        """The store's case object of case ``c``, opened once."""
         if c not in self._cases:
             if self._store is None:
                 from store import open_store
@@ -71,7 +72,7 @@ class StoreSource:
         requests (per-request latency, not bandwidth, is the cost there); None for local stores."""
         from store.fastread import fetch_together
 
-        cases = [self._case(s.case) for s in specs]
+        cases = [self.case(s.case) for s in specs]
         if not cases or not cases[0].remote:
             return None
         reads = [case.patch_reads(self.modalities, region(s.start, patch, case.shape))
@@ -87,7 +88,7 @@ class StoreSource:
         """Read the patch of ``spec`` (its start, ``patch`` voxels a side, X, Y, Z) into ``img_out`` (C, X, Y, Z) and
         ``lab_out`` (X, Y, Z); parts outside the case stay zero (``fetched``: the batch's bytes fetched together on
         object storage)."""
-        case = self._case(spec.case)
+        case = self.case(spec.case)
         reg = region(spec.start, patch, case.shape)
         at = tuple(r.start - s for r, s in zip(reg, spec.start))  # where the read block sits in the patch
         if any(r.stop - r.start != p for r, p in zip(reg, patch)):  # overhangs the case: zero background
@@ -121,31 +122,15 @@ def decode_case(case, modalities, shared: bool = False) -> dict:
 
 
 class _LoadCase(Transform):
-    """{'case_id'} -> the decoded case as tensors. A MONAI Transform and deterministic, so CacheDataset caches
-    its output. Reads through ``opened`` (case id -> the case already opened) where given; pickles as the path
-    only, so a worker process opens the store itself, once."""
+    """{'case_id', 'case'} -> the decoded case as tensors, read through ``source`` (a StoreSource: the cases it
+    was given, or its store opened once). A MONAI Transform and deterministic, so CacheDataset caches its output."""
 
-    def __init__(self, store_path: str, modalities, opened: dict | None = None):
-        self.store_path = store_path
-        self.modalities = tuple(modalities)
-        self._opened = dict(opened or {})
-        self._store = None
-
-    def __getstate__(self):
-        return {"store_path": self.store_path, "modalities": self.modalities}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
+    def __init__(self, source: StoreSource):
+        self.source = source
 
     def __call__(self, item: dict) -> dict:
-        case = self._opened.get(item["case_id"])
-        if case is None:
-            from store import open_store
-
-            if self._store is None:
-                self._store = open_store(self.store_path)
-            case = self._store.case(item["case_id"])
-        return {"case_id": item["case_id"], **decode_case(case, self.modalities, shared=True)}
+        case = self.source.case(item["case"])
+        return {"case_id": item["case_id"], **decode_case(case, self.source.modalities, shared=True)}
 
 
 class RamSource:
@@ -162,9 +147,10 @@ class RamSource:
 
         self.case_ids = case_ids
         self.modalities = tuple(modalities)
+        self._fallback = StoreSource(store_path, case_ids, modalities, opened)  # also the cases beyond cache_rate
         with heap_returned_to_os():
-            load = _LoadCase(store_path, modalities, dict(zip(case_ids, opened)) if opened else None)
-            ds = CacheDataset([{"case_id": c} for c in case_ids], transform=load,
+            ds = CacheDataset([{"case_id": c, "case": i} for i, c in enumerate(case_ids)],
+                              transform=_LoadCase(self._fallback),
                               cache_rate=cache_rate, num_workers=max(1, num_workers),
                               progress=progress and on_terminal(),
                               copy_cache=False)
@@ -172,7 +158,6 @@ class RamSource:
         for i, item in enumerate(ds._cache):
             if isinstance(item, dict):  # in shared memory already: _LoadCase decoded it there, inside the scope
                 self.cached[i] = {"image": item["image"], "label": item["label"]}
-        self._fallback = StoreSource(store_path, case_ids, modalities, opened)
         del ds  # the shared tensors are the cache now
 
     def nbytes(self) -> int:
